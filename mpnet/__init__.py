@@ -1,0 +1,5 @@
+"""mpnet: MPNet pretraining (masked and permuted LM, two-stream attention) with dense and FlexAttention backends."""
+from .modeling import *  # noqa: F401,F403
+from .modeling import __all__
+
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""The MPNet model: config, attention rules (masks.py), backends + factory (attention.py), encoder and heads."""
+from .attention import (
+    FlexAttentionUnavailable,
+    FlexTwoStreamAttention,
+    RelativeMultiHeadAttention,
+    encode_flex_two_stream_attention,
+    encode_two_stream_attention,
+    make_flex_attention_mask,
+    two_stream_self_attention_factory,
+)
+from ..errors import UserError
+from .checkpoint import CheckpointError
+from .config import MPNetConfig
+from .model import MPNetForPretraining, MPNetForSequenceClassification, SequenceTooLong
+
+__all__ = [
+    "UserError",
+    "CheckpointError", "FlexAttentionUnavailable", "FlexTwoStreamAttention", "MPNetConfig", "MPNetForPretraining",
+    "MPNetForSequenceClassification", "RelativeMultiHeadAttention", "SequenceTooLong",
+    "encode_flex_two_stream_attention", "encode_two_stream_attention", "make_flex_attention_mask",
+    "two_stream_self_attention_factory",
+]

@@ -1,0 +1,227 @@
+"""Two-stream self-attention: the dense reference and the FlexAttention backend.
+
+Both modules own the same four projections (`q`, `k`, `v`, `o`, HF's names), take the stacked hidden
+states of one layer, shape (B, n + 2m, H) laid out as in `masks.py`, and return the same shape. Keys
+and values always come from the content stream (the first n + m rows). Per forward pass the encoder
+prepares one attention "state" (masks and relative bias) and hands it to every layer:
+
+- `encode_two_stream_attention`: dense state, a materialised (B, 1, n+2m, n+m) mask and
+  (B, H, n+2m, n+m) bias, as the original implementation did;
+- `encode_flex_two_stream_attention`: two BlockMasks (content n+m x n+m, query m x n+m) from
+  `make_flex_attention_mask` and score_mods that gather the bias in-kernel from position lookups.
+
+Switching backends never changes parameters or checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from ..errors import UserError
+from .masks import distance_index, is_real_token, two_stream_visible, within_window
+
+
+class FlexAttentionUnavailable(UserError):
+    """Raised when the flex backend is asked to do what this PyTorch build cannot (CPU backward)."""
+
+
+CPU_TRAINING_MESSAGE = (
+    "FlexAttention has no backward pass on CPU in PyTorch (training would fail at the first step); "
+    "train on a CUDA GPU, or drop --use-flex-attention to train with the dense backend "
+    "(a checkpoint trained with either backend runs under both)."
+)
+
+
+def _compile_on(device: torch.device) -> bool:
+    # On CUDA the compiled kernel is the whole point. On CPU flex only serves inference and tests:
+    # the eager path computes the same function without ~20 s of compilation per shape.
+    return device.type == "cuda" or os.environ.get("MPNET_COMPILE_FLEX_CPU") == "1"
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def run_flex_attention(q, k, v, score_mod, block_mask):
+    if _compile_on(q.device):
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    with warnings.catch_warnings():  # the unfused CPU path is chosen on purpose (see _compile_on)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def build_block_mask(mask_mod, batch, q_len, kv_len, device):
+    fn = _compiled_create_block_mask() if _compile_on(device) else create_block_mask
+    return fn(mask_mod, batch, None, q_len, kv_len, device=device)
+
+
+class _Projections(nn.Module):
+    """The four linear maps shared by both streams (HF names: attn.q, attn.k, attn.v, attn.o)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _heads(self, x):
+        b, length, _ = x.shape
+        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project(self, hidden, kv_len):
+        """Queries for every row; keys and values from the content stream (first kv_len rows)."""
+        content = hidden[:, :kv_len]
+        return self._heads(self.q(hidden)), self._heads(self.k(content)), self._heads(self.v(content))
+
+    def merge(self, context):
+        b, _, length, _ = context.shape
+        return self.o(context.transpose(1, 2).reshape(b, length, -1))
+
+
+# ----------------------------------------------------------------------------------------- dense
+
+
+@dataclass
+class DenseAttentionState:
+    allowed: torch.Tensor  # (B, 1, n+2m, n+m) bool, True = may attend
+    bias: torch.Tensor  # (B, H, n+2m, n+m) float32
+    kv_len: int
+
+
+def make_dense_attention_state(positions, n, m, distance_bias, max_distance, window=None):
+    """Materialise mask and bias for every (row, key) pair from the rules in masks.py."""
+    kv_len = n + m
+    q_idx = torch.arange(n + 2 * m, device=positions.device)[:, None]
+    kv_idx = torch.arange(kv_len, device=positions.device)[None, :]
+    q_pos = positions[:, :, None]
+    kv_pos = positions[:, None, :kv_len]
+    allowed = two_stream_visible(q_idx, kv_idx, n, m)[None] & is_real_token(kv_pos)
+    if window is not None:
+        allowed = allowed & within_window(q_pos, kv_pos, window)
+    bias = distance_bias[:, distance_index(q_pos, kv_pos, max_distance)]  # (H, B, Lq, Lk)
+    return DenseAttentionState(allowed[:, None], bias.transpose(0, 1).float(), kv_len)
+
+
+class RelativeMultiHeadAttention(_Projections):
+    """Dense reference: scores materialised, scaled, biased, masked and softmaxed in float32."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden, state: DenseAttentionState):
+        q, k, v = self.project(hidden, state.kv_len)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + state.bias
+        scores = scores.masked_fill(~state.allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # A row that may see nothing outputs zeros (as FlexAttention does) instead of NaN.
+        probs = torch.where(state.allowed.any(-1, keepdim=True), probs, 0.0)
+        context = torch.matmul(self.dropout(probs).to(v.dtype), v)
+        return self.merge(context)
+
+
+# ------------------------------------------------------------------------------------------ flex
+
+
+@dataclass
+class FlexAttentionState:
+    content_mask: BlockMask  # (n+m) x (n+m)
+    query_mask: BlockMask | None  # m x (n+m); None for single-stream encoding
+    content_score_mod: object
+    query_score_mod: object
+    kv_len: int
+
+
+def make_flex_attention_mask(positions, n, m, window=None):
+    """Content-stream and query-stream BlockMasks from the two-stream rules, padding and window.
+
+    positions: (B, n + 2m) original positions of every row (-1 for padding). Built once per forward
+    and shared by all layers.
+    """
+    batch, kv_len = positions.shape[0], n + m
+    query_offset = n + m  # query-stream row i is row n + m + i of the stacked layout
+
+    def content_mask_mod(b, h, q_idx, kv_idx):
+        keep = two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(positions[b, kv_idx])
+        if window is not None:
+            keep = keep & within_window(positions[b, q_idx], positions[b, kv_idx], window)
+        return keep
+
+    def query_mask_mod(b, h, q_idx, kv_idx):
+        return content_mask_mod(b, h, q_idx + query_offset, kv_idx)
+
+    content = build_block_mask(content_mask_mod, batch, kv_len, kv_len, positions.device)
+    query = build_block_mask(query_mask_mod, batch, m, kv_len, positions.device) if m else None
+    return content, query
+
+
+def make_flex_attention_state(positions, n, m, distance_bias, max_distance, window=None):
+    content_mask, query_mask = make_flex_attention_mask(positions, n, m, window)
+    query_offset = n + m
+
+    def content_score_mod(score, b, h, q_idx, kv_idx):
+        return score + distance_bias[h, distance_index(positions[b, q_idx], positions[b, kv_idx], max_distance)]
+
+    def query_score_mod(score, b, h, q_idx, kv_idx):
+        return content_score_mod(score, b, h, q_idx + query_offset, kv_idx)
+
+    return FlexAttentionState(content_mask, query_mask, content_score_mod, query_score_mod, n + m)
+
+
+class FlexTwoStreamAttention(_Projections):
+    """FlexAttention backend: one fused kernel per stream, masks as BlockMasks, bias as a score_mod.
+
+    FlexAttention has no attention-probability dropout: `attention_probs_dropout_prob` is not applied
+    by this backend (hidden-state dropout still is).
+    """
+
+    def forward(self, hidden, state: FlexAttentionState):
+        if hidden.device.type == "cpu" and self.training and torch.is_grad_enabled():
+            raise FlexAttentionUnavailable(CPU_TRAINING_MESSAGE)
+        kv_len = state.kv_len
+        q, k, v = self.project(hidden, kv_len)
+        outputs = [run_flex_attention(q[:, :, :kv_len], k, v, state.content_score_mod, state.content_mask)]
+        if state.query_mask is not None:
+            outputs.append(run_flex_attention(q[:, :, kv_len:], k, v, state.query_score_mod, state.query_mask))
+        return self.merge(torch.cat(outputs, dim=2))
+
+
+def two_stream_self_attention_factory(config) -> nn.Module:
+    """The attention module of one layer: dense reference or FlexAttention, by `config.use_flex_attention`."""
+    return FlexTwoStreamAttention(config) if config.use_flex_attention else RelativeMultiHeadAttention(config)
+
+
+# ----------------------------------------------------------------------------- running the layers
+
+
+def _run_layers(layers, hidden, state):
+    for layer in layers:
+        hidden = layer(hidden, state)
+    return hidden
+
+
+def encode_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None):
+    """Dense backend: materialise mask and bias once, run every layer over both streams."""
+    state = make_dense_attention_state(positions, n, m, distance_bias, max_distance, window)
+    return _run_layers(layers, hidden, state)
+
+
+def encode_flex_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None):
+    """FlexAttention backend: build both BlockMasks once, run every layer over both streams."""
+    state = make_flex_attention_state(positions, n, m, distance_bias, max_distance, window)
+    return _run_layers(layers, hidden, state)

@@ -1,0 +1,114 @@
+"""HF-format checkpoints: `config.json` + `model.safetensors` with transformers' MPNet key names.
+
+Our module tree already uses HF's names, so saving is the state dict minus the tied decoder weight, and
+loading accepts the prefixes transformers writes (`MPNetForMaskedLM`: "mpnet." + "lm_head.";
+`MPNetModel` / sentence-transformers: no prefix, plus a pooler we do not use).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from .config import MPNetConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")
+_IGNORED_PREFIXES = ("mpnet.pooler.", "pooler.")
+_IGNORED_KEYS = ("mpnet.embeddings.position_ids", "embeddings.position_ids")
+_HEAD_PREFIXES = ("lm_head.", "classifier.")
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be read (missing, truncated, or not an MPNet model)."""
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model, path, tokenizer=None):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in _TIED}
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    config = model.config
+    config.architectures = [model.hf_architecture]
+    _atomic_write(path / CONFIG_NAME, lambda tmp: config.to_json_file(str(tmp)))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def read_config(path, **overrides) -> MPNetConfig:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a model directory: it has no {CONFIG_NAME}")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err}); the checkpoint is corrupt") from None
+    if data.get("model_type") != "mpnet":
+        raise CheckpointError(f"{path} holds a {data.get('model_type')!r} model, not an MPNet one")
+    data.update(overrides)
+    return MPNetConfig(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    safetensors_file, bin_file = path / WEIGHTS_NAME, path / "pytorch_model.bin"
+    try:
+        if safetensors_file.is_file():
+            return load_file(str(safetensors_file))
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+        raise CheckpointError(f"cannot read the weights in {path} ({err}); the checkpoint is truncated or corrupt") from None
+    raise CheckpointError(f"{path} has no {WEIGHTS_NAME} (or pytorch_model.bin)")
+
+
+def to_our_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map transformers' MPNet key layouts onto ours; drop the pooler and tied copies."""
+    out = {}
+    for key, value in state.items():
+        if key in _IGNORED_KEYS or key.startswith(_IGNORED_PREFIXES) or key in _TIED:
+            continue
+        if not key.startswith(("mpnet.",) + _HEAD_PREFIXES):
+            key = "mpnet." + key
+        out[key] = value
+    return out
+
+
+def load_pretrained(cls, path, **config_overrides):
+    config = read_config(path, **config_overrides)
+    model = cls(config)
+    state = to_our_keys(read_state_dict(path))
+    expected = {k for k in model.state_dict() if k not in _TIED}
+    missing = sorted(expected - state.keys())
+    missing_backbone = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    if missing_backbone:
+        raise CheckpointError(f"{path} lacks encoder weights (e.g. {missing_backbone[0]}); it is not a complete MPNet checkpoint")
+    for key in sorted(expected & state.keys()):
+        if state[key].shape != model.state_dict()[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, the config implies "
+                                  f"{tuple(model.state_dict()[key].shape)}")
+    model.load_state_dict({k: state[k] for k in expected & state.keys()}, strict=False)
+    if missing:
+        log.info("%s: newly initialised (not in the checkpoint): %s", path, ", ".join(sorted({k.split('.')[0] for k in missing})))
+    unused = sorted({k.split(".")[0] for k in state.keys() - expected})
+    if unused:
+        log.info("%s: weights not used by %s: %s", path, cls.__name__, ", ".join(unused))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model

@@ -1,0 +1,88 @@
+"""MPNet configuration: HF's `MPNetConfig` plus the fields this project adds.
+
+Subclassing keeps `model_type: "mpnet"` in every `config.json` we write, so transformers loads our
+checkpoints as ordinary MPNet models; the extra fields ride along as plain attributes.
+"""
+from __future__ import annotations
+
+import transformers
+
+from ..errors import UserError
+
+
+class MPNetConfig(transformers.MPNetConfig):
+    """Accepts every field of `transformers.MPNetConfig`, plus:
+
+    use_flex_attention: pick `FlexTwoStreamAttention` instead of the dense `RelativeMultiHeadAttention`.
+    sliding_window_size: if set, a token sees only ORIGINAL positions p with |p - q| <= w.
+    relative_attention_max_distance: distance at which the log-spaced relative buckets saturate.
+    mask_token_id: id of <mask>, used for the appended two-stream entries.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 30527,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 514,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-5,
+        relative_attention_num_buckets: int = 32,
+        relative_attention_max_distance: int = 128,
+        pad_token_id: int = 1,
+        bos_token_id: int = 0,
+        eos_token_id: int = 2,
+        mask_token_id: int = 30526,
+        use_flex_attention: bool = False,
+        sliding_window_size: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size,
+            hidden_act=hidden_act,
+            hidden_dropout_prob=hidden_dropout_prob,
+            attention_probs_dropout_prob=attention_probs_dropout_prob,
+            max_position_embeddings=max_position_embeddings,
+            initializer_range=initializer_range,
+            layer_norm_eps=layer_norm_eps,
+            relative_attention_num_buckets=relative_attention_num_buckets,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        if hidden_size % num_attention_heads:
+            raise UserError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+        if sliding_window_size is not None and int(sliding_window_size) <= 0:
+            raise UserError(f"sliding_window_size must be a positive integer, got {sliding_window_size}")
+        self.relative_attention_max_distance = relative_attention_max_distance
+        self.mask_token_id = mask_token_id
+        self.use_flex_attention = bool(use_flex_attention)
+        self.sliding_window_size = None if sliding_window_size is None else int(sliding_window_size)
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input the position table allows (positions start at padding_idx + 1 = 2)."""
+        return self.max_position_embeddings - 2
+
+    @classmethod
+    def base(cls, **overrides) -> "MPNetConfig":
+        """mpnet-base as in the paper (~109.5M parameters)."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "MPNetConfig":
+        """A CPU-sized model with the real MPNet vocabulary, for smoke runs and the embedded default."""
+        settings = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                        max_position_embeddings=514)
+        settings.update(overrides)
+        return cls(**settings)

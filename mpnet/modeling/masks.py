@@ -1,0 +1,83 @@
+"""The attention rules, each written once.
+
+Both backends use these functions: the dense backend evaluates them on broadcast index tensors to
+materialise a boolean mask; FlexAttention evaluates them inside its kernel as a mask_mod. They use
+only elementwise torch ops, so they work on 0-d tensors (flex's vmap) and on full grids alike.
+Polarity: True means "may attend" (FlexAttention's and SDPA's convention; the original fairseq code
+used True = hidden).
+
+Two-stream layout (rows = queries, length n + 2m; keys/values = the first n + m rows):
+
+    [ CTX: n - m context tokens | PRED: m predicted tokens | MASK: m appended <mask> | QUERY: m <mask> ]
+      \______________________ content stream (keys/values) ___________________/    query stream
+
+The PRED, MASK and QUERY entries have a rank 0..m-1: the order in which they are predicted.
+Single-stream encoding is the same layout with m = 0 (everything is context).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def two_stream_visible(q_idx, kv_idx, n: int, m: int):
+    """MPNet visibility (DESIGN.md section 3) for row q_idx in [0, n+2m) and key kv_idx in [0, n+m).
+
+    - content CTX / MASK rows: all CTX, no PRED, all MASK;
+    - content PRED row of rank i: all CTX, PRED j <= i, MASK j > i;
+    - QUERY row of rank i: all CTX, PRED j < i, MASK j >= i.
+    So the query of rank i never sees the predicted tokens of rank >= i, through any number of layers.
+    """
+    c = n - m
+    k_ctx = kv_idx < c
+    k_pred = (kv_idx >= c) & (kv_idx < n)
+    k_mask = kv_idx >= n
+    k_rank = torch.where(k_pred, kv_idx - c, kv_idx - n)
+    q_pred = (q_idx >= c) & (q_idx < n)
+    q_query = q_idx >= n + m
+    q_rank = torch.where(q_pred, q_idx - c, q_idx - n - m)
+    sees_pred = (q_pred & (k_rank <= q_rank)) | (q_query & (k_rank < q_rank))
+    sees_mask = (~q_pred & ~q_query) | (q_pred & (k_rank > q_rank)) | (q_query & (k_rank >= q_rank))
+    return k_ctx | (k_pred & sees_pred) | (k_mask & sees_mask)
+
+
+def is_real_token(position):
+    """Padding carries position -1 (so its absolute position id is padding_idx = 1, as in HF)."""
+    return position >= 0
+
+
+def within_window(q_position, kv_position, window: int):
+    """Sliding window on ORIGINAL positions: a token sees positions p with |p - q| <= window."""
+    return (q_position - kv_position).abs() <= window
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = 32, max_distance: int = 128):
+    """Bidirectional log-bucketing of (key position - query position), as MPNet/T5 define it.
+
+    Half the buckets per direction; distances below a quarter of num_buckets are exact, the rest are
+    log-spaced up to max_distance and saturate beyond; +num_buckets/2 when the key is to the right.
+    """
+    half = num_buckets // 2
+    n = -relative_position
+    bucket = (n < 0).long() * half
+    n = n.abs()
+    max_exact = half // 2
+    log_ratio = torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (half - max_exact)).long()).clamp(max=half - 1)
+    return bucket + torch.where(n < max_exact, n, large)
+
+
+def relative_bias_by_distance(table: torch.Tensor, max_distance: int, num_buckets: int) -> torch.Tensor:
+    """(buckets, heads) table -> (heads, 2*max_distance + 1) bias indexed by clamp(distance) + max_distance.
+
+    Buckets saturate at max_distance, so clamping the distance there changes nothing; both backends
+    then read the bias with one gather, and its gradient flows back to the table through autograd.
+    """
+    distance = torch.arange(-max_distance, max_distance + 1, device=table.device)
+    return table[relative_position_bucket(distance, num_buckets, max_distance)].t()
+
+
+def distance_index(q_position, kv_position, max_distance: int):
+    """Index into `relative_bias_by_distance` for a (query, key) pair of original positions."""
+    return (kv_position - q_position).clamp(-max_distance, max_distance) + max_distance

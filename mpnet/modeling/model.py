@@ -1,0 +1,255 @@
+"""MPNet encoder, LM head and classification head, with HF transformers' parameter names.
+
+Read top to bottom: embeddings -> layer -> encoder (relative bias once per forward, backend chosen by
+the factory) -> heads -> `MPNetForPretraining` (two-stream pretraining, single-stream encode) ->
+`MPNetForSequenceClassification` (fine-tuning). Checkpoints are plain HF MPNet directories
+(see checkpoint.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import encode_flex_two_stream_attention, encode_two_stream_attention, two_stream_self_attention_factory
+from ..errors import UserError
+from .config import MPNetConfig
+from .masks import relative_bias_by_distance
+
+PADDING_IDX = 1  # HF/fairseq: position ids start at padding_idx + 1 = 2; padding gets padding_idx
+
+
+class SequenceTooLong(UserError):
+    pass
+
+
+class MPNetEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                padding_idx=PADDING_IDX)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, positions):
+        """positions: original 0-based positions, -1 for padding (-> padding_idx)."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions + PADDING_IDX + 1)
+        return self.dropout(self.LayerNorm(x))
+
+
+class MPNetAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = two_stream_self_attention_factory(config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden, state):
+        return self.LayerNorm(self.dropout(self.attn(hidden, state)) + hidden)
+
+
+class MPNetIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class MPNetOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class MPNetLayer(nn.Module):
+    """Post-LN transformer layer; content and query streams share every weight."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = MPNetAttention(config)
+        self.intermediate = MPNetIntermediate(config)
+        self.output = MPNetOutput(config)
+
+    def forward(self, hidden, state):
+        hidden = self.attention(hidden, state)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class MPNetEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([MPNetLayer(config) for _ in range(config.num_hidden_layers)])
+        # One (buckets x heads) table shared by all layers.
+        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
+
+    def forward(self, hidden, positions, n: int, m: int):
+        """hidden/positions: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream)."""
+        cfg = self.config
+        distance_bias = relative_bias_by_distance(self.relative_attention_bias.weight,
+                                                  cfg.relative_attention_max_distance,
+                                                  cfg.relative_attention_num_buckets)
+        encode = encode_flex_two_stream_attention if cfg.use_flex_attention else encode_two_stream_attention
+        return encode(self.layer, hidden, positions, n, m, distance_bias, cfg.relative_attention_max_distance,
+                      cfg.sliding_window_size)
+
+
+class MPNetBackbone(nn.Module):
+    """HF's `MPNetModel` without the pooler: saved under the prefix `mpnet.`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embeddings = MPNetEmbeddings(config)
+        self.encoder = MPNetEncoder(config)
+
+
+class MPNetLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (tied to the token embeddings) + bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x):
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x)))) + self.bias
+
+
+class MPNetClassificationHead(nn.Module):
+    """<s> token -> dropout -> dense -> tanh -> dropout -> out_proj (HF's head)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden):
+        x = self.dropout(hidden[:, 0])
+        return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+
+
+def _init_weights(module, std):
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class _MPNetBase(nn.Module):
+    """Shared by the pretraining and classification models: single-stream encoding and checkpoints."""
+
+    hf_architecture = ""
+
+    def __init__(self, config: MPNetConfig):
+        super().__init__()
+        self.config = config
+        self.mpnet = MPNetBackbone(config)
+
+    def _check_length(self, length):
+        if length > self.config.max_sequence_length:
+            raise SequenceTooLong(
+                f"sequence of {length} tokens is longer than the position table allows "
+                f"({self.config.max_sequence_length} = max_position_embeddings - 2); "
+                "shorten the input or use a config with more max_position_embeddings")
+
+    def encode(self, input_ids, attention_mask=None):
+        """Single-stream bidirectional encoding in natural order: (B, n) -> (B, n, H).
+
+        attention_mask: 1 for real tokens, 0 for padding; default: input_ids != pad_token_id.
+        """
+        self._check_length(input_ids.shape[1])
+        real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
+        positions = torch.where(real, real.long().cumsum(1) - 1, -1)
+        hidden = self.mpnet.embeddings(input_ids, positions)
+        return self.mpnet.encoder(hidden, positions, input_ids.shape[1], 0)
+
+    def save_pretrained(self, path, tokenizer=None):
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides):
+        """Load any HF MPNet directory (ours, MPNetForMaskedLM, MPNetModel, sentence-transformers...).
+
+        config_overrides replace config fields, e.g. use_flex_attention=True, sliding_window_size=256.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, **config_overrides)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class MPNetForPretraining(_MPNetBase):
+    """MPNet with its LM head: two-stream masked-and-permuted pretraining, single-stream MLM."""
+
+    hf_architecture = "MPNetForMaskedLM"
+
+    def __init__(self, config: MPNetConfig):
+        super().__init__(config)
+        self.lm_head = MPNetLMHead(config)
+        self.apply(lambda module: _init_weights(module, config.initializer_range))
+        self.tie_weights()
+
+    def tie_weights(self):
+        self.lm_head.decoder.weight = self.mpnet.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, positions, pred_size: int, attention_mask=None):
+        """Two-stream MPNet: logits of the predicted tokens, (B, pred_size, vocab), in rank order.
+
+        input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (already
+        corrupted). positions (B, n): ORIGINAL 0-based position of each. Padding (attention_mask 0, or
+        input_ids == pad_token_id) is never attended. The pred_size <mask> entries of both streams are
+        appended here, at the predicted tokens' positions (position compensation).
+        """
+        batch, n = input_ids.shape
+        m = int(pred_size)
+        self._check_length(n)
+        real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
+        positions = torch.where(real, positions, -1)
+        predicted_positions = positions[:, n - m:]
+        masks = input_ids.new_full((batch, 2 * m), self.config.mask_token_id)
+        all_ids = torch.cat([input_ids, masks], dim=1)
+        all_positions = torch.cat([positions, predicted_positions, predicted_positions], dim=1)
+        hidden = self.mpnet.embeddings(all_ids, all_positions)
+        hidden = self.mpnet.encoder(hidden, all_positions, n, m)
+        return self.lm_head(hidden[:, n + m:])
+
+    def mlm_logits(self, input_ids, attention_mask=None):
+        """Single-stream LM logits, (B, n, vocab): what HF's MPNetForMaskedLM computes."""
+        return self.lm_head(self.encode(input_ids, attention_mask))
+
+
+class MPNetForSequenceClassification(_MPNetBase):
+    """Sentence(-pair) classification (num_labels > 1) or regression (num_labels == 1)."""
+
+    hf_architecture = "MPNetForSequenceClassification"
+
+    def __init__(self, config: MPNetConfig):
+        super().__init__(config)
+        self.classifier = MPNetClassificationHead(config)
+        self.apply(lambda module: _init_weights(module, config.initializer_range))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.classifier(self.encode(input_ids, attention_mask))
