@@ -1,0 +1,146 @@
+"""Training metrics: tensorboard scalars, a metrics.jsonl log, throughput/MFU and the final summary.
+
+Per-step values stay on the device as running sums; they are read (one host sync) only at log steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; unknown devices get no MFU figure.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def peak_tflops_for(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def estimate_flops_per_example(config, n: int, m: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one two-stream example.
+
+    Rows: n + 2m (content n + m, query m); keys: n + m. Per row and layer: 4 H^2 (q,k,v,o) +
+    2 H I (FFN) multiply-adds, attention 2 * (n+m) * H; the LM head runs on the m query rows.
+    """
+    h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    rows, keys = n + 2 * m, n + m
+    per_row_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * keys * h
+    lm_head = m * 2 * (h * h + h * vocab)
+    return 3.0 * (layers * rows * per_row_layer + lm_head)
+
+
+class MetricsLogger:
+    def __init__(self, output_dir, is_main, start_step, flops_per_example, peak_tflops):
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.flops_per_example = flops_per_example
+        self.peak_tflops = peak_tflops
+        self.history: list[dict] = []
+        self.writer = None
+        self.jsonl = self.output_dir / "metrics.jsonl"
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+            if self.jsonl.exists():  # a resumed run rewrites what came after its checkpoint
+                kept = [line for line in self.jsonl.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                self.jsonl.write_text("".join(line + "\n" for line in kept))
+                self.history = [json.loads(line) for line in kept]
+        self.start_time = time.perf_counter()
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum = self.correct = self.count = None
+        self.micro = 0
+        self.examples = self.tokens = 0
+        self.interval_start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def accumulate(self, loss, logits, targets):
+        valid = targets != -100
+        correct = ((logits.argmax(-1) == targets) & valid).sum()
+        if self.loss_sum is None:
+            self.loss_sum, self.correct, self.count = loss.float(), correct.float(), valid.sum().float()
+        else:
+            self.loss_sum += loss.float()
+            self.correct += correct
+            self.count += valid.sum()
+        self.micro += 1
+
+    def after_step(self, examples, n):
+        self.examples += examples
+        self.tokens += examples * n
+
+    def _write(self, row):
+        if not self.is_main:
+            return
+        self.history.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()
+
+    def log_train(self, step, lr, grad_norm, env) -> dict:
+        sums = torch.stack([self.loss_sum, self.correct, self.count, torch.tensor(float(self.micro), device=self.loss_sum.device)])
+        sums = dist_utils.all_reduce_sum(sums, env).tolist()  # the one host sync of a log interval
+        elapsed = time.perf_counter() - self.interval_start
+        row = {"step": step, "train/loss": sums[0] / sums[3], "train/accuracy": sums[1] / max(sums[2], 1),
+               "train/lr": lr, "train/grad_norm": float(grad_norm),
+               "perf/tokens_per_s": self.tokens / elapsed, "perf/examples_per_s": self.examples / elapsed}
+        if self.peak_tflops:
+            row["perf/mfu"] = self.examples * self.flops_per_example / elapsed / (self.peak_tflops * 1e12)
+        if torch.cuda.is_available():
+            row["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self._write(row)
+        self._reset()
+        return row
+
+    def log_valid(self, step, values, env):
+        row = {"step": step, **values}
+        self._write(row)
+        self.note(f"step {step}: valid loss {values['valid/loss']:.4f}, accuracy {values['valid/accuracy']:.3f}")
+
+    def note(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def summary(self, output_dir, checkpoints) -> dict:
+        train = [r for r in self.history if "train/loss" in r]
+        valid = [r for r in self.history if "valid/loss" in r]
+        result = {"steps": train[-1]["step"] if train else 0,
+                  "first_train_loss": train[0]["train/loss"] if train else None,
+                  "last_train_loss": train[-1]["train/loss"] if train else None,
+                  "valid_loss": valid[-1]["valid/loss"] if valid else None,
+                  "valid_accuracy": valid[-1]["valid/accuracy"] if valid else None,
+                  "tokens_per_s": train[-1]["perf/tokens_per_s"] if train else None,
+                  "checkpoint": str(checkpoints[-1][1]) if checkpoints else None,
+                  "wall_time_s": time.perf_counter() - self.start_time}
+        if self.is_main:
+            self.writer.close()
+            lines = [
+                f"steps              {result['steps']}",
+                f"train loss         {result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}" if train else "",
+                f"valid loss / acc   {result['valid_loss']:.4f} / {result['valid_accuracy']:.3f}" if valid else "",
+                f"tokens/s (last)    {result['tokens_per_s']:,.0f}" if train else "",
+                f"wall time          {result['wall_time_s']:.0f} s",
+                f"checkpoint         {result['checkpoint']}",
+                f"metrics            {self.jsonl}",
+                f"tensorboard        tensorboard --logdir {self.output_dir / 'tensorboard'}",
+            ]
+            width = max(len(line) for line in lines)
+            print("\n" + "=" * width + "\n" + "\n".join(line for line in lines if line) + "\n" + "=" * width)
+            (Path(output_dir) / "summary.json").write_text(json.dumps(result, indent=2))
+        return result
