@@ -1,0 +1,1 @@
+"""Pretraining: run config, loop, checkpoints, distributed wrappers and metrics."""
