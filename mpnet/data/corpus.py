@@ -1,0 +1,118 @@
+"""Reading raw corpora: which files, and the documents inside them.
+
+Formats (by file name):
+- `.jsonl`, `.jsonl.gz`, `.ndjson`: one JSON object per line; the document is the value of `text_field`.
+- anything else (`.txt`, `.txt.gz`, ...): UTF-8 text, one document per blank-line-separated block (the block's
+  lines are kept, joined by newlines), or one document per non-empty line with `line_per_document=True`.
+A `.gz` suffix means gzip. Directories are searched recursively for `.txt`, `.text`, `.jsonl`, `.ndjson` files
+(optionally `.gz`); hidden files are skipped. Documents that are only whitespace are skipped.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from mpnet.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".text")
+
+
+def _base_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return Path(name[:-3]).suffix if name.endswith(".gz") else path.suffix.lower()
+
+
+def file_format(path) -> str:
+    return "jsonl" if _base_suffix(Path(path)) in JSONL_SUFFIXES else "text"
+
+
+def list_sources(inputs) -> list[Path]:
+    """Expand inputs (a path or a list of paths; directories recursively) into a sorted, de-duplicated file list."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    files = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and _base_suffix(p) in JSONL_SUFFIXES + TEXT_SUFFIXES)
+            if not found:
+                raise UserError(f"corpus directory {path} holds no .txt/.jsonl files (optionally .gz)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise UserError(f"corpus path {path} is not a regular file or directory")
+        else:
+            raise UserError(f"corpus not found: {path}")
+    if not files:
+        raise UserError("no corpus given")
+    unique = dict.fromkeys(p.resolve() for p in files)  # keep order, drop repeats
+    return list(unique)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    try:
+        if path.name.lower().endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Lines of a (possibly gzipped) UTF-8 file; read failures become one-line UserErrors."""
+    f = _open_text(path)
+    try:
+        with f:
+            yield from f
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {path}: it is not UTF-8 text") from None
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a truncated gzip raises EOFError
+        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _text_documents(path: Path, line_per_document: bool) -> Iterator[str]:
+    block = []
+    for line in _lines(path):
+        line = line.rstrip()
+        if line_per_document:
+            if line.strip():
+                yield line.strip()
+        elif line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {lineno} is not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise UserError(f"{path} line {lineno} has no '{text_field}' field (choose the field with --text-field)")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise UserError(f"{path} line {lineno}: field '{text_field}' is not a string")
+        if text.strip():
+            yield text
+
+
+def iter_documents(files: Iterable[Path], text_field: str = "text", line_per_document: bool = False) -> Iterator[str]:
+    """All non-empty documents of all files, in file order."""
+    for path in files:
+        if file_format(path) == "jsonl":
+            yield from _jsonl_documents(path, text_field)
+        else:
+            yield from _text_documents(path, line_per_document)

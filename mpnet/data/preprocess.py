@@ -1,0 +1,296 @@
+"""Raw corpus -> binarized token shards that training memory-maps.
+
+Output directory layout (all written into a temporary sibling directory, renamed into place at the end):
+
+    metadata.json          tokenizer identity, vocab size, dtype, special ids, document/token counts, sources
+    train.bin, valid.bin   every document's token ids back to back (no special tokens), numpy uint16 or uint32
+    train.idx.npy, valid.idx.npy
+                           int64 document boundaries: document i is bin[idx[i]:idx[i + 1]]; idx[0] = 0,
+                           idx[-1] = number of tokens
+    tokenizer/             an HF-format copy of the tokenizer (plus sentencepiece.model when one was trained)
+
+Each document goes to the validation split when a seeded hash of its text falls below `valid_fraction`: the
+split does not depend on document order, file layout or the number of workers, and identical documents always
+land in the same split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mpnet.errors import UserError
+
+from .corpus import file_format, iter_documents, list_sources
+from .tokenizer import (load_tokenizer, save_tokenizer, special_token_ids, tokenizer_identity,
+                        train_sentencepiece)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid")
+CHUNK_CHARS = 1 << 20  # ~1 MB of text per worker task: big enough to amortize IPC, small enough to bound memory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# split + tokenization (the part that runs in worker processes)
+
+def is_valid_document(text: str, seed: int, valid_fraction: float) -> bool:
+    """Deterministic train/valid assignment from the document's content and the seed."""
+    if valid_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little") / 2**64 < valid_fraction
+
+
+_worker = {}
+
+
+def _init_worker(tokenizer_json, dtype, seed, valid_fraction):
+    from tokenizers import Tokenizer
+
+    # One chunk per process at a time; rayon threads inside every worker would only oversubscribe the CPU.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype), seed=seed,
+                   valid_fraction=valid_fraction)
+
+
+def _encode_chunk(texts):
+    """-> (valid flag per document, token count per document, all ids concatenated in the shard dtype)."""
+    w = _worker
+    encodings = w["tokenizer"].encode_batch(texts, add_special_tokens=False)
+    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=w["dtype"], count=int(lengths.sum()))
+    valid = np.array([is_valid_document(t, w["seed"], w["valid_fraction"]) for t in texts], dtype=bool)
+    return valid, lengths, ids
+
+
+def _chunks(documents, chunk_chars=CHUNK_CHARS):
+    chunk, size = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(documents, init_args, workers):
+    """Encode chunks in order, with at most 2 x workers chunks in flight (Pool.imap would read the whole corpus
+    ahead into its task queue)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in _chunks(documents):
+            yield len(chunk), _encode_chunk(chunk)
+        return
+    with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
+            workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = deque()
+        for chunk in _chunks(documents):
+            pending.append((len(chunk), pool.apply_async(_encode_chunk, (chunk,))))
+            if len(pending) >= 2 * workers:
+                n, result = pending.popleft()
+                yield n, result.get()
+        while pending:
+            n, result = pending.popleft()
+            yield n, result.get()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the public entry points
+
+def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02, workers=2, text_field="text",
+                      sentencepiece_vocab_size=None, seed=0, line_per_document=False, overwrite=False,
+                      progress=True):
+    """Tokenize a corpus into out_dir (see the module docstring for the layout). Returns the metadata dict.
+
+    inputs: a file, a directory (searched recursively) or a list of them. tokenizer: see load_tokenizer; ignored
+    when sentencepiece_vocab_size is set (a unigram model of that size is trained on the training documents).
+    An existing out_dir is an error unless overwrite=True, and even then it is replaced only once the new output
+    is complete."""
+    out_dir = Path(out_dir).expanduser()
+    if not 0 <= valid_fraction < 1:
+        raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"output directory {out_dir} already exists and is not empty "
+                        f"(choose another one, or overwrite it with --overwrite)")
+    sources = list_sources(inputs)
+    workers = max(1, int(workers or 1))
+    documents = lambda: iter_documents(sources, text_field=text_field, line_per_document=line_per_document)  # noqa
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the final output should be readable like any other directory
+    try:
+        spm_model = None
+        if sentencepiece_vocab_size:
+            spm_model = _train_sentencepiece_on(documents(), tmp, sentencepiece_vocab_size, workers, seed,
+                                                valid_fraction, progress)
+            tok = load_tokenizer(spm_model)
+        else:
+            tok = load_tokenizer(tokenizer)
+        vocab_size = len(tok)
+        dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise UserError(f"tokenizer {tokenizer} has no fast (tokenizers) backend; convert it to tokenizer.json")
+        backend = backend.__class__.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+
+        lengths = {s: [] for s in SPLITS}
+        files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
+        try:
+            init_args = (backend.to_str(), dtype.str, seed, valid_fraction)
+            for n_docs, (valid, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
+                keep = doc_lengths > 0  # a document of only unknown-to-nothing characters contributes nothing
+                token_valid = np.repeat(valid, doc_lengths)
+                for split, doc_mask, tok_mask in (("train", ~valid, ~token_valid), ("valid", valid, token_valid)):
+                    files[split].write(ids[tok_mask].tobytes())
+                    lengths[split].extend(doc_lengths[doc_mask & keep].tolist())
+                bar.update(n_docs)
+                bar.set_postfix(tokens=sum(map(sum, lengths.values())), refresh=False)
+        finally:
+            bar.close()
+            for f in files.values():
+                f.close()
+
+        num_docs = {s: len(lengths[s]) for s in SPLITS}
+        num_tokens = {s: int(sum(lengths[s])) for s in SPLITS}
+        if num_docs["train"] + num_docs["valid"] == 0:
+            raise UserError(f"the corpus is empty: no text found in {', '.join(map(str, sources))}")
+        if num_docs["train"] == 0:
+            raise UserError(f"all {num_docs['valid']} documents fell into the validation split "
+                            f"(lower --valid-fraction or give more documents)")
+        if num_docs["valid"] == 0 and valid_fraction > 0:
+            log.warning("preprocess: no document fell into the validation split (%d documents, valid fraction %g)",
+                        num_docs["train"], valid_fraction)
+        for s in SPLITS:
+            np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(lengths[s], dtype=np.int64)]))
+
+        save_tokenizer(tok, tmp / "tokenizer", sentencepiece_model=spm_model)
+        if spm_model is not None:
+            for f in tmp.glob("spm.*"):
+                f.unlink()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tokenizer_identity(tok),
+            "tokenizer_source": f"sentencepiece-unigram-{sentencepiece_vocab_size}" if spm_model else str(tokenizer),
+            "tokenizer_dir": "tokenizer",
+            "vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "pad_token_id": tok.pad_token_id,
+            "mask_token_id": tok.mask_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "unk_token_id": tok.unk_token_id,
+            "special_token_ids": special_token_ids(tok),
+            "num_documents": num_docs,
+            "num_tokens": num_tokens,
+            "valid_fraction": valid_fraction,
+            "seed": seed,
+            "text_field": text_field,
+            "line_per_document": line_per_document,
+            "sources": [{"path": str(p), "format": file_format(p), "bytes": p.stat().st_size} for p in sources],
+        }
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("preprocess: %d files -> %s (train %d docs / %d tokens, valid %d docs / %d tokens)", len(sources),
+             out_dir, num_docs["train"], num_tokens["train"], num_docs["valid"], num_tokens["valid"])
+    return meta
+
+
+def _train_sentencepiece_on(documents, tmp, vocab_size, workers, seed, valid_fraction, progress):
+    """Train on the training documents only (validation text stays unseen), one paragraph per line."""
+    text_file = tmp / "spm.txt"
+    n = 0
+    with open(text_file, "w", encoding="utf-8") as f:
+        for doc in tqdm(documents, desc="collecting sentencepiece text", unit="doc", disable=not progress):
+            if not is_valid_document(doc, seed, valid_fraction):
+                f.write(doc.strip() + "\n")
+                n += 1
+    if n == 0:
+        raise UserError("the corpus is empty: no training text to train a sentencepiece model on")
+    return train_sentencepiece(text_file, tmp / "spm", vocab_size, workers=workers, seed=seed)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool):
+    """Atomic rename; an existing output is moved aside first and deleted only after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        elif overwrite:
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        else:  # appeared while we were working (another process preprocessing the same thing)
+            raise UserError(f"output directory {out_dir} already exists and is not empty")
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(shard_dir) -> dict:
+    """metadata.json of a preprocessed directory, checked for the keys training relies on."""
+    path = Path(shard_dir).expanduser() / "metadata.json"
+    if not path.is_file():
+        raise UserError(f"{shard_dir} is not a preprocessed data directory (no metadata.json); "
+                        f"run preprocess-mpnet on your corpus first")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "num_tokens", "pad_token_id", "mask_token_id")
+               if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; re-run preprocess-mpnet")
+    return meta
+
+
+def _source_fingerprint(sources) -> list:
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
+
+
+def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> Path:
+    """A preprocessed directory -> itself. Raw text (file, directory, list) -> preprocessed once into
+    cache_dir/<16-hex hash of the sources' paths, sizes and mtimes, the tokenizer and the options>, reused after.
+    preprocess_kwargs go to preprocess_corpus (valid_fraction, workers, sentencepiece_vocab_size, ...)."""
+    if isinstance(data, (str, Path)) and (Path(data).expanduser() / "metadata.json").is_file():
+        return Path(data).expanduser()
+    sources = list_sources(data)
+    spm_size = preprocess_kwargs.get("sentencepiece_vocab_size")
+    options = {k: v for k, v in sorted(preprocess_kwargs.items()) if k not in ("workers", "progress", "overwrite")}
+    key = {
+        "sources": _source_fingerprint(sources),
+        "tokenizer": f"sentencepiece-{spm_size}" if spm_size else tokenizer_identity(load_tokenizer(tokenizer)),
+        "options": options,
+        "format_version": FORMAT_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out_dir = Path(cache_dir).expanduser() / digest
+    if (out_dir / "metadata.json").is_file():
+        log.info("data: reusing %s", out_dir)
+        return out_dir
+    try:
+        preprocess_corpus(sources, out_dir, tokenizer=tokenizer, **preprocess_kwargs)
+    except UserError:
+        if (out_dir / "metadata.json").is_file():  # another process (rank) finished the same job first
+            return out_dir
+        raise
+    return out_dir
