@@ -1,0 +1,71 @@
+"""compare-mpnet-backends: fine-tune / evaluate one checkpoint under several attention backends; table + plot."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpnet.configuration import parse_overrides
+
+from ._common import command
+
+EPILOG = """examples:
+  compare-mpnet-backends --checkpoint runs/base/checkpoint-final --tasks sst2,rte --data-dir glue_data \\
+      --backends dense,flex,flex:128 --seeds 1,2,3 --output-dir runs/compare
+  compare-mpnet-backends --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --tasks sst2 --data-dir data/sentiment \\
+      --config configs/glue/sentiment.yaml --backends dense,flex,flex:32 --seeds 1 --output-dir runs/compare-cpu
+
+Backends: dense, flex, flex:W (FlexAttention + sliding window of W tokens), dense:W. On a CUDA GPU every
+backend is fine-tuned; on CPU FlexAttention cannot train, so the task is fine-tuned once with dense and
+that model is evaluated under each backend (the output says so).
+Writes OUTPUT/comparison.md, OUTPUT/comparison.png, OUTPUT/comparison.json and OUTPUT/runs/."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        self.exit(2, f"compare-mpnet-backends: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = _Parser(prog="compare-mpnet-backends", description=__doc__, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
+    p.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. sst2,rte")
+    p.add_argument("--data-dir", type=Path, required=True, help="folder holding the task folders (glue_data)")
+    p.add_argument("--backends", default="dense,flex", help="comma-separated: dense, flex, flex:W (default dense,flex)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="YAML recipe for every task (default: configs/glue/TASK.yaml)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    for flag, kind in [("--lr", float), ("--batch-size", int), ("--epochs", int), ("--max-length", int),
+                       ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:
+        p.add_argument(flag, type=kind, help="override the recipe")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (sections: task, training)")
+    return p
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from mpnet.compare import compare, parse_backends, parse_list, parse_seeds
+
+    overrides = parse_overrides(args.overrides)
+    flags = {"training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+                          "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
+                          "max_eval_examples": args.max_eval_examples,
+                          "progress_bar": False if args.no_progress else None},
+             "task": {"max_length": args.max_length}}
+    for section, values in flags.items():
+        for key, value in values.items():
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    report = compare(args.checkpoint, [t.lower() for t in parse_list(args.tasks, "tasks")], args.data_dir,
+                     parse_backends(args.backends), parse_seeds(args.seeds), args.output_dir, args.config, overrides,
+                     args.device)
+    if report["note"]:
+        print(f"note: {report['note']}")
+    print((args.output_dir / "comparison.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""finetune-mpnet: fine-tune an MPNet checkpoint on a GLUE task or any sentence(-pair) classification/regression set."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpnet.configuration import parse_overrides
+from mpnet.errors import UserError
+
+from ._common import command
+
+EPILOG = """examples:
+  finetune-mpnet --checkpoint runs/base/checkpoint-final --task rte --data-dir glue_data/RTE
+  finetune-mpnet --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --task sst2 --data-dir data/sentiment \\
+      --config configs/glue/sentiment.yaml --output-dir runs/sentiment
+  finetune-mpnet --checkpoint CKPT --task custom --data-dir my_set --text-column review --label-column stars \\
+      --task-type regression
+  finetune-mpnet --checkpoint CKPT --task mnli --data-dir glue_data --use-flex-attention --sliding-window-size 128
+
+Recipe: defaults < configs/glue/TASK.yaml (used automatically when present) < --config FILE < flags <
+SECTION.KEY=VALUE overrides (sections: task, training). Data layouts: the GLUE TSV folder, an HF
+DatasetDict saved with save_to_disk, or train/dev .csv/.jsonl with named columns.
+Writes OUTPUT/results.json, OUTPUT/best (the best dev checkpoint, HF format) and OUTPUT/tensorboard."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        self.exit(2, f"finetune-mpnet: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = _Parser(prog="finetune-mpnet", description=__doc__, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
+    p.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or custom")
+    p.add_argument("--data-dir", type=Path, required=True, help="the task's data folder (or its parent, e.g. glue_data)")
+    p.add_argument("--output-dir", type=Path, help="default: runs/finetune/TASK-BACKEND-seedSEED")
+    p.add_argument("--config", type=Path, help="YAML recipe (default: configs/glue/TASK.yaml when present)")
+    p.add_argument("--use-flex-attention", action="store_true", help="FlexAttention backend (training needs CUDA)")
+    p.add_argument("--sliding-window-size", type=int, metavar="W", help="attend only within W tokens")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    train = p.add_argument_group("training (override the recipe)")
+    for flag, kind, text in [("--lr", float, "peak learning rate"), ("--batch-size", int, "examples per step"),
+                             ("--epochs", int, "passes over the training set"),
+                             ("--warmup-ratio", float, "fraction of steps with linear warmup"),
+                             ("--weight-decay", float, "AdamW weight decay"), ("--seed", int, "run seed"),
+                             ("--eval-batch-size", int, "examples per evaluation batch"),
+                             ("--max-train-examples", int, "train on a fixed random subset"),
+                             ("--max-eval-examples", int, "evaluate on a fixed random subset")]:
+        train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    task = p.add_argument_group("task / data")
+    task.add_argument("--max-length", type=int, help="tokens per example (truncate beyond)")
+    task.add_argument("--text-column", help="CSV/JSONL column of the (first) text")
+    task.add_argument("--text-pair-column", help="CSV/JSONL column of the second text, for pair tasks")
+    task.add_argument("--label-column", help="CSV/JSONL label column")
+    task.add_argument("--task-type", choices=["classification", "regression"], help="custom tasks only")
+    task.add_argument("--labels", help="custom classification: comma-separated label names in index order")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    return p
+
+
+def config_from_args(args):
+    """The run config and backend from parsed arguments (shared with compare-mpnet-backends)."""
+    from mpnet.finetune import load_config
+
+    overrides = parse_overrides(args.overrides)
+    flags = {
+        "training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
+                     "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay, "seed": args.seed,
+                     "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
+                     "max_eval_examples": args.max_eval_examples,
+                     "progress_bar": False if args.no_progress else None},
+        "task": {"max_length": args.max_length, "text_column": args.text_column,
+                 "text_pair_column": args.text_pair_column, "label_column": args.label_column,
+                 "task_type": args.task_type,
+                 "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None},
+    }
+    for section, values in flags.items():
+        for key, value in values.items():
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    return load_config(args.task.lower(), args.config, overrides)
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.sliding_window_size is not None and args.sliding_window_size <= 0:
+        raise UserError(f"--sliding-window-size must be a positive number of tokens, got {args.sliding_window_size}")
+    from mpnet.finetune import Backend, finetune
+    from mpnet.tasks.glue import get_task
+
+    if args.task.lower() != "custom":
+        get_task(args.task)  # an unknown task fails before anything is loaded
+    config = config_from_args(args)
+    backend = Backend(args.use_flex_attention, args.sliding_window_size)
+    output = args.output_dir or Path("runs/finetune") / f"{config.task.name}-{backend.label.replace(':', 'w')}-seed{config.training.seed}"
+    finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device)
+
+
+if __name__ == "__main__":
+    main()
