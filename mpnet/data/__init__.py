@@ -8,17 +8,12 @@
 
 See docs/data.md for the formats and rules.
 """
-from pathlib import Path
-
 from .blocks import TokenBlocks
 from .collator import MPNetCollator
-from .corpus import iter_documents, list_sources
+from .corpus import EMBEDDED_CORPUS, iter_documents, list_sources
 from .preprocess import preprocess_corpus, read_metadata, resolve_data
 from .tokenizer import (DEFAULT_TOKENIZER_DIR, load_tokenizer, special_token_ids, tokenizer_identity,
                         train_sentencepiece, word_starts)
-
-# Jane Austen's six novels, one document per chapter (see mpnet/resources/corpus/README.md).
-EMBEDDED_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "corpus" / "austen.txt.gz"
 
 __all__ = [
     "load_tokenizer", "tokenizer_identity", "special_token_ids", "word_starts", "train_sentencepiece",

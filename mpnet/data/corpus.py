@@ -17,6 +17,10 @@ from typing import Iterable, Iterator
 
 from mpnet.errors import UserError
 
+# Jane Austen's six novels, one document per chapter (see mpnet/resources/corpus/README.md). The input name
+# "embedded" stands for it wherever a corpus path is accepted.
+EMBEDDED_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "corpus" / "austen.txt.gz"
+EMBEDDED_NAME = "embedded"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text")
 
@@ -31,12 +35,15 @@ def file_format(path) -> str:
 
 
 def list_sources(inputs) -> list[Path]:
-    """Expand inputs (a path or a list of paths; directories recursively) into a sorted, de-duplicated file list."""
+    """Expand inputs (a path or a list of paths; directories recursively; "embedded" = EMBEDDED_CORPUS) into a
+    de-duplicated file list (directory contents sorted by name)."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     files = []
     for item in inputs:
         path = Path(item).expanduser()
+        if str(item) == EMBEDDED_NAME and not path.exists():
+            path = EMBEDDED_CORPUS
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
                            and _base_suffix(p) in JSONL_SUFFIXES + TEXT_SUFFIXES)

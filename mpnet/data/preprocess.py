@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
-CHUNK_CHARS = 1 << 20  # ~1 MB of text per worker task: big enough to amortize IPC, small enough to bound memory
+CHUNK_CHARS = 1 << 18  # ~256 kB of text per worker task: amortizes IPC, keeps memory bounded and workers busy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,11 +55,11 @@ def is_valid_document(text: str, seed: int, valid_fraction: float) -> bool:
 _worker = {}
 
 
-def _init_worker(tokenizer_json, dtype, seed, valid_fraction):
+def _init_worker(tokenizer_json, dtype, seed, valid_fraction, in_pool=True):
     from tokenizers import Tokenizer
 
-    # One chunk per process at a time; rayon threads inside every worker would only oversubscribe the CPU.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if in_pool:  # one chunk per process at a time; rayon threads inside every worker would only oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype), seed=seed,
                    valid_fraction=valid_fraction)
 
@@ -90,7 +90,7 @@ def _encoded_chunks(documents, init_args, workers):
     """Encode chunks in order, with at most 2 x workers chunks in flight (Pool.imap would read the whole corpus
     ahead into its task queue)."""
     if workers <= 1:
-        _init_worker(*init_args)
+        _init_worker(*init_args, in_pool=False)
         for chunk in _chunks(documents):
             yield len(chunk), _encode_chunk(chunk)
         return
@@ -118,7 +118,7 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
     inputs: a file, a directory (searched recursively) or a list of them. tokenizer: see load_tokenizer; ignored
     when sentencepiece_vocab_size is set (a unigram model of that size is trained on the training documents).
     An existing out_dir is an error unless overwrite=True, and even then it is replaced only once the new output
-    is complete."""
+    is complete. progress: a tqdm bar on stderr when it is a terminal."""
     out_dir = Path(out_dir).expanduser()
     if not 0 <= valid_fraction < 1:
         raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
@@ -152,7 +152,7 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
 
         lengths = {s: [] for s in SPLITS}
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-        bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True, dynamic_ncols=True)
         try:
             init_args = (backend.to_str(), dtype.str, seed, valid_fraction)
             for n_docs, (valid, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
@@ -221,7 +221,8 @@ def _train_sentencepiece_on(documents, tmp, vocab_size, workers, seed, valid_fra
     text_file = tmp / "spm.txt"
     n = 0
     with open(text_file, "w", encoding="utf-8") as f:
-        for doc in tqdm(documents, desc="collecting sentencepiece text", unit="doc", disable=not progress):
+        for doc in tqdm(documents, desc="collecting sentencepiece text", unit="doc",
+                        disable=None if progress else True):
             if not is_valid_document(doc, seed, valid_fraction):
                 f.write(doc.strip() + "\n")
                 n += 1

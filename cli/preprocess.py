@@ -1,0 +1,81 @@
+"""preprocess-mpnet: text corpus -> tokenizer -> binarized train/valid shards for pretrain-mpnet."""
+from __future__ import annotations
+
+import argparse
+
+from mpnet_cli._common import command
+
+EPILOG = """\
+inputs:
+  Files or directories (searched recursively). .txt / .txt.gz: one document per blank-line-separated block
+  (or one per line with --line-per-document). .jsonl / .jsonl.gz: one JSON object per line, the document in
+  --text-field. 'embedded' = the bundled Jane Austen corpus.
+
+output (DIR):
+  train.bin valid.bin          token ids, numpy uint16 (uint32 when the vocabulary exceeds 65536)
+  train.idx.npy valid.idx.npy  document boundaries (int64 offsets)
+  tokenizer/                   the tokenizer, HF format
+  metadata.json                tokenizer identity, vocab size, special ids, counts; checked by pretrain-mpnet
+  DIR is written to a temporary directory and renamed at the end; an existing DIR is never touched unless
+  --overwrite is given (and then replaced only once the new output is complete).
+
+examples:
+  preprocess-mpnet embedded --output-dir data/austen
+  preprocess-mpnet corpus/ --output-dir data/mine --sentencepiece-vocab-size 32000 --workers 16
+  preprocess-mpnet dump.jsonl.gz --output-dir data/web --text-field content
+"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="preprocess-mpnet", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="corpus files or directories ('embedded' for the bundled corpus)")
+    p.add_argument("--output-dir", "-o", required=True, metavar="DIR", help="where the shards go (must not exist or be empty)")
+    p.add_argument("--tokenizer", default="default", metavar="SPEC",
+                   help="'default' (the MPNet WordPiece tokenizer), an HF tokenizer directory, or a sentencepiece "
+                        ".model file (default: %(default)s)")
+    p.add_argument("--sentencepiece-vocab-size", type=int, metavar="N",
+                   help="train a unigram sentencepiece model of N pieces on the training documents and use it "
+                        "(special tokens <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4); overrides --tokenizer")
+    p.add_argument("--valid-fraction", type=float, default=0.02, metavar="F",
+                   help="fraction of documents held out for validation, chosen by a seeded hash of each "
+                        "document (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizer processes (default: %(default)s)")
+    p.add_argument("--text-field", default="text", metavar="F", help="JSONL field holding the text (default: %(default)s)")
+    p.add_argument("--line-per-document", action="store_true", help="in text files, every non-empty line is a document")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@command
+def main(argv=None):
+    from mpnet.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    if args.sentencepiece_vocab_size is not None and args.sentencepiece_vocab_size < 8:
+        raise UserError(f"--sentencepiece-vocab-size must be at least 8, got {args.sentencepiece_vocab_size}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+
+    from mpnet.data import preprocess_corpus  # after parsing: --help stays fast
+
+    meta = preprocess_corpus(
+        args.inputs, args.output_dir, tokenizer=args.tokenizer, valid_fraction=args.valid_fraction,
+        workers=args.workers, text_field=args.text_field, sentencepiece_vocab_size=args.sentencepiece_vocab_size,
+        seed=args.seed, line_per_document=args.line_per_document, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    docs, tokens = meta["num_documents"], meta["num_tokens"]
+    print(f"wrote {args.output_dir}: tokenizer {meta['tokenizer']}, {meta['dtype']}; "
+          f"train {docs['train']:,} documents / {tokens['train']:,} tokens, "
+          f"valid {docs['valid']:,} documents / {tokens['valid']:,} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    # Call main through the package module so error lines say "preprocess", not "__main__".
+    from mpnet_cli.preprocess import main as _main
+
+    _main()
