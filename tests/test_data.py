@@ -74,6 +74,10 @@ def split_documents(shard_dir, split):
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 def test_default_tokenizer_is_the_real_mpnet_one(tok):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(DEFAULT_TOKENIZER_DIR), local_files_only=True)  # works without us too
+    assert plain("Emma Woodhouse, handsome.").input_ids == tok("Emma Woodhouse, handsome.").input_ids
     assert len(tok) == 30527
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.mask_token_id) == (0, 1, 2, 30526)
     assert tok.unk_token_id == 104 and tok.unk_token == "[UNK]"
@@ -345,7 +349,6 @@ def test_collator_whole_word_units_and_special_tokens_held_back():
     collator = MPNetCollator(VOCAB, PAD, MASK, SPECIALS, whole_word_mask=True, word_starts=starts,
                              predict_special_tokens=False)
     batch = collator(rows, step=5)
-    m = batch["pred_size"]
     for b, row in enumerate(rows):
         pos = batch["positions"][b].tolist()
         for k, p in enumerate(pos):

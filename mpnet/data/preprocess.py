@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mpnet.errors import UserError
@@ -56,8 +57,6 @@ _worker = {}
 
 
 def _init_worker(tokenizer_json, dtype, seed, valid_fraction, in_pool=True):
-    from tokenizers import Tokenizer
-
     if in_pool:  # one chunk per process at a time; rayon threads inside every worker would only oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype), seed=seed,
@@ -127,7 +126,9 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
                         f"(choose another one, or overwrite it with --overwrite)")
     sources = list_sources(inputs)
     workers = max(1, int(workers or 1))
-    documents = lambda: iter_documents(sources, text_field=text_field, line_per_document=line_per_document)  # noqa
+
+    def documents():  # a fresh pass over the corpus (two passes when a sentencepiece model is trained first)
+        return iter_documents(sources, text_field=text_field, line_per_document=line_per_document)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -146,30 +147,34 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
             raise UserError(f"tokenizer {tokenizer} has no fast (tokenizers) backend; convert it to tokenizer.json")
-        backend = backend.__class__.from_str(backend.to_str())
+        backend = Tokenizer.from_str(backend.to_str())  # a copy: switching truncation off must not touch tok
         backend.no_truncation()
         backend.no_padding()
 
-        lengths = {s: [] for s in SPLITS}
-        files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        # Token ids and per-document lengths are appended to files as they come: memory stays bounded by the
+        # chunks in flight, whatever the corpus size.
+        num_docs, num_tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+        bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        lens = {s: open(tmp / f"{s}.lengths", "wb") for s in SPLITS}
         bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True, dynamic_ncols=True)
         try:
             init_args = (backend.to_str(), dtype.str, seed, valid_fraction)
             for n_docs, (valid, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
-                keep = doc_lengths > 0  # a document of only unknown-to-nothing characters contributes nothing
+                keep = doc_lengths > 0  # a document whose characters all tokenize to nothing is dropped
                 token_valid = np.repeat(valid, doc_lengths)
                 for split, doc_mask, tok_mask in (("train", ~valid, ~token_valid), ("valid", valid, token_valid)):
-                    files[split].write(ids[tok_mask].tobytes())
-                    lengths[split].extend(doc_lengths[doc_mask & keep].tolist())
+                    split_lengths = doc_lengths[doc_mask & keep]
+                    bins[split].write(ids[tok_mask].tobytes())
+                    lens[split].write(split_lengths.tobytes())
+                    num_docs[split] += len(split_lengths)
+                    num_tokens[split] += int(split_lengths.sum())
                 bar.update(n_docs)
-                bar.set_postfix(tokens=sum(map(sum, lengths.values())), refresh=False)
+                bar.set_postfix(tokens=sum(num_tokens.values()), refresh=False)
         finally:
             bar.close()
-            for f in files.values():
+            for f in [*bins.values(), *lens.values()]:
                 f.close()
 
-        num_docs = {s: len(lengths[s]) for s in SPLITS}
-        num_tokens = {s: int(sum(lengths[s])) for s in SPLITS}
         if num_docs["train"] + num_docs["valid"] == 0:
             raise UserError(f"the corpus is empty: no text found in {', '.join(map(str, sources))}")
         if num_docs["train"] == 0:
@@ -179,7 +184,9 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
             log.warning("preprocess: no document fell into the validation split (%d documents, valid fraction %g)",
                         num_docs["train"], valid_fraction)
         for s in SPLITS:
-            np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(lengths[s], dtype=np.int64)]))
+            doc_lengths = np.fromfile(tmp / f"{s}.lengths", dtype=np.int64)
+            np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64))
+            (tmp / f"{s}.lengths").unlink()
 
         save_tokenizer(tok, tmp / "tokenizer", sentencepiece_model=spm_model)
         if spm_model is not None:
