@@ -56,14 +56,10 @@ def runs(env, small_corpus, tmp_path_factory):
     """All subprocess runs start at once (each pays the torch import; in parallel they overlap)."""
     root = tmp_path_factory.mktemp("runs")
     (root / "empty.txt").write_text("\n   \n\n")
-    (root / "existing").mkdir()
-    (root / "existing" / "keep.txt").write_text("precious")
     cases = {
-        "help": ["--help"],
         "ok": [small_corpus, "--output-dir", root / "shards", "--valid-fraction", "0.3", "--workers", "2"],
         "missing": [root / "nope.txt", "--output-dir", root / "out-missing"],
         "empty": [root / "empty.txt", "--output-dir", root / "out-empty"],
-        "existing": [small_corpus, "--output-dir", root / "existing"],
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "mpnet_cli.preprocess", *map(str, args)], env=env,
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,14 +71,6 @@ def runs(env, small_corpus, tmp_path_factory):
     return root, results
 
 
-def test_help(runs):
-    returncode, out, _ = runs[1]["help"]
-    assert returncode == 0
-    for flag in ("--output-dir", "--tokenizer", "--sentencepiece-vocab-size", "--valid-fraction", "--workers",
-                 "--text-field", "--line-per-document"):
-        assert flag in out
-
-
 def test_preprocess_writes_shards(runs):
     root, results = runs
     returncode, out, err = results["ok"]
@@ -92,14 +80,6 @@ def test_preprocess_writes_shards(runs):
     assert meta["num_documents"]["train"] + meta["num_documents"]["valid"] == 4
     assert meta["vocab_size"] == 30527 and (root / "shards" / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp dir left behind
-
-
-def test_existing_output_is_never_touched(runs):
-    root, results = runs
-    line = single_error_line(*results["existing"][::2])
-    assert "already exists" in line
-    assert [p.name for p in (root / "existing").iterdir()] == ["keep.txt"]
-    assert (root / "existing" / "keep.txt").read_text() == "precious"
 
 
 def test_missing_corpus(runs):
@@ -142,3 +122,24 @@ def test_jsonl_without_the_text_field_and_unknown_tokenizer(cli_importable, tmp_
     line = single_error_line(*call_main([tmp_path / "bad.txt.gz", "-o", tmp_path / "out"], capsys))
     assert "cannot read" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_help(cli_importable, capsys):
+    from mpnet_cli.preprocess import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--output-dir", "--tokenizer", "--sentencepiece-vocab-size", "--valid-fraction", "--workers",
+                 "--text-field", "--line-per-document"):
+        assert flag in out
+
+
+def test_existing_output_is_never_touched(cli_importable, small_corpus, tmp_path, capsys):
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("precious")
+    line = single_error_line(*call_main([small_corpus, "--output-dir", tmp_path / "existing"], capsys))
+    assert "already exists" in line
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "existing" / "keep.txt").read_text() == "precious"
