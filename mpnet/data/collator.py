@@ -8,8 +8,8 @@ For a batch padded to width n, m = round(pred_prob * n) (at least 1), one value 
    order; the boundary between context and predicted part may split one word.
 2. Predicted part: the last m entries, rank 0..m-1 in permuted order. targets[b, r] is the original id of the
    rank-r entry, -100 where that entry is padding (only when a row has fewer than m real tokens).
-3. Corruption of predicted real tokens: 80% <mask>, 10% a random id drawn uniformly from the non-special ids,
-   10% unchanged (the input still differs from a plain MLM because the token is moved in the order).
+3. Corruption of predicted real tokens in the content stream: 80% <mask>, 10% a random id drawn uniformly from
+   the non-special ids, 10% unchanged.
 
 Special tokens (<s>, </s>) are permuted and predicted like any other token, as in the original MPNet; pass
 predict_special_tokens=False to keep them in the context part instead (they are then ordered right after the
