@@ -95,9 +95,9 @@ def write_glue(task: str, root: Path, n_train: int = 48, n_dev: int = 16, seed: 
             _write_tsv(out / name, [[sentence(rng, y), str(int(y))] for _, y in examples(n)], ["sentence", "label"])
     elif task == "mrpc":
         header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
-        for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
-            _write_tsv(out / name, [[str(int(y)), str(1000 + i), str(2000 + i), *pair(rng, y)] for i, y in examples(n)],
-                       header)
+        for name, n, first in (("train.tsv", n_train, 0), ("dev.tsv", n_dev, n_train)):  # ids unique across files
+            _write_tsv(out / name, [[str(int(y)), str(1000 + first + i), str(5000 + first + i), *pair(rng, y)]
+                                    for i, y in examples(n)], header)
     elif task == "qqp":
         header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
         for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
@@ -186,5 +186,29 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in lines if "error:" in line]
     assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def call_main(main, *args) -> tuple[int, str]:
+    """Call a CLI's main() in-process (faster than a subprocess); returns (exit code, captured stderr)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, err.getvalue()
+
+
+def assert_one_line_error_text(code: int, stderr: str, *fragments: str):
+    assert code != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]

@@ -506,7 +506,7 @@ def load_task_data(task: Task, data_dir, text_column: str | None = None, text_pa
         data = _read_hf_datasets(task, root, columns)
     elif task.name != "custom" and (any(root.glob("*.tsv")) or (root / "msr_paraphrase_train.txt").is_file()):
         data = _read_glue_dir(task, root)
-    elif any(root.glob(pattern) for pattern in ("*.csv", "*.jsonl", "*.json", "*.tsv")):
+    elif any(any(root.glob(pattern)) for pattern in ("*.csv", "*.jsonl", "*.json", "*.tsv")):
         data = _read_named_columns(task, root, columns)
     else:
         raise UserError(f"{root} holds no data files; expected {expected_layout(task)}")

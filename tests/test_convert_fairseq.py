@@ -1,0 +1,265 @@
+"""convert-mpnet fairseq: a fake checkpoint in EXACTLY the original fairseq MPNet layout, converted and
+checked against an independent plain-torch re-implementation of the fairseq single-stream forward.
+
+The layout (microsoft/MPNet, pretraining/fairseq): ckpt["args"] is an argparse.Namespace, ckpt["model"]
+holds `decoder.sentence_encoder.*` (embed_tokens, embed_positions with padding_idx 1, emb_layer_norm,
+relative_attention_bias, layers.{i}.self_attn.in_proj_weight/in_proj_bias packed q|k|v,
+self_attn.out_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm) and `decoder.lm_head.*` (dense,
+layer_norm, weight tied to embed_tokens, bias). The dictionary is <s>,<pad>,</s>,<unk> + dict.txt lines
++ <mask> (added by the task) + a fairseq padding word; dict.txt is deliberately NOT in HF order here, so
+the test also proves the id remapping.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_glue_support import assert_one_line_error_text, call_main, make_tokenizer, run_cli
+
+HIDDEN, HEADS, FFN, LAYERS, POSITIONS = 16, 2, 32, 2, 64 + 2
+
+
+class TrainMeter:
+    """Stands for fairseq objects in extra_state (meters): the converter must not need their class."""
+
+    def __init__(self):
+        self.avg, self.count = 1.5, 3
+
+
+def _fairseq_symbols(tokenizer, seed=0):
+    """(dict.txt symbols in fairseq order, omitted HF tokens)."""
+    vocab = tokenizer.get_vocab()
+    ordinary = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 4 and t != tokenizer.mask_token]
+    rng = random.Random(seed)
+    rng.shuffle(ordinary)  # not HF order: the converter must move every row to its symbol's HF id
+    omitted = ordinary[-3:]  # HF tokens the fairseq model never had (they get the <unk> row)
+    return ordinary[:-3], omitted
+
+
+def make_fairseq_checkpoint(tmp_path, tokenizer, seed=0):
+    symbols, omitted = _fairseq_symbols(tokenizer, seed)
+    (tmp_path / "dict.txt").write_text("".join(f"{s} {1000 - i % 900}\n" for i, s in enumerate(symbols)))
+    rows = 4 + len(symbols) + 1 + 1  # specials + dict + <mask> (task) + madeupword0000 (padding)
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, std=0.1: std * torch.randn(*shape, generator=gen)  # noqa: E731
+    enc, lm = "decoder.sentence_encoder.", "decoder.lm_head."
+    embed = r(rows, HIDDEN, std=0.5)
+    embed[1] = 0  # padding_idx row, as fairseq initialises it
+    state = {
+        f"{enc}embed_tokens.weight": embed,
+        f"{enc}embed_positions.weight": r(POSITIONS, HIDDEN, std=0.5),
+        f"{enc}relative_attention_bias.weight": r(32, HEADS, std=1.0),
+        f"{enc}emb_layer_norm.weight": 1 + r(HIDDEN), f"{enc}emb_layer_norm.bias": r(HIDDEN),
+    }
+    for i in range(LAYERS):
+        p = f"{enc}layers.{i}."
+        state.update({
+            p + "self_attn.in_proj_weight": r(3 * HIDDEN, HIDDEN, std=0.3), p + "self_attn.in_proj_bias": r(3 * HIDDEN),
+            p + "self_attn.out_proj.weight": r(HIDDEN, HIDDEN, std=0.3), p + "self_attn.out_proj.bias": r(HIDDEN),
+            p + "self_attn_layer_norm.weight": 1 + r(HIDDEN), p + "self_attn_layer_norm.bias": r(HIDDEN),
+            p + "fc1.weight": r(FFN, HIDDEN, std=0.3), p + "fc1.bias": r(FFN),
+            p + "fc2.weight": r(HIDDEN, FFN, std=0.3), p + "fc2.bias": r(HIDDEN),
+            p + "final_layer_norm.weight": 1 + r(HIDDEN), p + "final_layer_norm.bias": r(HIDDEN),
+        })
+    state.update({
+        f"{lm}dense.weight": r(HIDDEN, HIDDEN, std=0.3), f"{lm}dense.bias": r(HIDDEN),
+        f"{lm}layer_norm.weight": 1 + r(HIDDEN), f"{lm}layer_norm.bias": r(HIDDEN),
+        f"{lm}weight": embed,  # tied: the state dict holds the same tensor under both names
+        f"{lm}bias": r(rows),
+    })
+    args = argparse.Namespace(arch="mpnet_rel_base", encoder_layers=LAYERS, encoder_embed_dim=HIDDEN,
+                              encoder_ffn_embed_dim=FFN, encoder_attention_heads=HEADS, activation_fn="gelu",
+                              pooler_activation_fn="tanh", dropout=0.1, attention_dropout=0.1,
+                              activation_dropout=0.0, pooler_dropout=0.0, max_positions=POSITIONS - 2,
+                              use_relative_positions=True, normalize_before=False, task="masked_permutation_lm",
+                              input_mode="mpnet", tokens_per_sample=POSITIONS - 2)
+    ckpt = {"args": args, "model": state,
+            "optimizer_history": [{"criterion_name": "MaskedPermutationCrossEntropyCriterion",
+                                   "optimizer_name": "FairseqAdam", "lr_scheduler_state": {"best": 1.9},
+                                   "num_updates": 125000}],
+            "extra_state": {"train_iterator": {"epoch": 3}, "val_loss": 1.9, "train_meters": {"loss": TrainMeter()}},
+            "last_optimizer_state": {"state": {}, "param_groups": [{"lr": 5e-4}]}}
+    torch.save(ckpt, tmp_path / "checkpoint_best.pt")
+    fairseq_ids = {s: i for i, s in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + symbols + ["<mask>"])}
+    return tmp_path / "checkpoint_best.pt", tmp_path / "dict.txt", state, fairseq_ids, omitted
+
+
+# ------------------------------------------------- the fairseq forward, written out independently
+
+
+def _bucket(relative_position, num_buckets=32, max_distance=128):
+    # TransformerSentenceEncoder.relative_position_bucket, transcribed
+    ret = 0
+    n = -relative_position
+    num_buckets //= 2
+    ret += (n < 0).to(torch.long) * num_buckets
+    n = torch.abs(n)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_if_large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                                * (num_buckets - max_exact)).to(torch.long)
+    val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
+    return ret + torch.where(is_small, n, val_if_large)
+
+
+def fairseq_forward(state, tokens):
+    """TransformerSentenceEncoder (post-LN, relative bias, key padding mask) + RobertaLMHead, (T, B, C) like fairseq."""
+    enc, lm = "decoder.sentence_encoder.", "decoder.lm_head."
+    ln = lambda x, p: F.layer_norm(x, (HIDDEN,), state[p + ".weight"], state[p + ".bias"], eps=1e-5)  # noqa: E731
+    padding_mask = tokens.eq(1)
+    mask = tokens.ne(1).int()
+    positions = (torch.cumsum(mask, dim=1) * mask).long() + 1  # fairseq make_positions, padding_idx 1
+    x = F.embedding(tokens, state[f"{enc}embed_tokens.weight"]) + F.embedding(positions, state[f"{enc}embed_positions.weight"])
+    x = ln(x, f"{enc}emb_layer_norm")
+    x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+    x = x.transpose(0, 1)
+    tgt_len, bsz, _ = x.shape
+    ctx = torch.arange(tgt_len)[:, None]
+    mem = torch.arange(tgt_len)[None, :]
+    values = F.embedding(_bucket(mem - ctx), state[f"{enc}relative_attention_bias.weight"])
+    positions_bias = values.permute([2, 0, 1]).unsqueeze(0).expand((bsz, -1, tgt_len, tgt_len)).reshape(-1, tgt_len, tgt_len)
+    head_dim = HIDDEN // HEADS
+    for i in range(LAYERS):
+        p = f"{enc}layers.{i}."
+        residual = x
+        w, b = state[p + "self_attn.in_proj_weight"], state[p + "self_attn.in_proj_bias"]
+        q = F.linear(x, w[:HIDDEN], b[:HIDDEN]) * head_dim**-0.5
+        k = F.linear(x, w[HIDDEN:2 * HIDDEN], b[HIDDEN:2 * HIDDEN])
+        v = F.linear(x, w[2 * HIDDEN:], b[2 * HIDDEN:])
+        q = q.contiguous().view(tgt_len, bsz * HEADS, head_dim).transpose(0, 1)
+        k = k.contiguous().view(-1, bsz * HEADS, head_dim).transpose(0, 1)
+        v = v.contiguous().view(-1, bsz * HEADS, head_dim).transpose(0, 1)
+        attn_weights = torch.bmm(q, k.transpose(1, 2)).view(bsz, HEADS, tgt_len, tgt_len)
+        attn_weights = attn_weights.masked_fill(padding_mask.unsqueeze(1).unsqueeze(2), float("-inf"))
+        attn_weights = attn_weights.view(bsz * HEADS, tgt_len, tgt_len) + positions_bias
+        attn = torch.bmm(torch.softmax(attn_weights, dim=-1), v)
+        attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, HIDDEN)
+        x = ln(residual + F.linear(attn, state[p + "self_attn.out_proj.weight"], state[p + "self_attn.out_proj.bias"]),
+               p + "self_attn_layer_norm")
+        residual = x
+        x = F.linear(F.gelu(F.linear(x, state[p + "fc1.weight"], state[p + "fc1.bias"])), state[p + "fc2.weight"],
+                     state[p + "fc2.bias"])
+        x = ln(residual + x, p + "final_layer_norm")
+    features = x.transpose(0, 1)
+    y = ln(F.gelu(F.linear(features, state[f"{lm}dense.weight"], state[f"{lm}dense.bias"])), f"{lm}layer_norm")
+    return features, F.linear(y, state[f"{lm}weight"]) + state[f"{lm}bias"]
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fairseq")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    ckpt, dict_txt, state, fairseq_ids, omitted = make_fairseq_checkpoint(tmp, tokenizer)
+    out = tmp / "converted"
+    result = run_cli("convert", "fairseq", ckpt, "--dict", dict_txt, "--output-dir", out, "--tokenizer", tmp / "tokenizer")
+    assert result.returncode == 0, result.stderr
+    return out, tokenizer, state, fairseq_ids, omitted
+
+
+@torch.no_grad()
+def test_converted_model_matches_the_fairseq_forward(converted):
+    from mpnet import MPNetForPretraining
+
+    out, tokenizer, state, fairseq_ids, omitted = converted
+    model = MPNetForPretraining.from_pretrained(out).eval()
+    vocab = tokenizer.get_vocab()
+    gen = torch.Generator().manual_seed(1)
+    words = [s for s in fairseq_ids if s not in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")]
+    picks = torch.randint(len(words), (3, 20), generator=gen)
+    rows = [["<s>"] + [words[i] for i in row] + ["</s>"] for row in picks.tolist()]
+    rows[1] = rows[1][:13] + ["<pad>"] * 9  # a right-padded row
+    rows[2][5] = "<mask>"
+    fs_tokens = torch.tensor([[fairseq_ids[s] for s in row] for row in rows])
+    hf_tokens = torch.tensor([[vocab[s] for s in row] for row in rows])
+    real = fs_tokens.ne(1)
+
+    ref_features, ref_logits = fairseq_forward(state, fs_tokens)
+    features = model.encode(hf_tokens, real.long())
+    logits = model.mlm_logits(hf_tokens, real.long())
+    assert (features[real] - ref_features[real]).abs().max().item() <= 1e-5
+    # Logits: the HF column of each fairseq symbol must equal fairseq's column for it.
+    symbols = [s for s in fairseq_ids if s in vocab]
+    ours = logits[..., [vocab[s] for s in symbols]]
+    theirs = ref_logits[..., [fairseq_ids[s] for s in symbols]]
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
+
+    # Transformers reads the directory as an ordinary MPNetForMaskedLM with the same numbers.
+    from transformers import AutoModelForMaskedLM
+
+    hf, info = AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf_logits = hf.eval()(input_ids=hf_tokens, attention_mask=real.long()).logits
+    assert (hf_logits[real] - logits[real]).abs().max().item() <= 1e-5
+
+
+def test_conversion_report_and_vocabulary(converted):
+    out, tokenizer, state, fairseq_ids, omitted = converted
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["identity"] is False  # dict.txt was shuffled
+    assert report["rows_dropped"] == 1 and report["rows_dropped_examples"] == ["madeupword0000"]
+    assert report["hf_ids_without_fairseq_row"] == len(omitted)
+    assert report["max_abs_diff_vs_fairseq_forward"] <= 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_norm_eps"] == 1e-5 and config["num_attention_heads"] == HEADS
+    assert config["max_position_embeddings"] == POSITIONS and config["vocab_size"] == len(tokenizer)
+    assert config["mask_token_id"] == tokenizer.mask_token_id
+    # A token the fairseq model never had gets its <unk> embedding.
+    from mpnet import MPNetForPretraining
+
+    model = MPNetForPretraining.from_pretrained(out)
+    emb = model.mpnet.embeddings.word_embeddings.weight
+    unk = state["decoder.sentence_encoder.embed_tokens.weight"][3]
+    assert torch.equal(emb[tokenizer.get_vocab()[omitted[0]]], unk)
+    assert torch.equal(emb[tokenizer.mask_token_id], state["decoder.sentence_encoder.embed_tokens.weight"][fairseq_ids["<mask>"]])
+
+
+def test_dictionary_of_bert_ids_maps_to_hf_ids_plus_four(tmp_path):
+    """A dict.txt whose symbols are BERT token ids (RoBERTa-style): symbol k is HF id k + 4."""
+    from mpnet.convert.fairseq import read_fairseq_dictionary, vocabulary_mapping
+
+    tokenizer = make_tokenizer()
+    bert_ids = [7, 0, 5, 1]  # any order
+    (tmp_path / "dict.txt").write_text("".join(f"{k} {100 - k}\n" for k in bert_ids))
+    symbols = read_fairseq_dictionary(tmp_path / "dict.txt")
+    mapping, report = vocabulary_mapping(symbols, len(symbols) + 1, tokenizer)
+    assert report["dictionary_symbols"] == "bert-ids"
+    assert mapping == [0, 1, 2, 3, 11, 4, 9, 5, tokenizer.mask_token_id]
+
+
+def test_identity_mapping_for_a_dictionary_in_hf_order(tmp_path):
+    """The released layout: dict.txt = the BERT vocab in BERT order -> fairseq id == HF id, <mask> last."""
+    from mpnet.convert.fairseq import read_fairseq_dictionary, vocabulary_mapping
+
+    tokenizer = make_tokenizer()
+    tokens = [t for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])][4:-1]
+    (tmp_path / "dict.txt").write_text("".join(f"{t} 0\n" for t in tokens))
+    symbols = read_fairseq_dictionary(tmp_path / "dict.txt")
+    mapping, report = vocabulary_mapping(symbols, len(symbols) + 1, tokenizer)
+    assert report["identity"] and mapping[-1] == tokenizer.mask_token_id == len(tokenizer) - 1
+
+
+def test_bad_fairseq_inputs_are_one_line_errors(tmp_path):
+    from mpnet_cli.convert import main
+
+    tokenizer = make_tokenizer()
+    ckpt, dict_txt, *_ = make_fairseq_checkpoint(tmp_path, tokenizer)
+    out = tmp_path / "o"
+    assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--dict", tmp_path / "nope.txt", "--output-dir", out),
+                               "nope.txt")
+    (tmp_path / "broken.pt").write_bytes(ckpt.read_bytes()[:1000])
+    assert_one_line_error_text(*call_main(main, "fairseq", tmp_path / "broken.pt", "--dict", dict_txt, "--output-dir", out),
+                               "broken.pt")
+    (tmp_path / "big.txt").write_text("".join(f"w{i} 1\n" for i in range(10**5)))
+    assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--dict", tmp_path / "big.txt", "--output-dir", out),
+                               "does not belong")
+    assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--output-dir", out), "--dict")
