@@ -167,6 +167,27 @@ def test_preprocess_jsonl_and_blank_line_blocks(tmp_path, chapters, tok):
         preprocess_corpus(src, tmp_path / "k", workers=1, progress=False)
 
 
+def test_small_corpus_still_gets_one_validation_document(tmp_path, chapters, tok, monkeypatch):
+    import mpnet.data.preprocess as pp
+    from mpnet.data.preprocess import split_score
+
+    monkeypatch.setattr(pp, "COPY_TOKENS", 1000)  # the shard rewrite goes through several reads
+
+    docs = chapters[:4]
+    # A seed whose lowest-scoring document sits in the middle (the move must cut the shard, not trim its end).
+    seed = next(s for s in range(100) if min(range(4), key=lambda i: split_score(docs[i], s)) in (1, 2)
+                and not any(is_valid_document(d, s, 0.001) for d in docs))
+    src = tmp_path / "four.txt"
+    src.write_text("\n\n".join(docs))
+    meta = preprocess_corpus(src, tmp_path / "out", valid_fraction=0.001, workers=1, seed=seed, progress=False)
+    moved = min(range(4), key=lambda i: split_score(docs[i], seed))  # the lowest content hash, not a position
+    assert meta["num_documents"] == {"train": 3, "valid": 1}
+    encoded = [tok(d, add_special_tokens=False).input_ids for d in docs]
+    assert [s.tolist() for s in split_documents(tmp_path / "out", "valid")] == [encoded[moved]]
+    assert [s.tolist() for s in split_documents(tmp_path / "out", "train")] == encoded[:moved] + encoded[moved + 1:]
+    assert meta["num_tokens"] == {"train": sum(map(len, encoded)) - len(encoded[moved]), "valid": len(encoded[moved])}
+
+
 def test_preprocess_bad_input_and_existing_output(tmp_path, corpus_file):
     with pytest.raises(UserError, match="not found"):
         preprocess_corpus(tmp_path / "missing.txt", tmp_path / "a", progress=False)

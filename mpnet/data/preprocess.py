@@ -11,7 +11,8 @@ Output directory layout (all written into a temporary sibling directory, renamed
 
 Each document goes to the validation split when a seeded hash of its text falls below `valid_fraction`: the
 split does not depend on document order, file layout or the number of workers, and identical documents always
-land in the same split.
+land in the same split. If that leaves the validation split empty (a small corpus), the training document with
+the lowest hash is moved there.
 """
 from __future__ import annotations
 
@@ -39,38 +40,41 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
+COPY_TOKENS = 1 << 24  # tokens per read when a shard is rewritten
 CHUNK_CHARS = 1 << 18  # ~256 kB of text per worker task: amortizes IPC, keeps memory bounded and workers busy
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # split + tokenization (the part that runs in worker processes)
 
+def split_score(text: str, seed: int) -> float:
+    """A seeded hash of the document's text, uniform in [0, 1): below valid_fraction means validation."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little") / 2**64
+
+
 def is_valid_document(text: str, seed: int, valid_fraction: float) -> bool:
     """Deterministic train/valid assignment from the document's content and the seed."""
-    if valid_fraction <= 0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=int(seed).to_bytes(8, "little", signed=True))
-    return int.from_bytes(digest.digest(), "little") / 2**64 < valid_fraction
+    return valid_fraction > 0 and split_score(text, seed) < valid_fraction
 
 
 _worker = {}
 
 
-def _init_worker(tokenizer_json, dtype, seed, valid_fraction, in_pool=True):
+def _init_worker(tokenizer_json, dtype, seed, in_pool=True):
     if in_pool:  # one chunk per process at a time; rayon threads inside every worker would only oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype), seed=seed,
-                   valid_fraction=valid_fraction)
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype), seed=seed)
 
 
 def _encode_chunk(texts):
-    """-> (valid flag per document, token count per document, all ids concatenated in the shard dtype)."""
+    """-> (split score per document, token count per document, all ids concatenated in the shard dtype)."""
     w = _worker
     encodings = w["tokenizer"].encode_batch(texts, add_special_tokens=False)
     lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
     ids = np.fromiter((i for e in encodings for i in e.ids), dtype=w["dtype"], count=int(lengths.sum()))
-    valid = np.array([is_valid_document(t, w["seed"], w["valid_fraction"]) for t in texts], dtype=bool)
-    return valid, lengths, ids
+    scores = np.array([split_score(t, w["seed"]) for t in texts], dtype=np.float64)
+    return scores, lengths, ids
 
 
 def _chunks(documents, chunk_chars=CHUNK_CHARS):
@@ -154,20 +158,28 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
         # Token ids and per-document lengths are appended to files as they come: memory stays bounded by the
         # chunks in flight, whatever the corpus size.
         num_docs, num_tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+        best = None  # (score, index, token offset, length) of the training document closest to validation
         bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
         lens = {s: open(tmp / f"{s}.lengths", "wb") for s in SPLITS}
         bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True, dynamic_ncols=True)
         try:
-            init_args = (backend.to_str(), dtype.str, seed, valid_fraction)
-            for n_docs, (valid, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
+            init_args = (backend.to_str(), dtype.str, seed)
+            for n_docs, (scores, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
                 keep = doc_lengths > 0  # a document whose characters all tokenize to nothing is dropped
+                scores, doc_lengths = scores[keep], doc_lengths[keep]
+                valid = scores < valid_fraction
+                if valid_fraction > 0 and (~valid).any():
+                    i = int(np.argmin(np.where(valid, np.inf, scores)))
+                    if best is None or scores[i] < best[0]:
+                        before = ~valid[:i]
+                        best = (scores[i], num_docs["train"] + int(before.sum()),
+                                num_tokens["train"] + int(doc_lengths[:i][before].sum()), int(doc_lengths[i]))
                 token_valid = np.repeat(valid, doc_lengths)
-                for split, doc_mask, tok_mask in (("train", ~valid, ~token_valid), ("valid", valid, token_valid)):
-                    split_lengths = doc_lengths[doc_mask & keep]
-                    bins[split].write(ids[tok_mask].tobytes())
-                    lens[split].write(split_lengths.tobytes())
-                    num_docs[split] += len(split_lengths)
-                    num_tokens[split] += int(split_lengths.sum())
+                for split, doc_mask in (("train", ~valid), ("valid", valid)):
+                    bins[split].write(ids[token_valid == (split == "valid")].tobytes())
+                    lens[split].write(doc_lengths[doc_mask].tobytes())
+                    num_docs[split] += int(doc_mask.sum())
+                    num_tokens[split] += int(doc_lengths[doc_mask].sum())
                 bar.update(n_docs)
                 bar.set_postfix(tokens=sum(num_tokens.values()), refresh=False)
         finally:
@@ -180,9 +192,13 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
         if num_docs["train"] == 0:
             raise UserError(f"all {num_docs['valid']} documents fell into the validation split "
                             f"(lower --valid-fraction or give more documents)")
-        if num_docs["valid"] == 0 and valid_fraction > 0:
-            log.warning("preprocess: no document fell into the validation split (%d documents, valid fraction %g)",
-                        num_docs["train"], valid_fraction)
+        if num_docs["valid"] == 0 and valid_fraction > 0 and num_docs["train"] >= 2:
+            # A small corpus can miss the validation split entirely; training wants something to validate on, so
+            # the training document with the lowest score (still a content hash, not a position) moves over.
+            _move_document(tmp, dtype, *best[1:])
+            num_docs = {"train": num_docs["train"] - 1, "valid": 1}
+            num_tokens = {"train": num_tokens["train"] - best[3], "valid": best[3]}
+            log.info("preprocess: no document fell into the validation split; moved one (%d tokens) there", best[3])
         for s in SPLITS:
             doc_lengths = np.fromfile(tmp / f"{s}.lengths", dtype=np.int64)
             np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64))
@@ -221,6 +237,23 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
     log.info("preprocess: %d files -> %s (train %d docs / %d tokens, valid %d docs / %d tokens)", len(sources),
              out_dir, num_docs["train"], num_tokens["train"], num_docs["valid"], num_tokens["valid"])
     return meta
+
+
+def _move_document(tmp: Path, dtype: np.dtype, index: int, offset: int, length: int):
+    """Move training document `index` (tokens [offset, offset + length)) into the (empty) validation split."""
+    train = np.memmap(tmp / "train.bin", dtype=dtype, mode="r")
+    (tmp / "valid.bin").write_bytes(train[offset : offset + length].tobytes())
+    np.array([length], dtype=np.int64).tofile(tmp / "valid.lengths")
+    with open(tmp / "train.bin.new", "wb") as f:  # streamed copy without the document
+        for start in range(0, len(train), COPY_TOKENS):
+            piece = np.asarray(train[start : start + COPY_TOKENS])
+            lo, hi = max(offset - start, 0), min(offset + length - start, len(piece))
+            f.write(piece.tobytes() if hi <= 0 or lo >= len(piece) else
+                    piece[:lo].tobytes() + piece[hi:].tobytes())
+    del train
+    os.replace(tmp / "train.bin.new", tmp / "train.bin")
+    lengths = np.fromfile(tmp / "train.lengths", dtype=np.int64)
+    np.delete(lengths, index).tofile(tmp / "train.lengths")
 
 
 def _train_sentencepiece_on(documents, tmp, vocab_size, workers, seed, valid_fraction, progress):
