@@ -1,0 +1,161 @@
+"""finetune-mpnet end to end on tiny fixtures, reproducibility, regression / MNLI / head replacement, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mpnet.finetune import Backend, finetune, load_config
+from test_glue_support import (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main,
+                               make_checkpoint, make_tokenizer, run_cli, write_glue)
+
+QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
+
+
+def quick_config(task, **training):
+    return load_config(task, None, {"training": {**QUICK, **training}, "task": {"max_length": 48}})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    tokenizer = make_tokenizer()
+    ckpt = make_checkpoint(root / "ckpt", tokenizer=tokenizer)
+    for task in ("sst2", "stsb", "mnli", "rte"):
+        write_glue(task, root / "glue", n_train=32, n_dev=12)
+    return root, ckpt
+
+
+def test_finetune_cli_end_to_end(workspace):
+    root, ckpt = workspace
+    out = root / "run-sst2"
+    result = run_cli("finetune", "--checkpoint", ckpt, "--task", "sst2", "--data-dir", root / "glue",
+                     "--output-dir", out, "--epochs", 2, "--lr", 1e-3, "--batch-size", 8, "--max-length", 48,
+                     "--seed", 3, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+    assert results["task"] == "sst2" and results["backend"] == "dense" and results["seed"] == 3
+    assert results["best"]["epoch"] in (1, 2) and "accuracy" in results["best"]["metrics"]
+    assert results["train_examples_per_s"] > 0 and results["eval_examples_per_s"] > 0
+    assert results["num_train_examples"] == 32 and results["num_eval_examples"] == {"dev": 12}
+    assert set(results["versions"]) >= {"torch", "transformers", "mpnet"}
+    assert results["config"]["training"]["lr"] == 1e-3 and results["config"]["training"]["batch_size"] == 8
+    assert "peak_memory_bytes" in results
+    assert any((out / "tensorboard").iterdir())
+    assert "best dev score" in result.stderr  # the log's last line
+
+    # The best checkpoint is an ordinary HF sequence classifier, with our numbers.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mpnet import MPNetForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(out / "best")).eval()
+    ours = MPNetForSequenceClassification.from_pretrained(out / "best").eval()
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "best"))
+    batch = tokenizer(["the movie was good.", "a boring plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = hf(**batch).logits
+        got = ours(batch["input_ids"], batch["attention_mask"])
+    assert (expected - got).abs().max().item() < 1e-5
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(workspace, tmp_path):
+    root, ckpt = workspace
+    runs = [finetune(ckpt, root / "glue", quick_config("sst2", seed=seed), tmp_path / f"r{i}")
+            for i, seed in enumerate((5, 5, 6))]
+    assert runs[0]["epochs"][0]["train_loss"] == runs[1]["epochs"][0]["train_loss"]
+    assert runs[0]["best"]["metrics"] == runs[1]["best"]["metrics"]
+    assert runs[0]["epochs"][0]["train_loss"] != runs[2]["epochs"][0]["train_loss"]
+
+
+def test_regression_mnli_and_a_new_head_for_another_label_count(workspace, tmp_path):
+    root, ckpt = workspace
+    stsb = finetune(ckpt, root / "glue", quick_config("stsb"), tmp_path / "stsb")
+    assert set(stsb["best"]["metrics"]) == {"pearson", "spearman"}
+    config = json.loads((tmp_path / "stsb" / "best" / "config.json").read_text())
+    assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+    mnli = finetune(ckpt, root / "glue", quick_config("mnli"), tmp_path / "mnli")
+    assert set(mnli["best"]["metrics"]) == {"accuracy_m", "accuracy_mm"}
+    assert mnli["num_eval_examples"] == {"m": 12, "mm": 14}
+    # RTE from the MNLI model (as the MPNet paper does): 3-label head -> new 2-label head, same encoder.
+    rte = finetune(tmp_path / "mnli" / "best", root / "glue", quick_config("rte"), tmp_path / "rte")
+    assert json.loads((tmp_path / "rte" / "best" / "config.json").read_text())["id2label"] == {
+        "0": "entailment", "1": "not_entailment"}
+    assert rte["best"]["metrics"]["accuracy"] >= 0
+
+
+@pytest.mark.skipif(not (RESOURCE_TOKENIZER / "tokenizer_config.json").is_file(), reason="needs the bundled tokenizer")
+def test_checkpoint_without_tokenizer_uses_the_bundled_one(workspace, tmp_path, caplog):
+    from mpnet import MPNetForPretraining
+
+    root, ckpt = workspace
+    bare = tmp_path / "bare"
+    MPNetForPretraining.from_pretrained(ckpt).save_pretrained(bare)  # no tokenizer files
+    with caplog.at_level("INFO"):
+        finetune(bare, root / "glue", quick_config("sst2", max_train_examples=8), tmp_path / "out")
+    assert "has no tokenizer files; using the default MPNet tokenizer" in caplog.text
+
+
+def test_flex_training_on_cpu_fails_fast_with_one_line(workspace, tmp_path):
+    from mpnet_cli.finetune import main
+
+    root, ckpt = workspace
+    if torch.cuda.is_available():
+        pytest.skip("FlexAttention trains on CUDA")
+    code, err = call_main(main, "--checkpoint", ckpt, "--task", "sst2", "--data-dir", root / "glue",
+                          "--output-dir", tmp_path / "o", "--use-flex-attention")
+    assert_one_line_error_text(code, err, "FlexAttention has no backward pass on CPU")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_one_line_on_stderr(workspace, tmp_path):
+    from mpnet_cli.finetune import main
+
+    root, ckpt = workspace
+    common = ["--checkpoint", ckpt, "--output-dir", tmp_path / "o"]
+    # as a real process: exit status, one line, no traceback
+    result = run_cli("finetune", *common, "--task", "sst2", "--data-dir", tmp_path / "missing")
+    assert_one_line_error(result, "missing does not exist", "train.tsv")
+    write_glue("cola", tmp_path / "glue")
+    (tmp_path / "glue" / "CoLA" / "dev.tsv").unlink()
+    cases = [
+        (["--task", "cola", "--data-dir", tmp_path / "glue"], "dev.tsv is missing"),
+        (["--task", "glue10", "--data-dir", root / "glue"], "unknown task 'glue10'"),
+        (["--task", "sst2", "--data-dir", root / "glue", "--sliding-window-size", 0], "--sliding-window-size"),
+        (["--task", "sst2", "--data-dir", root / "glue", "training.nonsense=1"], "unknown config key 'training.nonsense'"),
+        (["--task", "sst2", "--data-dir", root / "glue", "--config", tmp_path / "none.yaml"], "none.yaml does not exist"),
+        (["--task", "sst2", "--data-dir", root / "glue", "--epochs", 0], "training.epochs must be a positive"),
+        (["--task", "sst2"], "--data-dir"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error_text(*call_main(main, *common, *args), fragment)
+    code, err = call_main(main, "--checkpoint", tmp_path / "nockpt", "--task", "sst2", "--data-dir", root / "glue",
+                          "--output-dir", tmp_path / "o")
+    assert_one_line_error_text(code, err, "nockpt")
+
+
+def test_backend_labels_and_parsing():
+    from mpnet.errors import UserError
+
+    assert [Backend.parse(t).label for t in ("dense", "flex", "FLEX:128", "dense:64")] == [
+        "dense", "flex", "flex:128", "dense:64"]
+    assert Backend.parse("flex:128") == Backend(True, 128)
+    for bad in ("sparse", "flex:0", "flex:x"):
+        with pytest.raises(UserError):
+            Backend.parse(bad)
+
+
+def test_tokenizer_from_another_vocabulary_is_rejected(workspace, tmp_path):
+    from mpnet import MPNetForPretraining
+    from mpnet.errors import UserError
+    from test_glue_support import tiny_config
+
+    root, _ = workspace
+    tokenizer = make_tokenizer()
+    small = tmp_path / "small"
+    MPNetForPretraining(tiny_config(tokenizer, vocab_size=8, mask_token_id=7)).save_pretrained(small, tokenizer=tokenizer)
+    with pytest.raises(UserError, match="does not belong to this checkpoint"):
+        finetune(small, root / "glue", quick_config("sst2"), tmp_path / "o")
