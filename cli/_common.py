@@ -4,8 +4,13 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 
 from mpnet.errors import UserError
+
+
+PROGRAMS = {"pretrain": "pretrain-mpnet", "preprocess": "preprocess-mpnet", "finetune": "finetune-mpnet",
+            "compare": "compare-mpnet-backends", "benchmark": "benchmark-mpnet", "convert": "convert-mpnet"}
 
 
 def command(main):
@@ -14,7 +19,9 @@ def command(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        name = main.__module__.rsplit(".", 1)[-1]
+        # From the defining file, so `python -m mpnet_cli.X` says the same as the installed command.
+        module = Path(main.__code__.co_filename).stem
+        name = PROGRAMS.get(module, module)
         try:
             return main(argv)
         except UserError as err:

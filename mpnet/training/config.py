@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import yaml
+
 from ..errors import UserError
 from ..modeling import MPNetConfig
 
@@ -80,4 +82,5 @@ def model_config(section: dict, **fixed) -> MPNetConfig:
     unknown = sorted(set(section) - known)
     if unknown:
         raise UserError(f"unknown model config key 'model.{unknown[0]}'; it is not a field of MPNetConfig")
-    return PRESETS[preset](**{**section, **fixed})
+    values = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in section.items()}  # CLI strings
+    return PRESETS[preset](**{**values, **fixed})

@@ -127,12 +127,12 @@ def _check_vocab(model_vocab, meta, where):
 
 
 def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
-    from ..data import MPNetCollator, TokenBlocks, load_tokenizer, read_metadata, resolve_data
+    from ..data import MPNetCollator, TokenBlocks, load_tokenizer, read_metadata, resolve_data, word_starts
 
     output_dir = Path(output_dir)
     env = dist_utils.setup()
     device = env.device
-    use_flex = bool(cfg.model.get("use_flex_attention", False))
+    use_flex = str(cfg.model.get("use_flex_attention", False)).lower() in ("true", "1", "yes")
     if use_flex and device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)
     if cfg.training.batch_size <= 0 or cfg.training.grad_accum <= 0 or cfg.training.max_steps <= 0:
@@ -157,7 +157,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     collator = MPNetCollator(meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"],
                              meta["special_token_ids"], pred_prob=cfg.data.pred_prob,
                              whole_word_mask=cfg.data.whole_word_mask, seed=cfg.training.seed,
-                             **({"word_starts": _word_starts(tokenizer)} if cfg.data.whole_word_mask else {}))
+                             word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None)
 
     # Model.
     torch.manual_seed(cfg.training.seed)
@@ -166,7 +166,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
         model = MPNetForPretraining.from_pretrained(cfg.training.init_from, **fixed, **_dropout_overrides(cfg.model))
         _check_vocab(model.config.vocab_size, meta, f"checkpoint {cfg.training.init_from}")
     else:
-        if "vocab_size" in cfg.model:
+        if cfg.model.get("vocab_size") is not None:
             _check_vocab(int(cfg.model["vocab_size"]), meta, "the model config")
         model = MPNetForPretraining(model_config(cfg.model, vocab_size=meta["vocab_size"], **fixed))
     if cfg.data.block_size > model.config.max_sequence_length:
@@ -292,12 +292,3 @@ def evaluate(model, batches, device, autocast) -> dict:
 def _dropout_overrides(section: dict) -> dict:
     keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size")
     return {k: section[k] for k in keys if k in section}
-
-
-def _word_starts(tokenizer):
-    vocab = tokenizer.get_vocab()
-    starts = np.ones(len(tokenizer), dtype=bool)
-    for token, idx in vocab.items():
-        if token.startswith("##") and idx < len(starts):
-            starts[idx] = False
-    return starts

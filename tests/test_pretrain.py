@@ -1,0 +1,230 @@
+"""pretrain-mpnet end to end on CPU: loss falls, HF loads the checkpoint, resume == uninterrupted,
+2 processes == 1 process, and every bad input ends in one clear line."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpnet.training.config import OptimConfig
+from mpnet.training.pretrain import lr_multiplier
+
+SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
+         "model.num_hidden_layers=2", "data.block_size=64", "training.batch_size=4", "logging.valid_every=5",
+         "logging.valid_batches=2", "logging.progress_bar=false"]
+
+
+def run_cli(args, env=None, timeout=600, module="mpnet_cli.pretrain"):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~150 kB of the embedded Austen corpus as a plain text file."""
+    from mpnet.data import EMBEDDED_CORPUS
+
+    source = Path(EMBEDDED_CORPUS)
+    files = sorted(source.glob("*.gz")) if source.is_dir() else [source]
+    opener = gzip.open if files[0].suffix == ".gz" else open
+    with opener(files[0], "rt") as f:
+        text = f.read(150_000)
+    path = tmp_path_factory.mktemp("corpus") / "austen.txt"
+    path.write_text(text.rsplit("\n\n", 1)[0])
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, tmp_path_factory):
+    from mpnet.data import preprocess_corpus
+
+    out = tmp_path_factory.mktemp("shards") / "data"
+    preprocess_corpus(corpus, out, tokenizer="default", valid_fraction=0.05, workers=1)
+    return out
+
+
+def losses(output_dir):
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def one_error_line(result):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) >= 1
+    return lines[-1]
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="linear", end_lr=0.0)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.5)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_pretrain_loss_falls_and_hf_loads_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["--output-dir", out, "--data", shards, "--max-steps", 60, "--log-every", 5,
+                      "--save-every", 30, "optim.lr=3e-3", "optim.warmup_steps=5", *SMALL])
+    assert result.returncode == 0, result.stderr[-2000:]
+    curve = losses(out)
+    first, last = curve[5], curve[60]
+    assert last < 0.8 * first, curve
+    ckpt = out / "checkpoints" / "step-00000060"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "training_state" / "state.pt").is_file()
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mpnet import MPNetForPretraining
+
+    hf, info = AutoModelForMaskedLM.from_pretrained(ckpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(["It is a truth universally acknowledged.", "Emma Woodhouse, handsome."], padding=True,
+                return_tensors="pt")
+    ours = MPNetForPretraining.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        a = ours.mlm_logits(batch["input_ids"], batch["attention_mask"])
+        b = hf.eval()(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert (a - b)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
+    common = ["--data", shards, "--max-steps", 24, "--log-every", 1, "--save-every", 6,
+              "logging.keep_last=10", "optim.warmup_steps=4", *SMALL]
+    straight = tmp_path / "straight"
+    assert run_cli(["--output-dir", straight, *common]).returncode == 0
+    reference = losses(straight)
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(interrupted),
+                             *map(str, common)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = interrupted / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert len(saved) >= 2
+    resumed_from = int(saved[-1].split("-")[1])
+    assert resumed_from < 24, "the run finished before it could be killed"
+
+    result = run_cli(["--output-dir", interrupted, "--resume", *common])
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = losses(interrupted)
+    for step in range(resumed_from + 1, 25):
+        assert after[step] == pytest.approx(reference[step], rel=1e-5), (step, after[step], reference[step])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_same_global_batch(shards, tmp_path):
+    common = ["--data", shards, "--max-steps", 6, "--log-every", 1, "--save-every", 100, "optim.warmup_steps=2",
+              *SMALL, "training.batch_size=2"]
+    single = tmp_path / "single"
+    assert run_cli(["--output-dir", single, *common, "training.grad_accum=2"]).returncode == 0
+    double = tmp_path / "double"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", "29517", "-m", "mpnet_cli.pretrain", "--output-dir", str(double),
+                             *map(str, common)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(single), losses(double)
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], b[step])
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_missing_corpus(tmp_path):
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", tmp_path / "nope.txt"]))
+    assert "nope.txt" in line
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", empty]))
+    assert "empty" in line.lower() or "no text" in line.lower()
+
+
+def test_missing_config(tmp_path):
+    line = one_error_line(run_cli(["--config", tmp_path / "missing.yaml", "--output-dir", tmp_path / "o"]))
+    assert "missing.yaml" in line
+
+
+def test_unknown_flag(tmp_path):
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--no-such-flag"]))
+    assert "--no-such-flag" in line
+
+
+def test_unknown_config_key(tmp_path):
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "optim.learning_rate=1"]))
+    assert "optim.learning_rate" in line
+
+
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_non_positive_window(tmp_path, size):
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", f"--sliding-window-size={size}"]))
+    assert "sliding-window-size" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flex_training_on_cpu_fails_fast(tmp_path):
+    start = time.time()
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--use-flex-attention"]))
+    assert "CPU" in line and "CUDA" in line
+    assert time.time() - start < 60
+
+
+def test_vocabulary_mismatch_with_checkpoint(shards, tmp_path):
+    from mpnet import MPNetConfig, MPNetForPretraining
+
+    other = tmp_path / "other-vocab"
+    MPNetForPretraining(MPNetConfig.tiny(vocab_size=500, mask_token_id=499, hidden_size=32,
+                                         num_attention_heads=2, intermediate_size=64)).save_pretrained(other)
+    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", shards,
+                                   f"training.init_from={other}", *SMALL]))
+    assert "vocabulary mismatch" in line
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_on_resume_is_reported_and_kept(shards, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", shards, "--max-steps", 4, "--save-every", 2, "--log-every", 1, *SMALL]
+    assert run_cli(["--output-dir", out, *common]).returncode == 0
+    newest = out / "checkpoints" / "step-00000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    line = one_error_line(run_cli(["--output-dir", out, "--resume", *common, "training.max_steps=8"]))
+    assert "step-00000004" in line and ("corrupt" in line or "truncated" in line)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert weights.stat().st_size == 1000
+
+
+def test_existing_run_without_resume_is_not_overwritten(shards, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    line = one_error_line(run_cli(["--output-dir", out, "--data", shards, *SMALL]))
+    assert "--resume" in line
+    assert (out / "checkpoints" / "step-00000002").is_dir()
