@@ -206,6 +206,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
                         env.world_size, env.rank, cfg.training.seed)
     loader = torch.utils.data.DataLoader(
         micro, batch_size=None, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # else creating the iterator draws from the global RNG (dropout's)
         sampler=range(start_step * cfg.training.grad_accum, cfg.training.max_steps * cfg.training.grad_accum))
     valid = _validation_batches(valid_blocks, collator, cfg.training.batch_size, cfg.logging.valid_batches)
 
