@@ -242,6 +242,8 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     for step in range(start_step, cfg.training.max_steps):
         for accum in range(cfg.training.grad_accum):
             batch = _to_device(next(batches), device)
+            # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.
+            torch.manual_seed(_micro_seed(cfg.training.seed, step, accum * env.world_size + env.rank))
             last = accum == cfg.training.grad_accum - 1
             with dist_utils.maybe_no_sync(train_model, env, sync=last), autocast:
                 logits = train_model(batch["input_ids"], batch["positions"], batch["pred_size"],
@@ -288,6 +290,10 @@ def evaluate(model, batches, device, autocast) -> dict:
         count += valid.sum()
     count = count.clamp(min=1)
     return {"valid/loss": (loss_sum / count).item(), "valid/accuracy": (correct / count).item()}
+
+
+def _micro_seed(seed, step, micro) -> int:
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
 def _dropout_overrides(section: dict) -> dict:
