@@ -113,6 +113,13 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
                                     result["best"]["metrics"], result["train_examples_per_s"],
                                     result["eval_examples_per_s"], result["peak_memory_bytes"],
                                     result["peak_memory_kind"], str(run_dir)))
+    if not eval_only and any(b.flex for b in backends) and any(not b.flex for b in backends):
+        dropout = base.training.attention_dropout
+        dropout = model_config.attention_probs_dropout_prob if dropout is None else dropout
+        if dropout:
+            extra = (f"FlexAttention applies no attention-probability dropout, the dense backend applies "
+                     f"{dropout}: pass training.attention_dropout=0 for identical regularisation.")
+            note = f"{note} {extra}" if note else extra
     summary = summarize(runs, [b.label for b in backends], tasks)
     report = {
         "checkpoint": str(checkpoint), "data_dir": str(data_dir), "device": str(device),
@@ -224,7 +231,7 @@ def markdown(report: dict) -> str:
     for row in report["summary"]:
         metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in row["metrics_mean"].items())
         lines.append(f"| {row['backend']} | {row['task']} | {metrics} |")
-    where = "runs/TASK/dense-train/seedS" if report["note"] else "runs/TASK/BACKEND/seedS"
+    where = "runs/TASK/dense-train/seedS" if report["mode"] == "evaluation-only" else "runs/TASK/BACKEND/seedS"
     lines += ["", f"Runs (results.json, best checkpoint, tensorboard) are under `{where}`.", ""]
     return "\n".join(lines)
 
@@ -271,7 +278,7 @@ def plot(report: dict, path: Path):
         if not drawn:
             ax.text(0.5, 0.5, "not measured here" if "train" not in title else "no training runs",
                     ha="center", va="center", transform=ax.transAxes, color="gray")
-        elif "train" in title and report["note"]:
+        elif "train" in title and report["mode"] == "evaluation-only":
             ax.text(0.5, 0.95, "dense only: flex is eval-only on CPU", ha="center", va="top",
                     transform=ax.transAxes, fontsize=8, color="gray")
     axes.flat[0].legend(fontsize=8)

@@ -72,6 +72,9 @@ class TrainConfig:
     subset_seed: int = 0
     pad_to_multiple_of: int = 64
     bf16: bool = True  # autocast on CUDA; ignored on CPU
+    # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
+    # comparisons with identical regularisation set it to 0.
+    attention_dropout: float | None = None
     log_every: int = 20  # optimizer steps between tensorboard train scalars
     progress_bar: bool = True
 
@@ -106,6 +109,8 @@ def validate(config: FinetuneConfig):
     for name in ("max_train_examples", "max_eval_examples"):
         if getattr(t, name) is not None and getattr(t, name) <= 0:
             raise UserError(f"training.{name} must be positive, got {getattr(t, name)}")
+    if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
+        raise UserError(f"training.attention_dropout must be in [0, 1), got {t.attention_dropout}")
     if config.task.max_length < 8:
         raise UserError(f"task.max_length must be at least 8 tokens, got {config.task.max_length}")
 
@@ -261,7 +266,7 @@ def make_batch(encoded: Encoded, indices, pad_id: int, multiple: int, cap: int):
 # ----------------------------------------------------------------------------------------- model
 
 
-def load_classifier(checkpoint, task: Task, backend: Backend):
+def load_classifier(checkpoint, task: Task, backend: Backend, attention_dropout: float | None = None):
     """The checkpoint's encoder with a classification head for `task`, under the given backend.
 
     A checkpoint that already is a classifier with a different number of labels (e.g. the MNLI model
@@ -278,6 +283,8 @@ def load_classifier(checkpoint, task: Task, backend: Backend):
         labels["id2label"] = {i: name for i, name in enumerate(task.labels)}
         labels["label2id"] = {name: i for i, name in enumerate(task.labels)}
     backend_fields = {"use_flex_attention": backend.flex, "sliding_window_size": backend.window}
+    if attention_dropout is not None:
+        backend_fields["attention_probs_dropout_prob"] = attention_dropout
     existing = read_config(checkpoint)
     old_labels = existing.num_labels if "MPNetForSequenceClassification" in (existing.architectures or []) else None
     if old_labels is not None and old_labels != task.num_labels:
@@ -451,7 +458,7 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
         task = data.task
     else:
         task = prepared.task
-    model = load_classifier(checkpoint, task, backend)
+    model = load_classifier(checkpoint, task, backend, t.attention_dropout)
     if prepared is None:
         prepared = prepare_data(data, tokenizer, config, model.config.max_sequence_length, model.config.vocab_size)
     model.to(device)

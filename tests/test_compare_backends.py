@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_glue_support import assert_one_line_error_text, call_main, make_checkpoint, run_cli, write_glue
+from test_glue_support import cli_main, assert_one_line_error_text, call_main, make_checkpoint, run_cli, write_glue
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (evaluation-only) path")
@@ -41,7 +41,7 @@ def test_compare_on_cpu_writes_table_plot_and_json(tmp_path):
 
 
 def test_compare_rejects_bad_arguments_in_one_line(tmp_path):
-    from mpnet_cli.compare import main
+    main = cli_main("compare")
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     write_glue("sst2", tmp_path / "glue")

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_glue_support import assert_one_line_error_text, call_main, make_tokenizer, run_cli
+from test_glue_support import cli_main, assert_one_line_error_text, call_main, make_tokenizer, run_cli
 
 HIDDEN, HEADS, FFN, LAYERS, POSITIONS = 16, 2, 32, 2, 64 + 2
 
@@ -249,7 +249,7 @@ def test_identity_mapping_for_a_dictionary_in_hf_order(tmp_path):
 
 
 def test_bad_fairseq_inputs_are_one_line_errors(tmp_path):
-    from mpnet_cli.convert import main
+    main = cli_main("convert")
 
     tokenizer = make_tokenizer()
     ckpt, dict_txt, *_ = make_fairseq_checkpoint(tmp_path, tokenizer)

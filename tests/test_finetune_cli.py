@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mpnet.finetune import Backend, finetune, load_config
-from test_glue_support import (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main,
+from test_glue_support import cli_main, (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main,
                                make_checkpoint, make_tokenizer, run_cli, write_glue)
 
 QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
@@ -100,11 +100,10 @@ def test_checkpoint_without_tokenizer_uses_the_bundled_one(workspace, tmp_path, 
 
 
 def test_flex_training_on_cpu_fails_fast_with_one_line(workspace, tmp_path):
-    from mpnet_cli.finetune import main
-
-    root, ckpt = workspace
     if torch.cuda.is_available():
         pytest.skip("FlexAttention trains on CUDA")
+    main = cli_main("finetune")
+    root, ckpt = workspace
     code, err = call_main(main, "--checkpoint", ckpt, "--task", "sst2", "--data-dir", root / "glue",
                           "--output-dir", tmp_path / "o", "--use-flex-attention")
     assert_one_line_error_text(code, err, "FlexAttention has no backward pass on CPU")
@@ -112,7 +111,7 @@ def test_flex_training_on_cpu_fails_fast_with_one_line(workspace, tmp_path):
 
 
 def test_bad_input_is_one_line_on_stderr(workspace, tmp_path):
-    from mpnet_cli.finetune import main
+    main = cli_main("finetune")
 
     root, ckpt = workspace
     common = ["--checkpoint", ckpt, "--output-dir", tmp_path / "o"]

@@ -7,6 +7,7 @@ decided by a sentiment word) so a few steps of training move the metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
@@ -163,18 +164,34 @@ def write_columns(root: Path, fmt: str, n_train: int = 40, n_dev: int = 12, seed
 # ------------------------------------------------------------------------------------------ CLIs
 
 
-def run_cli(module: str, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run `python -m mpnet_cli.<module>`; works installed (pip install -e .) or straight from the checkout."""
-    env = dict(os.environ)
-    # Expose this checkout's cli/ as `mpnet_cli` (what setup.py's package_dir does), installed or not.
-    shim = Path(tempfile.gettempdir()) / f"mpnet-cli-shim-{abs(hash(str(REPO)))}"
+def _cli_shim() -> Path:
+    """A folder exposing this checkout's cli/ as `mpnet_cli` (what setup.py's package_dir does), so the
+    CLIs run installed or not."""
+    shim = Path(tempfile.gettempdir()) / f"mpnet-cli-shim-{hashlib.sha1(str(REPO).encode()).hexdigest()[:12]}"
     if not (shim / "mpnet_cli").exists():
         shim.mkdir(exist_ok=True)
         try:
             (shim / "mpnet_cli").symlink_to(REPO / "cli", target_is_directory=True)
         except FileExistsError:
             pass
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(shim), env.get("PYTHONPATH", "")])
+    return shim
+
+
+def cli_main(module: str):
+    """The main() of `mpnet_cli.<module>`, importable whether or not the package is installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"mpnet_cli.{module}").main
+    except ModuleNotFoundError:
+        sys.path.append(str(_cli_shim()))
+        return importlib.import_module(f"mpnet_cli.{module}").main
+
+
+def run_cli(module: str, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python -m mpnet_cli.<module>` as a real process (exit status, stderr, no traceback)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(_cli_shim()), env.get("PYTHONPATH", "")])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return subprocess.run([sys.executable, "-m", f"mpnet_cli.{module}", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd or REPO, env=env, timeout=timeout)
