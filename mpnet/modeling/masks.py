@@ -1,4 +1,4 @@
-"""The attention rules, each written once.
+r"""The attention rules, each written once.
 
 Both backends use these functions: the dense backend evaluates them on broadcast index tensors to
 materialise a boolean mask; FlexAttention evaluates them inside its kernel as a mask_mod. They use
