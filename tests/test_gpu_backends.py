@@ -14,15 +14,19 @@ Tolerances.
   (torch.backends.cuda.matmul.allow_tf32 = False, float32 matmul precision "highest") and FlexAttention's
   Triton kernel reads the same switch when it is compiled (its dots use input_precision "ieee" then).
   What remains is summation order (online softmax in tiles vs one softmax; the bias-table gradient is
-  a sum of atomic adds in arbitrary order): errors of a few 1e-7 relative. We allow 1e-5 relative (by
-  norm) on outputs and gradients and 1e-4 * max|ref| elementwise on outputs: two orders of magnitude
-  of margin that still catch any real bug (a wrong mask entry, bias index or head moves results by
-  1e-2 or more).
+  a sum of atomic adds in arbitrary order). Measured on an H200 (torch 2.11): outputs ~1.3e-6 relative
+  by norm (max abs ~5e-5 on logits of size ~10), input gradient ~2.7e-6, relative-bias gradient ~3e-6.
+  We allow 1e-4 relative by norm (30x margin) and 1e-4 * max|ref| elementwise on outputs: a real bug
+  (a wrong mask entry, bias index or head) moves results by 1e-2 or more.
 - bf16 autocast: bf16 keeps 8 significant bits (unit roundoff 2^-8 ~ 4e-3); each of the ~10 matmuls
   on the path rounds its inputs, so norm-wise errors of a few 1e-3 are expected and up to ~1e-2 on
   gradients that sum many terms. Both bf16 runs are compared to the fp32 dense reference (the truth),
   and flex must be within 2e-2 relative (by norm) of it and not much worse than dense's own bf16
   error (<= 2x + 5e-3).
+- attn.k.bias: its gradient is exactly zero in exact arithmetic (adding k.bias shifts every score of
+  a query row by the same q . b, and softmax is shift-invariant), so both backends return rounding
+  noise there and a relative comparison is meaningless; instead both must be negligible next to the
+  same layer's k.weight gradient (a non-zero one would mean rows that are not normalised).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 GPU_MODEL = dict(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2)
 
-FP32_REL = 1e-5
+FP32_REL = 1e-4
+ZERO_GRAD_RATIO = 0.05  # |grad k.bias| / |grad k.weight|, see the docstring
 FP32_OUT_ABS = 1e-4
 BF16_REL = 2e-2
 
@@ -118,14 +123,24 @@ def _run(model, stream, batch, bf16=False):
     return out.detach().float(), captured["input"].grad.detach().float().clone(), grads
 
 
+def _zero_in_exact_arithmetic(name):
+    return name.endswith("attention.attn.k.bias")
+
+
+def _check_zero_grads(grads, label):
+    ratios = {name: (grads[name].norm() / grads[name.replace(".bias", ".weight")].norm()).item()
+              for name in grads if _zero_in_exact_arithmetic(name)}
+    print(f"\n[{label}] |grad k.bias| / |grad k.weight|: " + ", ".join(f"{r:.1e}" for r in ratios.values()))
+    for name, ratio in ratios.items():
+        assert ratio <= ZERO_GRAD_RATIO, f"{label} {name}: gradient should vanish, ratio {ratio:.3g}"
+
+
 def _real_rows(out, stream, batch):
     return out[batch[2].bool()] if stream == "single" else out
 
 
-CASES = [
-    ("two", 232, None), ("two", 232, 64), ("two", 512, None), ("two", 512, 64),
-    ("single", 232, None), ("single", 232, 64), ("single", 512, None),
-]
+# Each case compiles its own kernels (~1 min each on an H200): five fp32 cases, two bf16 ones.
+CASES = [("two", 232, None), ("two", 512, None), ("two", 512, 64), ("single", 232, 64), ("single", 512, None)]
 
 
 # --------------------------------------------------------------------------------- fp32 parity
@@ -142,7 +157,9 @@ def test_fp32_forward_and_gradients_match(stream, n, window):
     report = {"out_abs": max_abs(out_f, out_d), "out_rel": rel_err(out_f, out_d), "input_grad_rel": rel_err(in_f, in_d)}
     assert grads_d.keys() == grads_f.keys()
     assert "mpnet.encoder.relative_attention_bias.weight" in grads_f
-    param_rel = {name: rel_err(grads_f[name], grads_d[name]) for name in grads_d}
+    _check_zero_grads(grads_d, "dense")
+    _check_zero_grads(grads_f, "flex")
+    param_rel = {name: rel_err(grads_f[name], grads_d[name]) for name in grads_d if not _zero_in_exact_arithmetic(name)}
     worst = max(param_rel, key=param_rel.get)
     print(f"\n[fp32 {stream} n={n} w={window}] {report} worst param grad {worst}: {param_rel[worst]:.2e}; "
           f"relative_attention_bias: {param_rel['mpnet.encoder.relative_attention_bias.weight']:.2e}")
@@ -156,7 +173,7 @@ def test_fp32_forward_and_gradients_match(stream, n, window):
 # --------------------------------------------------------------------------------- bf16 parity
 
 
-@pytest.mark.parametrize("stream,n,window", [("two", 512, None), ("two", 232, 64), ("single", 512, None)])
+@pytest.mark.parametrize("stream,n,window", [("two", 512, 64), ("single", 232, None)])
 def test_bf16_autocast_forward_and_gradients_match(stream, n, window):
     dense, flex = _pair(window)
     batch = _batch(stream, n)
@@ -166,7 +183,10 @@ def test_bf16_autocast_forward_and_gradients_match(stream, n, window):
     out_f, in_f, grads_f = _run(flex, stream, batch, bf16=True)
     out_ref, out_d, out_f = (_real_rows(x, stream, batch) for x in (out_ref, out_d, out_f))
     pairs = {"output": (out_f, out_d, out_ref), "input grad": (in_f, in_d, in_ref)}
-    pairs.update({name: (grads_f[name], grads_d[name], grads_ref[name]) for name in grads_ref})
+    _check_zero_grads(grads_d, "dense bf16")
+    _check_zero_grads(grads_f, "flex bf16")
+    pairs.update({name: (grads_f[name], grads_d[name], grads_ref[name])
+                  for name in grads_ref if not _zero_in_exact_arithmetic(name)})
     lines, failures = [], []
     for name, (f, d, ref) in pairs.items():
         err_f, err_d, err_fd = rel_err(f, ref), rel_err(d, ref), rel_err(f, d)
