@@ -13,6 +13,7 @@ EPILOG = """examples:
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/tiny
   pretrain-mpnet --config configs/mpnet-base.yaml --data corpus/ --output-dir runs/base --use-flex-attention
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/tiny --resume training.max_steps=2000
+  pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/swin --attention-pattern swin:64,softcap:30
   torchrun --nproc-per-node 2 -m mpnet_cli.pretrain --config configs/mpnet-base.yaml --output-dir runs/ddp
 
 Any config key can be overridden as SECTION.KEY=VALUE (sections: model, data, optim, training,
@@ -40,6 +41,10 @@ def build_parser():
                    help="use the FlexAttention backend (needs CUDA for training) instead of the dense one")
     p.add_argument("--sliding-window-size", type=int, metavar="N",
                    help="each token attends only to original positions within N of its own")
+    p.add_argument("--attention-pattern", metavar="SPEC",
+                   help="sparse pattern and score mods on original positions, comma-separated: window:W, "
+                        "neighbourhood:R, dilated:W:D, global:W[:P...], block:B, swin:B, prefix:P, softcap:C, "
+                        "alibi (e.g. block:64,softcap:30; see docs/patterns.md)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     return p
 
@@ -53,7 +58,7 @@ def main(argv=None):
         "training": {"max_steps": args.max_steps, "seed": args.seed},
         "logging": {"save_every": args.save_every, "log_every": args.log_every},
         "model": {"use_flex_attention": True if args.use_flex_attention else None,
-                  "sliding_window_size": args.sliding_window_size},
+                  "sliding_window_size": args.sliding_window_size, "attention_pattern": args.attention_pattern},
     }
     if args.sliding_window_size is not None and args.sliding_window_size <= 0:
         raise UserError(f"--sliding-window-size must be a positive number of tokens, got {args.sliding_window_size}")
@@ -61,6 +66,14 @@ def main(argv=None):
         for key, value in values.items():
             if value is not None:
                 overrides.setdefault(section, {})[key] = value
+    pattern = overrides.get("model", {}).get("attention_pattern")
+    if pattern is not None:  # the flag or model.attention_pattern=...: fail before any data is prepared
+        import yaml
+
+        from mpnet.modeling.patterns import parse_attention_pattern
+
+        spec = yaml.safe_load(pattern) if isinstance(pattern, str) else pattern  # as model_config reads it
+        parse_attention_pattern(None if spec is None else str(spec))
 
     from mpnet.training.config import PretrainConfig
     from mpnet.training.pretrain import pretrain

@@ -1,4 +1,5 @@
-"""The MPNet model: config, attention rules (masks.py), backends + factory (attention.py), encoder and heads."""
+"""The MPNet model: config, attention rules (masks.py) and patterns (patterns.py), backends + factory
+(attention.py), encoder and heads, packing for inference (packing.py)."""
 from .attention import (
     FlexAttentionUnavailable,
     FlexTwoStreamAttention,
@@ -12,6 +13,8 @@ from ..errors import UserError
 from .checkpoint import CheckpointError
 from .config import MPNetConfig
 from .model import MPNetForPretraining, MPNetForSequenceClassification, SequenceTooLong
+from .packing import PackedBatch, pack
+from .patterns import AttentionPattern, BadAttentionPattern, parse_attention_pattern
 
 __all__ = [
     "UserError",
@@ -19,4 +22,5 @@ __all__ = [
     "MPNetForSequenceClassification", "RelativeMultiHeadAttention", "SequenceTooLong",
     "encode_flex_two_stream_attention", "encode_two_stream_attention", "make_flex_attention_mask",
     "two_stream_self_attention_factory",
+    "AttentionPattern", "BadAttentionPattern", "PackedBatch", "pack", "parse_attention_pattern",
 ]

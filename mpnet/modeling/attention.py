@@ -10,6 +10,11 @@ prepares one attention "state" (masks and relative bias) and hands it to every l
 - `encode_flex_two_stream_attention`: two BlockMasks (content n+m x n+m, query m x n+m) from
   `make_flex_attention_mask` and score_mods that gather the bias in-kernel from position lookups.
 
+Both compose the same rules: `two_stream_visible & is_real_token & pattern.visible` for the mask
+(an attention pattern from patterns.py, the sliding window among them, plus document isolation
+when `document_ids` are given) and relative bias, then the pattern's score mods, for the scores.
+A pattern that alternates by layer (swin) gets one state per layer parity: two per forward, at most.
+
 Switching backends never changes parameters or checkpoints.
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +31,8 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..errors import UserError
-from .masks import distance_index, is_real_token, two_stream_visible, within_window
+from .masks import distance_index, is_real_token, two_stream_visible
+from .patterns import as_pattern
 
 
 class FlexAttentionUnavailable(UserError):
@@ -110,22 +117,36 @@ class DenseAttentionState:
     allowed: torch.Tensor  # (B, 1, n+2m, n+m) bool, True = may attend
     bias: torch.Tensor  # (B, H, n+2m, n+m) float32
     kv_len: int
+    score_mod: Callable | None = None  # the pattern's score mods on (B, H, n+2m, n+m) scores
 
 
-def make_dense_attention_state(positions, n, m, distance_bias, max_distance, window=None):
-    """Materialise mask and bias for every (row, key) pair from the rules in masks.py."""
+def make_dense_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
+                               document_ids=None, layer=0):
+    """Materialise mask and bias for every (row, key) pair from the rules in masks.py and patterns.py.
+
+    pattern: a spec ('block:64,softcap:30') or parsed pattern; `window` is shorthand for window:N.
+    document_ids: (B, n + 2m) like positions, or None. layer: the layer parity the state is for.
+    """
+    pattern = as_pattern(pattern, window)
     kv_len = n + m
     q_idx = torch.arange(n + 2 * m, device=positions.device)[:, None]
     kv_idx = torch.arange(kv_len, device=positions.device)[None, :]
     q_pos = positions[:, :, None]
     kv_pos = positions[:, None, :kv_len]
-    allowed = two_stream_visible(q_idx, kv_idx, n, m)[None] & is_real_token(kv_pos)
-    if window is not None:
-        allowed = allowed & within_window(q_pos, kv_pos, window)
+    q_doc = kv_doc = None
+    if document_ids is not None:
+        q_doc, kv_doc = document_ids[:, :, None], document_ids[:, None, :kv_len]
+    allowed = (two_stream_visible(q_idx, kv_idx, n, m)[None] & is_real_token(kv_pos)
+               & pattern.visible(q_pos, kv_pos, layer, q_doc, kv_doc))
+    score_mod = None
+    if pattern.scores:
+        heads = torch.arange(distance_bias.shape[0], device=positions.device)[None, :, None, None]
+        score_mod = functools.partial(pattern.modify_score, head=heads, q_position=q_pos[:, None],
+                                      kv_position=kv_pos[:, None], num_heads=distance_bias.shape[0])
     # An embedding lookup, not advanced indexing: its backward reduces the millions of repeated
     # indices by sorting instead of atomics into 12 x 257 slots (383 ms -> a few ms at L=512 on H200).
     bias = F.embedding(distance_index(q_pos, kv_pos, max_distance), distance_bias.t())  # (B, Lq, Lk, H)
-    return DenseAttentionState(allowed[:, None], bias.permute(0, 3, 1, 2).float(), kv_len)
+    return DenseAttentionState(allowed[:, None], bias.permute(0, 3, 1, 2).float(), kv_len, score_mod)
 
 
 class RelativeMultiHeadAttention(_Projections):
@@ -138,6 +159,8 @@ class RelativeMultiHeadAttention(_Projections):
     def forward(self, hidden, state: DenseAttentionState):
         q, k, v = self.project(hidden, state.kv_len)
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + state.bias
+        if state.score_mod is not None:
+            scores = state.score_mod(scores)
         scores = scores.masked_fill(~state.allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # A row that may see nothing outputs zeros (as FlexAttention does) instead of NaN.
@@ -158,20 +181,22 @@ class FlexAttentionState:
     kv_len: int
 
 
-def make_flex_attention_mask(positions, n, m, window=None):
-    """Content-stream and query-stream BlockMasks from the two-stream rules, padding and window.
+def make_flex_attention_mask(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0):
+    """Content-stream and query-stream BlockMasks from the two-stream rules, padding and the pattern.
 
-    positions: (B, n + 2m) original positions of every row (-1 for padding). Built once per forward
-    and shared by all layers.
+    positions: (B, n + 2m) original positions of every row (-1 for padding); document_ids likewise or
+    None (then the mask_mod captures no second tensor). Built once per forward (per layer parity)
+    and shared by the layers.
     """
+    pattern = as_pattern(pattern, window)
     batch, kv_len = positions.shape[0], n + m
     query_offset = n + m  # query-stream row i is row n + m + i of the stacked layout
 
     def content_mask_mod(b, h, q_idx, kv_idx):
-        keep = two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(positions[b, kv_idx])
-        if window is not None:
-            keep = keep & within_window(positions[b, q_idx], positions[b, kv_idx], window)
-        return keep
+        kv_pos = positions[b, kv_idx]
+        q_doc, kv_doc = (None, None) if document_ids is None else (document_ids[b, q_idx], document_ids[b, kv_idx])
+        return (two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(kv_pos)
+                & pattern.visible(positions[b, q_idx], kv_pos, layer, q_doc, kv_doc))
 
     def query_mask_mod(b, h, q_idx, kv_idx):
         return content_mask_mod(b, h, q_idx + query_offset, kv_idx)
@@ -188,15 +213,20 @@ def make_flex_attention_mask(positions, n, m, window=None):
 BIAS_GRAD_REPLICAS = 128
 
 
-def make_flex_attention_state(positions, n, m, distance_bias, max_distance, window=None):
-    content_mask, query_mask = make_flex_attention_mask(positions, n, m, window)
+def make_flex_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
+                              document_ids=None, layer=0):
+    pattern = as_pattern(pattern, window)
+    content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern,
+                                                        document_ids=document_ids, layer=layer)
     query_offset = n + m
+    num_heads = distance_bias.shape[0]
     replicas = BIAS_GRAD_REPLICAS if distance_bias.requires_grad else 1
     bias = distance_bias[:, None, :].expand(-1, replicas, -1).contiguous()
 
     def content_score_mod(score, b, h, q_idx, kv_idx):
-        distance = distance_index(positions[b, q_idx], positions[b, kv_idx], max_distance)
-        return score + bias[h, q_idx % replicas, distance]
+        q_pos, kv_pos = positions[b, q_idx], positions[b, kv_idx]
+        score = score + bias[h, q_idx % replicas, distance_index(q_pos, kv_pos, max_distance)]
+        return pattern.modify_score(score, h, q_pos, kv_pos, num_heads)
 
     def query_score_mod(score, b, h, q_idx, kv_idx):
         return content_score_mod(score, b, h, q_idx + query_offset, kv_idx)
@@ -230,19 +260,25 @@ def two_stream_self_attention_factory(config) -> nn.Module:
 # ----------------------------------------------------------------------------- running the layers
 
 
-def _run_layers(layers, hidden, state):
-    for layer in layers:
-        hidden = layer(hidden, state)
+def _run_layers(make_state, layers, hidden, positions, n, m, distance_bias, max_distance, window, pattern,
+                document_ids):
+    pattern = as_pattern(pattern, window)
+    states = [make_state(positions, n, m, distance_bias, max_distance, pattern=pattern, document_ids=document_ids,
+                         layer=parity) for parity in range(pattern.layer_variants)]
+    for index, layer in enumerate(layers):
+        hidden = layer(hidden, states[index % len(states)])
     return hidden
 
 
-def encode_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None):
-    """Dense backend: materialise mask and bias once, run every layer over both streams."""
-    state = make_dense_attention_state(positions, n, m, distance_bias, max_distance, window)
-    return _run_layers(layers, hidden, state)
+def encode_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
+                                pattern=None, document_ids=None):
+    """Dense backend: materialise mask and bias once (per layer parity), run every layer over both streams."""
+    return _run_layers(make_dense_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
+                       window, pattern, document_ids)
 
 
-def encode_flex_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None):
-    """FlexAttention backend: build both BlockMasks once, run every layer over both streams."""
-    state = make_flex_attention_state(positions, n, m, distance_bias, max_distance, window)
-    return _run_layers(layers, hidden, state)
+def encode_flex_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
+                                     pattern=None, document_ids=None):
+    """FlexAttention backend: build both BlockMasks once (per layer parity), run every layer over both streams."""
+    return _run_layers(make_flex_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
+                       window, pattern, document_ids)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import transformers
 
 from ..errors import UserError
+from .patterns import parse_attention_pattern
 
 
 class MPNetConfig(transformers.MPNetConfig):
     """Accepts every field of `transformers.MPNetConfig`, plus:
 
     use_flex_attention: pick `FlexTwoStreamAttention` instead of the dense `RelativeMultiHeadAttention`.
-    sliding_window_size: if set, a token sees only ORIGINAL positions p with |p - q| <= w.
+    sliding_window_size: if set, a token sees only ORIGINAL positions p with |p - q| <= w (= window:w).
+    attention_pattern: a spec from patterns.py, e.g. 'block:64,softcap:30'; with sliding_window_size
+        also set, the two are intersected.
     relative_attention_max_distance: distance at which the log-spaced relative buckets saturate.
     mask_token_id: id of <mask>, used for the appended two-stream entries.
     """
@@ -40,6 +43,7 @@ class MPNetConfig(transformers.MPNetConfig):
         mask_token_id: int = 30526,
         use_flex_attention: bool = False,
         sliding_window_size: int | None = None,
+        attention_pattern: str | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -68,6 +72,9 @@ class MPNetConfig(transformers.MPNetConfig):
         self.mask_token_id = mask_token_id
         self.use_flex_attention = bool(use_flex_attention)
         self.sliding_window_size = None if sliding_window_size is None else int(sliding_window_size)
+        spec = "" if attention_pattern is None else str(attention_pattern).strip()
+        parse_attention_pattern(spec)  # a bad spec fails here, naming the valid ones
+        self.attention_pattern = spec or None
 
     @property
     def max_sequence_length(self) -> int:

@@ -15,6 +15,8 @@ from .attention import encode_flex_two_stream_attention, encode_two_stream_atten
 from ..errors import UserError
 from .config import MPNetConfig
 from .masks import relative_bias_by_distance
+from .packing import positions_within_documents
+from .patterns import as_pattern
 
 PADDING_IDX = 1  # HF/fairseq: position ids start at padding_idx + 1 = 2; padding gets padding_idx
 
@@ -91,15 +93,16 @@ class MPNetEncoder(nn.Module):
         # One (buckets x heads) table shared by all layers.
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 
-    def forward(self, hidden, positions, n: int, m: int):
-        """hidden/positions: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream)."""
+    def forward(self, hidden, positions, n: int, m: int, document_ids=None):
+        """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream)."""
         cfg = self.config
         distance_bias = relative_bias_by_distance(self.relative_attention_bias.weight,
                                                   cfg.relative_attention_max_distance,
                                                   cfg.relative_attention_num_buckets)
         encode = encode_flex_two_stream_attention if cfg.use_flex_attention else encode_two_stream_attention
+        pattern = as_pattern(cfg.attention_pattern, cfg.sliding_window_size)
         return encode(self.layer, hidden, positions, n, m, distance_bias, cfg.relative_attention_max_distance,
-                      cfg.sliding_window_size)
+                      pattern=pattern, document_ids=document_ids)
 
 
 class MPNetBackbone(nn.Module):
@@ -122,7 +125,7 @@ class MPNetLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, x):
-        return self.decoder(self.layer_norm(F.gelu(self.dense(x)))) + self.bias
+        return F.linear(self.layer_norm(F.gelu(self.dense(x))), self.decoder.weight, self.bias)
 
 
 class MPNetClassificationHead(nn.Module):
@@ -171,16 +174,21 @@ class _MPNetBase(nn.Module):
                 f"({self.config.max_sequence_length} = max_position_embeddings - 2); "
                 "shorten the input or use a config with more max_position_embeddings")
 
-    def encode(self, input_ids, attention_mask=None):
+    def encode(self, input_ids, attention_mask=None, document_ids=None):
         """Single-stream bidirectional encoding in natural order: (B, n) -> (B, n, H).
 
         attention_mask: 1 for real tokens, 0 for padding; default: input_ids != pad_token_id.
+        document_ids: (B, n) for packed rows (see packing.py): positions restart at each run of equal
+        ids and a token attends only within its document.
         """
         self._check_length(input_ids.shape[1])
         real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
-        positions = torch.where(real, real.long().cumsum(1) - 1, -1)
+        if document_ids is None:
+            positions = torch.where(real, real.long().cumsum(1) - 1, -1)
+        else:
+            positions = positions_within_documents(real, document_ids)
         hidden = self.mpnet.embeddings(input_ids, positions)
-        return self.mpnet.encoder(hidden, positions, input_ids.shape[1], 0)
+        return self.mpnet.encoder(hidden, positions, input_ids.shape[1], 0, document_ids)
 
     def save_pretrained(self, path, tokenizer=None):
         from .checkpoint import save_pretrained
@@ -191,7 +199,7 @@ class _MPNetBase(nn.Module):
     def from_pretrained(cls, path, **config_overrides):
         """Load any HF MPNet directory (ours, MPNetForMaskedLM, MPNetModel, sentence-transformers...).
 
-        config_overrides replace config fields, e.g. use_flex_attention=True, sliding_window_size=256.
+        config_overrides replace config fields, e.g. use_flex_attention=True, attention_pattern="window:256".
         """
         from .checkpoint import load_pretrained
 
@@ -215,13 +223,15 @@ class MPNetForPretraining(_MPNetBase):
     def tie_weights(self):
         self.lm_head.decoder.weight = self.mpnet.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, positions, pred_size: int, attention_mask=None):
+    def forward(self, input_ids, positions, pred_size: int, attention_mask=None, document_ids=None):
         """Two-stream MPNet: logits of the predicted tokens, (B, pred_size, vocab), in rank order.
 
         input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (already
         corrupted). positions (B, n): ORIGINAL 0-based position of each. Padding (attention_mask 0, or
         input_ids == pad_token_id) is never attended. The pred_size <mask> entries of both streams are
-        appended here, at the predicted tokens' positions (position compensation).
+        appended here, at the predicted tokens' positions (position compensation). document_ids (B, n),
+        optional, permuted like positions: a token attends only within its document; the appended
+        entries belong to their predicted token's document.
         """
         batch, n = input_ids.shape
         m = int(pred_size)
@@ -232,8 +242,11 @@ class MPNetForPretraining(_MPNetBase):
         masks = input_ids.new_full((batch, 2 * m), self.config.mask_token_id)
         all_ids = torch.cat([input_ids, masks], dim=1)
         all_positions = torch.cat([positions, predicted_positions, predicted_positions], dim=1)
+        if document_ids is not None:
+            predicted_documents = document_ids[:, n - m:]
+            document_ids = torch.cat([document_ids, predicted_documents, predicted_documents], dim=1)
         hidden = self.mpnet.embeddings(all_ids, all_positions)
-        hidden = self.mpnet.encoder(hidden, all_positions, n, m)
+        hidden = self.mpnet.encoder(hidden, all_positions, n, m, document_ids)
         return self.lm_head(hidden[:, n + m:])
 
     def mlm_logits(self, input_ids, attention_mask=None):

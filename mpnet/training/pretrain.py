@@ -297,5 +297,5 @@ def _micro_seed(seed, step, micro) -> int:
 
 
 def _dropout_overrides(section: dict) -> dict:
-    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size")
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size", "attention_pattern")
     return {k: section[k] for k in keys if k in section}

@@ -1,0 +1,105 @@
+"""Sequence packing for inference and fine-tuning: several short examples share one row, isolated.
+
+A batch of short, uneven examples padded to the longest wastes most of its compute on padding.
+`pack` places the examples into rows with a best-fit-decreasing packer (each example, longest first,
+goes into the fullest row it still fits in), writes a per-token document id, and `encode(...,
+document_ids=...)` then restarts positions per document and lets a token attend only within its
+own document. With the relative bias depending only on position differences and positions
+restarting, each example's encoding equals the one it gets alone (tests/test_packing.py proves it,
+both backends). `PackedBatch.unpack` / `first_tokens` cut the outputs back per example.
+
+Rows are as wide as the fullest row (at most `max_length`); padding only fills the ends of rows.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+
+PADDING_DOCUMENT = -1
+
+
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: rows of example indices, each row's lengths summing to <= capacity.
+
+    Longest first, each example into the row with the least room left that still holds it (a new row
+    when none does); ties keep input order, so the result is deterministic.
+    """
+    for index, length in enumerate(lengths):
+        if length > capacity:
+            raise UserError(f"example {index} has {length} tokens, more than the row length {capacity}; "
+                            "truncate it or pack with a larger max_length")
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (room left, row), sorted: bisect finds the tightest fit
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = bisect.bisect_left(room, (lengths[index], -1))
+        if slot == len(room):
+            rows.append([])
+            left, row = capacity, len(rows) - 1
+        else:
+            left, row = room.pop(slot)
+        rows[row].append(index)
+        bisect.insort(room, (left - lengths[index], row))
+    return rows
+
+
+@dataclass
+class PackedBatch:
+    """Packed rows plus where each example went. document_ids: 0, 1, ... per row, -1 on padding."""
+
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L), 1 = real token
+    document_ids: torch.Tensor  # (R, L)
+    placements: list[tuple[int, int, int]]  # per example, in input order: (row, start, length)
+
+    def unpack(self, outputs: torch.Tensor) -> list[torch.Tensor]:
+        """(R, L, ...) per-token outputs -> one (length, ...) tensor per example, in input order."""
+        return [outputs[row, start:start + length] for row, start, length in self.placements]
+
+    def first_tokens(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The <s> (first-token) features of every example, (N, ...): what a classification head reads."""
+        rows = torch.tensor([row for row, _, _ in self.placements], device=outputs.device)
+        starts = torch.tensor([start for _, start, _ in self.placements], device=outputs.device)
+        return outputs[rows, starts]
+
+
+def pack(examples: Sequence[Sequence[int]], max_length: int, pad_token_id: int = 1) -> PackedBatch:
+    """Pack tokenized examples (lists of ids, special tokens included) into rows of <= max_length."""
+    if not examples:
+        raise UserError("nothing to pack: the list of examples is empty")
+    lengths = [len(example) for example in examples]
+    if min(lengths) == 0:
+        raise UserError(f"example {lengths.index(0)} is empty; every packed example needs at least one token")
+    rows = best_fit(lengths, max_length)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    document_ids = torch.full((len(rows), width), PADDING_DOCUMENT, dtype=torch.long)
+    placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(examples)
+    for r, row in enumerate(rows):
+        start = 0
+        for document, index in enumerate(row):
+            end = start + lengths[index]
+            input_ids[r, start:end] = torch.as_tensor(examples[index], dtype=torch.long)
+            document_ids[r, start:end] = document
+            placements[index] = (r, start, lengths[index])
+            start = end
+    return PackedBatch(input_ids, (document_ids != PADDING_DOCUMENT).long(), document_ids, placements)
+
+
+def positions_within_documents(real: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """0-based positions that restart at every document, -1 on padding. (B, n) -> (B, n).
+
+    A document is a run of equal ids (as `pack` writes them): a position counts the real tokens
+    since the run began, so padding inside a row shifts nothing.
+    """
+    real = real.bool()
+    counts = real.long().cumsum(1)  # real tokens up to and including each index
+    starts = torch.ones_like(real)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    # Real tokens before the current run: recorded at each run start, carried forward (non-decreasing).
+    before = torch.where(starts, counts - real.long(), 0).cummax(1).values
+    return torch.where(real, counts - before - 1, -1)
