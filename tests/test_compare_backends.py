@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_glue_support import cli_main, assert_one_line_error_text, call_main, make_checkpoint, run_cli, write_glue
+from test_glue_support import assert_one_line_error_text, call_main, cli_main, make_checkpoint, run_cli, write_glue
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (evaluation-only) path")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mpnet.finetune import Backend, finetune, load_config
-from test_glue_support import cli_main, (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main,
+from test_glue_support import (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main, cli_main,
                                make_checkpoint, make_tokenizer, run_cli, write_glue)
 
 QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
