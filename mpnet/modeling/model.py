@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .attention import encode_flex_two_stream_attention, encode_two_stream_attention, two_stream_self_attention_factory
 from ..errors import UserError
@@ -55,9 +56,10 @@ class MPNetIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]  # HF's table, so every hidden_act computes as in HF
 
     def forward(self, x):
-        return F.gelu(self.dense(x))
+        return self.activation(self.dense(x))
 
 
 class MPNetOutput(nn.Module):
