@@ -1,6 +1,7 @@
 """What every command shares: user errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import sys
@@ -32,3 +33,10 @@ def command(main):
             sys.exit(130)
 
     return wrapper
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mpnet.configuration import parse_overrides
 
-from ._common import command
+from ._common import OneLineErrorParser, command
 
 EPILOG = """examples:
   compare-mpnet-backends --checkpoint runs/base/checkpoint-final --tasks sst2,rte --data-dir glue_data \\
@@ -20,13 +20,8 @@ that model is evaluated under each backend (the output says so).
 Writes OUTPUT/comparison.md, OUTPUT/comparison.png, OUTPUT/comparison.json and OUTPUT/runs/."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        self.exit(2, f"compare-mpnet-backends: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="compare-mpnet-backends", description=__doc__, epilog=EPILOG,
+    p = OneLineErrorParser(prog="compare-mpnet-backends", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
     p.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. sst2,rte")

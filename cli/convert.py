@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import command
+from ._common import OneLineErrorParser, command
 
 EPILOG = """examples:
   convert-mpnet fairseq mpnet.example.pt --dict dict.txt --output-dir runs/mpnet-fairseq
@@ -17,15 +17,10 @@ this rewrites any HF MPNet layout as ours and checks the encoder against transfo
 Each writes OUTPUT/conversion.json."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        self.exit(2, f"convert-mpnet: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="convert-mpnet", description=__doc__, epilog=EPILOG,
+    p = OneLineErrorParser(prog="convert-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="source", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="source", required=True, parser_class=OneLineErrorParser)
     fs = sub.add_parser("fairseq", help="original fairseq MPNet checkpoint (.pt) -> native")
     fs.add_argument("checkpoint", type=Path, help="fairseq checkpoint, e.g. mpnet.example.pt")
     fs.add_argument("--dict", type=Path, required=True, help="the fairseq dict.txt the model was trained with")

@@ -7,7 +7,7 @@ from pathlib import Path
 from mpnet.configuration import parse_overrides
 from mpnet.errors import UserError
 
-from ._common import command
+from ._common import OneLineErrorParser, command
 
 EPILOG = """examples:
   finetune-mpnet --checkpoint runs/base/checkpoint-final --task rte --data-dir glue_data/RTE
@@ -23,13 +23,8 @@ DatasetDict saved with save_to_disk, or train/dev .csv/.jsonl with named columns
 Writes OUTPUT/results.json, OUTPUT/best (the best dev checkpoint, HF format) and OUTPUT/tensorboard."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        self.exit(2, f"finetune-mpnet: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="finetune-mpnet", description=__doc__, epilog=EPILOG,
+    p = OneLineErrorParser(prog="finetune-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
     p.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or custom")

@@ -7,7 +7,7 @@ from pathlib import Path
 from mpnet.configuration import load, parse_overrides
 from mpnet.errors import UserError
 
-from ._common import command
+from ._common import OneLineErrorParser, command
 
 EPILOG = """examples:
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/tiny
@@ -20,13 +20,8 @@ Any config key can be overridden as SECTION.KEY=VALUE (sections: model, data, op
 logging, distributed). Logs: OUTPUT/metrics.jsonl and `tensorboard --logdir OUTPUT/tensorboard`."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        self.exit(2, f"pretrain-mpnet: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="pretrain-mpnet", description=__doc__, epilog=EPILOG,
+    p = OneLineErrorParser(prog="pretrain-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML run config (default: built-in tiny defaults)")
     p.add_argument("--output-dir", type=Path, required=True, help="where checkpoints, logs and the data cache go")
