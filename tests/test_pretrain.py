@@ -237,3 +237,38 @@ def test_existing_run_without_resume_is_not_overwritten(shards, tmp_path):
     line = one_error_line(run_cli(["--output-dir", out, "--data", shards, *SMALL]))
     assert "--resume" in line
     assert (out / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_collator_document_isolation_ids_and_restarting_positions():
+    from mpnet.data import MPNetCollator
+
+    eos = 2
+    block = torch.tensor([0, 10, 11, 12, eos, 20, 21, eos, 30, 31, 32, 33, 2])
+    collator = MPNetCollator(100, 1, 99, [0, 1, 2, 3, 99], document_separator_id=eos, seed=3)
+    batch = collator([block.numpy(), block[:9].numpy()], step=0, rank=0)
+    for b, length in enumerate([13, 9]):
+        real = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][real]
+        pos, doc = batch["positions"][b][real], batch["document_ids"][b][real]
+        expected_doc = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])[:length]
+        expected_pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4])[:length]
+        # every real entry keeps its document and its position within that document
+        natural = sorted(zip(doc.tolist(), pos.tolist()))
+        assert natural == sorted(zip(expected_doc.tolist(), expected_pos.tolist()))
+        m = batch["pred_size"]
+        context = batch["input_ids"][b][: 13 - m] if b == 0 else None
+        if context is not None:  # context tokens are uncorrupted: their id matches the block at (doc, pos)
+            lookup = {(int(d), int(p)): int(t) for d, p, t in zip(expected_doc, expected_pos, block)}
+            for t, p, d, r in zip(batch["input_ids"][b][: 13 - m], batch["positions"][b][: 13 - m],
+                                  batch["document_ids"][b][: 13 - m], batch["attention_mask"][b][: 13 - m]):
+                if r:
+                    assert lookup[(int(d), int(p))] == int(t)
+    assert (batch["positions"][1][~batch["attention_mask"][1].bool()] == -1).all()
+
+
+@pytest.mark.slow
+def test_pretrain_with_document_isolation_runs(shards, tmp_path):
+    result = run_cli(["--output-dir", tmp_path / "iso", "--data", shards, "--max-steps", 3, "--log-every", 1,
+                      "--save-every", 3, "data.document_isolation=true", *SMALL])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(losses(tmp_path / "iso")) == 3

@@ -15,6 +15,11 @@ Special tokens (<s>, </s>) are permuted and predicted like any other token, as i
 predict_special_tokens=False to keep them in the context part instead (they are then ordered right after the
 padding).
 
+Document isolation (document_separator_id set): blocks are cut across documents with </s> between them;
+with isolation each entry also gets a document id (the number of separators before it in the block, so a
+separator belongs to the document it closes) and its position restarts at 0 in every document, so the
+model's attention never crosses a document boundary and positions mean "position in the document".
+
 Randomness comes only from a torch.Generator seeded from (seed, step, rank), so a batch is a pure function of
 its examples and those three numbers: resuming or re-running gives identical batches, and ranks differ.
 """
@@ -28,7 +33,8 @@ import torch
 
 class MPNetCollator:
     def __init__(self, vocab_size, pad_token_id, mask_token_id, special_token_ids, pred_prob=0.15,
-                 whole_word_mask=False, word_starts=None, seed=0, predict_special_tokens=True):
+                 whole_word_mask=False, word_starts=None, seed=0, predict_special_tokens=True,
+                 document_separator_id=None):
         if not 0 < pred_prob < 1:
             raise ValueError(f"pred_prob must be in (0, 1), got {pred_prob}")
         if whole_word_mask and word_starts is None:
@@ -41,6 +47,7 @@ class MPNetCollator:
         special[torch.as_tensor(sorted({int(i) for i in special_token_ids} | {self.pad_token_id, self.mask_token_id}))] = True
         self.is_special = special
         self.replacement_ids = torch.nonzero(~special).flatten()  # random replacements never draw a special token
+        self.document_separator_id = None if document_separator_id is None else int(document_separator_id)
         self.word_starts = None
         if word_starts is not None:
             self.word_starts = torch.as_tensor(np.asarray(word_starts, dtype=bool))
@@ -85,7 +92,11 @@ class MPNetCollator:
         perm = torch.argsort(key, dim=1, stable=True)                          # permuted index -> original position
 
         input_ids = torch.gather(tokens, 1, perm)
-        positions = torch.where(torch.gather(real, 1, perm), perm, torch.full_like(perm, -1))
+        natural_positions = torch.arange(n).expand(B, n)
+        if self.document_separator_id is not None:
+            document, natural_positions = self.documents(tokens)
+        positions = torch.where(torch.gather(real, 1, perm), torch.gather(natural_positions, 1, perm),
+                                torch.full_like(perm, -1))
         attention_mask = torch.gather(real, 1, perm).long()
 
         # Predicted part = last m entries; entries held back (padding / specials) there are not predicted.
@@ -101,5 +112,20 @@ class MPNetCollator:
         corrupted = torch.where((u >= 0.8) & (u < 0.9), random_ids, corrupted)
         input_ids[:, n - m :] = torch.where(predicted, corrupted, input_ids[:, n - m :])
 
-        return {"input_ids": input_ids, "positions": positions, "targets": targets, "pred_size": m,
-                "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "positions": positions, "targets": targets, "pred_size": m,
+                 "attention_mask": attention_mask}
+        if self.document_separator_id is not None:
+            batch["document_ids"] = torch.gather(document, 1, perm)
+        return batch
+
+    def documents(self, tokens):
+        """(document id, position within the document) of every entry of natural-order rows."""
+        B, n = tokens.shape
+        index = torch.arange(n).expand(B, n)
+        closes = tokens == self.document_separator_id
+        starts = torch.zeros_like(closes)
+        starts[:, 0] = True
+        starts[:, 1:] = closes[:, :-1]
+        document = torch.cumsum(starts.long(), dim=1) - 1
+        first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+        return document, index - first

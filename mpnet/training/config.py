@@ -16,6 +16,7 @@ class DataConfig:
     block_size: int = 128  # tokens per training example
     pred_prob: float = 0.15  # fraction of each example that is predicted
     whole_word_mask: bool = False
+    document_isolation: bool = False  # attention never crosses the </s> between documents; positions restart
     valid_fraction: float = 0.02
     num_workers: int = 0  # DataLoader workers building batches (0: in the training process)
 

@@ -157,7 +157,8 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     collator = MPNetCollator(meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"],
                              meta["special_token_ids"], pred_prob=cfg.data.pred_prob,
                              whole_word_mask=cfg.data.whole_word_mask, seed=cfg.training.seed,
-                             word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None)
+                             word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None,
+                             document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None)
 
     # Model.
     torch.manual_seed(cfg.training.seed)
@@ -247,7 +248,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
             last = accum == cfg.training.grad_accum - 1
             with dist_utils.maybe_no_sync(train_model, env, sync=last), autocast:
                 logits = train_model(batch["input_ids"], batch["positions"], batch["pred_size"],
-                                     batch["attention_mask"])
+                                     batch["attention_mask"], document_ids=batch.get("document_ids"))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
             (loss / cfg.training.grad_accum).backward()
             metrics.accumulate(loss.detach(), logits.detach(), batch["targets"])
@@ -282,7 +283,8 @@ def evaluate(model, batches, device, autocast) -> dict:
     for batch in batches:
         batch = _to_device(batch, device)
         with autocast:
-            logits = model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"])
+            logits = model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"],
+                           document_ids=batch.get("document_ids"))
         targets = batch["targets"].flatten()
         loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         valid = targets != -100
