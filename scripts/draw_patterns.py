@@ -339,7 +339,7 @@ def write_markdown(doc_path, out_dir):
         "algorithm), so each would be a third, approximate backend with its own numerics rather than a",
         "pattern. Decision: they do not belong in this library; the sub-quadratic patterns here",
         "(window, dilated, global, block/swin, documents) are exact and skip tiles for real. This is a",
-        "reasoned decision, not a measurement: no GPU was available in this session. What to measure later,",
+        "reasoned decision, not a measurement: no GPU time was available when this was written. What to measure later,",
         "on the GPU machine with `benchmark-mpnet`: single-stream forward+backward throughput and memory of",
         "a Linformer (k = 256) and a Performer (256 features) layer against flex + `window:256` and",
         "`block:256` at n = 4k-16k, and the GLUE dev score after a short continued pretraining; revisit",
