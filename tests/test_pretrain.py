@@ -272,3 +272,24 @@ def test_pretrain_with_document_isolation_runs(shards, tmp_path):
                       "--save-every", 3, "data.document_isolation=true", *SMALL])
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(losses(tmp_path / "iso")) == 3
+
+
+def test_longer_position_table_from_a_512_position_checkpoint(tmp_path):
+    from mpnet import MPNetConfig, MPNetForPretraining, UserError
+    from mpnet.modeling.checkpoint import POSITION_KEY
+
+    small = MPNetForPretraining(MPNetConfig.tiny(vocab_size=120, mask_token_id=119, hidden_size=32,
+                                                 num_attention_heads=2, intermediate_size=64))
+    small.save_pretrained(tmp_path / "short")
+    grown = MPNetForPretraining.from_pretrained(tmp_path / "short", max_position_embeddings=1200,
+                                                sliding_window_size=16).eval()
+    old, new = small.state_dict()[POSITION_KEY], grown.state_dict()[POSITION_KEY]
+    assert new.shape[0] == 1200
+    torch.testing.assert_close(new[:514], old)            # trained rows kept
+    torch.testing.assert_close(new[514:1026], old[2:514])   # new rows repeat the learned ones
+    with torch.no_grad():
+        hidden = grown.encode(torch.randint(5, 119, (1, 1100)))
+    assert hidden.shape == (1, 1100, 32) and torch.isfinite(hidden).all()
+    grown.save_pretrained(tmp_path / "long")
+    with pytest.raises(UserError, match="shrinking"):
+        MPNetForPretraining.from_pretrained(tmp_path / "long", max_position_embeddings=514)

@@ -90,10 +90,35 @@ def to_our_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+POSITION_KEY = "mpnet.embeddings.position_embeddings.weight"
+
+
+def _grow_position_table(state, config, path):
+    """Loading a 512-position checkpoint into a longer model (max_position_embeddings raised on purpose).
+
+    The learned rows are kept and the new ones are copies of them, repeated (Longformer's choice: each
+    new position starts from a trained embedding rather than noise; the relative bias needs nothing, it
+    saturates at max_distance). Rows 0-1 (padding_idx and the one before it) are not repeated.
+    A shorter table than the checkpoint's is refused: it would silently drop trained positions.
+    """
+    table = state.get(POSITION_KEY)
+    if table is None or table.shape[0] == config.max_position_embeddings:
+        return
+    if table.shape[0] > config.max_position_embeddings:
+        raise CheckpointError(f"{path} has {table.shape[0]} positions but max_position_embeddings is "
+                              f"{config.max_position_embeddings}; shrinking a trained position table is not supported")
+    learned = table[2:]
+    repeats = -(-(config.max_position_embeddings - 2) // learned.shape[0])
+    state[POSITION_KEY] = torch.cat([table[:2], learned.repeat(repeats, 1)])[: config.max_position_embeddings]
+    log.info("%s: position table grown from %d to %d rows by repeating the learned positions", path,
+             table.shape[0], config.max_position_embeddings)
+
+
 def load_pretrained(cls, path, **config_overrides):
     config = read_config(path, **config_overrides)
     model = cls(config)
     state = to_our_keys(read_state_dict(path))
+    _grow_position_table(state, config, path)
     expected = {k for k in model.state_dict() if k not in _TIED}
     missing = sorted(expected - state.keys())
     missing_backbone = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
