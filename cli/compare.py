@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import parse_overrides
+from mpnet.configuration import add_flags, parse_overrides
 
 from ._common import OneLineErrorParser, command
 
@@ -50,10 +50,7 @@ def main(argv=None):
                           "max_eval_examples": args.max_eval_examples,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
-    for section, values in flags.items():
-        for key, value in values.items():
-            if value is not None:
-                overrides.setdefault(section, {})[key] = value
+    add_flags(overrides, flags)
     report = compare(args.checkpoint, [t.lower() for t in parse_list(args.tasks, "tasks")], args.data_dir,
                      parse_backends(args.backends), parse_seeds(args.seeds), args.output_dir, args.config, overrides,
                      args.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import parse_overrides
+from mpnet.configuration import add_flags, parse_overrides
 from mpnet.errors import UserError
 
 from ._common import OneLineErrorParser, command
@@ -71,10 +71,7 @@ def config_from_args(args):
                  "task_type": args.task_type,
                  "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None},
     }
-    for section, values in flags.items():
-        for key, value in values.items():
-            if value is not None:
-                overrides.setdefault(section, {})[key] = value
+    add_flags(overrides, flags)
     return load_config(args.task.lower(), args.config, overrides)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import load, parse_overrides
+from mpnet.configuration import add_flags, load, parse_overrides
 from mpnet.errors import UserError
 
 from ._common import OneLineErrorParser, command
@@ -57,10 +57,7 @@ def main(argv=None):
     }
     if args.sliding_window_size is not None and args.sliding_window_size <= 0:
         raise UserError(f"--sliding-window-size must be a positive number of tokens, got {args.sliding_window_size}")
-    for section, values in flags.items():
-        for key, value in values.items():
-            if value is not None:
-                overrides.setdefault(section, {})[key] = value
+    add_flags(overrides, flags)
     pattern = overrides.get("model", {}).get("attention_pattern")
     if pattern is not None:  # the flag or model.attention_pattern=...: fail before any data is prepared
         import yaml

@@ -93,6 +93,15 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def add_flags(overrides: dict, flags: dict) -> dict:
+    """Put the command-line flags that were given (not None) into the nested overrides; flags win."""
+    for section, values in flags.items():
+        for key, value in values.items():
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
 def load(cls, path=None, overrides: dict | None = None):
     data = read_yaml(path) if path else {}
     return build(cls, merge(data, overrides or {}), "")
