@@ -121,7 +121,7 @@ class DenseAttentionState:
 
 
 def make_dense_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
-                               document_ids=None, layer=0):
+                               document_ids=None, layer=0, layout=None):
     """Materialise mask and bias for every (row, key) pair from the rules in masks.py and patterns.py.
 
     pattern: a spec ('block:64,softcap:30') or parsed pattern; `window` is shorthand for window:N.
@@ -129,14 +129,14 @@ def make_dense_attention_state(positions, n, m, distance_bias, max_distance, win
     """
     pattern = as_pattern(pattern, window)
     kv_len = n + m
-    q_idx = torch.arange(n + 2 * m, device=positions.device)[:, None]
-    kv_idx = torch.arange(kv_len, device=positions.device)[None, :]
+    rows = torch.arange(n + 2 * m, device=positions.device)[None] if layout is None else layout
+    q_idx, kv_idx = rows[:, :, None], rows[:, None, :kv_len]  # layout slots (see masks.natural_order)
     q_pos = positions[:, :, None]
     kv_pos = positions[:, None, :kv_len]
     q_doc = kv_doc = None
     if document_ids is not None:
         q_doc, kv_doc = document_ids[:, :, None], document_ids[:, None, :kv_len]
-    allowed = (two_stream_visible(q_idx, kv_idx, n, m)[None] & is_real_token(kv_pos)
+    allowed = (two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(kv_pos)
                & pattern.visible(q_pos, kv_pos, layer, q_doc, kv_doc))
     score_mod = None
     if pattern.scores:
@@ -181,12 +181,14 @@ class FlexAttentionState:
     kv_len: int
 
 
-def make_flex_attention_mask(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0):
+def make_flex_attention_mask(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0,
+                             layout=None):
     """Content-stream and query-stream BlockMasks from the two-stream rules, padding and the pattern.
 
     positions: (B, n + 2m) original positions of every row (-1 for padding); document_ids likewise or
-    None (then the mask_mod captures no second tensor). Built once per forward (per layer parity)
-    and shared by the layers.
+    None (then the mask_mod captures no second tensor); layout: the rows' slots in the permuted
+    layout when the rows are in natural order (masks.natural_order), else None. Built once per
+    forward (per layer parity) and shared by the layers.
     """
     pattern = as_pattern(pattern, window)
     batch, kv_len = positions.shape[0], n + m
@@ -195,7 +197,8 @@ def make_flex_attention_mask(positions, n, m, window=None, *, pattern=None, docu
     def content_mask_mod(b, h, q_idx, kv_idx):
         kv_pos = positions[b, kv_idx]
         q_doc, kv_doc = (None, None) if document_ids is None else (document_ids[b, q_idx], document_ids[b, kv_idx])
-        return (two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(kv_pos)
+        q_slot, kv_slot = (q_idx, kv_idx) if layout is None else (layout[b, q_idx], layout[b, kv_idx])
+        return (two_stream_visible(q_slot, kv_slot, n, m) & is_real_token(kv_pos)
                 & pattern.visible(positions[b, q_idx], kv_pos, layer, q_doc, kv_doc))
 
     def query_mask_mod(b, h, q_idx, kv_idx):
@@ -214,10 +217,10 @@ BIAS_GRAD_REPLICAS = 128
 
 
 def make_flex_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
-                              document_ids=None, layer=0):
+                              document_ids=None, layer=0, layout=None):
     pattern = as_pattern(pattern, window)
     content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern,
-                                                        document_ids=document_ids, layer=layer)
+                                                        document_ids=document_ids, layer=layer, layout=layout)
     query_offset = n + m
     num_heads = distance_bias.shape[0]
     replicas = BIAS_GRAD_REPLICAS if distance_bias.requires_grad else 1
@@ -261,24 +264,24 @@ def two_stream_self_attention_factory(config) -> nn.Module:
 
 
 def _run_layers(make_state, layers, hidden, positions, n, m, distance_bias, max_distance, window, pattern,
-                document_ids):
+                document_ids, layout):
     pattern = as_pattern(pattern, window)
     states = [make_state(positions, n, m, distance_bias, max_distance, pattern=pattern, document_ids=document_ids,
-                         layer=parity) for parity in range(pattern.layer_variants)]
+                         layer=parity, layout=layout) for parity in range(pattern.layer_variants)]
     for index, layer in enumerate(layers):
         hidden = layer(hidden, states[index % len(states)])
     return hidden
 
 
 def encode_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
-                                pattern=None, document_ids=None):
+                                pattern=None, document_ids=None, layout=None):
     """Dense backend: materialise mask and bias once (per layer parity), run every layer over both streams."""
     return _run_layers(make_dense_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
-                       window, pattern, document_ids)
+                       window, pattern, document_ids, layout)
 
 
 def encode_flex_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
-                                     pattern=None, document_ids=None):
+                                     pattern=None, document_ids=None, layout=None):
     """FlexAttention backend: build both BlockMasks once (per layer parity), run every layer over both streams."""
     return _run_layers(make_flex_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
-                       window, pattern, document_ids)
+                       window, pattern, document_ids, layout)

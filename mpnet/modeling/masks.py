@@ -42,6 +42,21 @@ def two_stream_visible(q_idx, kv_idx, n: int, m: int):
     return k_ctx | (k_pred & sees_pred) | (k_mask & sees_mask)
 
 
+def natural_order(positions, n: int, m: int):
+    """Row order that keeps the stacked two-stream layout sorted by ORIGINAL position within each section.
+
+    positions: (B, n + 2m) of the permuted layout. Returns order (B, n + 2m): natural row r is
+    permuted row order[b, r]. Gathering rows by it makes a window or any position-local pattern
+    block-sparse (in permuted order it is scattered over almost every tile); the rules stay the same
+    function, evaluated on two_stream_visible(order[q], order[kv]). Content rows stay among the first
+    n + m, so keys/values are still the first n + m rows. Only worth it for sparse patterns: in natural
+    order the PRED columns are scattered, so without a window nearly every tile becomes partial.
+    """
+    content = torch.argsort(positions[:, :n], dim=1, stable=True)  # padding (-1) first
+    predicted = torch.argsort(positions[:, n:n + m], dim=1, stable=True)
+    return torch.cat([content, n + predicted, n + m + predicted], dim=1)
+
+
 def is_real_token(position):
     """Padding carries position -1 (so its absolute position id is padding_idx = 1, as in HF)."""
     return position >= 0

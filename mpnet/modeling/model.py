@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from .attention import encode_flex_two_stream_attention, encode_two_stream_attention, two_stream_self_attention_factory
 from ..errors import UserError
 from .config import MPNetConfig
-from .masks import relative_bias_by_distance
+from .masks import natural_order, relative_bias_by_distance
 from .packing import positions_within_documents
 from .patterns import as_pattern
 
@@ -92,19 +92,20 @@ class MPNetEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([MPNetLayer(config) for _ in range(config.num_hidden_layers)])
+        self.pattern = as_pattern(config.attention_pattern, config.sliding_window_size)
         # One (buckets x heads) table shared by all layers.
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 
-    def forward(self, hidden, positions, n: int, m: int, document_ids=None):
-        """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream)."""
+    def forward(self, hidden, positions, n: int, m: int, document_ids=None, layout=None):
+        """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream);
+        layout: each row's slot in that layout when the rows were put in natural order."""
         cfg = self.config
         distance_bias = relative_bias_by_distance(self.relative_attention_bias.weight,
                                                   cfg.relative_attention_max_distance,
                                                   cfg.relative_attention_num_buckets)
         encode = encode_flex_two_stream_attention if cfg.use_flex_attention else encode_two_stream_attention
-        pattern = as_pattern(cfg.attention_pattern, cfg.sliding_window_size)
         return encode(self.layer, hidden, positions, n, m, distance_bias, cfg.relative_attention_max_distance,
-                      pattern=pattern, document_ids=document_ids)
+                      pattern=self.pattern, document_ids=document_ids, layout=layout)
 
 
 class MPNetBackbone(nn.Module):
@@ -247,9 +248,19 @@ class MPNetForPretraining(_MPNetBase):
         if document_ids is not None:
             predicted_documents = document_ids[:, n - m:]
             document_ids = torch.cat([document_ids, predicted_documents, predicted_documents], dim=1)
+        layout = None
+        if self.mpnet.encoder.pattern.masks or document_ids is not None:  # sparse: natural order is block-sparse
+            layout = natural_order(all_positions, n, m)
+            all_ids, all_positions = all_ids.gather(1, layout), all_positions.gather(1, layout)
+            if document_ids is not None:
+                document_ids = document_ids.gather(1, layout)
         hidden = self.mpnet.embeddings(all_ids, all_positions)
-        hidden = self.mpnet.encoder(hidden, all_positions, n, m, document_ids)
-        return self.lm_head(hidden[:, n + m:])
+        hidden = self.mpnet.encoder(hidden, all_positions, n, m, document_ids, layout)
+        query = hidden[:, n + m:]
+        if layout is not None:  # back to rank order: natural query row j holds rank layout[j] - (n + m)
+            rank_to_row = torch.argsort(layout[:, n + m:], dim=1)
+            query = query.gather(1, rank_to_row[:, :, None].expand(-1, -1, query.shape[-1]))
+        return self.lm_head(query)
 
     def mlm_logits(self, input_ids, attention_mask=None):
         """Single-stream LM logits, (B, n, vocab): what HF's MPNetForMaskedLM computes."""
