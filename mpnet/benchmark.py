@@ -55,7 +55,7 @@ from .modeling.attention import (
     make_flex_attention_state,
 )
 from .modeling.config import MPNetConfig
-from .modeling.masks import relative_bias_by_distance
+from .modeling.masks import natural_order, relative_bias_by_distance
 
 ATTENTION_BACKENDS = ("sdpa", "dense", "dense-once", "flex", "flex-window")
 STEP_BACKENDS = ("dense", "flex")
@@ -505,8 +505,12 @@ def _attention_cell(settings, problem: _Problem, key, window, device, timer) -> 
         db_leaf.requires_grad_(settings.backward)
         graphs = _compiled_graphs()
         start = time.perf_counter()
+        # As the model does: with a window the rows run in natural order, which makes it block-sparse.
+        layout = natural_order(p.positions, p.n, p.m) if window is not None else None
+        positions = p.positions if layout is None else p.positions.gather(1, layout)
         try:
-            state = make_flex_attention_state(p.positions, p.n, p.m, db_leaf, settings.max_distance, window)
+            state = make_flex_attention_state(positions, p.n, p.m, db_leaf, settings.max_distance, window,
+                                              layout=layout)
         except Exception as exc:
             exc.benchmark_phase = "BlockMask build"
             raise
@@ -517,7 +521,7 @@ def _attention_cell(settings, problem: _Problem, key, window, device, timer) -> 
         rows_c = p.kv_len
         result["density"] = (rows_c * result["density_content"] + p.m * result["density_query"]) / p.rows
         result["blockmask_sparsity_pct"] = [state.content_mask.sparsity(), state.query_mask.sparsity()]
-        mask_times = timer.measure(lambda: make_flex_attention_mask(p.positions, p.n, p.m, window),
+        mask_times = timer.measure(lambda: make_flex_attention_mask(positions, p.n, p.m, window, layout=layout),
                                    min(5, settings.repeats), min(2.0, settings.max_seconds))
         result["mask_ms"] = _quantile(mask_times, 0.5)
         result["mask_graphs"] = _compiled_graphs() - graphs
