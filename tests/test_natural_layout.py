@@ -54,3 +54,27 @@ def test_window_is_block_sparse_only_in_natural_order():
     print(f"content-stream tiles computed: permuted {dense_share:.2f}, natural {sparse_share:.2f}")
     assert dense_share > 0.9
     assert sparse_share < 0.35
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_natural_order_with_documents_gives_the_permuted_layout_outputs(flex):
+    torch.manual_seed(1)
+    cfg = MPNetConfig.tiny(vocab_size=64, mask_token_id=63, hidden_size=32, num_attention_heads=2,
+                           intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           use_flex_attention=flex)
+    model = MPNetForPretraining(cfg).eval()
+    n, m = 30, 5
+    natural_docs = torch.tensor([0] * 12 + [1] * 10 + [2] * 8)
+    natural_pos = torch.cat([torch.arange(12), torch.arange(10), torch.arange(8)])  # restart per document
+    perm = torch.stack([torch.randperm(n) for _ in range(2)])
+    documents, positions = natural_docs[perm], natural_pos[perm]
+    input_ids = torch.randint(5, 60, (2, n))
+    with torch.no_grad():
+        natural = model(input_ids, positions, m, document_ids=documents)
+        b = input_ids.shape[0]
+        ids = torch.cat([input_ids, input_ids.new_full((b, 2 * m), cfg.mask_token_id)], 1)
+        pos = torch.cat([positions, positions[:, n - m:], positions[:, n - m:]], 1)
+        docs = torch.cat([documents, documents[:, n - m:], documents[:, n - m:]], 1)
+        hidden = model.mpnet.encoder(model.mpnet.embeddings(ids, pos), pos, n, m, docs)
+        permuted = model.lm_head(hidden[:, n + m:])
+    torch.testing.assert_close(natural, permuted, rtol=0, atol=1e-5)

@@ -42,7 +42,7 @@ def two_stream_visible(q_idx, kv_idx, n: int, m: int):
     return k_ctx | (k_pred & sees_pred) | (k_mask & sees_mask)
 
 
-def natural_order(positions, n: int, m: int):
+def natural_order(positions, n: int, m: int, document_ids=None):
     """Row order that keeps the stacked two-stream layout sorted by ORIGINAL position within each section.
 
     positions: (B, n + 2m) of the permuted layout. Returns order (B, n + 2m): natural row r is
@@ -52,8 +52,11 @@ def natural_order(positions, n: int, m: int):
     n + m, so keys/values are still the first n + m rows. Only worth it for sparse patterns: in natural
     order the PRED columns are scattered, so without a window nearly every tile becomes partial.
     """
-    content = torch.argsort(positions[:, :n], dim=1, stable=True)  # padding (-1) first
-    predicted = torch.argsort(positions[:, n:n + m], dim=1, stable=True)
+    key = positions
+    if document_ids is not None:  # packed documents restart their positions: sort by (document, position)
+        key = torch.where(positions >= 0, document_ids * (n + 1) + positions, -1)
+    content = torch.argsort(key[:, :n], dim=1, stable=True)  # padding (-1) first
+    predicted = torch.argsort(key[:, n:n + m], dim=1, stable=True)
     return torch.cat([content, n + predicted, n + m + predicted], dim=1)
 
 

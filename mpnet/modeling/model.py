@@ -250,7 +250,7 @@ class MPNetForPretraining(_MPNetBase):
             document_ids = torch.cat([document_ids, predicted_documents, predicted_documents], dim=1)
         layout = None
         if self.mpnet.encoder.pattern.masks or document_ids is not None:  # sparse: natural order is block-sparse
-            layout = natural_order(all_positions, n, m)
+            layout = natural_order(all_positions, n, m, document_ids)
             all_ids, all_positions = all_ids.gather(1, layout), all_positions.gather(1, layout)
             if document_ids is not None:
                 document_ids = document_ids.gather(1, layout)
