@@ -293,3 +293,19 @@ def test_longer_position_table_from_a_512_position_checkpoint(tmp_path):
     grown.save_pretrained(tmp_path / "long")
     with pytest.raises(UserError, match="shrinking"):
         MPNetForPretraining.from_pretrained(tmp_path / "long", max_position_embeddings=514)
+
+
+def test_continued_pretraining_with_a_longer_position_table(shards, tmp_path):
+    from mpnet import MPNetConfig, MPNetForPretraining
+    from mpnet.data import read_metadata
+
+    vocab = read_metadata(shards)["vocab_size"]
+    short = tmp_path / "short"
+    MPNetForPretraining(MPNetConfig.tiny(vocab_size=vocab, hidden_size=32, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=66)).save_pretrained(short)
+    result = run_cli(["--output-dir", tmp_path / "long", "--data", shards, "--max-steps", 2, "--save-every", 2,
+                      f"training.init_from={short}", "model.max_position_embeddings=130", "data.block_size=128",
+                      *[a for a in SMALL if not a.startswith("data.block_size")]])
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = MPNetForPretraining.from_pretrained(tmp_path / "long" / "checkpoints" / "step-00000002").config
+    assert config.max_position_embeddings == 130

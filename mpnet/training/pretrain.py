@@ -164,7 +164,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     torch.manual_seed(cfg.training.seed)
     fixed = dict(use_flex_attention=use_flex, pad_token_id=meta["pad_token_id"], mask_token_id=meta["mask_token_id"])
     if cfg.training.init_from:
-        model = MPNetForPretraining.from_pretrained(cfg.training.init_from, **fixed, **_dropout_overrides(cfg.model))
+        model = MPNetForPretraining.from_pretrained(cfg.training.init_from, **fixed, **_model_overrides(cfg.model))
         _check_vocab(model.config.vocab_size, meta, f"checkpoint {cfg.training.init_from}")
     else:
         if cfg.model.get("vocab_size") is not None:
@@ -298,6 +298,9 @@ def _micro_seed(seed, step, micro) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
-def _dropout_overrides(section: dict) -> dict:
-    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size", "attention_pattern")
-    return {k: section[k] for k in keys if k in section}
+def _model_overrides(section: dict) -> dict:
+    """What a run may change in a checkpoint's config when continuing from it (shapes stay the checkpoint's,
+    except a longer position table, which load_pretrained grows explicitly)."""
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size", "attention_pattern",
+            "max_position_embeddings")
+    return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in section.items() if k in keys}
