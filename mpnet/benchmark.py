@@ -131,6 +131,7 @@ class StepSettings:
     lr: float = 1e-4
     seed: int = 0
     flex_kernel_options: dict | None = None
+    profile: bool = False  # break each step's GPU time down by kernel family (torch.profiler)
 
     def validate(self):
         _check_kernel_options(self.flex_kernel_options)
@@ -794,7 +795,78 @@ def _step_cell(settings: StepSettings, which: str, device, timer) -> dict:
     if not math.isfinite(last):
         raise RuntimeError(f"loss is not finite ({last})")
     result["loss"] = last
+    if settings.profile and device.type == "cuda":
+        try:
+            result["profile"] = kernel_breakdown(step)
+        except Exception as exc:  # noqa: BLE001 - the timing above stands without the breakdown
+            result["profile_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+# Kernel families, matched on the CUDA kernel's name (first match wins). The flex kernels are inductor
+# templates ("triton_tem_fused_..."), SDPA's are FlashAttention's; the GEMM families cover cuBLAS/CUTLASS.
+KERNEL_FAMILIES = (
+    ("flex attention (fwd+bwd)", ("flex_attention", "triton_tem_")),
+    ("SDPA flash attention", ("flash", "fmha", "cudnn")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("optimizer (AdamW)", ("adam",)),
+    ("softmax / dropout", ("softmax", "dropout", "bernoulli")),
+    ("reductions / index (incl. bias gather)", ("reduce", "index", "embedding", "gather", "scatter", "sort")),
+)
+OTHER_KERNELS = "other (elementwise, norms, copies)"
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(needle in lowered for needle in needles):
+            return family
+    return OTHER_KERNELS
+
+
+def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
+    """GPU kernel time per step by family and the top kernels, from torch.profiler over `steps` steps:
+    the evidence of where a step's time goes (which is what a missed target must be explained by)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        micros = getattr(event, "self_device_time_total", None)
+        if micros is None:
+            micros = event.self_cuda_time_total
+        if micros > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / steps
+    families = {}
+    for name, ms in kernels.items():
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+    total = sum(families.values())
+    return {"gpu_ms_per_step": total,
+            "families": sorted(([f, ms] for f, ms in families.items()), key=lambda item: -item[1]),
+            "top_kernels": sorted(([k[:90], ms] for k, ms in kernels.items()), key=lambda item: -item[1])[:top]}
+
+
+def profile_lines(rows) -> list:
+    """Markdown: where each model's step time goes on the GPU."""
+    out = []
+    for row in rows:
+        prof = row.get("profile")
+        if not prof:
+            continue
+        total = prof["gpu_ms_per_step"]
+        out += [f"#### {row['model']} {row['backend']}: GPU kernel time per step {total:.1f} ms "
+                f"(step wall {row['ms']:.1f} ms)", "", "| kernel family | ms / step | share |", "|---|---|---|"]
+        out += [f"| {family} | {ms:.2f} | {100 * ms / total:.1f}% |" for family, ms in prof["families"]]
+        out += ["", "| top kernels | ms / step |", "|---|---|"]
+        out += [f"| `{name}` | {ms:.2f} |" for name, ms in prof["top_kernels"]]
+        out.append("")
+    return out
 
 
 def run_step(settings: StepSettings, on_update: Callable | None = None, deadline: Deadline | None = None,
@@ -1041,6 +1113,9 @@ def render_markdown(env, attention=None, step=None, plots=()) -> str:
                                                      warmup=settings.warmup, model=f"{settings.model} config",
                                                      peak=f"{settings.peak_tflops:g}"), ""]
         out += [tabulate(table, headers, tablefmt="github", disable_numparse=True), ""]
+        profiled = profile_lines(rows)
+        if profiled:
+            out += ["### Where the step time goes (torch.profiler, CUDA kernels, mean of 3 steps)", ""] + profiled
         out += _failure_notes(rows, lambda r: f"{r['model']} {r['backend']}")
     return "\n".join(out) + "\n"
 
@@ -1196,6 +1271,8 @@ def benchmark(attention: AttentionSettings | None, step: StepSettings | None, ou
         table, headers = step_table(rows, step)
         log(f"\npeak for MFU: {step.peak_tflops:g} TFLOP/s (--peak-tflops)")
         log(tabulate(table, headers, tablefmt="github", disable_numparse=True))
+        for line in profile_lines(rows):
+            log(line)
     if report.dir is not None:
         log(f"\nwrote {report.dir / 'benchmark.md'}, {report.dir / 'benchmark.json'}"
             + "".join(f", {report.dir / p}" for p in report.plots))

@@ -18,11 +18,14 @@ Tolerances.
   by norm (max abs ~5e-5 on logits of size ~10), input gradient ~2.7e-6, relative-bias gradient ~3e-6.
   We allow 1e-4 relative by norm (30x margin) and 1e-4 * max|ref| elementwise on outputs: a real bug
   (a wrong mask entry, bias index or head) moves results by 1e-2 or more.
-- bf16 autocast: bf16 keeps 8 significant bits (unit roundoff 2^-8 ~ 4e-3); each of the ~10 matmuls
-  on the path rounds its inputs, so norm-wise errors of a few 1e-3 are expected and up to ~1e-2 on
-  gradients that sum many terms. Both bf16 runs are compared to the fp32 dense reference (the truth),
-  and flex must be within 2e-2 relative (by norm) of it and not much worse than dense's own bf16
-  error (<= 2x + 5e-3).
+- bf16 autocast: bf16 keeps 8 significant bits (unit roundoff 2^-8 ~ 4e-3) and each of the ~10 matmuls
+  on the path rounds its inputs. Both bf16 runs are compared to the fp32 dense reference (the truth).
+  The yardstick is the dense backend's own bf16 error, because it is what bf16 costs this model, not
+  a property of either backend: measured on an H200 (torch 2.11), dense bf16 is 3.2e-2 .. 4.0e-2 off
+  the fp32 truth by norm on the input gradient and the q projections' gradients, flex bf16 2.5e-2 ..
+  3.3e-2 (flex rounds less: its scores, softmax and bias stay fp32 inside the kernel). Flex must be
+  no worse than 1.5x dense's error + 2e-3 on every tensor; a wrong mask entry, bias index or head is
+  caught first by the fp32 test above, and here would push flex's error past dense's by far more.
 - attn.k.bias: its gradient is exactly zero in exact arithmetic (adding k.bias shifts every score of
   a query row by the same q . b, and softmax is shift-invariant), so both backends return rounding
   noise there and a relative comparison is meaningless; instead both must be negligible next to the
@@ -45,7 +48,8 @@ GPU_MODEL = dict(hidden_size=256, num_attention_heads=4, intermediate_size=512, 
 FP32_REL = 1e-4
 ZERO_GRAD_RATIO = 0.05  # |grad k.bias| / |grad k.weight|, see the docstring
 FP32_OUT_ABS = 1e-4
-BF16_REL = 2e-2
+BF16_VS_DENSE = 1.5  # flex's bf16 error may be at most this times dense's (+ BF16_SLACK)
+BF16_SLACK = 2e-3
 
 
 def _m(n):
@@ -191,7 +195,7 @@ def test_bf16_autocast_forward_and_gradients_match(stream, n, window):
     for name, (f, d, ref) in pairs.items():
         err_f, err_d, err_fd = rel_err(f, ref), rel_err(d, ref), rel_err(f, d)
         lines.append(f"{name}: flex {err_f:.2e} dense {err_d:.2e} flex-vs-dense {err_fd:.2e}")
-        if not (err_f <= BF16_REL and err_f <= 2 * err_d + 5e-3):
+        if not err_f <= BF16_VS_DENSE * err_d + BF16_SLACK:
             failures.append(lines[-1])
     worst = sorted(lines, key=lambda line: -float(line.split("flex ")[1].split()[0]))[:4]
     print(f"\n[bf16 {stream} n={n} w={window}] worst relative errors vs fp32:\n  " + "\n  ".join(worst))
