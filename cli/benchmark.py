@@ -3,9 +3,12 @@
   benchmark-mpnet attention   one two-stream attention call pair per backend and length (fwd + bwd)
   benchmark-mpnet step        a full mpnet-base pretraining step beside a BERT-base MLM step
   benchmark-mpnet all         both; writes DIR/benchmark.md, benchmark.json, attention_{time,memory}.png
+  benchmark-mpnet patterns    the attention patterns (window, block, swin, ...) on flex against SDPA with a
+                              dense mask and SDPA without one; writes DIR/patterns.{md,json}, patterns_time.png
 
 A benchmark is a command, never a timed test. On CPU only forward passes are timed (FlexAttention
-has no CPU backward); use --device cpu --quick for a smoke run. Method: docs/benchmarks.md.
+has no CPU backward); use --device cpu --quick for a smoke run. Method: docs/benchmarks.md and, for
+patterns, docs/patterns.md.
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ import json
 import torch
 
 from mpnet.benchmark import ATTENTION_BACKENDS, STEP_BACKENDS, AttentionSettings, StepSettings, benchmark
+from mpnet.pattern_benchmark import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, benchmark_patterns
 
 from ._common import command
 
 QUICK_ATTENTION = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, windows=[16], warmup=1,
                        repeats=3, max_seconds=1.0)
+QUICK_PATTERN = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16,
+                     patterns=QUICK_PATTERNS.split(","), warmup=1, repeats=3, max_seconds=1.0)
 QUICK_STEP = dict(model="tiny", seq_len=64, batch_size=4, warmup=1, repeats=3, max_seconds=5.0)
 
 
@@ -43,6 +49,13 @@ def _json_object(text):
     return value
 
 
+def _text_list(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one comma-separated entry")
+    return values
+
+
 def _name_list(choices):
     def parse(text):
         values = [v.strip() for v in text.split(",") if v.strip()]
@@ -59,7 +72,8 @@ def _common(parser):
     g.add_argument("--device", default=None, help="cuda (default when available) or cpu (forward only)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
     g.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="write DIR/benchmark.md, benchmark.json (and the attention plots) here")
+                   help="write DIR/benchmark.md, benchmark.json (and the attention plots) here; "
+                        "patterns: DIR/patterns.md, patterns.json, patterns_time.png")
     g.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke run (any flag you give still wins)")
     g.add_argument("--seed", type=int, default=0)
@@ -105,10 +119,30 @@ def _step_args(parser, flag):
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
 
 
+def _pattern_args(parser):
+    g = parser.add_argument_group("patterns")
+    g.add_argument("--lengths", type=_int_list, default=None, help="sequence lengths (default 1024,4096)")
+    g.add_argument("--patterns", type=_text_list, default=None, metavar="LIST",
+                   help="comma-separated entries: none, any pattern of docs/patterns.md (window:256, dilated:128:2, "
+                        "global:256, block:256, swin:256, prefix:P, softcap:30, alibi, ...), prefix alone "
+                        "(P = L/4) or documents[:K] (K packed documents per row); '+' joins parts of one entry "
+                        f"(block:64+softcap:30). Default {DEFAULT_PATTERNS}")
+    g.add_argument("--tokens-per-batch", type=int, default=None, help="B = this // L (default 16384)")
+    g.add_argument("--heads", type=int, default=None, help="attention heads (default 12)")
+    g.add_argument("--head-dim", type=int, default=None, help="head dimension (default 64)")
+    g.add_argument("--no-relative-bias", action="store_true",
+                   help="flex without MPNet's relative-position bias (like for like with SDPA); default: with "
+                        "the learnable bias and its gradient, as the model runs")
+    g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the cells of DIR/patterns.json from an earlier run with the same options and "
+                        "measure only the rest (with --time-budget: a long sweep in several commands)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="benchmark-mpnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{attention,step,all}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{attention,step,all,patterns}")
     p = sub.add_parser("attention", help="attention backends: time and memory against sequence length")
     _attention_args(p)
     _common(p)
@@ -118,6 +152,9 @@ def build_parser():
     p = sub.add_parser("all", help="attention sweep, then the step comparison; one report")
     _attention_args(p)
     _step_args(p, "--step-backend")
+    _common(p)
+    p = sub.add_parser("patterns", help="attention patterns: flex against SDPA with a dense mask and without")
+    _pattern_args(p)
     _common(p)
     return parser
 
@@ -154,6 +191,27 @@ def attention_settings(args, device) -> AttentionSettings:
     )
 
 
+def pattern_settings(args, device) -> PatternSettings:
+    d = PatternSettings()
+    q = QUICK_PATTERN
+    return PatternSettings(
+        lengths=_pick(args, "lengths", q, d.lengths),
+        tokens_per_batch=_pick(args, "tokens_per_batch", q, d.tokens_per_batch),
+        heads=_pick(args, "heads", q, d.heads),
+        head_dim=_pick(args, "head_dim", q, d.head_dim),
+        patterns=_pick(args, "patterns", q, d.patterns),
+        relative_bias=not args.no_relative_bias,
+        dtype=args.dtype,
+        device=device,
+        backward=torch.device(device).type == "cuda" and not args.forward_only,
+        warmup=_pick(args, "warmup", q, d.warmup),
+        repeats=_pick(args, "repeats", q, d.repeats),
+        max_seconds=_pick(args, "max_seconds", q, d.max_seconds),
+        seed=args.seed,
+        flex_kernel_options=args.flex_kernel_options,
+    )
+
+
 def step_settings(args, device) -> StepSettings:
     d = StepSettings()
     q = QUICK_STEP
@@ -180,6 +238,10 @@ def step_settings(args, device) -> StepSettings:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what == "patterns":
+        benchmark_patterns(pattern_settings(args, device), out_dir=args.output_dir, time_budget=args.time_budget,
+                           resume=args.resume)
+        return 0
     attention = attention_settings(args, device) if args.what in ("attention", "all") else None
     step = step_settings(args, device) if args.what in ("step", "all") else None
     benchmark(attention, step, out_dir=args.output_dir, time_budget=args.time_budget)
