@@ -5,6 +5,7 @@
   benchmark-mpnet all         both; writes DIR/benchmark.md, benchmark.json, attention_{time,memory}.png
   benchmark-mpnet patterns    the attention patterns (window, block, swin, ...) on flex against SDPA with a
                               dense mask and SDPA without one; writes DIR/patterns.{md,json}, patterns_time.png
+  benchmark-mpnet packing     packed vs padded fine-tuning steps on GLUE-length sentences; DIR/packing.{md,json,png}
 
 A benchmark is a command, never a timed test. On CPU only forward passes are timed (FlexAttention
 has no CPU backward); use --device cpu --quick for a smoke run. Method: docs/benchmarks.md and, for
@@ -20,6 +21,7 @@ import torch
 from mpnet.benchmark import ATTENTION_BACKENDS, STEP_BACKENDS, AttentionSettings, StepSettings, benchmark
 from mpnet.pattern_benchmark import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, benchmark_patterns
 
+from . import benchmark_packing
 from ._common import command
 
 QUICK_ATTENTION = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, windows=[16], warmup=1,
@@ -156,6 +158,7 @@ def build_parser():
     p = sub.add_parser("patterns", help="attention patterns: flex against SDPA with a dense mask and without")
     _pattern_args(p)
     _common(p)
+    benchmark_packing.add_parser(sub)  # packed vs padded fine-tuning steps (cli/benchmark_packing.py)
     return parser
 
 
@@ -237,6 +240,8 @@ def step_settings(args, device) -> StepSettings:
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.what == "packing":
+        return benchmark_packing.run(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.what == "patterns":
         benchmark_patterns(pattern_settings(args, device), out_dir=args.output_dir, time_budget=args.time_budget,

@@ -16,6 +16,7 @@ EPILOG = """examples:
   finetune-mpnet --checkpoint CKPT --task custom --data-dir my_set --text-column review --label-column stars \\
       --task-type regression
   finetune-mpnet --checkpoint CKPT --task mnli --data-dir glue_data --use-flex-attention --sliding-window-size 128
+  finetune-mpnet --checkpoint CKPT --task sst2 --data-dir data/sentiment --use-flex-attention --pack
 
 Recipe: defaults < configs/glue/TASK.yaml (used automatically when present) < --config FILE < flags <
 SECTION.KEY=VALUE overrides (sections: task, training). Data layouts: the GLUE TSV folder, an HF
@@ -43,6 +44,9 @@ def build_parser():
                              ("--max-train-examples", int, "train on a fixed random subset"),
                              ("--max-eval-examples", int, "evaluate on a fixed random subset")]:
         train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--pack", action="store_true",
+                       help="pack each batch's examples into rows of <= --max-length tokens (document isolation) "
+                            "instead of padding each to the longest; --batch-size still counts examples")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     task = p.add_argument_group("task / data")
     task.add_argument("--max-length", type=int, help="tokens per example (truncate beyond)")
@@ -65,6 +69,7 @@ def config_from_args(args):
                      "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay, "seed": args.seed,
                      "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
                      "max_eval_examples": args.max_eval_examples,
+                     "pack": True if getattr(args, "pack", False) else None,
                      "progress_bar": False if args.no_progress else None},
         "task": {"max_length": args.max_length, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column,

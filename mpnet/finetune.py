@@ -7,7 +7,12 @@ atomically after every epoch with the metrics per epoch, the best epoch, through
 backend, the seed and the library versions; tensorboard scalars go to OUTPUT/tensorboard.
 
 Batches are padded dynamically, to a multiple of `pad_to_multiple_of` (64) tokens: few distinct shapes
-means few recompiles of the FlexAttention kernel, at little padding cost.
+means few recompiles of the FlexAttention kernel, at little padding cost. With `training.pack`
+(`--pack`) a step's examples are packed instead (mpnet/modeling/packing.py): several examples share a
+row of at most `task.max_length` tokens, isolated by document ids, and the classifier reads each
+example's own <s>. A step still takes `batch_size` EXAMPLES in the same order and the loss is still
+their mean, so packing changes the layout and the speed, not the optimisation (with dropout 0 the
+losses match the padded run's to rounding; tests/test_finetune_packing.py).
 
 Reproducibility: the seed fixes the classifier initialisation, dropout and the data order; on CPU two
 runs with the same seed give identical numbers. Training subsets (--max-train-examples) are drawn with
@@ -71,6 +76,12 @@ class TrainConfig:
     max_eval_examples: int | None = None
     subset_seed: int = 0
     pad_to_multiple_of: int = 64
+    # Pack each step's examples into rows of <= task.max_length tokens (document isolation) instead of
+    # padding every example to the longest; batch_size and eval_batch_size still count examples.
+    pack: bool = False
+    # Packed batches get a multiple of this many rows (rows of padding only): fewer distinct shapes,
+    # fewer FlexAttention compiles. None: 4 with the flex backend, 1 (no extra rows) with dense.
+    pack_rows_multiple: int | None = None
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
     # comparisons with identical regularisation set it to 0.
@@ -106,7 +117,7 @@ def validate(config: FinetuneConfig):
         raise UserError(f"training.lr must be positive, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    for name in ("max_train_examples", "max_eval_examples"):
+    for name in ("max_train_examples", "max_eval_examples", "pack_rows_multiple"):
         if getattr(t, name) is not None and getattr(t, name) <= 0:
             raise UserError(f"training.{name} must be positive, got {getattr(t, name)}")
     if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
@@ -263,6 +274,37 @@ def make_batch(encoded: Encoded, indices, pad_id: int, multiple: int, cap: int):
     return input_ids, attention_mask, torch.from_numpy(encoded.labels[list(indices)])
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How examples become model inputs: padded rows (the default) or packed rows."""
+
+    pad_id: int
+    multiple: int  # widths round up to a multiple of this many tokens
+    cap: int  # the position table's limit
+    pack: bool = False
+    row_length: int = 0  # packed: tokens per row at most (task.max_length)
+    rows_multiple: int = 1  # packed: rows round up to a multiple of this
+
+    def inputs(self, encoded: Encoded, indices) -> tuple[dict, int, int]:
+        """(model keyword inputs on the CPU, real tokens, computed positions) for the examples `indices`;
+        the model returns their logits in the order of `indices`."""
+        if self.pack:
+            from .modeling.packing import pack
+
+            batch = pack([encoded.input_ids[i] for i in indices], self.row_length, self.pad_id,
+                         pad_width_to_multiple_of=self.multiple, pad_rows_to_multiple_of=self.rows_multiple)
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                      "document_ids": batch.document_ids, "starts": batch.starts}
+            return inputs, batch.num_real_tokens, batch.input_ids.numel()
+        input_ids, attention_mask, _ = make_batch(encoded, indices, self.pad_id, self.multiple, self.cap)
+        return ({"input_ids": input_ids, "attention_mask": attention_mask}, int(attention_mask.sum()),
+                input_ids.numel())
+
+
+def _on(inputs: dict, device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+
+
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -334,22 +376,28 @@ def _autocast(device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model, task: Task, dev: dict[str, Encoded], device, batch_size: int, pad_id: int, multiple: int,
-             bf16: bool = True) -> dict:
-    """Metrics on every dev split, the task score, and evaluation throughput."""
+             bf16: bool = True, batching: Batching | None = None) -> dict:
+    """Metrics on every dev split, the task score, and evaluation throughput.
+
+    batching: padded (default, from pad_id and multiple) or packed (`Batching(pack=True, ...)`)."""
     model.eval()
-    cap = model.config.max_sequence_length
+    batching = batching or Batching(pad_id, multiple, model.config.max_sequence_length)
     metrics, examples, seconds = {}, 0, 0.0
     for suffix, encoded in dev.items():
-        # Length-sorted batches pad less; predictions go back to file order before scoring.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+        # Padded: length-sorted batches pad less. Packed: file order (packing needs no sorting, and
+        # batches of mixed lengths need about the same number of rows: few shapes to compile).
+        # Predictions go back to file order before scoring.
+        order = list(range(len(encoded)))
+        if not batching.pack:
+            order.sort(key=lambda i: len(encoded.input_ids[i]))
         preds = np.zeros(len(encoded), dtype=np.float64 if task.is_regression else np.int64)
         _sync(device)
         start = time.perf_counter()
         for begin in range(0, len(order), batch_size):
             idx = order[begin:begin + batch_size]
-            input_ids, attention_mask, _ = make_batch(encoded, idx, pad_id, multiple, cap)
+            inputs, _, _ = batching.inputs(encoded, idx)
             with _autocast(device, bf16):
-                logits = model(input_ids.to(device), attention_mask.to(device)).float()
+                logits = model(**_on(inputs, device)).float()
             out = logits[:, 0] if task.is_regression else logits.argmax(-1)
             preds[idx] = out.cpu().numpy()
         _sync(device)
@@ -467,6 +515,8 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
     cap = model.config.max_sequence_length
+    rows_multiple = t.pack_rows_multiple or (4 if backend.flex else 1)
+    batching = Batching(pad_id, t.pad_to_multiple_of, cap, t.pack, prepared.max_length, rows_multiple)
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
     total_steps = steps_per_epoch * t.epochs
     warmup_steps = round(t.warmup_ratio * total_steps)
@@ -482,7 +532,7 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
     results = {
         "task": task.name, "checkpoint": str(checkpoint), "data_dir": str(data_dir), "data_layout": prepared.layout,
         "backend": backend.label, "use_flex_attention": backend.flex, "sliding_window_size": backend.window,
-        "seed": t.seed, "device": str(device), "config": to_dict(config), "max_length": prepared.max_length,
+        "packed": t.pack, "seed": t.seed, "device": str(device), "config": to_dict(config), "max_length": prepared.max_length,
         "num_train_examples": len(prepared.train),
         "num_eval_examples": {k or "dev": len(v) for k, v in prepared.dev.items()},
         "metric_names": task.metric_keys(), "score_definition": f"mean of {', '.join(task.metrics)}"
@@ -490,8 +540,9 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
         "epochs": [], "best": None, "versions": versions(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s",
-             checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device)
+    log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s",
+             checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device,
+             f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "")
 
     from tqdm.auto import tqdm
 
@@ -500,16 +551,18 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
     for epoch in range(1, t.epochs + 1):
         model.train()
         order = torch.randperm(len(prepared.train), generator=shuffle).tolist()
-        loss_sum, loss_count = 0.0, 0
+        loss_sum, loss_count, real_tokens, positions = 0.0, 0, 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step",
                    disable=None if t.progress_bar else True, leave=False)  # None: only on a terminal
         _sync(device)
         epoch_start = time.perf_counter()
         for begin in range(0, len(order), t.batch_size):
             idx = order[begin:begin + t.batch_size]
-            input_ids, attention_mask, labels = make_batch(prepared.train, idx, pad_id, t.pad_to_multiple_of, cap)
+            inputs, real, computed = batching.inputs(prepared.train, idx)
+            labels = torch.from_numpy(prepared.train.labels[idx])
+            real_tokens, positions = real_tokens + real, positions + computed
             with _autocast(device, t.bf16):
-                logits = model(input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True))
+                logits = model(**_on(inputs, device))
             loss = _loss(logits, labels.to(device), task.is_regression)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -535,9 +588,12 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
         train_seconds += epoch_seconds
         train_examples += len(order)
 
-        evaluation = evaluate(model, task, prepared.dev, device, t.eval_batch_size, pad_id, t.pad_to_multiple_of, t.bf16)
+        evaluation = evaluate(model, task, prepared.dev, device, t.eval_batch_size, pad_id, t.pad_to_multiple_of, t.bf16,
+                              batching)
         record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, loss_count),
                   "train_seconds": epoch_seconds, "train_examples_per_s": len(order) / epoch_seconds,
+                  "train_tokens_per_s": real_tokens / epoch_seconds,
+                  "train_padding_share": 1 - real_tokens / max(1, positions),
                   **evaluation, "is_best": False}
         if evaluation["score"] > best_score:
             best_score = evaluation["score"]

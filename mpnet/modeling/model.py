@@ -16,7 +16,7 @@ from .attention import encode_flex_two_stream_attention, encode_two_stream_atten
 from ..errors import UserError
 from .config import MPNetConfig
 from .masks import natural_order, relative_bias_by_distance
-from .packing import positions_within_documents
+from .packing import document_starts, positions_within_documents
 from .patterns import as_pattern
 
 PADDING_IDX = 1  # HF/fairseq: position ids start at padding_idx + 1 = 2; padding gets padding_idx
@@ -141,7 +141,11 @@ class MPNetClassificationHead(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden):
-        x = self.dropout(hidden[:, 0])
+        return self.classify(hidden[:, 0])
+
+    def classify(self, features):
+        """(N, H) <s> features -> (N, num_labels) logits."""
+        x = self.dropout(features)
         return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
 
 
@@ -277,5 +281,18 @@ class MPNetForSequenceClassification(_MPNetBase):
         self.classifier = MPNetClassificationHead(config)
         self.apply(lambda module: _init_weights(module, config.initializer_range))
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.classifier(self.encode(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, document_ids=None, starts=None):
+        """Logits, one row per example: (B, num_labels) read at each row's <s> (HF's model).
+
+        Packed rows (packing.py: several examples per row, isolated): pass document_ids (R, T) and
+        get one logit row per document, read at its first token (<s>), equal to the example's logits
+        alone. starts (N, 2): the (row, column) of each example's first token, in the order wanted
+        (`PackedBatch.starts`: input order); default with document_ids: every document, row-major.
+        """
+        hidden = self.encode(input_ids, attention_mask, document_ids)
+        if starts is None and document_ids is None:
+            return self.classifier(hidden)
+        if starts is None:
+            starts = document_starts(document_ids)
+        starts = starts.to(hidden.device)
+        return self.classifier.classify(hidden[starts[:, 0], starts[:, 1]])

@@ -9,6 +9,12 @@ restarting, each example's encoding equals the one it gets alone (tests/test_pac
 both backends). `PackedBatch.unpack` / `first_tokens` cut the outputs back per example.
 
 Rows are as wide as the fullest row (at most `max_length`); padding only fills the ends of rows.
+Compiled kernels (FlexAttention) compile once per shape: `pad_width_to_multiple_of` and
+`pad_rows_to_multiple_of` round the (rows, width) shape up to a few buckets; extra rows are all
+padding (document -1), which attends to nothing and changes no result.
+
+A classifier reads every example's <s> at `PackedBatch.starts` (row, column), in input order;
+`document_starts` finds the documents of packed rows without the PackedBatch (row-major order).
 """
 from __future__ import annotations
 
@@ -60,24 +66,51 @@ class PackedBatch:
         """(R, L, ...) per-token outputs -> one (length, ...) tensor per example, in input order."""
         return [outputs[row, start:start + length] for row, start, length in self.placements]
 
+    @property
+    def starts(self) -> torch.Tensor:
+        """(N, 2) long: (row, column) of every example's first token, in input order."""
+        return torch.tensor([(row, start) for row, start, _ in self.placements], dtype=torch.long).view(-1, 2)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return sum(length for _, _, length in self.placements)
+
     def first_tokens(self, outputs: torch.Tensor) -> torch.Tensor:
         """The <s> (first-token) features of every example, (N, ...): what a classification head reads."""
-        rows = torch.tensor([row for row, _, _ in self.placements], device=outputs.device)
-        starts = torch.tensor([start for _, start, _ in self.placements], device=outputs.device)
-        return outputs[rows, starts]
+        starts = self.starts.to(outputs.device)
+        return outputs[starts[:, 0], starts[:, 1]]
+
+    def to(self, device) -> "PackedBatch":
+        """The same batch with its tensors on `device` (placements stay Python ints)."""
+        return PackedBatch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
+                           self.document_ids.to(device, non_blocking=True), self.placements)
 
 
-def pack(examples: Sequence[Sequence[int]], max_length: int, pad_token_id: int = 1) -> PackedBatch:
-    """Pack tokenized examples (lists of ids, special tokens included) into rows of <= max_length."""
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack(examples: Sequence[Sequence[int]], max_length: int, pad_token_id: int = 1, *,
+         pad_width_to_multiple_of: int = 1, pad_rows_to_multiple_of: int = 1) -> PackedBatch:
+    """Pack tokenized examples (lists of ids, special tokens included) into rows of <= max_length.
+
+    The width is the fullest row's length rounded up to `pad_width_to_multiple_of`, never past
+    max_length (so `pad_width_to_multiple_of=max_length` gives rows of exactly max_length); the
+    number of rows is rounded up to `pad_rows_to_multiple_of` with rows of padding only.
+    """
     if not examples:
         raise UserError("nothing to pack: the list of examples is empty")
+    if pad_width_to_multiple_of < 1 or pad_rows_to_multiple_of < 1:
+        raise UserError("pad_width_to_multiple_of and pad_rows_to_multiple_of must be positive integers")
     lengths = [len(example) for example in examples]
     if min(lengths) == 0:
         raise UserError(f"example {lengths.index(0)} is empty; every packed example needs at least one token")
     rows = best_fit(lengths, max_length)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    document_ids = torch.full((len(rows), width), PADDING_DOCUMENT, dtype=torch.long)
+    fullest = max(sum(lengths[i] for i in row) for row in rows)
+    width = min(_round_up(fullest, pad_width_to_multiple_of), max(max_length, fullest))
+    num_rows = _round_up(len(rows), pad_rows_to_multiple_of)
+    input_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
+    document_ids = torch.full((num_rows, width), PADDING_DOCUMENT, dtype=torch.long)
     placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(examples)
     for r, row in enumerate(rows):
         start = 0
@@ -103,3 +136,14 @@ def positions_within_documents(real: torch.Tensor, document_ids: torch.Tensor) -
     # Real tokens before the current run: recorded at each run start, carried forward (non-decreasing).
     before = torch.where(starts, counts - real.long(), 0).cummax(1).values
     return torch.where(real, counts - before - 1, -1)
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """(row, column) of every document's first token in packed rows, row-major order: (N, 2) long.
+
+    A document is a run of equal ids other than -1 (padding), as `pack` writes them.
+    """
+    real = document_ids != PADDING_DOCUMENT
+    starts = real.clone()
+    starts[:, 1:] &= document_ids[:, 1:] != document_ids[:, :-1]
+    return starts.nonzero()

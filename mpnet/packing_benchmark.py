@@ -1,0 +1,583 @@
+"""Packed against padded fine-tuning steps on GLUE-length inputs: the library behind `benchmark-mpnet packing`.
+
+One fine-tuning step of `MPNetForSequenceClassification` (mpnet-base by default: forward, cross-entropy
+over the examples, backward; bf16 autocast on CUDA) on the SAME examples laid out four ways:
+
+- `padded-dense`: random batches (not length-sorted) padded to their longest example, the usual
+  Hugging Face way, dense attention backend;
+- `padded-flex`: the same padded batches on the FlexAttention backend;
+- `packed-flex`: the same examples packed into rows (mpnet/modeling/packing.py, best-fit decreasing),
+  FlexAttention with document isolation (positions restart per example; a token sees only its own
+  example), logits read at each example's <s>: exactly what the example gets alone;
+- `packed-dense`: the packed rows on the dense backend (materialised (R, H, T, T) mask and bias).
+
+Every variant sees the same number of EXAMPLES per step (`examples_per_step`), so examples/s compare
+directly; real tokens/s counts only non-padding tokens, and the padding share is padding positions
+over all positions computed (padded: N x width; packed: rows x row length, empty bucket rows included).
+
+Shapes: FlexAttention compiles once per input shape, so shapes are bucketed. Padded widths round up to
+a multiple of `pad_multiple` tokens (never past max_length); packed rows are exactly `row_length`
+tokens wide and their number rounds up to a multiple of `rows_multiple` (extra rows are all padding
+and change nothing). The dense variants use the same shapes, so the backends compare like for like.
+
+Inputs: real sentence lengths. By default the SST-2-like sentiment sentences that
+scripts/make_sentiment_data.py writes to data/sentiment/train.tsv when they are there, else the
+embedded corpus (Jane Austen's novels, mpnet/resources/corpus) split into sentences; `--data` names
+another TSV with a `sentence` column, a GLUE task folder, or a text corpus. Tokenized with the
+project's tokenizer (mpnet/resources/tokenizer), truncated to max_length. The report says which.
+
+Timing, memory, failure handling and report conventions come from mpnet/benchmark.py (imported):
+median [p20, p80] with CUDA events and the L2 flushed before each step; the timed steps cycle through
+`batches` distinct random batches, so throughput = all real tokens (examples) of the timed steps /
+their summed time. On CPU: wall clock, forward only (FlexAttention has no CPU backward).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from .benchmark import (
+    DTYPES,
+    Deadline,
+    Timer,
+    _compiled_graphs,
+    _failure,
+    _failure_notes,
+    _fmt,
+    _free,
+    _summary,
+    _warm,
+    configure_dynamo,
+    environment,
+    print_header,
+    resolve_device,
+)
+from .errors import UserError
+from .modeling.config import MPNetConfig
+from .modeling.packing import pack
+
+VARIANTS = ("padded-dense", "packed-flex", "padded-flex", "packed-dense")  # run order: the key pair first
+REPORT_ORDER = ("padded-dense", "padded-flex", "packed-flex", "packed-dense")
+REPO = Path(__file__).resolve().parents[1]
+SENTIMENT_TSV = Path("data") / "sentiment" / "train.tsv"
+
+
+@dataclass
+class PackingSettings:
+    examples_per_step: list = field(default_factory=lambda: [32, 128])
+    max_length: int = 128  # truncation (GLUE recipes use 128; MPNet's own 512)
+    row_length: int | None = None  # packed row width (default: max_length)
+    pad_multiple: int = 32  # padded widths round up to a multiple of this (bucketing: few flex compiles)
+    rows_multiple: int = 4  # packed row counts round up to a multiple of this
+    batches: int = 8  # distinct random batches per examples_per_step, cycled while timing
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    model: str = "base"  # base (mpnet-base) | tiny
+    data: str | None = None  # None: data/sentiment/train.tsv if present, else the embedded corpus
+    pairs: bool = False  # sentence pairs (consecutive sentences), as MNLI/QQP/MRPC
+    num_labels: int = 2
+    attention_dropout: float = 0.0  # 0: both backends compute the same function (flex has no attention dropout)
+    dtype: str = "bf16"
+    device: str = "cuda"
+    backward: bool = True  # forward + backward (GPU); forward only on CPU
+    warmup: int = 1  # warm-up passes over all batches after the first (compiling) pass
+    repeats: int = 24  # timed steps (at least 3), cycling through the batches
+    max_seconds: float = 10.0  # stop timing a cell after this long (once 3 steps are in)
+    seed: int = 0
+
+    @property
+    def row(self) -> int:
+        return self.row_length or self.max_length
+
+    def validate(self):
+        if not self.examples_per_step or any(n < 1 for n in self.examples_per_step):
+            raise UserError("--examples-per-step must be positive integers, e.g. 32,128")
+        if self.max_length < 8:
+            raise UserError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        limit = MPNetConfig.base().max_sequence_length
+        if self.row > limit or self.max_length > limit:
+            raise UserError(f"--max-length/--row-length must be <= {limit} (the position table of mpnet-base)")
+        if self.row < self.max_length:
+            raise UserError(f"--row-length {self.row} is shorter than --max-length {self.max_length}: "
+                            "the longest examples would not fit in a row")
+        for name in ("pad_multiple", "rows_multiple", "batches", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.warmup < 0:
+            raise UserError("--warmup must be >= 0")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise UserError(f"unknown variant(s) {unknown or '(none)'}; pick from {', '.join(REPORT_ORDER)}")
+        if self.model not in ("base", "tiny"):
+            raise UserError("--model must be base or tiny")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if not 0 <= self.attention_dropout < 1:
+            raise UserError("--attention-dropout must be in [0, 1)")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a document: split after . ! ? (and a closing quote), at least three words each."""
+    text = " ".join(text.split())
+    parts = re.split(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+", text)
+    return [p for p in parts if len(p.split()) >= 3]
+
+
+def _read_tsv_sentences(path: Path) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or "sentence" not in [h.strip() for h in rows[0]]:
+        raise UserError(f"{path} has no 'sentence' column in its header (expected the GLUE SST-2 layout)")
+    column = [h.strip() for h in rows[0]].index("sentence")
+    return [row[column] for row in rows[1:] if len(row) > column and row[column].strip()]
+
+
+def load_sentences(spec: str | None) -> tuple[list[str], str]:
+    """(sentences, where they came from). spec None: the sentiment set if present, else the embedded corpus."""
+    from .data.corpus import EMBEDDED_CORPUS, iter_documents, list_sources
+
+    if spec is None:
+        for candidate in (Path.cwd() / SENTIMENT_TSV, REPO / SENTIMENT_TSV):
+            if candidate.is_file():
+                sentences = _read_tsv_sentences(candidate)
+                return sentences, (f"sentiment sentences ({candidate}: rottentomatoes.com snippets written by "
+                                   f"scripts/make_sentiment_data.py), {len(sentences)} sentences")
+        spec = "embedded"
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "train.tsv").is_file():
+        path = path / "train.tsv"
+    if path.is_file() and path.suffix == ".tsv":
+        sentences = _read_tsv_sentences(path)
+        return sentences, f"{path} ('sentence' column), {len(sentences)} sentences"
+    files = list_sources(spec)
+    sentences = [s for doc in iter_documents(files) for s in split_sentences(doc)]
+    if len(sentences) < 2:
+        raise UserError(f"{spec}: found fewer than two sentences of three words or more")
+    name = ("the embedded corpus (Jane Austen's six novels, mpnet/resources/corpus/austen.txt.gz)"
+            if files == [EMBEDDED_CORPUS.resolve()] else f"{spec}")
+    return sentences, f"{name} split into sentences, {len(sentences)} sentences"
+
+
+@dataclass
+class Examples:
+    """Tokenized examples per examples_per_step: `batches` lists of token-id lists, and labels."""
+
+    batches: dict  # N -> list of batches (each a list of id lists)
+    labels: dict  # N -> list of (N,) label tensors
+    source: str
+    stats: dict
+
+
+def draw_examples(settings: PackingSettings, tokenizer, sentences: list[str], source: str) -> Examples:
+    """Seeded random batches (no length sorting), tokenized with truncation to max_length."""
+    rng = random.Random(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    pool = len(sentences) - 1 if settings.pairs else len(sentences)
+    draws = {n: [rng.sample(range(pool), min(n, pool)) for _ in range(settings.batches)]
+             for n in settings.examples_per_step}
+    if any(len(d[0]) < n for n, d in draws.items()):
+        raise UserError(f"{source}: only {pool} examples, fewer than --examples-per-step")
+    wanted = sorted({i for d in draws.values() for batch in d for i in batch})
+    first = [sentences[i] for i in wanted]
+    second = [sentences[i + 1] for i in wanted] if settings.pairs else None
+    encoded = tokenizer(first, second, truncation=True, max_length=settings.max_length)["input_ids"]
+    ids = dict(zip(wanted, encoded))
+    batches = {n: [[ids[i] for i in batch] for batch in d] for n, d in draws.items()}
+    labels = {n: [torch.randint(0, settings.num_labels, (n,), generator=gen) for _ in d] for n, d in draws.items()}
+    lengths = sorted(len(e) for e in encoded)
+    stats = {"examples_drawn": len(lengths), "mean_tokens": statistics.fmean(lengths),
+             "median_tokens": statistics.median(lengths), "p90_tokens": lengths[int(0.9 * (len(lengths) - 1))],
+             "max_tokens": lengths[-1],
+             "truncated_share": sum(length >= settings.max_length for length in lengths) / len(lengths)}
+    kind = "sentence pairs (consecutive sentences)" if settings.pairs else "single sentences"
+    return Examples(batches, labels, f"{source}; {kind}", stats)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def padded_batch(examples: list[list[int]], pad_id: int, multiple: int, max_length: int) -> dict:
+    """Right-padded to the longest example, rounded up to a multiple (never past max_length)."""
+    width = min(_round_up(max(len(e) for e in examples), multiple), max(max_length, max(len(e) for e in examples)))
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, :len(example)] = torch.tensor(example, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long()}
+
+
+def packed_batch(examples: list[list[int]], pad_id: int, row_length: int, rows_multiple: int) -> dict:
+    """Rows of exactly row_length tokens, their number rounded up to rows_multiple; logits in input order."""
+    batch = pack(examples, row_length, pad_id, pad_width_to_multiple_of=row_length,
+                 pad_rows_to_multiple_of=rows_multiple)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "document_ids": batch.document_ids, "starts": batch.starts}
+
+
+def layout(settings: PackingSettings, variant: str, examples: list[list[int]], pad_id: int) -> dict:
+    if variant.startswith("packed"):
+        return packed_batch(examples, pad_id, settings.row, settings.rows_multiple)
+    return padded_batch(examples, pad_id, settings.pad_multiple, settings.max_length)
+
+
+# ------------------------------------------------------------------------------------------ cells
+
+
+def _model_config(settings: PackingSettings, flex: bool, vocab_size: int) -> MPNetConfig:
+    make = MPNetConfig.base if settings.model == "base" else MPNetConfig.tiny
+    return make(vocab_size=vocab_size, num_labels=settings.num_labels, use_flex_attention=flex,
+                attention_probs_dropout_prob=settings.attention_dropout)
+
+
+def _cell(settings: PackingSettings, variant: str, n: int, examples: Examples, pad_id: int, vocab_size: int,
+          device, timer) -> dict:
+    from .modeling.model import MPNetForSequenceClassification
+
+    amp = DTYPES[settings.dtype]
+    flex = variant.endswith("flex")
+    torch.manual_seed(settings.seed)  # the same weights for every variant
+    model = MPNetForSequenceClassification(_model_config(settings, flex, vocab_size)).to(device).train()
+    batches, real, shapes = [], [], []
+    for ids, labels in zip(examples.batches[n], examples.labels[n]):
+        inputs = layout(settings, variant, ids, pad_id)
+        real.append(int(inputs["attention_mask"].sum()))
+        shapes.append(tuple(inputs["input_ids"].shape))
+        batches.append(({k: v.to(device) for k, v in inputs.items()}, labels.to(device)))
+    result = {"shapes": sorted(set(shapes)), "real_tokens_per_step": statistics.fmean(real),
+              "positions_per_step": statistics.fmean(s[0] * s[1] for s in shapes)}
+    result["padding_share"] = 1 - sum(real) / sum(s[0] * s[1] for s in shapes)
+    used: list[int] = []
+    phase = ["forward"]
+
+    def step():
+        index = len(used) % len(batches)
+        used.append(index)
+        inputs, labels = batches[index]
+        phase[0] = "forward"
+        if settings.backward:
+            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                logits = model(**inputs)
+            loss = F.cross_entropy(logits.float(), labels)
+            phase[0] = "backward"
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                model(**inputs)
+        phase[0] = "timing"
+
+    try:
+        graphs = _compiled_graphs()
+        result["first_pass_s"] = timer.wall(lambda: [step() for _ in batches]) / 1e3  # every shape compiles here
+        _warm(timer, step, settings.warmup * len(batches), settings.max_seconds)
+        result["graphs"] = _compiled_graphs() - graphs
+        used.clear()
+        graphs = _compiled_graphs()
+        times, result["peak_gib"] = timer.measure(step, settings.repeats, settings.max_seconds, peak=True)
+        if _compiled_graphs() != graphs:
+            result["note"] = "recompiled while timing"
+    except Exception as exc:
+        exc.benchmark_phase = phase[0]
+        raise
+    seconds = sum(times) / 1e3
+    result.update(_summary(times))
+    result["real_tokens_per_s"] = sum(real[i] for i in used) / seconds
+    result["examples_per_s"] = n * len(times) / seconds
+    result["mean_ms"] = 1e3 * seconds / len(times)
+    return result
+
+
+def run_packing(settings: PackingSettings, examples: Examples, pad_id: int, vocab_size: int,
+                on_update: Callable | None = None, deadline: Deadline | None = None, log=print) -> list:
+    """All cells: for each examples_per_step, each variant (in VARIANTS order); `on_update(cells)` after each."""
+    device = resolve_device(settings.device)
+    deadline = deadline or Deadline()
+    configure_dynamo()
+    timer = Timer(device)
+    cells = []
+    for n in settings.examples_per_step:
+        torch._dynamo.reset()
+        for variant in [v for v in VARIANTS if v in settings.variants]:
+            cell = {"examples": n, "variant": variant, "backend": "flex" if variant.endswith("flex") else "dense",
+                    "layout": variant.split("-")[0]}
+            if deadline.passed():
+                cell["status"] = "SKIP: time budget"
+            else:
+                started, failure = time.perf_counter(), None
+                try:
+                    cell.update(_cell(settings, variant, n, examples, pad_id, vocab_size, device, timer))
+                    cell["status"] = "ok"
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a table row
+                    failure, cell["error"] = _failure(exc)
+                    cell["failed_after_s"] = time.perf_counter() - started
+                    del exc
+                if failure is not None:
+                    cell["status"] = failure
+                    if failure != "OOM":
+                        torch._dynamo.reset()
+                _free(device)
+            cells.append(cell)
+            _speedups(cells)
+            log(_progress_line(cell))
+            if on_update:
+                on_update(cells)
+    return cells
+
+
+def _speedups(cells):
+    """examples/s over the padded variants' at the same examples_per_step (same examples, so same ratio
+    for real tokens/s)."""
+    for cell in cells:
+        for ref in ("padded-dense", "padded-flex"):
+            base = next((c for c in cells if c["examples"] == cell["examples"] and c["variant"] == ref
+                         and c["status"] == "ok"), None)
+            if cell["status"] == "ok" and base is not None:
+                cell[f"vs_{ref.replace('-', '_')}"] = cell["examples_per_s"] / base["examples_per_s"]
+
+
+def _shapes_text(shapes) -> str:
+    return ", ".join(f"{a}x{b}" for a, b in shapes)
+
+
+def _progress_line(cell) -> str:
+    head = f"N={cell['examples']:>4} {cell['variant']:<13}"
+    if cell["status"] != "ok":
+        return f"{head} {cell['status']}"
+    text = (f"{head} {cell['ms']:8.2f} ms/step  {cell['examples_per_s']:9.1f} ex/s  "
+            f"{cell['real_tokens_per_s']:10.0f} real tok/s  padding {100 * cell['padding_share']:4.1f}%  "
+            f"shapes {_shapes_text(cell['shapes'])}  first pass {cell['first_pass_s']:.1f} s")
+    if cell.get("vs_padded_dense") is not None:
+        text += f"  {cell['vs_padded_dense']:.2f}x padded-dense"
+    if cell.get("peak_gib") is not None:
+        text += f"  peak {cell['peak_gib']:.2f} GiB"
+    if cell.get("note"):
+        text += f"  [{cell['note']}]"
+    return text
+
+
+# ----------------------------------------------------------------------------------------- reports
+
+
+def table(cells):
+    order = {v: i for i, v in enumerate(REPORT_ORDER)}
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["examples"], order[c["variant"]])):
+        ok = c["status"] == "ok"
+        rows.append([
+            c["examples"], c["variant"],
+            _shapes_text(c["shapes"]) if ok else "",
+            f"{100 * c['padding_share']:.1f}" if ok else "",
+            f"{c['ms']:.2f} [{c['p20_ms']:.2f}, {c['p80_ms']:.2f}]" if ok else c["status"],
+            _fmt(c.get("examples_per_s"), ",.1f") if ok else "",
+            _fmt(c.get("real_tokens_per_s"), ",.0f") if ok else "",
+            (_fmt(c.get("vs_padded_dense"), ".2f") + "x") if c.get("vs_padded_dense") is not None else "",
+            (_fmt(c.get("vs_padded_flex"), ".2f") + "x") if c.get("vs_padded_flex") is not None else "",
+            _fmt(c.get("peak_gib"), ".2f", "n/a") if ok else "",
+            _fmt(c.get("first_pass_s"), ".1f") if ok else "",
+        ])
+    headers = ["examples/step", "variant", "shapes (rows x width)", "padding %", "step ms median [p20, p80]",
+               "examples/s", "real tokens/s", "x padded-dense", "x padded-flex", "peak GiB", "first pass s"]
+    return rows, headers
+
+
+def headline(cells) -> list:
+    """One line per examples_per_step: packed-flex against the padded variants."""
+    lines = []
+    for n in sorted({c["examples"] for c in cells}):
+        packed = next((c for c in cells if c["examples"] == n and c["variant"] == "packed-flex" and c["status"] == "ok"),
+                      None)
+        if packed is None:
+            continue
+        parts = [f"{packed[key]:.2f}x {ref}" for key, ref in (("vs_padded_dense", "padded-dense"),
+                                                             ("vs_padded_flex", "padded-flex")) if key in packed]
+        if parts:
+            lines.append(f"{n} examples/step: packed-flex is " + ", ".join(parts)
+                         + f" (padding {100 * packed['padding_share']:.0f}% vs "
+                         + ", ".join(f"{100 * c['padding_share']:.0f}% {c['variant']}" for c in cells
+                                     if c["examples"] == n and c["layout"] == "padded" and c["status"] == "ok")
+                         + ")")
+    return lines
+
+
+METHOD = """\
+- Step: `MPNetForSequenceClassification` ({model}, random init, {labels} labels, hidden dropout 0.1,
+  attention dropout {dropout}), {step}
+- The same {batches} random batches of N examples (no length sorting) for every variant, cycled while
+  timing: median [p20, p80] of up to {repeats} steps ({timer}) after one pass that compiles every
+  shape ("first pass s") and {warmup} more warm-up pass(es). examples/s and real tokens/s = the timed
+  steps' examples / non-padding tokens over their summed time; the speed-ups divide examples/s at
+  the same N (identical for real tokens/s).
+- padded: each batch right-padded to its longest example rounded up to a multiple of {pad} tokens (at
+  most {max_length}). packed: best-fit decreasing into rows of exactly {row} tokens, the number of rows
+  rounded up to a multiple of {rows} (whole rows of padding); document ids isolate the examples and
+  restart their positions, and the classifier reads each example's own <s> (tests prove the packed
+  logits and gradients equal the example alone). padding % = padding positions / all positions.
+- dense: materialised mask and (B, H, T, T) bias; flex: {flex} FlexAttention (BlockMask per step,
+  built inside the timed step as in training), padding and other examples' tokens skipped by the
+  block mask where a whole 128-tile is masked."""
+
+
+def render_markdown(env, settings: PackingSettings, examples: Examples, cells, plots=()) -> str:
+    from tabulate import tabulate
+
+    out = [f"# benchmark-mpnet packing: {env['date']}", "", "| | |", "|---|---|"]
+    for key in ("device", "torch", "cuda", "triton", "transformers", "python", "command"):
+        out.append(f"| {key} | `{env.get(key)}` |")
+    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
+    s = examples.stats
+    out += ["", f"## Packed vs padded fine-tuning steps, {mode}, {settings.dtype}", "",
+            f"Inputs: {examples.source}. Tokens per example (with <s> and </s>, truncated to "
+            f"{settings.max_length}): mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, "
+            f"p90 {s['p90_tokens']}, max {s['max_tokens']}; {100 * s['truncated_share']:.1f}% truncated "
+            f"({s['examples_drawn']} examples drawn).", "", "Settings:", ""]
+    out += [f"- `{k}`: {v}" for k, v in dataclasses.asdict(settings).items()]
+    out += ["", "Method:", "", METHOD.format(
+        model=f"mpnet-{settings.model}", labels=settings.num_labels, dropout=settings.attention_dropout,
+        step=(f"forward in {settings.dtype} autocast, cross-entropy over the step's examples, backward, "
+              "zero_grad (no optimizer update: it costs the same in every variant)." if settings.backward else
+              f"forward only (no_grad), {settings.dtype}" + (" autocast." if settings.dtype != "fp32" else ".")),
+        flex="compiled" if settings.device.startswith("cuda") else "eager (CPU: not compiled)",
+        batches=settings.batches,
+        repeats=settings.repeats, warmup=settings.warmup,
+        timer="CUDA events, L2 flushed before each" if settings.device.startswith("cuda") else "wall clock",
+        pad=settings.pad_multiple, max_length=settings.max_length, row=settings.row, rows=settings.rows_multiple), ""]
+    rows, headers = table(cells)
+    out += ["### Results", "", tabulate(rows, headers, tablefmt="github", disable_numparse=True), ""]
+    out += [f"- {line}" for line in headline(cells)]
+    out += [""] + _failure_notes(cells, lambda c: f"N={c['examples']} {c['variant']}")
+    for name in plots:
+        out += [f"![{name}]({name})", ""]
+    return "\n".join(out) + "\n"
+
+
+def plot_packing(cells, settings: PackingSettings, out_dir: Path) -> list:
+    """packing.png: examples/s per variant (bars grouped by examples per step, labelled with the
+    speed-up over padded-dense) beside the padding share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({c["examples"] for c in cells})
+    variants = [v for v in REPORT_ORDER if any(c["variant"] == v for c in cells)]
+    if not sizes or not variants:
+        return []
+    fig, (ax, ax_pad) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        xs, ys, pads, notes = [], [], [], []
+        for i, n in enumerate(sizes):
+            cell = next((c for c in cells if c["examples"] == n and c["variant"] == variant), None)
+            x = i + (k - (len(variants) - 1) / 2) * width
+            if cell is None:
+                continue
+            if cell["status"] == "ok":
+                xs.append(x)
+                ys.append(cell["examples_per_s"])
+                pads.append(100 * cell["padding_share"])
+                notes.append(f"{cell['vs_padded_dense']:.2f}x" if cell.get("vs_padded_dense") is not None else "")
+            else:
+                ax.annotate(cell["status"].split(":")[0], (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+        bars = ax.bar(xs, ys, width, label=variant, color=f"C{k}")
+        for bar, note in zip(bars, notes):
+            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax_pad.bar(xs, pads, width, label=variant, color=f"C{k}")
+    for axis in (ax, ax_pad):
+        axis.set_xticks(range(len(sizes)))
+        axis.set_xticklabels([f"{n} examples/step" for n in sizes])
+        axis.grid(True, axis="y", alpha=0.3)
+    mode = "fwd+bwd" if settings.backward else "forward only"
+    ax.set_ylabel("examples/s (higher is better)")
+    ax.set_title(f"mpnet-{settings.model} classification step, {mode}, {settings.dtype}; label: x padded-dense",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax_pad.set_ylabel("padding share of computed positions (%)")
+    ax_pad.set_ylim(0, 100)
+    ax_pad.set_title(f"rows: padded to longest (x{settings.pad_multiple}) / packed {settings.row}-token rows",
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "packing.png")
+    plt.close(fig)
+    return ["packing.png"]
+
+
+class PackingReport:
+    """DIR/packing.md, packing.json and packing.png, rewritten after every cell."""
+
+    def __init__(self, out_dir, env, settings: PackingSettings, examples: Examples):
+        self.dir = Path(out_dir) if out_dir else None
+        self.env, self.settings, self.examples = env, settings, examples
+        self.cells, self.plots = [], []
+        if self.dir is not None:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create --output-dir {self.dir}: {err.strerror}") from None
+
+    def write(self, cells=None, plot=True):
+        if cells is not None:
+            self.cells = cells
+        if self.dir is None:
+            return
+        if plot:
+            self.plots = plot_packing(self.cells, self.settings, self.dir)
+        data = {"environment": self.env, "settings": dataclasses.asdict(self.settings),
+                "inputs": {"source": self.examples.source, **self.examples.stats}, "cells": self.cells,
+                "headline": headline(self.cells)}
+        for name, text in (("packing.json", json.dumps(data, indent=2, default=str)),
+                           ("packing.md", render_markdown(self.env, self.settings, self.examples, self.cells,
+                                                          self.plots))):
+            tmp = self.dir / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.dir / name)
+
+
+def benchmark_packing(settings: PackingSettings, out_dir=None, time_budget: float | None = None,
+                      log=print) -> PackingReport:
+    """Read and tokenize the inputs, run every cell, print the table, write the report."""
+    from tabulate import tabulate
+
+    from .data.tokenizer import load_tokenizer
+
+    settings.validate()
+    resolve_device(settings.device)
+    tokenizer = load_tokenizer("default")
+    sentences, source = load_sentences(settings.data)
+    examples = draw_examples(settings, tokenizer, sentences, source)
+    env = environment()
+    report = PackingReport(out_dir, env, settings, examples)
+    print_header(env, [settings], log)
+    s = examples.stats
+    log(f"  inputs: {examples.source}")
+    log(f"  tokens per example: mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 {s['p90_tokens']}, "
+        f"max {s['max_tokens']}, {100 * s['truncated_share']:.1f}% truncated to {settings.max_length}")
+    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward)"
+    log(f"\n== packed vs padded fine-tuning steps, mpnet-{settings.model}, {mode} ==")
+    cells = run_packing(settings, examples, tokenizer.pad_token_id, len(tokenizer),
+                        lambda c: report.write(c, plot=False), Deadline(time_budget), log)
+    report.write(cells, plot=True)
+    rows, headers = table(cells)
+    log("\n" + tabulate(rows, headers, tablefmt="github", disable_numparse=True))
+    for line in headline(cells):
+        log(line)
+    if not settings.backward:
+        log("\nNOTE: forward only (CPU); the GPU run times forward + backward.")
+    if report.dir is not None:
+        log(f"\nwrote {report.dir / 'packing.md'}, {report.dir / 'packing.json'}"
+            + "".join(f", {report.dir / p}" for p in report.plots))
+    return report

@@ -1,0 +1,91 @@
+"""`benchmark-mpnet packing` on CPU at tiny sizes (a smoke run of the command, not a timed test), and
+the pieces it is built from: sentence splitting, the input sources, the padded and packed layouts."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mpnet.errors import UserError
+from mpnet.packing_benchmark import PackingSettings, load_sentences, packed_batch, padded_batch, split_sentences
+from test_glue_support import call_main, cli_main
+
+
+@pytest.fixture
+def benchmark_main(monkeypatch):
+    """benchmark-mpnet's main() in-process. cli_main may put a shim for `mpnet_cli` on sys.path; it is
+    taken away afterwards, so later tests still see whether the package is really installed."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield cli_main("benchmark")
+    for name in set(sys.modules) - before:
+        if name == "mpnet_cli" or name.startswith("mpnet_cli."):
+            del sys.modules[name]
+
+
+def test_split_sentences():
+    text = 'He came.  "Are you well?" she asked him! Then nothing\nmore was said. Ok. The end of it.'
+    assert split_sentences(text) == ['"Are you well?"', "she asked him!", "Then nothing more was said.",
+                                     "The end of it."]
+
+
+def test_sources(tmp_path):
+    sentences, source = load_sentences("embedded")
+    assert len(sentences) > 10000 and "embedded corpus" in source
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("sentence\tlabel\na fine film indeed\t1\nnot good at all\t0\n")
+    sentences, source = load_sentences(str(tmp_path))  # a folder holding train.tsv
+    assert sentences == ["a fine film indeed", "not good at all"] and str(tsv) in source
+    (tmp_path / "bad.tsv").write_text("text\tlabel\nx\t1\n")
+    with pytest.raises(UserError, match="no 'sentence' column"):
+        load_sentences(str(tmp_path / "bad.tsv"))
+
+
+def test_layouts_hold_the_same_tokens():
+    examples = [[0, *range(5, 5 + n), 2] for n in (3, 40, 17, 9, 60)]
+    padded = padded_batch(examples, pad_id=1, multiple=32, max_length=64)
+    assert padded["input_ids"].shape == (5, 64)  # longest 62 -> 64
+    packed = packed_batch(examples, pad_id=1, row_length=64, rows_multiple=4)
+    assert packed["input_ids"].shape == (4, 64)  # 3 rows of examples, rounded up to 4
+    assert int(padded["attention_mask"].sum()) == int(packed["attention_mask"].sum()) == sum(map(len, examples))
+    starts = packed["starts"]
+    assert packed["input_ids"][starts[:, 0], starts[:, 1]].tolist() == [0] * 5  # every example's <s>
+
+
+def test_settings_are_checked():
+    with pytest.raises(UserError, match="row-length"):
+        PackingSettings(max_length=128, row_length=64).validate()
+    with pytest.raises(UserError, match="unknown variant"):
+        PackingSettings(variants=["packed-sdpa"]).validate()
+
+
+def test_cli_quick_cpu_writes_the_report(benchmark_main, tmp_path, capsys):
+    out = tmp_path / "packing"
+    code, err = call_main(benchmark_main, "packing", "--device", "cpu", "--quick", "--examples-per-step", 4,
+                          "--batches", 1, "--max-length", 32, "--max-seconds", 0.1, "--output-dir", out)
+    assert code == 0, err
+    printed = capsys.readouterr().out
+    assert "FORWARD ONLY" in printed and "| variant" in printed and "embedded corpus" in printed
+    for name in ("packing.md", "packing.json", "packing.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "packing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "packing.json").read_text())
+    cells = data["cells"]
+    assert [c["variant"] for c in cells] == ["padded-dense", "packed-flex", "padded-flex", "packed-dense"]
+    for cell in cells:
+        assert cell["status"] == "ok", cell
+        assert cell["examples_per_s"] > 0 and cell["real_tokens_per_s"] > 0 and 0 <= cell["padding_share"] < 1
+    # the same examples in every layout: the same real tokens per step
+    assert len({c["real_tokens_per_step"] for c in cells}) == 1
+    assert cells[0]["vs_padded_dense"] == pytest.approx(1.0)
+    assert data["inputs"]["source"].startswith("the embedded corpus") or "sentiment" in data["inputs"]["source"]
+    md = (out / "packing.md").read_text()
+    assert "## Packed vs padded" in md and "![packing.png](packing.png)" in md and "x padded-dense" in md
+    assert torch.__version__ in md
+
+
+def test_bad_input_is_one_line(benchmark_main):
+    code, err = call_main(benchmark_main, "packing", "--device", "cpu", "--max-length", "4")
+    assert code == 2 and "benchmark-mpnet: error:" in err and "--max-length" in err
