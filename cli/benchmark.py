@@ -119,6 +119,8 @@ def _step_args(parser, flag):
                    help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
+    g.add_argument("--profile", action="store_true",
+                   help="also break each model's step down by GPU kernel family (torch.profiler; CUDA only)")
 
 
 def _pattern_args(parser):
@@ -234,6 +236,7 @@ def step_settings(args, device) -> StepSettings:
         max_seconds=_pick(args, "max_seconds", q, d.max_seconds),
         seed=args.seed,
         flex_kernel_options=args.flex_kernel_options,
+        profile=args.profile,
     )
 
 
