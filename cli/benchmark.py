@@ -22,23 +22,13 @@ from mpnet.benchmark import ATTENTION_BACKENDS, STEP_BACKENDS, AttentionSettings
 from mpnet.pattern_benchmark import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, benchmark_patterns
 
 from . import benchmark_packing
-from ._common import command
+from ._common import command, int_list, name_list
 
 QUICK_ATTENTION = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, windows=[16], warmup=1,
                        repeats=3, max_seconds=1.0)
 QUICK_PATTERN = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16,
                      patterns=QUICK_PATTERNS.split(","), warmup=1, repeats=3, max_seconds=1.0)
 QUICK_STEP = dict(model="tiny", seq_len=64, batch_size=4, warmup=1, repeats=3, max_seconds=5.0)
-
-
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _json_object(text):
@@ -56,17 +46,6 @@ def _text_list(text):
     if not values:
         raise argparse.ArgumentTypeError("expected at least one comma-separated entry")
     return values
-
-
-def _name_list(choices):
-    def parse(text):
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"unknown {bad or '(empty)'}; choose from {', '.join(choices)}")
-        return values
-
-    return parse
 
 
 def _common(parser):
@@ -94,12 +73,12 @@ def _common(parser):
 
 def _attention_args(parser):
     g = parser.add_argument_group("attention")
-    g.add_argument("--lengths", type=_int_list, default=None, help="sequence lengths (default 512,1024,2048,4096,8192)")
+    g.add_argument("--lengths", type=int_list, default=None, help="sequence lengths (default 512,1024,2048,4096,8192)")
     g.add_argument("--tokens-per-batch", type=int, default=None, help="B = this // L (default 16384)")
     g.add_argument("--heads", type=int, default=None, help="attention heads (default 12)")
     g.add_argument("--head-dim", type=int, default=None, help="head dimension (default 64)")
-    g.add_argument("--windows", type=_int_list, default=None, help="sliding-window sizes for flex-window (default 256,1024)")
-    g.add_argument("--backends", type=_name_list(ATTENTION_BACKENDS), default=None,
+    g.add_argument("--windows", type=int_list, default=None, help="sliding-window sizes for flex-window (default 256,1024)")
+    g.add_argument("--backends", type=name_list(ATTENTION_BACKENDS), default=None,
                    help=f"subset of {','.join(ATTENTION_BACKENDS)} (default all)")
     g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
     g.add_argument("--with-projections", action="store_true",
@@ -112,7 +91,7 @@ def _step_args(parser, flag):
     g = parser.add_argument_group("step")
     g.add_argument("--seq-len", type=int, default=None, help="sequence length (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
-    g.add_argument(flag, dest="step_backend", type=_name_list(STEP_BACKENDS), default=None,
+    g.add_argument(flag, dest="step_backend", type=name_list(STEP_BACKENDS), default=None,
                    help="MPNet attention backend(s): dense, flex or dense,flex (default dense,flex on GPU, dense on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile both models")
     g.add_argument("--peak-tflops", type=float, default=989.0,
@@ -125,7 +104,7 @@ def _step_args(parser, flag):
 
 def _pattern_args(parser):
     g = parser.add_argument_group("patterns")
-    g.add_argument("--lengths", type=_int_list, default=None, help="sequence lengths (default 1024,4096)")
+    g.add_argument("--lengths", type=int_list, default=None, help="sequence lengths (default 1024,4096)")
     g.add_argument("--patterns", type=_text_list, default=None, metavar="LIST",
                    help="comma-separated entries: none, any pattern of docs/patterns.md (window:256, dilated:128:2, "
                         "global:256, block:256, swin:256, prefix:P, softcap:30, alibi, ...), prefix alone "
@@ -146,7 +125,7 @@ def _pattern_args(parser):
 def build_parser():
     parser = argparse.ArgumentParser(prog="benchmark-mpnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{attention,step,all,patterns}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{attention,step,all,patterns,packing}")
     p = sub.add_parser("attention", help="attention backends: time and memory against sequence length")
     _attention_args(p)
     _common(p)

@@ -7,6 +7,8 @@ import torch
 
 from mpnet.packing_benchmark import REPORT_ORDER, PackingSettings, benchmark_packing
 
+from ._common import int_list, name_list
+
 HELP = "packed vs padded fine-tuning steps (MPNetForSequenceClassification) on GLUE-length sentences"
 DESCRIPTION = """\
 One fine-tuning step (forward + backward of MPNetForSequenceClassification, mpnet-base, bf16 autocast on
@@ -19,34 +21,14 @@ Method: docs/finetune.md (section "Packing")."""
 QUICK = dict(model="tiny", examples_per_step=[8], batches=2, max_length=64, warmup=0, repeats=3, max_seconds=1.0)
 
 
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _variants(text):
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in REPORT_ORDER]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown {bad or '(empty)'}; choose from {', '.join(REPORT_ORDER)}")
-    return values
-
-
 def add_parser(sub):
     p = sub.add_parser("packing", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    if sub.metavar and "packing" not in sub.metavar:  # the usage line lists the subcommands
-        sub.metavar = sub.metavar.rstrip("}") + ",packing}"
     d = PackingSettings()
     g = p.add_argument_group("packing")
-    g.add_argument("--examples-per-step", type=_int_list, default=None,
+    g.add_argument("--examples-per-step", type=int_list, default=None,
                    help=f"examples per step, one cell group each (default {','.join(map(str, d.examples_per_step))})")
-    g.add_argument("--variants", type=_variants, default=None,
+    g.add_argument("--variants", type=name_list(REPORT_ORDER), default=None,
                    help=f"subset of {','.join(REPORT_ORDER)} (default all)")
     g.add_argument("--max-length", type=int, default=None, help=f"truncate examples to this (default {d.max_length})")
     g.add_argument("--row-length", type=int, default=None, help="packed row width in tokens (default --max-length)")

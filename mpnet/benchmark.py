@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -559,23 +560,56 @@ def _attention_cell(settings, problem: _Problem, key, window, device, timer) -> 
             phase[0] = "timing"
 
     try:
-        graphs = _compiled_graphs()
-        result["first_call_s"] = timer.wall(run) / 1e3
-        _warm(timer, run, settings.warmup - 1, settings.max_seconds)
-        result["graphs"] = _compiled_graphs() - graphs
-        if settings.backward and key not in ("sdpa", "dense-once"):
-            grad = p.table.grad
-            if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
-                raise RuntimeError("the relative-bias table received no (finite) gradient")
-        graphs = _compiled_graphs()
-        times, result["peak_gib"] = timer.measure(run, settings.repeats, settings.max_seconds, peak=True)
-        result.update(_summary(times))
-        if _compiled_graphs() != graphs:
-            result["note"] = "recompiled while timing"
+        check = (lambda: check_table_gradient(p.table)) if settings.backward and key not in ("sdpa", "dense-once") else None
+        result.update(time_runs(timer, run, settings, check))
     except Exception as exc:
         exc.benchmark_phase = phase[0]
         raise
     return result
+
+
+def check_table_gradient(table):
+    """After warm-up: the relative-bias table must have received a finite, non-zero gradient."""
+    grad = table.grad
+    if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
+        raise RuntimeError("the relative-bias table received no (finite) gradient")
+
+
+def time_runs(timer, run, settings, after_warmup: Callable | None = None) -> dict:
+    """The first run (it compiles: its wall time is "first call"), the warm-up, `after_warmup` (a check),
+    then the timed runs: first_call_s, graphs compiled, peak_gib, the time summary, a recompile note."""
+    result = {}
+    graphs = _compiled_graphs()
+    result["first_call_s"] = timer.wall(run) / 1e3
+    _warm(timer, run, settings.warmup - 1, settings.max_seconds)
+    result["graphs"] = _compiled_graphs() - graphs
+    if after_warmup is not None:
+        after_warmup()
+    graphs = _compiled_graphs()
+    times, result["peak_gib"] = timer.measure(run, settings.repeats, settings.max_seconds, peak=True)
+    result.update(_summary(times))
+    if _compiled_graphs() != graphs:
+        result["note"] = "recompiled while timing"
+    return result
+
+
+def run_cell(cell: dict, measure: Callable[[], dict], device) -> None:
+    """Fill `cell` with measure()'s figures and status "ok", or with its failure ("OOM" or
+    "FAIL (phase): ...", the error, the seconds it took); dynamo is reset after a failed compile and
+    the device memory freed either way."""
+    started, failure = time.perf_counter(), None
+    try:
+        cell.update(measure())
+        cell["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a table cell
+        failure, cell["error"] = _failure(exc)
+        cell["failed_after_s"] = time.perf_counter() - started
+        del exc
+    if failure is not None:
+        cell["status"] = failure
+        if failure != "OOM":
+            torch._dynamo.reset()
+    _free(device)
 
 
 def _warm(timer, fn, runs, max_seconds):
@@ -624,22 +658,7 @@ def _sweep(settings, variants, cells, device, timer, deadline, on_update, log):
             elif deadline.passed():
                 cell["status"] = "SKIP: time budget"
             else:
-                failure = None
-                started = time.perf_counter()
-                except_seconds = None
-                try:
-                    cell.update(_attention_cell(settings, problem, key, window, device, timer))
-                    cell["status"] = "ok"
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a table cell
-                    failure, cell["error"] = _failure(exc)
-                    except_seconds = time.perf_counter() - started
-                    del exc
-                if failure is not None:
-                    cell["status"] = failure
-                    cell["failed_after_s"] = except_seconds
-                    if failure != "OOM":
-                        torch._dynamo.reset()
-                _free(device)
+                run_cell(cell, functools.partial(_attention_cell, settings, problem, key, window, device, timer), device)
             if cell["status"] == "ok":
                 seconds = cell["ms"] / 1e3
                 cell["tflops"] = flops / seconds / 1e12

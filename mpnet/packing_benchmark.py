@@ -39,7 +39,6 @@ import json
 import random
 import re
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,16 +52,15 @@ from .benchmark import (
     Deadline,
     Timer,
     _compiled_graphs,
-    _failure,
     _failure_notes,
     _fmt,
-    _free,
     _summary,
     _warm,
     configure_dynamo,
     environment,
     print_header,
     resolve_device,
+    run_cell,
 )
 from .errors import UserError
 from .modeling.config import MPNetConfig
@@ -317,19 +315,8 @@ def run_packing(settings: PackingSettings, examples: Examples, pad_id: int, voca
             if deadline.passed():
                 cell["status"] = "SKIP: time budget"
             else:
-                started, failure = time.perf_counter(), None
-                try:
-                    cell.update(_cell(settings, variant, n, examples, pad_id, vocab_size, device, timer))
-                    cell["status"] = "ok"
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a table row
-                    failure, cell["error"] = _failure(exc)
-                    cell["failed_after_s"] = time.perf_counter() - started
-                    del exc
-                if failure is not None:
-                    cell["status"] = failure
-                    if failure != "OOM":
-                        torch._dynamo.reset()
-                _free(device)
+                run_cell(cell, lambda: _cell(settings, variant, n, examples, pad_id, vocab_size, device, timer),
+                         device)
             cells.append(cell)
             _speedups(cells)
             log(_progress_line(cell))

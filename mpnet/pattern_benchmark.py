@@ -35,23 +35,23 @@ from .benchmark import (
     Deadline,
     Timer,
     _compiled_graphs,
-    _failure,
     _failure_notes,
     _free,
     _fmt,
     _quantile,
     _settings_lines,
     _strip_projections,
-    _summary,
     _tflops,
-    _warm,
     attention_flops,
     block_density,
+    check_table_gradient,
     configure_dynamo,
     environment,
     flex_kernel_options,
     print_header,
     resolve_device,
+    run_cell,
+    time_runs,
 )
 from .errors import UserError
 from .modeling.config import MPNetConfig
@@ -360,19 +360,8 @@ def _measure_cell(settings, problem, case, column, device, timer) -> dict:
                 forward()
             phase[0] = "timing"
     try:
-        graphs = _compiled_graphs()
-        result["first_call_s"] = timer.wall(run) / 1e3
-        _warm(timer, run, settings.warmup - 1, settings.max_seconds)
-        result["graphs"] = _compiled_graphs() - graphs
-        if settings.backward and column == "flex" and settings.relative_bias:
-            grad = p.table.grad
-            if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
-                raise RuntimeError("the relative-bias table received no (finite) gradient")
-        graphs = _compiled_graphs()
-        times, result["peak_gib"] = timer.measure(run, settings.repeats, settings.max_seconds, peak=True)
-        result.update(_summary(times))
-        if _compiled_graphs() != graphs:
-            result["note"] = "recompiled while timing"
+        bias_learns = settings.backward and column == "flex" and settings.relative_bias
+        result.update(time_runs(timer, run, settings, (lambda: check_table_gradient(p.table)) if bias_learns else None))
     except Exception as exc:
         exc.benchmark_phase = phase[0]
         raise
@@ -432,19 +421,7 @@ def _run_cell(settings, problem, case, column, device, timer, deadline, cell):
     if deadline.passed():
         cell["status"] = "SKIP: time budget"
         return
-    started, failure = time.perf_counter(), None
-    try:
-        cell.update(_measure_cell(settings, problem, case, column, device, timer))
-        cell["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a table cell
-        failure, cell["error"] = _failure(exc)
-        cell["failed_after_s"] = time.perf_counter() - started
-        del exc
-    if failure is not None:
-        cell["status"] = failure
-        if failure != "OOM":
-            torch._dynamo.reset()
-    _free(device)
+    run_cell(cell, lambda: _measure_cell(settings, problem, case, column, device, timer), device)
     if cell["status"] == "ok":
         seconds = cell["ms"] / 1e3
         cell["tflops"] = cell["flops"] / seconds / 1e12

@@ -3,26 +3,13 @@ the pieces it is built from: sentence splitting, the input sources, the padded a
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from mpnet.errors import UserError
 from mpnet.packing_benchmark import PackingSettings, load_sentences, packed_batch, padded_batch, split_sentences
-from test_glue_support import call_main, cli_main
-
-
-@pytest.fixture
-def benchmark_main(monkeypatch):
-    """benchmark-mpnet's main() in-process. cli_main may put a shim for `mpnet_cli` on sys.path; it is
-    taken away afterwards, so later tests still see whether the package is really installed."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield cli_main("benchmark")
-    for name in set(sys.modules) - before:
-        if name == "mpnet_cli" or name.startswith("mpnet_cli."):
-            del sys.modules[name]
+from test_glue_support import call_main
 
 
 def test_split_sentences():

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -26,24 +25,12 @@ from mpnet.pattern_benchmark import (
     resolve_pattern,
     sdpa_mask,
 )
-from test_glue_support import cli_main, run_cli
+from test_glue_support import run_cli
 
 CPU = torch.device("cpu")
 LENGTH = 256  # two 128-row tiles per side: block patterns leave whole tiles out
 ENTRIES = QUICK_PATTERNS.split(",") + ["prefix:100", "global:8:0:130", "block:64+alibi", "documents:3+window:8",
                                        "alibi+softcap:5"]
-
-
-@pytest.fixture
-def benchmark_main(monkeypatch):
-    """benchmark-mpnet's main() in-process. cli_main may put a shim for `mpnet_cli` on sys.path; it is
-    taken away afterwards, so later tests still see whether the package is really installed."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield cli_main("benchmark")
-    for name in set(sys.modules) - before:
-        if name == "mpnet_cli" or name.startswith("mpnet_cli."):
-            del sys.modules[name]
 
 
 def _settings(relative_bias):
