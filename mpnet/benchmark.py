@@ -560,8 +560,8 @@ def _attention_cell(settings, problem: _Problem, key, window, device, timer) -> 
             phase[0] = "timing"
 
     try:
-        check = (lambda: check_table_gradient(p.table)) if settings.backward and key not in ("sdpa", "dense-once") else None
-        result.update(time_runs(timer, run, settings, check))
+        bias_learns = settings.backward and key not in ("sdpa", "dense-once")
+        result.update(time_runs(timer, run, settings, (lambda: check_table_gradient(p.table)) if bias_learns else None))
     except Exception as exc:
         exc.benchmark_phase = phase[0]
         raise
