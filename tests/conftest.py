@@ -18,7 +18,7 @@ def benchmark_main(monkeypatch):
     """benchmark-mpnet's main() in-process. cli_main may put a shim for `mpnet_cli` on sys.path; it is
     taken away afterwards, so later tests still see whether the package is really installed."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    from test_glue_support import cli_main
+    from cli_support import cli_main
 
     before = set(sys.modules)
     yield cli_main("benchmark")

@@ -9,7 +9,7 @@ import torch
 
 from mpnet.errors import UserError
 from mpnet.packing_benchmark import PackingSettings, load_sentences, packed_batch, padded_batch, split_sentences
-from test_glue_support import call_main
+from cli_support import call_main
 
 
 def test_split_sentences():

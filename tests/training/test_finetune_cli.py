@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mpnet.finetune import Backend, finetune, load_config
-from test_glue_support import (RESOURCE_TOKENIZER, assert_one_line_error, assert_one_line_error_text, call_main, cli_main,
-                               make_checkpoint, make_tokenizer, run_cli, write_glue)
+from fixtures import RESOURCE_TOKENIZER, make_checkpoint, make_tokenizer, write_glue
+from cli_support import assert_one_line_error, assert_one_line_error_text, call_main, cli_main, run_cli
 
 QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
 
@@ -150,7 +150,7 @@ def test_backend_labels_and_parsing():
 def test_tokenizer_from_another_vocabulary_is_rejected(workspace, tmp_path):
     from mpnet import MPNetForPretraining
     from mpnet.errors import UserError
-    from test_glue_support import tiny_config
+    from fixtures import tiny_config
 
     root, _ = workspace
     tokenizer = make_tokenizer()

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_glue_support import assert_one_line_error_text, call_main, cli_main, make_tokenizer, run_cli
+from fixtures import make_tokenizer
+from cli_support import assert_one_line_error_text, call_main, cli_main, run_cli
 
 HIDDEN, HEADS, FFN, LAYERS, POSITIONS = 16, 2, 32, 2, 64 + 2
 

@@ -9,7 +9,7 @@ import pytest
 
 from mpnet.errors import UserError
 from mpnet.tasks.glue import GLUE_TASKS, METRICS, custom_task, get_task, load_task_data
-from test_glue_support import write_columns, write_glue
+from fixtures import write_columns, write_glue
 
 # ---------------------------------------------------------------------------------------- metrics
 

@@ -5,7 +5,8 @@ import json
 
 import torch
 
-from test_glue_support import assert_one_line_error_text, call_main, cli_main, make_tokenizer, tiny_config
+from fixtures import make_tokenizer, tiny_config
+from cli_support import assert_one_line_error_text, call_main, cli_main
 
 
 def test_hf_mpnet_model_directory_converts_and_verifies(tmp_path):

@@ -14,21 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import cli_env
 from mpnet.data import EMBEDDED_CORPUS
 from mpnet.data.corpus import iter_documents
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Make `mpnet_cli` importable even without `pip install -e .` (the cli/ directory installs under that name)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if importlib.util.find_spec("mpnet_cli") is None:
-        shim = tmp_path_factory.mktemp("shim")
-        (shim / "mpnet_cli").symlink_to(REPO / "cli")
-        env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO), env.get("PYTHONPATH", "")])
-    return env
+def env():
+    return cli_env()
 
 
 def single_error_line(returncode, stderr):

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from test_glue_support import assert_one_line_error_text, call_main, cli_main, make_checkpoint, run_cli, write_glue
+from fixtures import make_checkpoint, write_glue
+from cli_support import assert_one_line_error_text, call_main, cli_main, run_cli
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (evaluation-only) path")

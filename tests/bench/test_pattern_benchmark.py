@@ -25,7 +25,7 @@ from mpnet.pattern_benchmark import (
     resolve_pattern,
     sdpa_mask,
 )
-from test_glue_support import run_cli
+from cli_support import run_cli
 
 CPU = torch.device("cpu")
 LENGTH = 256  # two 128-row tiles per side: block patterns leave whole tiles out

@@ -1,31 +1,23 @@
 """`benchmark-mpnet` end to end on CPU at tiny sizes (a smoke run of the command, not a timed test)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_support import cli_env, cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Environment in which `python -m mpnet_cli.benchmark` works, installed (pip install -e .) or not;
-    the same mapping is put on this process's sys.path for the in-process checks."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    paths = [str(ROOT)]
-    if importlib.util.find_spec("mpnet_cli") is None:  # not installed: map cli/ to mpnet_cli as setup.py does
-        shim = tmp_path_factory.mktemp("shim")
-        (shim / "mpnet_cli").symlink_to(ROOT / "cli", target_is_directory=True)
-        paths.append(str(shim))
-        sys.path.append(str(shim))
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+def env():
+    """Environment in which `python -m mpnet_cli.benchmark` works; `mpnet_cli` importable here too."""
+    cli_main("benchmark")
+    return cli_env(MPLBACKEND="Agg")
 
 
 def run(args, env, cwd, timeout=120):

@@ -21,7 +21,8 @@ import torch
 
 import mpnet.finetune as finetune_module
 from mpnet.finetune import finetune, load_config
-from test_glue_support import call_main, cli_main, make_checkpoint, make_tokenizer, write_glue
+from fixtures import make_checkpoint, make_tokenizer, write_glue
+from cli_support import call_main, cli_main
 
 QUICK = {"epochs": 2, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
 

@@ -1,0 +1,172 @@
+"""What every training loop and benchmark shares, defined once: device, autocast, seeding and RNG state,
+the optimizer with its weight-decay rule, the learning-rate schedule, atomic file writes, peak memory,
+and the versions recorded beside every result.
+
+Pretraining (pretrain.py), fine-tuning (finetune.py), the backend comparison and the benchmarks
+(mpnet/bench/) all import from here, so a rule changed here changes everywhere at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """`name` ('cpu', 'cuda', 'cuda:1') or, when None/empty, the GPU if there is one."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}': CUDA is not available on this machine")
+    return device
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, bf16: bool = True):
+    """bf16 autocast on CUDA; on CPU training stays in float32 (bf16 CPU matmuls are slower, not faster)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------- optimizer, schedule
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """BERT/RoBERTa practice: no weight decay on biases and LayerNorm weights, i.e. on the 1-d parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float, device: torch.device):
+    """AdamW over `weight_decay_groups`; the fused CUDA kernel on GPUs (one launch for all parameters)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **fused)
+
+
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str = "linear", power: float = 1.0,
+                  floor: float = 0.0) -> float:
+    """Linear warmup to the peak over warmup_steps, then linear/polynomial decay to `floor` x peak at
+    max_steps, or constant. `schedule`: linear | polynomial | constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    power = 1.0 if schedule == "linear" else power
+    return floor + (1 - floor) * (1 - progress) ** power
+
+
+SCHEDULES = ("linear", "polynomial", "constant")
+
+
+def lr_scheduler(optimizer, warmup_steps: int, max_steps: int, schedule: str = "linear", power: float = 1.0,
+                 floor: float = 0.0):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, max_steps, schedule, power, floor))
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def write_json_atomic(path, data: dict):
+    """Write to PATH.tmp, then rename: a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    return {"mpnet": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda,
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+# ----------------------------------------------------------------------------------- memory meter
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA max allocated, or on Linux CPUs the process's peak RSS (VmHWM),
+    which writing "5" to /proc/self/clear_refs resets. None where neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            self.kind = None
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind is None:
+            return None
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
