@@ -369,17 +369,9 @@ def reference_fairseq_logits(ckpt: dict, fairseq_ids: torch.Tensor) -> torch.Ten
 
 
 def _load_tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
+    from ..data.tokenizer import load_tokenizer
 
-    from ..finetune import DEFAULT_TOKENIZER_DIR
-
-    source = Path(tokenizer_dir) if tokenizer_dir else DEFAULT_TOKENIZER_DIR
-    if not source.is_dir():
-        raise UserError(f"tokenizer directory {source} does not exist; pass --tokenizer DIR (an HF MPNet tokenizer)")
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer in {source}: {str(err).splitlines()[0]}") from None
+    return load_tokenizer(tokenizer_dir if tokenizer_dir else "default")
 
 
 def convert_fairseq(checkpoint, dict_path, output_dir, tokenizer_dir=None, verify: bool = True) -> dict:

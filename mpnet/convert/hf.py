@@ -16,16 +16,16 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def convert_hf(source, output_dir, tokenizer_dir=None, verify: bool = True) -> dict:
-    from transformers import AutoTokenizer, MPNetModel
+    from transformers import MPNetModel
 
-    from ..finetune import load_tokenizer
+    from ..data.tokenizer import checkpoint_tokenizer, load_tokenizer
     from ..modeling import MPNetForPretraining
 
     source, output_dir = Path(source), Path(output_dir)
     if not source.is_dir():
         raise UserError(f"{source} is not a directory; pass an HF MPNet model directory")
     model = MPNetForPretraining.from_pretrained(source, use_flex_attention=False, sliding_window_size=None).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else load_tokenizer(source)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else checkpoint_tokenizer(source)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                         f"{model.config.vocab_size}; they do not belong together")
