@@ -16,6 +16,7 @@ the lowest hash is moved there.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,121 +123,183 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
     when sentencepiece_vocab_size is set (a unigram model of that size is trained on the training documents).
     An existing out_dir is an error unless overwrite=True, and even then it is replaced only once the new output
     is complete. progress: a tqdm bar on stderr when it is a terminal."""
-    out_dir = Path(out_dir).expanduser()
     if not 0 <= valid_fraction < 1:
         raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"output directory {out_dir} already exists and is not empty "
-                        f"(choose another one, or overwrite it with --overwrite)")
+    out_dir = check_output_dir(out_dir, overwrite)
+    _refuse_data_bins(inputs)
     sources = list_sources(inputs)
     workers = max(1, int(workers or 1))
 
     def documents():  # a fresh pass over the corpus (two passes when a sentencepiece model is trained first)
         return iter_documents(sources, text_field=text_field, line_per_document=line_per_document)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the final output should be readable like any other directory
-    try:
+    with output_workspace(out_dir, overwrite) as tmp:
         spm_model = None
         if sentencepiece_vocab_size:
             spm_model = _train_sentencepiece_on(documents(), tmp, sentencepiece_vocab_size, workers, seed,
                                                 valid_fraction, progress)
-            tok = load_tokenizer(spm_model)
-        else:
-            tok = load_tokenizer(tokenizer)
-        vocab_size = len(tok)
-        dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is None:
-            raise UserError(f"tokenizer {tokenizer} has no fast (tokenizers) backend; convert it to tokenizer.json")
-        backend = Tokenizer.from_str(backend.to_str())  # a copy: switching truncation off must not touch tok
-        backend.no_truncation()
-        backend.no_padding()
-
-        # Token ids and per-document lengths are appended to files as they come: memory stays bounded by the
-        # chunks in flight, whatever the corpus size.
-        num_docs, num_tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-        best = None  # (score, index, token offset, length) of the training document closest to validation
-        bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-        lens = {s: open(tmp / f"{s}.lengths", "wb") for s in SPLITS}
-        bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True, dynamic_ncols=True)
-        try:
-            init_args = (backend.to_str(), dtype.str, seed)
-            for n_docs, (scores, doc_lengths, ids) in _encoded_chunks(documents(), init_args, workers):
-                keep = doc_lengths > 0  # a document whose characters all tokenize to nothing is dropped
-                scores, doc_lengths = scores[keep], doc_lengths[keep]
-                valid = scores < valid_fraction
-                if valid_fraction > 0 and (~valid).any():
-                    i = int(np.argmin(np.where(valid, np.inf, scores)))
-                    if best is None or scores[i] < best[0]:
-                        before = ~valid[:i]
-                        best = (scores[i], num_docs["train"] + int(before.sum()),
-                                num_tokens["train"] + int(doc_lengths[:i][before].sum()), int(doc_lengths[i]))
-                token_valid = np.repeat(valid, doc_lengths)
-                for split, doc_mask in (("train", ~valid), ("valid", valid)):
-                    bins[split].write(ids[token_valid == (split == "valid")].tobytes())
-                    lens[split].write(doc_lengths[doc_mask].tobytes())
-                    num_docs[split] += int(doc_mask.sum())
-                    num_tokens[split] += int(doc_lengths[doc_mask].sum())
-                bar.update(n_docs)
-                bar.set_postfix(tokens=sum(num_tokens.values()), refresh=False)
-        finally:
-            bar.close()
-            for f in [*bins.values(), *lens.values()]:
-                f.close()
-
-        if num_docs["train"] + num_docs["valid"] == 0:
-            raise UserError(f"the corpus is empty: no text found in {', '.join(map(str, sources))}")
-        if num_docs["train"] == 0:
-            raise UserError(f"all {num_docs['valid']} documents fell into the validation split "
-                            f"(lower --valid-fraction or give more documents)")
-        if num_docs["valid"] == 0 and valid_fraction > 0 and num_docs["train"] >= 2:
-            # A small corpus can miss the validation split entirely; training wants something to validate on, so
-            # the training document with the lowest score (still a content hash, not a position) moves over.
-            _move_document(tmp, dtype, *best[1:])
-            num_docs = {"train": num_docs["train"] - 1, "valid": 1}
-            num_tokens = {"train": num_tokens["train"] - best[3], "valid": best[3]}
-            log.info("preprocess: no document fell into the validation split; moved one (%d tokens) there", best[3])
-        for s in SPLITS:
-            doc_lengths = np.fromfile(tmp / f"{s}.lengths", dtype=np.int64)
-            np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64))
-            (tmp / f"{s}.lengths").unlink()
-
+        tok = load_tokenizer(spm_model or tokenizer)
+        dtype = shard_dtype(len(tok))
+        init_args = (_untruncated_backend(tok, tokenizer).to_str(), dtype.str, seed)
+        with _SplitWriter(tmp, valid_fraction, progress) as writer:
+            for n_docs, encoded in _encoded_chunks(documents(), init_args, workers):
+                writer.add(n_docs, *encoded)
+        num_docs, num_tokens = _ensure_validation_document(writer, tmp, dtype, sources, valid_fraction)
+        write_document_index(tmp)
         save_tokenizer(tok, tmp / "tokenizer", sentencepiece_model=spm_model)
-        if spm_model is not None:
-            for f in tmp.glob("spm.*"):
-                f.unlink()
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": tokenizer_identity(tok),
-            "tokenizer_source": f"sentencepiece-unigram-{sentencepiece_vocab_size}" if spm_model else str(tokenizer),
-            "tokenizer_dir": "tokenizer",
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "pad_token_id": tok.pad_token_id,
-            "mask_token_id": tok.mask_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "unk_token_id": tok.unk_token_id,
-            "special_token_ids": special_token_ids(tok),
-            "num_documents": num_docs,
-            "num_tokens": num_tokens,
-            "valid_fraction": valid_fraction,
-            "seed": seed,
-            "text_field": text_field,
-            "line_per_document": line_per_document,
-            "sources": [{"path": str(p), "format": file_format(p), "bytes": p.stat().st_size} for p in sources],
-        }
+        for f in tmp.glob("spm.*"):
+            f.unlink()
+        source = f"sentencepiece-unigram-{sentencepiece_vocab_size}" if spm_model else str(tokenizer)
+        meta = shard_metadata(tok, source, dtype, num_docs, num_tokens)
+        meta.update(valid_fraction=valid_fraction, seed=seed, text_field=text_field,
+                    line_per_document=line_per_document,
+                    sources=[{"path": str(p), "format": file_format(p), "bytes": p.stat().st_size} for p in sources])
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("preprocess: %d files -> %s (train %d docs / %d tokens, valid %d docs / %d tokens)", len(sources),
+             out_dir, num_docs["train"], num_tokens["train"], num_docs["valid"], num_tokens["valid"])
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pieces of preprocess_corpus (convert_fairseq_data in fairseq_data.py shares the output side)
+
+def check_output_dir(out_dir, overwrite: bool) -> Path:
+    """out_dir as a Path, refused when it holds something and overwrite is not set."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} is a file; choose a directory")
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} already exists and is not empty "
+                        f"(choose another one, or overwrite it with --overwrite)")
+    return out_dir
+
+
+@contextlib.contextmanager
+def output_workspace(out_dir: Path, overwrite: bool):
+    """A hidden temporary sibling of out_dir to write into; renamed into place when the block succeeds, removed
+    when it fails (nothing half-written is ever left behind)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the final output should be readable like any other directory
+    try:
+        yield tmp
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("preprocess: %d files -> %s (train %d docs / %d tokens, valid %d docs / %d tokens)", len(sources),
-             out_dir, num_docs["train"], num_tokens["train"], num_docs["valid"], num_tokens["valid"])
-    return meta
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _refuse_data_bins(inputs):
+    from .fairseq_data import looks_like_fairseq_data_bin
+
+    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        if looks_like_fairseq_data_bin(item):
+            raise UserError(f"{item} is a fairseq data-bin, not raw text; import it with "
+                            f"preprocess-mpnet --from-fairseq {item} (or train on it: pretrain-mpnet --data {item})")
+
+
+def _untruncated_backend(tok, spec) -> Tokenizer:
+    """A copy of the tokenizer's backend with truncation and padding off (tok itself is left as it is)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"tokenizer {spec} has no fast (tokenizers) backend; convert it to tokenizer.json")
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+class _SplitWriter:
+    """Appends encoded chunks to tmp/{train,valid}.bin (ids) and .lengths (int64 per document) as they come, so
+    memory stays bounded by the chunks in flight whatever the corpus size; counts documents and tokens and
+    remembers the training document closest to validation (the one to move over if validation stays empty)."""
+
+    def __init__(self, tmp: Path, valid_fraction: float, progress: bool):
+        self.valid_fraction = valid_fraction
+        self.num_docs, self.num_tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+        self.best = None  # (score, index, token offset, length) of the training document with the lowest score
+        self.bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        self.lens = {s: open(tmp / f"{s}.lengths", "wb") for s in SPLITS}
+        self.bar = tqdm(desc="tokenizing", unit="doc", disable=None if progress else True, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for f in [*self.bins.values(), *self.lens.values()]:
+            f.close()
+
+    def add(self, n_docs: int, scores: np.ndarray, doc_lengths: np.ndarray, ids: np.ndarray):
+        keep = doc_lengths > 0  # a document whose characters all tokenize to nothing is dropped
+        scores, doc_lengths = scores[keep], doc_lengths[keep]
+        valid = scores < self.valid_fraction
+        if self.valid_fraction > 0 and (~valid).any():
+            i = int(np.argmin(np.where(valid, np.inf, scores)))
+            if self.best is None or scores[i] < self.best[0]:
+                before = ~valid[:i]
+                self.best = (scores[i], self.num_docs["train"] + int(before.sum()),
+                             self.num_tokens["train"] + int(doc_lengths[:i][before].sum()), int(doc_lengths[i]))
+        token_valid = np.repeat(valid, doc_lengths)
+        for split, doc_mask in (("train", ~valid), ("valid", valid)):
+            self.bins[split].write(ids[token_valid == (split == "valid")].tobytes())
+            self.lens[split].write(doc_lengths[doc_mask].tobytes())
+            self.num_docs[split] += int(doc_mask.sum())
+            self.num_tokens[split] += int(doc_lengths[doc_mask].sum())
+        self.bar.update(n_docs)
+        self.bar.set_postfix(tokens=sum(self.num_tokens.values()), refresh=False)
+
+
+def _ensure_validation_document(writer: _SplitWriter, tmp: Path, dtype, sources, valid_fraction: float):
+    """-> (documents, tokens) per split, after refusing an empty corpus and giving a small corpus that missed the
+    validation split its one validation document."""
+    num_docs, num_tokens = writer.num_docs, writer.num_tokens
+    if num_docs["train"] + num_docs["valid"] == 0:
+        raise UserError(f"the corpus is empty: no text found in {', '.join(map(str, sources))}")
+    if num_docs["train"] == 0:
+        raise UserError(f"all {num_docs['valid']} documents fell into the validation split "
+                        f"(lower --valid-fraction or give more documents)")
+    if num_docs["valid"] == 0 and valid_fraction > 0 and num_docs["train"] >= 2:
+        # A small corpus can miss the validation split entirely; training wants something to validate on, so
+        # the training document with the lowest score (still a content hash, not a position) moves over.
+        length = writer.best[3]
+        _move_document(tmp, dtype, *writer.best[1:])
+        num_docs = {"train": num_docs["train"] - 1, "valid": 1}
+        num_tokens = {"train": num_tokens["train"] - length, "valid": length}
+        log.info("preprocess: no document fell into the validation split; moved one (%d tokens) there", length)
+    return num_docs, num_tokens
+
+
+def write_document_index(tmp: Path):
+    """{split}.lengths (int64 per document) -> {split}.idx.npy (int64 offsets, starting at 0)."""
+    for s in SPLITS:
+        doc_lengths = np.fromfile(tmp / f"{s}.lengths", dtype=np.int64)
+        np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64))
+        (tmp / f"{s}.lengths").unlink()
+
+
+def shard_metadata(tok, tokenizer_source: str, dtype: np.dtype, num_docs: dict, num_tokens: dict) -> dict:
+    """The metadata.json keys every shard directory has, whatever it was made from."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer_identity(tok),
+        "tokenizer_source": tokenizer_source,
+        "tokenizer_dir": "tokenizer",
+        "vocab_size": len(tok),
+        "dtype": dtype.name,
+        "pad_token_id": tok.pad_token_id,
+        "mask_token_id": tok.mask_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "unk_token_id": tok.unk_token_id,
+        "special_token_ids": special_token_ids(tok),
+        "num_documents": num_docs,
+        "num_tokens": num_tokens,
+    }
 
 
 def _move_document(tmp: Path, dtype: np.dtype, index: int, offset: int, length: int):
@@ -309,14 +372,26 @@ def _source_fingerprint(sources) -> list:
 
 
 def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> Path:
-    """A preprocessed directory -> itself. Raw text (file, directory, list) -> preprocessed once into
-    cache_dir/<16-hex hash of the sources' paths, sizes and mtimes, the tokenizer and the options>, reused after.
-    preprocess_kwargs go to preprocess_corpus (valid_fraction, workers, sentencepiece_vocab_size, ...)."""
+    """A preprocessed directory -> itself. Raw text (file, directory, list) or a fairseq data-bin directory ->
+    preprocessed once into cache_dir/<16-hex hash of the sources' paths, sizes and mtimes, the tokenizer and the
+    options>, reused after. preprocess_kwargs go to preprocess_corpus (valid_fraction, workers,
+    sentencepiece_vocab_size, ...); for a data-bin only line_per_document, overwrite and progress apply."""
+    from .fairseq_data import inspect_data_bin, looks_like_fairseq_data_bin
+
     if isinstance(data, (str, Path)) and (Path(data).expanduser() / "metadata.json").is_file():
         return Path(data).expanduser()
-    sources = list_sources(data)
+    fairseq = isinstance(data, (str, Path)) and looks_like_fairseq_data_bin(data)
+    if fairseq:
+        if preprocess_kwargs.get("sentencepiece_vocab_size"):
+            raise UserError(f"{data} is a fairseq data-bin: it is tokenized already, no sentencepiece model can be "
+                            f"trained for it")
+        sources = inspect_data_bin(data).files()
+    else:
+        sources = list_sources(data)
     spm_size = preprocess_kwargs.get("sentencepiece_vocab_size")
     options = {k: v for k, v in sorted(preprocess_kwargs.items()) if k not in ("workers", "progress", "overwrite")}
+    if fairseq:
+        options = {"fairseq_data_bin": True, "line_per_document": bool(options.get("line_per_document", False))}
     key = {
         "sources": _source_fingerprint(sources),
         "tokenizer": f"sentencepiece-{spm_size}" if spm_size else tokenizer_identity(load_tokenizer(tokenizer)),
@@ -329,9 +404,19 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
         log.info("data: reusing %s", out_dir)
         return out_dir
     try:
-        preprocess_corpus(sources, out_dir, tokenizer=tokenizer, **preprocess_kwargs)
+        if fairseq:
+            _convert_fairseq_data(data, out_dir, tokenizer, preprocess_kwargs)
+        else:
+            preprocess_corpus(sources, out_dir, tokenizer=tokenizer, **preprocess_kwargs)
     except UserError:
         if (out_dir / "metadata.json").is_file():  # another process (rank) finished the same job first
             return out_dir
         raise
     return out_dir
+
+
+def _convert_fairseq_data(data_bin, out_dir, tokenizer, options: dict):
+    from .fairseq_data import convert_fairseq_data
+
+    convert_fairseq_data(data_bin, out_dir, tokenizer=tokenizer, **{
+        k: v for k, v in options.items() if k in ("line_per_document", "overwrite", "progress")})
