@@ -42,7 +42,29 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
+    """Flags and SECTION.KEY=VALUE overrides in any order (argparse's intermixed parsing)."""
+    return parser.parse_intermixed_args(argv)
+
+
+def overrides_from(args, flags: dict) -> dict:
+    """The nested overrides of a run: SECTION.KEY=VALUE arguments, then the flags that were given (flags win)."""
+    from mpnet.training.config import add_flags, parse_overrides
+
+    return add_flags(parse_overrides(args.overrides), flags)
+
+
+OVERRIDES_HELP = "config overrides, e.g. optim.lr=1e-4; allowed anywhere among the flags"
+
+
 # argparse types shared by the commands: comma-separated lists, checked where they are parsed
+
+
+def text_list(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one comma-separated value")
+    return values
 
 
 def int_list(text):

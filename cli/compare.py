@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import add_flags, parse_overrides
-
-from ._common import OneLineErrorParser, command
+from ._common import OVERRIDES_HELP, OneLineErrorParser, command, int_list, overrides_from, parse_with_overrides, text_list
 
 EPILOG = """examples:
   compare-mpnet-backends --checkpoint runs/base/checkpoint-final --tasks sst2,rte --data-dir glue_data \\
@@ -24,10 +22,11 @@ def build_parser():
     p = OneLineErrorParser(prog="compare-mpnet-backends", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
-    p.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. sst2,rte")
+    p.add_argument("--tasks", required=True, type=text_list, help="comma-separated GLUE tasks, e.g. sst2,rte")
     p.add_argument("--data-dir", type=Path, required=True, help="folder holding the task folders (glue_data)")
-    p.add_argument("--backends", default="dense,flex", help="comma-separated: dense, flex, flex:W (default dense,flex)")
-    p.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
+    p.add_argument("--backends", default="dense,flex", type=text_list,
+                   help="comma-separated: dense, flex, flex:W (default: dense,flex)")
+    p.add_argument("--seeds", default=[1], type=int_list, help="comma-separated seeds (default: 1)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--config", type=Path, help="YAML recipe for every task (default: configs/glue/TASK.yaml)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -35,25 +34,22 @@ def build_parser():
                        ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:
         p.add_argument(flag, type=kind, help="override the recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (sections: task, training)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP + " (sections: task, training)")
     return p
 
 
 @command
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from mpnet.compare import compare, parse_backends, parse_list, parse_seeds
+    args = parse_with_overrides(build_parser(), argv)
+    from mpnet.training.compare import compare, parse_backends
 
-    overrides = parse_overrides(args.overrides)
     flags = {"training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                           "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
                           "max_eval_examples": args.max_eval_examples,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
-    add_flags(overrides, flags)
-    report = compare(args.checkpoint, [t.lower() for t in parse_list(args.tasks, "tasks")], args.data_dir,
-                     parse_backends(args.backends), parse_seeds(args.seeds), args.output_dir, args.config, overrides,
-                     args.device)
+    report = compare(args.checkpoint, [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
+                     args.seeds, args.output_dir, args.config, overrides_from(args, flags), args.device)
     if report["note"]:
         print(f"note: {report['note']}")
     print((args.output_dir / "comparison.md").read_text())

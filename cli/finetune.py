@@ -4,10 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import add_flags, parse_overrides
-from mpnet.errors import UserError
-
-from ._common import OneLineErrorParser, command
+from ._common import OVERRIDES_HELP, OneLineErrorParser, command, overrides_from, parse_with_overrides
 
 EPILOG = """examples:
   finetune-mpnet --checkpoint runs/base/checkpoint-final --task rte --data-dir glue_data/RTE
@@ -55,15 +52,14 @@ def build_parser():
     task.add_argument("--label-column", help="CSV/JSONL label column")
     task.add_argument("--task-type", choices=["classification", "regression"], help="custom tasks only")
     task.add_argument("--labels", help="custom classification: comma-separated label names in index order")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP)
     return p
 
 
 def config_from_args(args):
     """The run config and backend from parsed arguments (shared with compare-mpnet-backends)."""
-    from mpnet.finetune import load_config
+    from mpnet.training.config import load_finetune_config
 
-    overrides = parse_overrides(args.overrides)
     flags = {
         "training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                      "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay, "seed": args.seed,
@@ -76,21 +72,20 @@ def config_from_args(args):
                  "task_type": args.task_type,
                  "labels": [x.strip() for x in args.labels.split(",")] if args.labels else None},
     }
-    add_flags(overrides, flags)
-    return load_config(args.task.lower(), args.config, overrides)
+    return load_finetune_config(args.task.lower(), args.config, overrides_from(args, flags))
 
 
 @command
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.sliding_window_size is not None and args.sliding_window_size <= 0:
-        raise UserError(f"--sliding-window-size must be a positive number of tokens, got {args.sliding_window_size}")
-    from mpnet.finetune import Backend, finetune
-    from mpnet.tasks.glue import get_task
+    args = parse_with_overrides(build_parser(), argv)
+    from mpnet.modeling.config import check_window
+    from mpnet.tasks import get_task
+    from mpnet.training.finetune import Backend, finetune
 
     if args.task.lower() != "custom":
         get_task(args.task)  # an unknown task fails before anything is loaded
     config = config_from_args(args)
+    check_window(args.sliding_window_size, "--sliding-window-size")
     backend = Backend(args.use_flex_attention, args.sliding_window_size)
     output = args.output_dir or Path("runs/finetune") / f"{config.task.name}-{backend.label.replace(':', 'w')}-seed{config.training.seed}"
     finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device)

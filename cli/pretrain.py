@@ -4,10 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpnet.configuration import add_flags, load, parse_overrides
-from mpnet.errors import UserError
-
-from ._common import OneLineErrorParser, command
+from ._common import OVERRIDES_HELP, OneLineErrorParser, command, overrides_from, parse_with_overrides
 
 EPILOG = """examples:
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/tiny
@@ -40,40 +37,28 @@ def build_parser():
                    help="sparse pattern and score mods on original positions, comma-separated: window:W, "
                         "neighbourhood:R, dilated:W:D, global:W[:P...], block:B, swin:B, prefix:P, softcap:C, "
                         "alibi (e.g. block:64,softcap:30; see docs/patterns.md)")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP)
     return p
 
 
 @command
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    overrides = parse_overrides(args.overrides)
+    args = parse_with_overrides(build_parser(), argv)
     flags = {
         "data": {"path": args.data},
         "training": {"max_steps": args.max_steps, "seed": args.seed},
-        "logging": {"save_every": args.save_every, "log_every": args.log_every},
+        "logging": {"save_every": args.save_every, "log_every": args.log_every,
+                    "progress_bar": False if args.no_progress else None},
         "model": {"use_flex_attention": True if args.use_flex_attention else None,
                   "sliding_window_size": args.sliding_window_size, "attention_pattern": args.attention_pattern},
     }
-    if args.sliding_window_size is not None and args.sliding_window_size <= 0:
-        raise UserError(f"--sliding-window-size must be a positive number of tokens, got {args.sliding_window_size}")
-    add_flags(overrides, flags)
-    pattern = overrides.get("model", {}).get("attention_pattern")
-    if pattern is not None:  # the flag or model.attention_pattern=...: fail before any data is prepared
-        import yaml
-
-        from mpnet.modeling.patterns import parse_attention_pattern
-
-        spec = yaml.safe_load(pattern) if isinstance(pattern, str) else pattern  # as model_config reads it
-        parse_attention_pattern(None if spec is None else str(spec))
-
-    from mpnet.training.config import PretrainConfig
+    from mpnet.modeling.config import check_window
+    from mpnet.training.config import PretrainConfig, load
     from mpnet.training.pretrain import pretrain
 
-    config = load(PretrainConfig, args.config, overrides)
-    for section in ("log_every", "save_every", "valid_every"):
-        if getattr(config.logging, section) <= 0:
-            raise UserError(f"logging.{section} must be positive")
+    check_window(args.sliding_window_size, "--sliding-window-size")
+    config = load(PretrainConfig, args.config, overrides_from(args, flags))  # every value checked here
     pretrain(config, args.output_dir, resume=args.resume)
 
 

@@ -167,7 +167,7 @@ def kind_and_rank(index: int, n: int, m: int):
 
 
 def rule_visible(q: int, k: int, n: int, m: int) -> bool:
-    """DESIGN.md section 3, written out case by case (True = may attend)."""
+    """The two-stream rules of docs/ARCHITECTURE.md, written out case by case (True = may attend)."""
     q_kind, q_rank = kind_and_rank(q, n, m)
     k_kind, k_rank = kind_and_rank(k, n, m)
     assert k_kind != QUERY, "keys come from the content stream only"

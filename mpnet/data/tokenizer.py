@@ -48,6 +48,16 @@ def load_tokenizer(spec="default"):
     return tok
 
 
+def checkpoint_tokenizer(checkpoint):
+    """A model directory's own tokenizer; a checkpoint without tokenizer files gets the default MPNet
+    tokenizer (with a note), which is what every checkpoint this project writes carries."""
+    checkpoint = Path(checkpoint)
+    if not any((checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        log.info("%s has no tokenizer files; using the default MPNet tokenizer in %s", checkpoint, DEFAULT_TOKENIZER_DIR)
+        return load_tokenizer("default")
+    return load_tokenizer(checkpoint)
+
+
 def _ensure_special_tokens(tok):
     """Set pad/mask/bos/eos, reusing BERT-style tokens ([CLS]/[SEP]) where present, adding MPNet's otherwise."""
     wanted = {}

@@ -11,6 +11,12 @@ from ..errors import UserError
 from .patterns import parse_attention_pattern
 
 
+def check_window(size, what: str = "sliding_window_size"):
+    """A sliding window is a positive number of tokens (or None: no window)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise UserError(f"{what} must be a positive integer number of tokens, got {size!r}")
+
+
 class MPNetConfig(transformers.MPNetConfig):
     """Accepts every field of `transformers.MPNetConfig`, plus:
 
@@ -66,8 +72,12 @@ class MPNetConfig(transformers.MPNetConfig):
         )
         if hidden_size % num_attention_heads:
             raise UserError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
-        if sliding_window_size is not None and int(sliding_window_size) <= 0:
-            raise UserError(f"sliding_window_size must be a positive integer, got {sliding_window_size}")
+        check_window(sliding_window_size)
+        for name, token_id in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
+                               ("eos_token_id", eos_token_id), ("mask_token_id", mask_token_id)):
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise UserError(f"{name} {token_id} is outside the vocabulary (vocab_size {vocab_size}); "
+                                f"special token ids must be below vocab_size")
         self.relative_attention_max_distance = relative_attention_max_distance
         self.mask_token_id = mask_token_id
         self.use_flex_attention = bool(use_flex_attention)

@@ -22,7 +22,7 @@ import torch
 
 
 def two_stream_visible(q_idx, kv_idx, n: int, m: int):
-    """MPNet visibility (DESIGN.md section 3) for row q_idx in [0, n+2m) and key kv_idx in [0, n+m).
+    """MPNet visibility (docs/ARCHITECTURE.md, "The attention rules") for row q_idx in [0, n+2m) and key kv_idx in [0, n+m).
 
     - content CTX / MASK rows: all CTX, no PRED, all MASK;
     - content PRED row of rank i: all CTX, PRED j <= i, MASK j > i;

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,39 @@ def write_json_atomic(path, data: dict):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def fsync_tree(directory):
+    """Flush every file under `directory`, then the directory entries themselves, to the disk: after a
+    rename that follows, a power loss cannot leave the new name pointing at empty files."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_atomic(model, tokenizer, target):
+    """An HF model directory written to TARGET.tmp, flushed, then swapped in: an interrupted save never
+    leaves a half-written TARGET, and the previous TARGET stays until the new one is complete."""
+    target = Path(target)
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    model.save_pretrained(tmp, tokenizer=tokenizer)
+    fsync_tree(tmp)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def versions() -> dict:

@@ -1,4 +1,4 @@
-"""Mask rules, brute force: the attention rules of DESIGN.md section 3, entry by entry.
+"""Mask rules, brute force: the attention rules of docs/ARCHITECTURE.md, entry by entry.
 
 The oracle is `helpers.rule_visible`, a case-by-case pure-Python transcription of the four rules
 (kinds CTX / PRED / MASK / QUERY and ranks), independent of `mpnet.modeling.masks`. It is compared

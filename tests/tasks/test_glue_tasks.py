@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mpnet.errors import UserError
-from mpnet.tasks.glue import GLUE_TASKS, METRICS, custom_task, get_task, load_task_data
+from mpnet.tasks import GLUE_TASKS, METRICS, custom_task, get_task, load_task_data
 from fixtures import write_columns, write_glue
 
 # ---------------------------------------------------------------------------------------- metrics

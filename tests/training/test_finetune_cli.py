@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mpnet.finetune import Backend, finetune, load_config
+from mpnet.training.config import load_finetune_config as load_config
+from mpnet.training.finetune import Backend, finetune
 from fixtures import RESOURCE_TOKENIZER, make_checkpoint, make_tokenizer, write_glue
 from cli_support import assert_one_line_error, assert_one_line_error_text, call_main, cli_main, run_cli
 
@@ -126,7 +127,7 @@ def test_bad_input_is_one_line_on_stderr(workspace, tmp_path):
         (["--task", "sst2", "--data-dir", root / "glue", "--sliding-window-size", 0], "--sliding-window-size"),
         (["--task", "sst2", "--data-dir", root / "glue", "training.nonsense=1"], "unknown config key 'training.nonsense'"),
         (["--task", "sst2", "--data-dir", root / "glue", "--config", tmp_path / "none.yaml"], "none.yaml does not exist"),
-        (["--task", "sst2", "--data-dir", root / "glue", "--epochs", 0], "training.epochs must be a positive"),
+        (["--task", "sst2", "--data-dir", root / "glue", "--epochs", 0], "'training.epochs' got 0; it must be positive"),
         (["--task", "sst2"], "--data-dir"),
     ]
     for args, fragment in cases:

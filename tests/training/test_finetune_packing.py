@@ -19,8 +19,9 @@ import logging
 import pytest
 import torch
 
-import mpnet.finetune as finetune_module
-from mpnet.finetune import finetune, load_config
+import mpnet.training.finetune as finetune_module
+from mpnet.training.config import load_finetune_config as load_config
+from mpnet.training.finetune import finetune
 from fixtures import make_checkpoint, make_tokenizer, write_glue
 from cli_support import call_main, cli_main
 
@@ -84,7 +85,8 @@ def test_packed_finetuning_gives_the_padded_losses(workspace, tmp_path, task, mo
 
 def test_packed_evaluation_gives_the_padded_predictions(workspace):
     """evaluate() with packed batches (file order, bucketed rows) scores the same as padded batches."""
-    from mpnet.finetune import Batching, evaluate, load_classifier, prepare_data, read_task_data, Backend
+    from mpnet.data.classification import Batching, prepare_data
+    from mpnet.training.finetune import Backend, evaluate, load_classifier, read_task_data
 
     root, ckpt = workspace
     tokenizer = make_tokenizer()
@@ -103,7 +105,7 @@ def test_packed_evaluation_gives_the_padded_predictions(workspace):
 def test_cli_pack_flag(workspace, tmp_path, caplog):
     root, ckpt = workspace
     out = tmp_path / "cli"
-    caplog.set_level(logging.INFO, logger="mpnet.finetune")
+    caplog.set_level(logging.INFO, logger="mpnet.training.finetune")
     code, err = call_main(cli_main("finetune"), "--checkpoint", ckpt, "--task", "sst2", "--data-dir", root / "glue",
                           "--output-dir", out, "--epochs", 1, "--batch-size", 8, "--max-length", 48, "--pack",
                           "--no-progress")

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .finetune import (Backend, FinetuneConfig, evaluate_checkpoint, finetune, load_config, load_tokenizer,
-                       prepare_data, read_task_data, resolve_device, versions, write_json_atomic)
-from .tasks.glue import get_task
+from ..data.classification import prepare_data
+from ..data.tokenizer import checkpoint_tokenizer
+from ..errors import UserError
+from ..tasks import get_task
+from .config import FinetuneConfig, load_finetune_config
+from .finetune import Backend, evaluate_checkpoint, finetune, read_task_data
+from .toolkit import resolve_device, versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +37,11 @@ CPU_NOTE = ("FlexAttention has no backward pass on {device} in PyTorch, so flex 
             "train ex/s applies to the dense run). Run on a CUDA GPU to fine-tune under each backend.")
 
 
-def parse_list(text: str, what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise UserError(f"--{what} needs at least one value")
-    return items
-
-
-def parse_backends(text: str) -> list[Backend]:
-    backends = [Backend.parse(item) for item in parse_list(text, "backends")]
+def parse_backends(names: list[str]) -> list[Backend]:
+    backends = [Backend.parse(name) for name in names]
     if len({b.label for b in backends}) != len(backends):
-        raise UserError(f"--backends lists a backend twice: {text}")
+        raise UserError(f"--backends lists a backend twice: {','.join(names)}")
     return backends
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(item) for item in parse_list(text, "seeds")]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got '{text}'") from None
 
 
 def _dir_name(backend: Backend) -> str:
@@ -88,14 +77,14 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
     note = CPU_NOTE.format(device=device.type.upper()) if eval_only else None
     if note:
         log.info("%s", note)
-    from .modeling.checkpoint import read_config
+    from ..modeling.checkpoint import read_config
 
     model_config = read_config(checkpoint)
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     for spec in task_specs:
-        base = load_config(spec.name, config_path, copy.deepcopy(overrides or {}))
+        base = load_finetune_config(spec.name, config_path, copy.deepcopy(overrides or {}))
         data = read_task_data(base, data_dir)
         prepared = prepare_data(data, tokenizer, base, model_config.max_sequence_length, model_config.vocab_size)
         for seed in seeds:
