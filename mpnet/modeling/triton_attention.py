@@ -1,0 +1,797 @@
+r"""A third attention backend: hand-written Triton kernels for exactly MPNet's attention.
+
+It computes what the dense reference computes (`RelativeMultiHeadAttention` on a
+`make_dense_attention_state`, without attention-probability dropout, which FlexAttention omits too):
+scores q.k * D^-0.5 + bias[h, bucket(p_k - p_q)], the two-stream rules, padding keys hidden, an optional
+sliding window on ORIGINAL positions and optional document isolation, softmax in float32, rows that see
+nothing output 0. Its backward returns dq, dk, dv and the gradient of the (buckets, heads) bias table.
+
+Why: with FlexAttention the bias is the whole cost (the per-score gather is recomputed in both backward
+kernels, and its gradient is atomic adds onto a tiny table). Three things make it cheap here.
+
+1. The rules are per-row integers. `two_stream_codes` turns `masks.two_stream_visible` into one threshold
+   t per query row and one code per key: a query row sees the PRED keys of rank < t and the MASK keys of
+   rank >= t (t = 0 for CTX and MASK rows, i + 1 for PRED of rank i, i for QUERY of rank i), and every CTX
+   key. Per tile the mask is then a compare and an xor on two contiguous vector loads.
+2. Rows are visited sorted by ORIGINAL position. Each query row's output is independent of the others and
+   a softmax over keys does not depend on their order, so the kernels may visit both in any order; they
+   visit them sorted by (document, position), padding last, through index vectors (the tensors stay where
+   they are). A tile then covers ~BLOCK neighbouring positions, so (a) a tile whose distances are all
+   >= 91 (or all <= -91, at 32 buckets / 128) lies in ONE saturated bucket: its bias is a scalar and its
+   bias gradient one sum; (b) the other tiles read the bias from a (heads, 257) table by distance and
+   reduce their gradient over only the few buckets their distance range touches; (c) a window or
+   documents hide whole tiles: each row's first and last visible key is found once per batch
+   (`searchsorted`) and the loops run over those tiles only.
+3. The bias gradient needs no atomics: each dK/dV program sums its buckets in registers and writes them
+   to its own slot; the slots are summed by torch (deterministic).
+
+Use: build a `TritonAttentionPlan` once per forward (`make_triton_attention_plan`, from positions,
+n, m, layout, window, document ids; shared by all layers), then call `triton_two_stream_attention(q, k,
+v, relative_bias_table, plan)` per layer. `make_triton_attention_state` / `TritonTwoStreamAttention` /
+`encode_triton_two_stream_attention` mirror the dense and flex backends' interfaces, except that the
+state takes the (buckets, heads) table itself rather than `relative_bias_by_distance(table)`: the
+gradient is reduced per bucket, which the per-distance view cannot carry.
+
+Kernels run compiled on CUDA. Without a GPU (or with TRITON_INTERPRET=1) they run in Triton's
+interpreter on CPU tensors: exact, slow, meant for tests at small shapes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .attention import _Projections, _run_layers
+from .masks import relative_position_bucket
+from .patterns import AttentionPattern, as_pattern
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports; every entry point says what is missing
+    triton = None
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+
+class TritonAttentionUnavailable(UserError):
+    """The Triton backend cannot run here (no triton package, CPU tensors without the interpreter)."""
+
+
+class UnsupportedTritonPattern(UserError):
+    """The Triton backend implements the MPNet rules, a sliding window and document isolation only."""
+
+
+# The kernels run in Triton's interpreter (numpy, CPU tensors) when asked to, or when there is no GPU.
+INTERPRET = triton is not None and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available())
+
+
+def _interpreter_accepts_numpy_scalars():
+    """Triton 3.6's interpreter converts a loaded scalar (a 1-element numpy array) to a Python int with
+    int(array), which numpy >= 2.4 refuses, so a loop with a run-time bound fails (triton issue 9171).
+    Convert through the array's single element instead; nothing changes outside the interpreter."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "accepts_numpy_scalars", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch.accepts_numpy_scalars = True
+    interpreter._patch_lang_tensor = patch
+
+
+def _kernel(fn):
+    if triton is None:
+        return fn
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreter_accepts_numpy_scalars()
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
+
+
+LOG2E = 1.4426950408889634
+HIDDEN_RANK = 1 << 29  # the rank given to padding keys: no threshold reaches it, so nobody sees them
+HIDDEN_CODE = 2 * HIDDEN_RANK
+FAR = 1 << 30  # "no position" in tile ranges (larger than any distance); also "no row" in row ranges
+_HIDDEN_CODE = tl.constexpr(HIDDEN_CODE)  # the same numbers, as the kernels may read them
+_FAR = tl.constexpr(FAR)
+# Reductions go through tl.reduce with the standard library's own combine functions rather than
+# tl.sum/max/min: those are @jit functions made when triton was imported, and one made without
+# TRITON_INTERPRET cannot run in the interpreter, while tl.reduce with these combiners runs in both.
+_SUM = _MAX = _MIN = None
+if triton is not None:
+    _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
+
+
+# --------------------------------------------------------------------------- the rules as integers
+
+
+def two_stream_codes(slots, n: int, m: int):
+    """Per-row integers equivalent to `masks.two_stream_visible` for rows in layout `slots`.
+
+    Returns (threshold, code): threshold for every row as a query, code for every row as a key, with
+    two_stream_visible(q, k) == ((code[k] >> 1) < threshold[q]) != (code[k] & 1 == 1).
+    A query sees the PRED keys of rank < threshold and the MASK keys of rank >= threshold: CTX and MASK
+    rows see no PRED and every MASK (0), PRED of rank i sees PRED <= i and MASK > i (i + 1), QUERY of
+    rank i sees PRED < i and MASK >= i (i). A key's code is 2 * rank + (1 if MASK): CTX keys have rank
+    -1, below every threshold, and are seen by all.
+    """
+    c = n - m
+    pred = (slots >= c) & (slots < n)
+    mask = (slots >= n) & (slots < n + m)
+    query = slots >= n + m
+    threshold = torch.where(pred, slots - c + 1, torch.where(query, slots - n - m, 0))
+    rank = torch.where(pred, slots - c, torch.where(mask, slots - n, -1))
+    return threshold, 2 * rank + mask.long()
+
+
+def supported_window(pattern: str | AttentionPattern | None = None, window: int | None = None) -> int | None:
+    """The sliding window a pattern asks for (None: none). Anything beyond windows raises: the kernels
+    implement the MPNet rules, padding, one window on original positions and document isolation."""
+    spec = as_pattern(pattern, window).spec
+    sizes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, *numbers = part.split(":")
+        if name.strip().lower() not in ("window", "neighbourhood", "neighborhood"):
+            raise UnsupportedTritonPattern(
+                f"the Triton attention backend supports sliding windows (window:W) and document isolation only, "
+                f"not '{part}'; use the flex or dense backend for attention pattern '{spec}'")
+        sizes.append(int(numbers[0]))
+    return min(sizes) if sizes else None  # windows intersect: the smallest one rules
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class TritonAttentionPlan:
+    """Per-row vectors for one batch, in the order the kernels visit rows: (B, L) int32, contiguous.
+
+    q_*: the query rows sorted by (document, position), padding rows last; q_rows[b, i] is the row (of
+    q and of the output) visited i-th. q_key_lo/q_key_hi: the sorted keys [lo, hi) the row may see
+    (window, documents; else all real keys). k_*: the same for the keys (the first n + m rows);
+    k_query_lo/hi: the real sorted query rows that may see the key (padding query rows, last, are
+    visited by every key tile separately). q_real: (B,) real query rows per batch row.
+    """
+
+    q_rows: torch.Tensor
+    q_pos: torch.Tensor
+    q_threshold: torch.Tensor
+    q_doc: torch.Tensor
+    q_key_lo: torch.Tensor
+    q_key_hi: torch.Tensor
+    q_real: torch.Tensor
+    k_rows: torch.Tensor
+    k_pos: torch.Tensor
+    k_code: torch.Tensor
+    k_doc: torch.Tensor
+    k_query_lo: torch.Tensor
+    k_query_hi: torch.Tensor
+    window: int | None
+    has_documents: bool
+
+    @property
+    def query_len(self) -> int:
+        return self.q_rows.shape[1]
+
+    @property
+    def key_len(self) -> int:
+        return self.k_rows.shape[1]
+
+
+def _visit_order(values):
+    order = torch.argsort(values, dim=1, stable=True)
+    return order, values.gather(1, order)
+
+
+def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None = None, document_ids=None,
+                               layout=None, query_rows: slice | None = None) -> TritonAttentionPlan:
+    """Everything the kernels need about one batch, built once per forward and shared by the layers.
+
+    positions: (B, n + 2m) original positions of the rows (-1 = padding: never attended as a key);
+    layout: the rows' slots in the permuted two-stream layout when the rows are in natural order
+    (masks.natural_order), else None; document_ids: (B, n + 2m) or None (attention within a document);
+    window: |p_q - p_k| <= window on original positions, or None. query_rows: the rows that will be
+    the queries (default all n + 2m); the keys are always the first n + m rows.
+    """
+    batch, length = positions.shape
+    device = positions.device
+    if length != n + 2 * m or not 0 <= m <= n:
+        raise UserError(f"positions have {length} rows; the two-stream layout has n + 2m = {n + 2 * m} (n={n}, m={m})")
+    slots = torch.arange(length, device=device).expand(batch, -1) if layout is None else layout.long()
+    threshold, code = two_stream_codes(slots, n, m)
+    positions = positions.long()
+    real = positions >= 0
+    # Sort key: (document, position) for real rows, padding last. Positions restart per document.
+    span = int(positions.max().clamp(min=0)) + 2
+    documents = None
+    if document_ids is not None:
+        documents = document_ids.long()
+        value = (documents - documents.min()) * span + positions
+        doc_start = (documents - documents.min()) * span
+    else:
+        value = positions
+        doc_start = None
+    last = torch.iinfo(torch.int64).max
+    value = torch.where(real, value, last)
+
+    rows = torch.arange(length, device=device)
+    if query_rows is not None:
+        rows = rows[query_rows]
+    kv_len = n + m
+
+    q_order, q_value = _visit_order(value[:, rows])
+    q_rows = rows[q_order]
+    k_order, k_value = _visit_order(value[:, :kv_len])
+    k_real = real[:, :kv_len].sum(1, keepdim=True)
+    q_real = real[:, rows].sum(1)
+
+    def bounds(sorted_rows, sorted_value):
+        """Inclusive [lo, hi] of the sort values a row may meet (window, same document)."""
+        if window is None and documents is None:
+            return None
+        lo = torch.full_like(sorted_value, torch.iinfo(torch.int64).min)
+        hi = torch.full_like(sorted_value, last - 1)
+        if window is not None:
+            lo, hi = sorted_value - window, sorted_value + window
+        if documents is not None:
+            start = doc_start.gather(1, sorted_rows)
+            lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + span - 1)
+        return lo, hi
+
+    q_real_rows = real.gather(1, q_rows)
+    q_bounds = bounds(q_rows, q_value)
+    if q_bounds is None:
+        key_lo, key_hi = torch.zeros_like(q_value), k_real.expand_as(q_value)
+    else:
+        key_lo = torch.searchsorted(k_value, q_bounds[0].contiguous(), side="left")
+        key_hi = torch.searchsorted(k_value, q_bounds[1].contiguous(), side="right")
+    # A padding query row has position -1 and may still see keys (dense does too): let it try them all.
+    key_lo = torch.where(q_real_rows, key_lo, 0)
+    key_hi = torch.where(q_real_rows, key_hi, k_real)
+
+    k_rows = k_order
+    k_real_rows = real.gather(1, k_rows)
+    k_bounds = bounds(k_rows, k_value)
+    if k_bounds is None:
+        query_lo, query_hi = torch.zeros_like(k_value), q_real[:, None].expand_as(k_value)
+    else:
+        query_lo = torch.searchsorted(q_value, k_bounds[0].contiguous(), side="left")
+        query_hi = torch.searchsorted(q_value, k_bounds[1].contiguous(), side="right")
+    query_lo = torch.where(k_real_rows, query_lo, FAR)  # padding keys are seen by nobody
+    query_hi = torch.where(k_real_rows, query_hi, 0)
+
+    def vector(x):
+        return x.to(torch.int32).contiguous()
+
+    k_code = torch.where(k_real_rows, code.gather(1, k_rows), HIDDEN_CODE)
+    no_documents = torch.zeros(batch, 1, dtype=torch.int32, device=device)
+    return TritonAttentionPlan(
+        q_rows=vector(q_rows), q_pos=vector(positions.gather(1, q_rows)),
+        q_threshold=vector(threshold.gather(1, q_rows)),
+        q_doc=vector(documents.gather(1, q_rows)) if documents is not None else no_documents,
+        q_key_lo=vector(key_lo), q_key_hi=vector(key_hi), q_real=vector(q_real),
+        k_rows=vector(k_rows), k_pos=vector(positions.gather(1, k_rows)), k_code=vector(k_code),
+        k_doc=vector(documents.gather(1, k_rows)) if documents is not None else no_documents,
+        k_query_lo=vector(query_lo), k_query_hi=vector(query_hi),
+        window=window, has_documents=documents is not None)
+
+
+# ------------------------------------------------------------------------------------ bias tables
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """The relative-bias buckets read by distance: index = clamp(p_k - p_q, -D, D) + D, D = max_distance.
+
+    bucket_of_index: (2D + 1,) int32; saturated_left / saturated_right: the smallest |distance| from
+    which every farther distance on that side is in the same (last) bucket (91 at 32 buckets / 128).
+    """
+
+    bucket_of_index: torch.Tensor
+    num_buckets: int
+    max_distance: int
+    saturated_left: int
+    saturated_right: int
+
+    def log2_bias_by_index(self, table):
+        """(buckets, heads) table -> (heads, 2D + 1) float32 bias times log2(e), for the kernels' exp2."""
+        return (table.detach().float()[self.bucket_of_index.long()].t() * LOG2E).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_layout(num_buckets: int, max_distance: int, device: torch.device) -> BucketLayout:
+    distance = torch.arange(-max_distance, max_distance + 1)
+    buckets = relative_position_bucket(distance, num_buckets, max_distance)
+
+    def saturated(side):  # side: the bucket values from |d| = 0 outwards
+        far, first = side[-1], len(side) - 1
+        while first > 0 and side[first - 1] == far:
+            first -= 1
+        return max(first, 1)
+
+    left = buckets[:max_distance + 1].flip(0)  # d = 0, -1, ..., -D
+    right = buckets[max_distance:]  # d = 0, 1, ..., D
+    return BucketLayout(buckets.to(torch.int32).to(device), num_buckets, max_distance,
+                        saturated(left.tolist()), saturated(right.tolist()))
+
+
+# ---------------------------------------------------------------------------------------- kernels
+#
+# Orientation: the forward and dQ kernels hold a query tile and loop over key tiles (scores BLOCK_M x
+# BLOCK_N); the dK/dV kernel holds a key tile and loops over query tiles (scores transposed, BLOCK_N x
+# BLOCK_M). `_scores` and `_bias_gradient` take their row and column vectors already broadcast, so one
+# body serves both orientations. Scores are kept in log2 units (scale * log2 e folded in) for exp2.
+
+
+@_kernel
+def _query_tile(start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A tile of visited query rows: indices, in-range mask, row numbers, positions, thresholds,
+    documents, and the tile's position range."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < LQ
+    at = b * LQ + offs_m
+    rows = tl.load(q_rows + at, mask=row_ok, other=0)
+    qp = tl.load(q_pos + at, mask=row_ok, other=0)
+    qt = tl.load(q_threshold + at, mask=row_ok, other=0)
+    qd = qp
+    if HAS_DOCUMENTS:
+        qd = tl.load(q_doc + at, mask=row_ok, other=0)
+    q_min = tl.reduce(tl.where(row_ok, qp, _FAR), 0, _MIN)
+    q_max = tl.reduce(tl.where(row_ok, qp, -_FAR), 0, _MAX)
+    return offs_m, row_ok, rows, qp, qt, qd, q_min, q_max
+
+
+@_kernel
+def _key_tile(start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile of visited keys: like `_query_tile`; out-of-range keys read as padding (hidden) and the
+    position range covers real keys only."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < LK
+    at = b * LK + offs_n
+    rows = tl.load(k_rows + at, mask=col_ok, other=0)
+    kp = tl.load(k_pos + at, mask=col_ok, other=-1)
+    kc = tl.load(k_code + at, mask=col_ok, other=_HIDDEN_CODE)
+    kd = kp
+    if HAS_DOCUMENTS:
+        kd = tl.load(k_doc + at, mask=col_ok, other=0)
+    k_min = tl.reduce(tl.where(kp >= 0, kp, _FAR), 0, _MIN)
+    k_max = tl.reduce(tl.where(kp >= 0, kp, -_FAR), 0, _MAX)
+    return offs_n, col_ok, rows, kp, kc, kd, k_min, k_max
+
+
+@_kernel
+def _load_rows(X, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
+                   mask=ok[:, None], other=0.0)
+
+
+@_kernel
+def _store_rows(X, value, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
+             value.to(X.dtype.element_ty), mask=ok[:, None])
+
+
+@_kernel
+def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, bias,
+            window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr):
+    """Scaled scores (log2 units) + relative bias, hidden pairs -inf. distance_lo/hi bound p_k - p_q
+    over the tile: a tile inside one saturated bucket adds a scalar instead of gathering."""
+    if distance_lo >= SAT_RIGHT:
+        s = s + tl.load(bias + 2 * MAX_DISTANCE)
+    elif distance_hi <= -SAT_LEFT:
+        s = s + tl.load(bias)
+    else:
+        index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+        s = s + tl.load(bias + index)
+    visible = ((k_code >> 1) < q_threshold) != ((k_code & 1) == 1)
+    if HAS_WINDOW:
+        visible = visible & (tl.abs(k_pos - q_pos) <= window)
+    if HAS_DOCUMENTS:
+        visible = visible & (q_doc == k_doc)
+    return tl.where(visible, s, float("-inf"))
+
+
+@_kernel
+def _total(x):
+    return tl.reduce(tl.reduce(x, 1, _SUM), 0, _SUM)
+
+
+@_kernel
+def _bias_gradient(db, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                   BUCKETS: tl.constexpr):
+    """db (BUCKETS,) += the tile's dS summed per bucket: one sum for a saturated tile, else one masked
+    sum for each bucket that the tile's distance range [distance_lo, distance_hi] touches."""
+    bucket_ids = tl.arange(0, BUCKETS)
+    if distance_lo >= SAT_RIGHT:
+        db += tl.where(bucket_ids == tl.load(BUCKET + 2 * MAX_DISTANCE), _total(ds), 0.0)
+    elif distance_hi <= -SAT_LEFT:
+        db += tl.where(bucket_ids == tl.load(BUCKET), _total(ds), 0.0)
+    else:
+        index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+        bucket = tl.load(BUCKET + index)
+        lo = tl.minimum(tl.maximum(distance_lo, -MAX_DISTANCE), MAX_DISTANCE)
+        hi = tl.minimum(tl.maximum(distance_hi, -MAX_DISTANCE), MAX_DISTANCE)
+        # Left of the query (d <= 0) the bucket grows with |d|, and so it does right of it (d >= 1).
+        first = tl.load(BUCKET + tl.minimum(hi, 0) + MAX_DISTANCE)
+        last = tl.where(lo <= 0, tl.load(BUCKET + lo + MAX_DISTANCE), first - 1)
+        for j in range(first, last + 1):
+            db += tl.where(bucket_ids == j, _total(tl.where(bucket == j, ds, 0.0)), 0.0)
+        first = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
+        last = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first - 1)
+        for j in range(first, last + 1):
+            db += tl.where(bucket_ids == j, _total(tl.where(bucket == j, ds, 0.0)), 0.0)
+    return db
+
+
+@_kernel
+def _forward_kernel(Q, K, V, O, LSE, BIAS,
+                    q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc,
+                    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
+                    H, LQ, LK, ND, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
+    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
+    bias = BIAS + h * ND
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
+                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW, HAS_DOCUMENTS)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees nothing outputs 0
+    _store_rows(O, out, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM)
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # +inf: p = 0 in backward
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=row_ok)
+
+
+@_kernel
+def _delta_kernel(O, DO, DELTA, q_rows, stride_ob, stride_oh, stride_ol, stride_gb, stride_gh, stride_gl,
+                  H, LQ, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, in visiting order: the softmax backward's per-row term."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < LQ
+    rows = tl.load(q_rows + b * LQ + offs_m, mask=row_ok, other=0)
+    o = _load_rows(O, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + bh * LQ + offs_m, tl.reduce(o * do, 1, _SUM), mask=row_ok)
+
+
+@_kernel
+def _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row, delta_row, bias,
+                   BUCKET, q_rows, q_pos, q_threshold, q_doc, stride_qb, stride_qh, stride_ql,
+                   stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                   BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile's share of a key tile's dK, dV and bias gradient (scores transposed: keys x rows)."""
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
+    lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+    distance_lo = k_min - q_max
+    distance_hi = k_max - q_min
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    s = _scores(s, qp[None, :], qt[None, :], qd[None, :], kp[:, None], kc[:, None], kd[:, None],
+                distance_lo, distance_hi, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS)
+    p = tl.math.exp2(s - lse[None, :])
+    dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds = p * (dp - delta[None, :])
+    dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+    db = _bias_gradient(db, ds, qp[None, :], kp[:, None], distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
+                        SAT_LEFT, SAT_RIGHT, BUCKETS)
+    return dk, dv, db
+
+
+@_kernel
+def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
+                          q_rows, q_pos, q_threshold, q_doc, q_real,
+                          k_rows, k_pos, k_code, k_doc, k_query_lo, k_query_hi,
+                          stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                          stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                          stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
+                          H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                          BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+        tl.program_id(0) * BLOCK_N, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+    k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+    v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+    row_lo = tl.reduce(tl.load(k_query_lo + b * LK + offs_n, mask=col_ok, other=_FAR), 0, _MIN)
+    row_hi = tl.reduce(tl.load(k_query_hi + b * LK + offs_n, mask=col_ok, other=0), 0, _MAX)
+    lse_row = LSE + bh * LQ
+    delta_row = DELTA + bh * LQ
+    bias = BIAS + h * ND
+    dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
+    db = tl.full([BUCKETS], 0.0, tl.float32)
+    for start_m in range(row_lo // BLOCK_M * BLOCK_M, row_hi, BLOCK_M):
+        dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
+                                    delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
+                                    stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
+                                    window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
+                                    BLOCK_M, HEAD_DIM, PRECISION)
+    # Padding query rows (visited last) have position -1 and lie outside the real rows' ranges: a key
+    # tile with a real key visits them too, from the first tile the loop above did not visit.
+    padding_start = tl.load(q_real + b) // BLOCK_M * BLOCK_M
+    padding_start = tl.where(row_lo < row_hi, tl.maximum(padding_start, (row_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M),
+                             padding_start)
+    for start_m in range(padding_start, tl.where(k_max >= 0, LQ, 0), BLOCK_M):
+        dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
+                                    delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
+                                    stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
+                                    window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
+                                    BLOCK_M, HEAD_DIM, PRECISION)
+    _store_rows(DK, dk * sm_scale, b, h, stride_dkb, stride_dkh, stride_dkl, krows, col_ok, HEAD_DIM)
+    _store_rows(DV, dv, b, h, stride_dvb, stride_dvh, stride_dvl, krows, col_ok, HEAD_DIM)
+    slot = bh * tl.num_programs(0) + tl.program_id(0)
+    tl.store(DB + slot * BUCKETS + tl.arange(0, BUCKETS), db)
+
+
+@_kernel
+def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
+                            q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc,
+                            stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                            stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                            stride_dqb, stride_dqh, stride_dql,
+                            H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                            HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
+    lse = tl.load(LSE + bh * LQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + offs_m, mask=row_ok, other=0.0)
+    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
+    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
+    bias = BIAS + h * ND
+    dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
+                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW, HAS_DOCUMENTS)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_rows(DQ, dq * sm_scale, b, h, stride_dqb, stride_dqh, stride_dql, rows, row_ok, HEAD_DIM)
+
+
+# ------------------------------------------------------------------------------------- launching
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block shape and launch settings of one kernel. They change speed only, never the result."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class KernelTiles:
+    forward: Tiles
+    key_gradients: Tiles  # the dK/dV kernel: block_n keys held, block_m query rows per step
+    query_gradients: Tiles
+
+
+def default_tiles(dtype: torch.dtype) -> KernelTiles:
+    if INTERPRET:  # numpy: small tiles keep the test shapes' padding small
+        tiles = Tiles(32, 32)
+        return KernelTiles(tiles, tiles, tiles)
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory
+        return KernelTiles(Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1))
+    return KernelTiles(Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 2), Tiles(128, 32, 4, 2))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bucket_slots(num_buckets: int) -> int:
+    return 1 << max(num_buckets - 1, 1).bit_length()
+
+
+def _plan_vectors(plan):
+    return (plan.q_rows, plan.q_pos, plan.q_threshold, plan.q_doc)
+
+
+def _key_vectors(plan):
+    return (plan.k_rows, plan.k_pos, plan.k_code, plan.k_doc)
+
+
+def _common(plan, buckets, heads, q, k, scale, bias):
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * LOG2E
+    return dict(H=heads, LQ=plan.query_len, LK=plan.key_len, ND=bias.shape[1], window=plan.window or 0,
+                MAX_DISTANCE=buckets.max_distance, SAT_LEFT=buckets.saturated_left,
+                SAT_RIGHT=buckets.saturated_right, HAS_WINDOW=plan.window is not None,
+                HAS_DOCUMENTS=plan.has_documents, HEAD_DIM=q.shape[-1], PRECISION=precision), qk_scale
+
+
+class _TritonAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table, plan, buckets, scale, tiles):
+        batch, heads, q_len, _ = q.shape
+        bias = buckets.log2_bias_by_index(table)
+        out = torch.empty_like(q)  # keeps the (B, L, H, D) memory of the projections' head views
+        lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+        common, qk_scale = _common(plan, buckets, heads, q, k, scale, bias)
+        t = tiles.forward
+        _forward_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
+            q, k, v, out, lse, bias, *_plan_vectors(plan), plan.q_key_lo, plan.q_key_hi, *_key_vectors(plan),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], qk_scale=qk_scale,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.plan, ctx.buckets, ctx.scale, ctx.tiles, ctx.table_dtype = plan, buckets, scale, tiles, table.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        plan, buckets, tiles = ctx.plan, ctx.buckets, ctx.tiles
+        batch, heads, q_len, head_dim = q.shape
+        common, qk_scale = _common(plan, buckets, heads, q, k, ctx.scale, bias)
+        delta = torch.empty_like(lse)
+        _delta_kernel[(_cdiv(q_len, 64), batch * heads)](
+            out, grad_out, delta, plan.q_rows, *out.stride()[:3], *grad_out.stride()[:3], H=heads, LQ=q_len,
+            BLOCK_M=64, HEAD_DIM=head_dim)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        t = tiles.key_gradients
+        key_tiles = _cdiv(plan.key_len, t.block_n)
+        slots = _bucket_slots(buckets.num_buckets)
+        db = torch.empty(batch * heads * key_tiles, slots, device=q.device, dtype=torch.float32)
+        _key_gradients_kernel[(key_tiles, batch * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db,
+            *_plan_vectors(plan), plan.q_real, *_key_vectors(plan), plan.k_query_lo, plan.k_query_hi,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BUCKETS=slots, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+        t = tiles.query_gradients
+        _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
+            q, k, v, grad_out, dq, lse, delta, bias, *_plan_vectors(plan), plan.q_key_lo, plan.q_key_hi,
+            *_key_vectors(plan), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+            *dq.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            num_warps=t.num_warps, num_stages=t.num_stages, **common)
+        grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
+        return dq, dk, dv, grad_table.to(ctx.table_dtype), None, None, None, None
+
+
+def _check_can_run(*tensors):
+    if triton is None:
+        raise TritonAttentionUnavailable(
+            "the Triton attention backend needs the triton package (pip install triton) and a CUDA GPU; "
+            "use the flex or dense backend")
+    for tensor in tensors:
+        if not INTERPRET and tensor.device.type != "cuda":
+            raise TritonAttentionUnavailable(
+                "the Triton attention backend runs on CUDA tensors (set TRITON_INTERPRET=1 before starting to "
+                "run its kernels on the CPU, slowly); move the model to a GPU or use the dense backend")
+        if INTERPRET and tensor.device.type != "cpu":
+            raise TritonAttentionUnavailable(
+                "Triton's interpreter (TRITON_INTERPRET=1, or no GPU found at start) runs on CPU tensors only")
+
+
+def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttentionPlan, *, max_distance: int = 128,
+                                scale: float | None = None, tiles: KernelTiles | None = None):
+    """MPNet attention of the plan's query rows over the content stream, with gradients.
+
+    q: (B, H, Lq, D) for the rows the plan was built for (default all n + 2m); k, v: (B, H, n + m, D)
+    from the content stream; all bf16, fp16 or fp32, D a power of two from 16 to 256;
+    relative_bias_table: (num_buckets, H), the encoder's `relative_attention_bias.weight`;
+    max_distance: the buckets' saturation distance (config.relative_attention_max_distance).
+    Returns (B, H, Lq, D) like q. Equals the dense reference without attention-probability dropout.
+    """
+    _check_can_run(q, k, v, relative_bias_table, plan.q_rows)
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[3] != head_dim:
+        raise UserError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} do not match queries {tuple(q.shape)}")
+    if (q_len, k.shape[2]) != (plan.query_len, plan.key_len) or plan.q_rows.shape[0] != batch:
+        raise UserError(f"the attention plan is for {plan.q_rows.shape[0]} x {plan.query_len} queries over "
+                        f"{plan.key_len} keys; got {batch} x {q_len} queries over {k.shape[2]} keys")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UserError(f"the Triton attention backend takes float32, float16 or bfloat16 q, k, v of one dtype; "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise UserError(f"the Triton attention backend needs a head size that is a power of two from 16 to 256, "
+                        f"got {head_dim}")
+    if relative_bias_table.dim() != 2 or relative_bias_table.shape[1] != heads:
+        raise UserError(f"the relative bias table should be (num_buckets, {heads}), got {tuple(relative_bias_table.shape)}")
+    buckets = bucket_layout(relative_bias_table.shape[0], max_distance, q.device)
+    scale = head_dim ** -0.5 if scale is None else scale
+    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, plan, buckets, scale,
+                                          tiles or default_tiles(q.dtype))
+
+
+# ---------------------------------------------------------------------- the backend's module interface
+
+
+@dataclass
+class TritonAttentionState:
+    plan: TritonAttentionPlan
+    relative_bias_table: torch.Tensor  # (num_buckets, heads)
+    max_distance: int
+    kv_len: int
+
+
+def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, window=None, *, pattern=None,
+                                document_ids=None, layer=0, layout=None):
+    """Like make_dense/flex_attention_state, but given the (buckets, heads) table itself."""
+    plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern, window),
+                                      document_ids=document_ids, layout=layout)
+    return TritonAttentionState(plan, relative_bias_table, max_distance, n + m)
+
+
+class TritonTwoStreamAttention(_Projections):
+    """Triton backend: both streams in one kernel call per layer; no attention-probability dropout
+    (`attention_probs_dropout_prob` is not applied, as with FlexAttention)."""
+
+    def forward(self, hidden, state: TritonAttentionState):
+        q, k, v = self.project(hidden, state.kv_len)
+        context = triton_two_stream_attention(q, k, v, state.relative_bias_table, state.plan,
+                                              max_distance=state.max_distance)
+        return self.merge(context)
+
+
+def encode_triton_two_stream_attention(layers, hidden, positions, n, m, relative_bias_table, max_distance,
+                                       window=None, *, pattern=None, document_ids=None, layout=None):
+    """Triton backend: one plan per forward, every layer over both streams (pass the bucket table)."""
+    supported_window(pattern, window)  # fail before any work
+    return _run_layers(make_triton_attention_state, layers, hidden, positions, n, m, relative_bias_table,
+                       max_distance, window, pattern, document_ids, layout)

@@ -1,0 +1,370 @@
+"""The Triton attention backend against the dense reference: forward and every gradient.
+
+Oracle: `make_dense_attention_state` + the dense module's arithmetic (scores in float32, masked,
+softmax, rows that see nothing -> 0), differentiated by autograd; the same inputs go to
+`triton_two_stream_attention`. Compared: the output, dq, dk, dv and the gradient of the (buckets,
+heads) relative-bias table.
+
+CPU: the kernels run in Triton's interpreter (numpy) on CPU tensors when there is no GPU (or with
+TRITON_INTERPRET=1); skipped when triton is not installed. Shapes are small (n = 40, m = 8) so that
+each case takes about a second. Float32 throughout: the interpreter's dots are numpy's float32
+products, so what remains is summation order (~1e-7 relative); we allow 1e-5 by norm, and a wrong
+mask entry, bias index, bucket or head moves results by 1e-2 or more.
+
+GPU (marked `gpu`): `python -m pytest -m gpu tests/modeling/test_triton_attention.py -q -s`.
+- fp32: the kernels' dots in IEEE fp32 (input_precision "ieee"), the dense side with TF32 off:
+  1e-4 relative by norm, as the flex backend's GPU parity tests.
+- bf16 at realistic shapes (12 heads x 64, n = 512, m = 77): both the Triton kernels and the dense
+  backend run on bf16 q, k, v and are compared to the fp32 dense truth; the Triton error must be at
+  most 1.5 x the dense backend's own bf16 error + 2e-3 on every tensor (the yardstick of
+  tests/modeling/test_gpu_backends.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from helpers import generator, max_abs, pretraining_batch, rel_err, rule_visible, stacked_positions, tiny_config
+from mpnet.errors import UserError
+from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
+from mpnet.modeling.masks import natural_order, relative_bias_by_distance, two_stream_visible
+from mpnet.modeling import triton_attention as T
+
+MAX_DISTANCE = 128
+BUCKETS = 32
+FP32_REL = 1e-5
+GPU_FP32_REL = 1e-4
+BF16_VS_DENSE = 1.5
+BF16_SLACK = 2e-3
+
+interpreted = pytest.mark.skipif(not (T.triton is not None and T.INTERPRET),
+                                 reason="needs triton, run by its interpreter (no GPU, or TRITON_INTERPRET=1)")
+compiled = pytest.mark.skipif(not (T.triton is not None and not T.INTERPRET and torch.cuda.is_available()),
+                              reason="needs triton and CUDA (compiled kernels)")
+
+
+# ------------------------------------------------------------------------------------- oracle
+
+
+def dense_attention(q, k, v, table, positions, n, m, window=None, document_ids=None, layout=None):
+    """The dense backend's arithmetic (RelativeMultiHeadAttention.forward minus projections/dropout)."""
+    distance_bias = relative_bias_by_distance(table, MAX_DISTANCE, table.shape[0])
+    state = make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, window,
+                                       document_ids=document_ids, layout=layout)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + state.bias
+    scores = scores.masked_fill(~state.allowed, float("-inf"))
+    probs = torch.where(state.allowed.any(-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def run(fn, inputs, cotangent):
+    """Output and gradients of (q, k, v, table) for one cotangent."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, cotangent)
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+NAMES = ("out", "dq", "dk", "dv", "dtable")
+
+
+# ------------------------------------------------------------------------------------- batches
+
+
+def two_stream_case(n, m, pads, heads, head_dim, seed, device="cpu", dtype=torch.float32, documents=False,
+                    natural=False):
+    """Random q, k, v, table and a two-stream batch (padding per row, optional two documents per row,
+    optional natural-order layout). Returns inputs, positions, document_ids, layout."""
+    gen = generator(seed)
+    _, positions, mask = pretraining_batch(gen, n, m, pads)
+    positions = stacked_positions(positions, mask, n, m)
+    document_ids = None
+    if documents:  # two documents per row: the first third of the original positions, then the rest
+        split = (positions.max(1, keepdim=True).values + 1) // 3
+        document_ids = torch.where(positions >= 0, (positions >= split).long(), -1)
+        positions = torch.where(positions >= 0, positions - split * document_ids, -1)
+    layout = None
+    if natural:
+        layout = natural_order(positions, n, m, document_ids)
+        positions = positions.gather(1, layout)
+        if document_ids is not None:
+            document_ids = document_ids.gather(1, layout)
+    batch = positions.shape[0]
+    q = torch.randn(batch, heads, n + 2 * m, head_dim, generator=gen)
+    k = torch.randn(batch, heads, n + m, head_dim, generator=gen)
+    v = torch.randn(batch, heads, n + m, head_dim, generator=gen)
+    table = 2.0 * torch.randn(BUCKETS, heads, generator=gen)  # large enough to move the softmax
+    inputs = [x.to(device) for x in (q, k, v)] + [table.to(device)]
+    inputs[:3] = [x.to(dtype) for x in inputs[:3]]
+    move = (lambda x: None if x is None else x.to(device))
+    return inputs, move(positions), move(document_ids), move(layout)
+
+
+def single_stream_case(n, lengths, heads, head_dim, seed, device="cpu", dtype=torch.float32):
+    gen = generator(seed)
+    real = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
+    positions = torch.where(real, torch.arange(n)[None], -1)
+    q, k, v = (torch.randn(len(lengths), heads, n, head_dim, generator=gen) for _ in range(3))
+    table = 2.0 * torch.randn(BUCKETS, heads, generator=gen)
+    return [x.to(device, dtype) for x in (q, k, v)] + [table.to(device)], positions.to(device)
+
+
+def compare(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7):
+    plan = T.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout)
+    out_shape = inputs[0].shape
+    cotangent = torch.randn(out_shape, generator=generator(seed)).to(inputs[0].device, inputs[0].dtype)
+    ours = run(lambda q, k, v, t: T.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
+                                                                tiles=tiles), inputs, cotangent)
+    reference = run(lambda q, k, v, t: dense_attention(q, k, v, t, positions, n, m, window, document_ids, layout),
+                    inputs, cotangent)
+    return ours, reference
+
+
+def assert_close(ours, reference, tolerance, label):
+    errors = {name: rel_err(a, b) for name, a, b in zip(NAMES, ours, reference)}
+    print(f"\n[{label}] relative errors: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    for name, a in zip(NAMES, ours):
+        assert torch.isfinite(a).all(), f"{label}: {name} is not finite"
+    assert reference[4].abs().max() > 0, "the bias table got no gradient: the case tests nothing"
+    bad = {name: error for name, error in errors.items() if not error <= tolerance}
+    assert not bad, f"{label}: {bad}"
+
+
+# ------------------------------------------------------------------------------ rules as integers
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_codes_equal_two_stream_visible(permuted):
+    """Every (query row, key) pair of a small layout, in the permuted layout and in natural order
+    (slots scrambled), against masks.two_stream_visible. Pure torch: runs without triton."""
+    n, m = 11, 4
+    slots = torch.arange(n + 2 * m)
+    if permuted:
+        slots = torch.cat([torch.randperm(n + m, generator=generator(3)), n + m + torch.randperm(m, generator=generator(4))])
+    threshold, code = T.two_stream_codes(slots, n, m)
+    key_code = code[:n + m]
+    codes_say = ((key_code[None] >> 1) < threshold[:, None]) != ((key_code[None] & 1) == 1)
+    rules_say = two_stream_visible(slots[:, None], slots[None, :n + m], n, m)
+    assert torch.equal(codes_say, rules_say)
+
+
+def test_only_windows_are_supported():
+    assert T.supported_window(None, None) is None
+    assert T.supported_window("window:8", None) == 8
+    assert T.supported_window("window:8,neighbourhood:5", 20) == 5
+    for spec in ("block:4", "window:8,softcap:30", "alibi", "dilated:4:2"):
+        with pytest.raises(T.UnsupportedTritonPattern) as info:
+            T.supported_window(spec)
+        assert isinstance(info.value, UserError) and "window" in str(info.value)
+
+
+def test_saturation_distance_is_where_the_last_bucket_starts():
+    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE, torch.device("cpu"))
+    assert (layout.saturated_left, layout.saturated_right) == (91, 91)
+    buckets = layout.bucket_of_index.tolist()
+    assert buckets[MAX_DISTANCE + 90] != buckets[MAX_DISTANCE + 91] == buckets[-1]
+    assert buckets[MAX_DISTANCE - 90] != buckets[MAX_DISTANCE - 91] == buckets[0]
+
+
+def test_plan_visits_rows_sorted_by_position_padding_last():
+    (_, _, _, _), positions, _, _ = two_stream_case(40, 8, (0, 7), 1, 16, seed=1)
+    plan = T.make_triton_attention_plan(positions, 40, 8)
+    for b in range(2):
+        pos = plan.q_pos[b].long()
+        real = int(plan.q_real[b])
+        assert torch.equal(pos, positions[b, plan.q_rows[b].long()])
+        assert (pos[:real] >= 0).all() and (pos[real:] < 0).all()
+        assert (pos[:real].diff() >= 0).all()
+        assert sorted(plan.q_rows[b].tolist()) == list(range(56))
+        assert sorted(plan.k_rows[b].tolist()) == list(range(48))
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter)
+
+
+@interpreted
+@pytest.mark.parametrize("window", [None, 6])
+def test_two_stream_with_padding_matches_dense(window):
+    inputs, positions, _, _ = two_stream_case(40, 8, (0, 9), heads=1, head_dim=16, seed=2)
+    ours, reference = compare(inputs, positions, 40, 8, window=window)
+    assert_close(ours, reference, FP32_REL, f"two-stream w={window}")
+
+
+@interpreted
+def test_several_heads_and_tiles_with_window_and_padding_tail():
+    """16-row tiles: many tiles per row, a window that skips whole key tiles, padding query rows in
+    the last tiles (visited by every key tile's extra loop), two heads."""
+    inputs, positions, _, _ = two_stream_case(40, 8, (0, 13), heads=2, head_dim=16, seed=3)
+    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    ours, reference = compare(inputs, positions, 40, 8, window=4, tiles=tiles)
+    assert_close(ours, reference, FP32_REL, "16x16 tiles, w=4, 2 heads")
+
+
+@interpreted
+def test_documents_in_natural_order_match_dense():
+    """Two documents per row (positions restart), rows in natural order (kinds from layout slots)."""
+    inputs, positions, documents, layout = two_stream_case(40, 8, (0, 5), heads=1, head_dim=16, seed=4,
+                                                           documents=True, natural=True)
+    ours, reference = compare(inputs, positions, 40, 8, document_ids=documents, layout=layout)
+    assert_close(ours, reference, FP32_REL, "documents, natural order")
+
+
+@interpreted
+def test_documents_with_window_match_dense():
+    inputs, positions, documents, _ = two_stream_case(40, 8, (3,), heads=1, head_dim=32, seed=5, documents=True)
+    ours, reference = compare(inputs, positions, 40, 8, window=5, document_ids=documents)
+    assert_close(ours, reference, FP32_REL, "documents + window")
+
+
+@interpreted
+def test_single_stream_with_padding_matches_dense():
+    """m = 0: every row is context. Rows 0..L-1, right padding, one fully padded row (sees nothing)."""
+    inputs, positions = single_stream_case(48, (48, 30, 0), heads=1, head_dim=16, seed=6)
+    ours, reference = compare(inputs, positions, 48, 0)
+    assert_close(ours, reference, FP32_REL, "single stream")
+    assert ours[0][2].abs().max() == 0, "a row that sees nothing must output 0"
+
+
+@interpreted
+def test_long_distances_use_the_saturated_buckets():
+    """Positions spread over 0..600 (single stream, sorted): most tiles lie wholly beyond distance 91
+    and take the scalar path, forward and backward; the table gradient must still match."""
+    inputs, _ = single_stream_case(64, (64, 64), heads=1, head_dim=16, seed=8)
+    positions = (torch.arange(64) * 10)[None].repeat(2, 1)
+    ours, reference = compare(inputs, positions, 64, 0)
+    assert_close(ours, reference, FP32_REL, "spread positions")
+
+
+@interpreted
+def test_query_rank_never_depends_on_predicted_tokens_of_its_rank_or_later():
+    """Black box, one layer: batch copy j perturbs the key and value of the predicted token of rank j;
+    a row's output changes iff the rules let it see that key (the query of rank i: iff j < i)."""
+    n, m = 40, 8
+    (q, k, v, table), positions, _, _ = two_stream_case(n, m, (0,), heads=1, head_dim=16, seed=9)
+    copies = m + 1
+    q, k, v, positions = (x.repeat(copies, *([1] * (x.dim() - 1))) for x in (q, k, v, positions))
+    for j in range(m):
+        k[1 + j, :, n - m + j] += 10.0
+        v[1 + j, :, n - m + j] += 10.0
+    plan = T.make_triton_attention_plan(positions, n, m)
+    with torch.no_grad():
+        out = T.triton_two_stream_attention(q, k, v, table, plan)
+    change = (out[1:] - out[:1]).abs().amax(dim=(1, 3))  # (copy j, row)
+    for j in range(m):
+        for row in range(n + 2 * m):
+            if rule_visible(row, n - m + j, n, m):
+                assert change[j, row] > 1e-6, f"row {row} ignores the predicted token of rank {j}"
+            else:
+                assert change[j, row] == 0, f"row {row} changed by {change[j, row]:.3g} (rank {j} hidden from it)"
+
+
+@interpreted
+def test_module_matches_the_dense_module():
+    """TritonTwoStreamAttention (projections + kernel + merge) equals RelativeMultiHeadAttention with
+    the same weights, output and parameter gradients."""
+    config = tiny_config(hidden_size=32, num_attention_heads=2)
+    dense = RelativeMultiHeadAttention(config)
+    ours = T.TritonTwoStreamAttention(config)
+    ours.load_state_dict(dense.state_dict())
+    n, m = 40, 8
+    _, positions, _, _ = two_stream_case(n, m, (0, 6), heads=1, head_dim=16, seed=10)
+    hidden = torch.randn(2, n + 2 * m, 32, generator=generator(11))
+    table = torch.randn(BUCKETS, 2, generator=generator(12), requires_grad=True)
+    weights = torch.randn(2, n + 2 * m, 32, generator=generator(13))
+    a = dense(hidden, make_dense_attention_state(positions, n, m, relative_bias_by_distance(table, MAX_DISTANCE, BUCKETS),
+                                                 MAX_DISTANCE, 5))
+    b = ours(hidden, T.make_triton_attention_state(positions, n, m, table, MAX_DISTANCE, 5))
+    names = ["table"] + [name for name, _ in dense.named_parameters()]
+    grads_a = torch.autograd.grad((a * weights).sum(), [table, *dense.parameters()])
+    grads_b = torch.autograd.grad((b * weights).sum(), [table, *ours.parameters()])
+    assert max_abs(a, b) <= 1e-5 * a.abs().max()
+    for name, ga, gb in zip(names, grads_a, grads_b):
+        if name == "k.bias":  # zero in exact arithmetic (softmax is shift-invariant): rounding noise on both sides
+            assert gb.norm() <= 1e-4 * grads_b[names.index("k.weight")].norm()
+        else:
+            assert rel_err(gb, ga) <= FP32_REL, name
+
+
+@interpreted
+def test_user_errors():
+    (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
+    plan = T.make_triton_attention_plan(positions, 40, 8)
+    with pytest.raises(UserError, match="power of two"):
+        T.triton_two_stream_attention(q[..., :12], k[..., :12], v[..., :12], table, plan)
+    with pytest.raises(UserError, match="plan"):
+        T.triton_two_stream_attention(q[:, :, :50], k, v, table, plan)
+    with pytest.raises(UserError, match="table"):
+        T.triton_two_stream_attention(q, k, v, table.t(), plan)
+    with pytest.raises(T.UnsupportedTritonPattern):
+        T.make_triton_attention_state(positions, 40, 8, table, MAX_DISTANCE, pattern="block:8")
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])
+
+
+GPU_CASES = {  # name: (n, m, pads, window, documents + natural order)
+    "two-stream 512": (512, 77, (0, 131), None, False),
+    "two-stream 512 w=64": (512, 77, (0, 131), 64, False),
+    "two-stream 232 documents": (232, 35, (0, 40), None, True),
+    "single 512": (512, 0, (0, 200), None, False),
+}
+
+
+def _gpu_case(name, dtype, heads=4):
+    n, m, pads, window, documents = GPU_CASES[name]
+    if m == 0:
+        inputs, positions = single_stream_case(n, [n - p for p in pads], heads, 64, seed=21, device="cuda", dtype=dtype)
+        return inputs, positions, n, m, window, None, None
+    inputs, positions, document_ids, layout = two_stream_case(n, m, pads, heads, 64, seed=21, device="cuda", dtype=dtype,
+                                                              documents=documents, natural=documents)
+    return inputs, positions, n, m, window, document_ids, layout
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_fp32_matches_dense(name):
+    inputs, positions, n, m, window, document_ids, layout = _gpu_case(name, torch.float32)
+    with ieee_fp32():
+        ours, reference = compare(inputs, positions, n, m, window, document_ids, layout)
+    assert_close(ours, reference, GPU_FP32_REL, f"GPU fp32 {name}")
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("name", ["two-stream 512", "two-stream 512 w=64", "single 512"])
+def test_gpu_bf16_error_is_no_worse_than_dense_bf16(name):
+    inputs, positions, n, m, window, document_ids, layout = _gpu_case(name, torch.bfloat16, heads=12)
+    with ieee_fp32():  # the truth: dense in fp32 on the same (bf16-representable) inputs
+        _, truth = compare([x.float() for x in inputs], positions, n, m, window, document_ids, layout)
+    ours, dense_bf16 = compare(inputs, positions, n, m, window, document_ids, layout)
+    lines, failures = [], []
+    for name_, a, d, t in zip(NAMES, ours, dense_bf16, truth):
+        err_ours, err_dense = rel_err(a, t), rel_err(d, t)
+        lines.append(f"{name_}: triton {err_ours:.2e} dense {err_dense:.2e}")
+        if not (torch.isfinite(a).all() and err_ours <= BF16_VS_DENSE * err_dense + BF16_SLACK):
+            failures.append(lines[-1])
+    print(f"\n[GPU bf16 {name}] errors vs fp32 dense: " + "; ".join(lines))
+    assert not failures, failures
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_cpu_tensors_are_refused():
+    (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
+    with pytest.raises(T.TritonAttentionUnavailable):
+        T.triton_two_stream_attention(q, k, v, table, T.make_triton_attention_plan(positions, 40, 8))
