@@ -35,6 +35,15 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def last_good_checkpoint(output_dir) -> str:
+    """'the last good checkpoint is step M (PATH)', for the messages of a run that stops."""
+    checkpoints = [(step, path) for step, path in list_checkpoints(output_dir) if (path / STATE_FILE).is_file()]
+    if not checkpoints:
+        return "no checkpoint has been written yet"
+    step, path = checkpoints[-1]
+    return f"the last good checkpoint is step {step} ({path})"
+
+
 def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_config: dict, keep_last: int) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -48,10 +57,18 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_co
     if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    if keep_last > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    rotate(output_dir, keep_last, newest=final)
     return final
+
+
+def rotate(output_dir, keep_last: int, newest: Path):
+    """Keep the `keep_last` newest checkpoints (0: all), and always `newest`, the one just written: only
+    checkpoints with finite weights are written, so the newest finite and complete one is never deleted."""
+    if keep_last <= 0:
+        return
+    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_state(path) -> dict:

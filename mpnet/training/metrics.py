@@ -5,6 +5,7 @@ Per-step values stay on the device as running sums; they are read (one host sync
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -60,7 +61,8 @@ class MetricsLogger:
         self._reset()
 
     def _reset(self):
-        self.loss_sum = self.correct = self.count = None
+        self.loss_sum = self.correct = self.count = None  # the interval's finite steps
+        self.step_sums = None  # the current step's micro-batches, kept or dropped by after_step
         self.micro = 0
         self.examples = self.tokens = 0
         self.interval_start = time.perf_counter()
@@ -68,23 +70,36 @@ class MetricsLogger:
             torch.cuda.reset_peak_memory_stats()
 
     def accumulate(self, loss, logits, targets):
+        """One micro-batch's loss and accuracy counts, summed on the device (no host sync)."""
         valid = targets != -100
         correct = ((logits.argmax(-1) == targets) & valid).sum()
-        if self.loss_sum is None:
-            self.loss_sum, self.correct, self.count = loss.float(), correct.float(), valid.sum().float()
+        if self.step_sums is None:
+            self.step_sums = [loss.float(), correct.float(), valid.sum().float(), 1]
         else:
-            self.loss_sum += loss.float()
-            self.correct += correct
-            self.count += valid.sum()
-        self.micro += 1
+            self.step_sums[0] += loss.float()
+            self.step_sums[1] += correct
+            self.step_sums[2] += valid.sum()
+            self.step_sums[3] += 1
 
-    def after_step(self, examples, n):
+    def after_step(self, examples, n, finite: bool = True):
+        """End of an optimizer step: its sums join the interval's, unless the step was skipped as non-finite."""
+        if finite and self.step_sums is not None:
+            loss, correct, count, micro = self.step_sums
+            if self.loss_sum is None:
+                self.loss_sum, self.correct, self.count = loss, correct, count
+            else:
+                self.loss_sum += loss
+                self.correct += correct
+                self.count += count
+            self.micro += micro
+        self.step_sums = None
         self.examples += examples
         self.tokens += examples * n
 
     def _write(self, row):
         if not self.is_main:
             return
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
         self.history.append(row)
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -93,12 +108,17 @@ class MetricsLogger:
                 self.writer.add_scalar(key, value, row["step"])
         self.writer.flush()
 
-    def log_train(self, step, lr, grad_norm, env) -> dict:
+    def log_train(self, step, lr, grad_norm, env, skipped: int = 0) -> dict:
+        """A train row over the interval's finite steps (`skipped`: the run's non-finite steps so far)."""
+        if self.loss_sum is None:  # every step of the interval was skipped
+            zero = torch.zeros((), device=grad_norm.device)
+            self.loss_sum, self.correct, self.count = zero, zero.clone(), zero.clone()
         sums = torch.stack([self.loss_sum, self.correct, self.count, torch.tensor(float(self.micro), device=self.loss_sum.device)])
         sums = dist_utils.all_reduce_sum(sums, env).tolist()  # the one host sync of a log interval
         elapsed = time.perf_counter() - self.interval_start
-        row = {"step": step, "train/loss": sums[0] / sums[3], "train/accuracy": sums[1] / max(sums[2], 1),
-               "train/lr": lr, "train/grad_norm": float(grad_norm),
+        row = {"step": step, "train/loss": sums[0] / sums[3] if sums[3] else None,
+               "train/accuracy": sums[1] / max(sums[2], 1) if sums[3] else None,
+               "train/lr": lr, "train/grad_norm": float(grad_norm), "train/skipped_steps": skipped,
                "perf/tokens_per_s": self.tokens / elapsed, "perf/examples_per_s": self.examples / elapsed}
         if self.peak_tflops:
             row["perf/mfu"] = self.examples * self.flops_per_example / elapsed / (self.peak_tflops * 1e12)
@@ -118,9 +138,11 @@ class MetricsLogger:
             tqdm.write(message)
 
     def summary(self, output_dir, checkpoints) -> dict:
-        train = [r for r in self.history if "train/loss" in r]
+        rows = [r for r in self.history if "train/loss" in r]
+        train = [r for r in rows if r["train/loss"] is not None]  # intervals with at least one finite step
         valid = [r for r in self.history if "valid/loss" in r]
-        result = {"steps": train[-1]["step"] if train else 0,
+        result = {"steps": rows[-1]["step"] if rows else 0,
+                  "skipped_steps": rows[-1].get("train/skipped_steps", 0) if rows else 0,
                   "first_train_loss": train[0]["train/loss"] if train else None,
                   "last_train_loss": train[-1]["train/loss"] if train else None,
                   "valid_loss": valid[-1]["valid/loss"] if valid else None,
@@ -134,6 +156,7 @@ class MetricsLogger:
                 f"steps              {result['steps']}",
                 f"train loss         {result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}" if train else "",
                 f"valid loss / acc   {result['valid_loss']:.4f} / {result['valid_accuracy']:.3f}" if valid else "",
+                f"skipped steps      {result['skipped_steps']} (non-finite loss or gradient)" if result["skipped_steps"] else "",
                 f"tokens/s (last)    {result['tokens_per_s']:,.0f}" if train else "",
                 f"wall time          {result['wall_time_s']:.0f} s",
                 f"checkpoint         {result['checkpoint']}",

@@ -29,9 +29,10 @@ from ..modeling.attention import CPU_TRAINING_MESSAGE
 from ..modeling.checkpoint import read_config, read_state_dict, to_our_keys
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import list_checkpoints, load_training_state, save_checkpoint
+from .checkpointing import last_good_checkpoint, list_checkpoints, load_training_state, save_checkpoint
 from .config import PretrainConfig, model_config, to_dict
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
+from .safety import NonFiniteError, NonFiniteGuard, all_finite
 
 log = logging.getLogger("mpnet.pretrain")
 
@@ -152,6 +153,9 @@ def restore_weights(model, path: Path, meta: dict) -> dict:
     state = load_training_state(path)
     weights = to_our_keys(read_state_dict(path))
     _check_vocab(weights["mpnet.embeddings.word_embeddings.weight"].shape[0], meta, f"checkpoint {path}")
+    if not all_finite(weights.values()):  # written before the non-finite guard existed
+        raise UserError(f"checkpoint {path} holds non-finite weights (NaN/inf); delete it to resume from the one "
+                        "before it")
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
     log.info("resuming from %s (step %d)", path, state["step"])
@@ -173,6 +177,8 @@ class Trainer:
         self.scheduler = toolkit.lr_scheduler(self.optimizer, opt.warmup_steps, cfg.training.max_steps, opt.schedule,
                                               opt.power, floor=opt.end_lr / opt.lr)
         self.start_step = 0
+        self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, env, opt.lr,
+                                    skipped=state.get("skipped_steps", 0) if state else 0)
         if state is not None:
             dist_utils.load_optimizer_state(self.optimizer, self.train_model, state["optimizer"], env)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -203,8 +209,10 @@ class Trainer:
 
     def train_step(self, step: int):
         """One optimizer step: grad_accum micro-batches (gradients synced on the last), clip, update.
-        Returns the gradient norm before clipping (a device tensor: no host sync here)."""
+        A step whose loss or gradient norm is not finite makes no update. Returns (the gradient norm before
+        clipping, a device tensor; whether the step was finite)."""
         cfg, env = self.cfg, self.env
+        loss_sum = 0.0
         for accum in range(cfg.training.grad_accum):
             batch = toolkit.to_device(next(self.batches), self.device)
             # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.
@@ -216,13 +224,16 @@ class Trainer:
                                           batch["attention_mask"], document_ids=batch.get("document_ids"))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
             (loss / cfg.training.grad_accum).backward()
+            loss_sum = loss_sum + loss.detach()
             self.metrics.accumulate(loss.detach(), logits.detach(), batch["targets"])
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        finite = self.guard.step_is_finite(loss_sum, grad_norm)  # the step's one host sync
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()  # a skipped step still advances the schedule and the data: step = position
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, finite
 
     def train(self) -> dict:
         cfg, max_steps = self.cfg, self.cfg.training.max_steps
@@ -230,13 +241,18 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.logging.progress_bar))
         for step in range(self.start_step, max_steps):
-            grad_norm = self.train_step(step)
+            grad_norm, finite = self.train_step(step)
             done = step + 1
             bar.update(1)
-            self.metrics.after_step(self.examples_per_step, cfg.data.block_size)
+            self.metrics.after_step(self.examples_per_step, cfg.data.block_size, finite)
+            skipped = self.guard.record(step, finite, last_good_checkpoint(self.output_dir))  # raises after N in a row
+            if skipped:
+                self.metrics.note(skipped)
             if done % cfg.logging.log_every == 0 or done == max_steps:
-                row = self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env)
-                bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}")
+                row = self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
+                                             skipped=self.guard.skipped)
+                if row["train/loss"] is not None:
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}")
             if self.data.valid_batches and (done % cfg.logging.valid_every == 0 or done == max_steps):
                 self.metrics.log_valid(done, self.evaluate(), self.env)
                 self.train_model.train()
@@ -258,8 +274,12 @@ class Trainer:
                 model = MPNetForPretraining(model.config)
                 model.load_state_dict(full_state)
                 model.tie_weights()
+            if not all_finite(model.state_dict().values()):  # never a checkpoint that cannot be resumed
+                raise NonFiniteError(f"step {step}: the weights are no longer finite, so no checkpoint was written "
+                                     f"(likely cause: optim.lr={self.cfg.optim.lr!r} is too high for this model); "
+                                     f"{last_good_checkpoint(self.output_dir)}")
             state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                     "tokenizer": self.data.meta["tokenizer"]}
+                     "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.guard.skipped}
             path = save_checkpoint(self.output_dir, step, model, self.data.tokenizer, state, self.run_config,
                                    self.cfg.logging.keep_last)
             self.metrics.note(f"saved {path}")

@@ -1,0 +1,75 @@
+"""What keeps a long pretraining run from losing work: the non-finite step guard and the output-directory lock.
+
+Non-finite steps. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the
+schedule and the data still advance, so the step number stays the data position), counted and logged;
+`training.max_nonfinite_steps` of them in a row stop the run. The check costs one host sync per optimizer
+step: the loss sum and the gradient norm clip_grad_norm_ already computed are reduced to one flag on the
+device (all-reduced across processes, so every rank takes the same decision) and read once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from . import distributed as dist_utils
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as the plain tensor every rank holds."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+class NonFiniteGuard:
+    def __init__(self, limit: int, env, lr: float, skipped: int = 0):
+        self.limit, self.env, self.lr = limit, env, lr
+        self.skipped = skipped  # over the whole run (kept in the checkpoints)
+        self.in_a_row = 0
+        self.first_bad_step = None
+        self.last = (float("nan"), float("nan"))
+
+    def step_is_finite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """True when every process's loss and the gradient norm are finite: the step's one host sync."""
+        loss_sum, grad_norm = loss_sum.detach().float(), _local(grad_norm).detach().float()
+        values = torch.stack([loss_sum, grad_norm])
+        bad = (~torch.isfinite(values)).any().float().reshape(1)
+        if self.env.distributed:
+            bad = dist_utils.all_reduce_sum(bad, self.env)
+        if bad.item() == 0:
+            return True
+        self.last = tuple(values.tolist())  # only on a bad step: a second sync is no cost then
+        return False
+
+    def record(self, step: int, finite: bool, last_good_checkpoint: str) -> str | None:
+        """Count step `step` (0-based); returns a log line for a skipped one, raises after `limit` in a row."""
+        if finite:
+            self.in_a_row, self.first_bad_step = 0, None
+            return None
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+        loss, norm = self.last
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"step {step + 1}: {self.in_a_row} optimizer steps in a row (since step {self.first_bad_step + 1}) had "
+                f"a non-finite loss or gradient norm (last: loss {loss:.4g}, grad norm {norm:.4g}); stopped. "
+                f"{self._likely_cause()}; {last_good_checkpoint}")
+        return (f"step {step + 1}: non-finite loss {loss:.4g} / grad norm {norm:.4g}: update skipped "
+                f"({self.in_a_row} in a row, {self.skipped} in this run; the run stops at {self.limit} in a row)")
+
+    def _likely_cause(self) -> str:
+        if self.first_bad_step == 0:
+            return ("The very first step was already non-finite, before any update, so it is not the learning rate: "
+                    "check the data and the model config")
+        return (f"Likely cause: a learning rate too high for this model (optim.lr={self.lr!r}; try a lower one or a "
+                f"longer optim.warmup_steps), or bad data in the batches from step {self.first_bad_step + 1} on")
+
+
+def all_finite(tensors) -> bool:
+    """Every value of every tensor finite (one host sync)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
