@@ -19,10 +19,13 @@ from mpnet.errors import UserError
 
 from .preprocess import SPLITS, read_metadata
 
+# One in this many separator positions is kept in memory: 512 int64 index entries are one 4 KiB page.
+SEPARATOR_STRIDE = 512
+
 
 class TokenBlocks:
-    """blocks[i] -> int64 array of length block_size (the last block may be shorter). Memory-maps the shard
-    lazily, so instances pickle cheaply into DataLoader workers."""
+    """blocks[i] -> int64 array of length block_size (the last block may be shorter). Memory-maps the shard and
+    its document index lazily, so instances pickle cheaply into DataLoader workers."""
 
     def __init__(self, shard_dir, split="train", block_size=512):
         if split not in SPLITS:
@@ -38,8 +41,10 @@ class TokenBlocks:
         self.bin_path = self.shard_dir / f"{split}.bin"
 
         num_tokens = int(self.meta["num_tokens"][split])
+        self.idx_path = self.shard_dir / f"{split}.idx.npy"
+        self._tokens = self._offsets = None
         try:
-            offsets = np.load(self.shard_dir / f"{split}.idx.npy")
+            offsets = self.offsets
             size = self.bin_path.stat().st_size
         except (OSError, ValueError) as err:
             raise UserError(f"{self.shard_dir}: cannot read the {split} shard ({err}); re-run preprocess-mpnet") from None
@@ -49,10 +54,14 @@ class TokenBlocks:
         self.num_tokens = num_tokens
         self.num_documents = len(offsets) - 1
         # Virtual stream positions of the separators: the one after document d sits at offsets[d + 1] + d.
-        self.separators = offsets[1:-1] + np.arange(max(self.num_documents - 1, 0), dtype=np.int64)
-        self.stream_length = num_tokens + len(self.separators)
+        # Only every SEPARATOR_STRIDE-th is held in memory; the document index stays memory-mapped, so a
+        # process (every rank, and every DataLoader worker) pages in just the index entries of the blocks it
+        # reads instead of loading all 8 bytes per document of a corpus with tens of millions of them.
+        self.num_separators = max(self.num_documents - 1, 0)
+        sampled = np.arange(0, self.num_separators, SEPARATOR_STRIDE)
+        self.sampled_separators = np.asarray(offsets[sampled + 1]) + sampled
+        self.stream_length = num_tokens + self.num_separators
         self.piece = self.block_size - 2
-        self._tokens = None
 
     def __len__(self):
         return -(-self.stream_length // self.piece)
@@ -60,15 +69,32 @@ class TokenBlocks:
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:
-            # np.memmap refuses empty files; an empty split simply has no blocks.
-            self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if self.num_tokens
+            # np.memmap refuses empty files; an empty split simply has no blocks. np.asarray: a plain ndarray
+            # over the same mapping (slicing an np.memmap costs ~10 us more per block in __array_finalize__).
+            self._tokens = (np.asarray(np.memmap(self.bin_path, dtype=self.dtype, mode="r")) if self.num_tokens
                             else np.zeros(0, dtype=self.dtype))
         return self._tokens
 
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = np.asarray(np.load(self.idx_path, mmap_mode="r"))
+        return self._offsets
+
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_tokens"] = None  # re-opened in the receiving process instead of copying the whole shard
+        state["_tokens"] = state["_offsets"] = None  # re-opened in the receiving process, not copied
         return state
+
+    def separators_before(self, position) -> int:
+        """How many separators sit at stream positions < position: a search of the sampled separators, then of
+        the one stride of the memory-mapped index between two samples."""
+        chunk = int(np.searchsorted(self.sampled_separators, position)) - 1
+        if chunk < 0:
+            return 0
+        lo = chunk * SEPARATOR_STRIDE
+        hi = min(lo + SEPARATOR_STRIDE, self.num_separators)
+        return lo + int(np.searchsorted(self.offsets[lo + 1 : hi + 1] + np.arange(lo, hi), position))
 
     def __getitem__(self, i) -> np.ndarray:
         n = len(self)
@@ -78,9 +104,9 @@ class TokenBlocks:
             raise IndexError(f"block {i} out of range ({n} blocks)")
         start, stop = i * self.piece, min((i + 1) * self.piece, self.stream_length)
         # Separators inside [start, stop) and how many precede start -> the token range to read.
-        first, last = np.searchsorted(self.separators, [start, stop])
+        first, last = self.separators_before(start), self.separators_before(stop)
         tokens = np.asarray(self.tokens[start - first : stop - last], dtype=np.int64)
-        inside = self.separators[first:last]
+        inside = self.offsets[first + 1 : last + 1] + np.arange(first, last)
         # np.insert places each separator before the token that follows it; indices refer to the original array.
         piece = np.insert(tokens, inside - start - np.arange(len(inside)), self.eos)
         return np.concatenate([[self.bos], piece, [self.eos]])
