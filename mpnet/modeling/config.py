@@ -11,6 +11,9 @@ from ..errors import UserError
 from .patterns import parse_attention_pattern
 
 
+MPNET_MASK_TOKEN_ID = 30526  # <mask> in the MPNet WordPiece vocabulary (30527 entries)
+
+
 def check_window(size, what: str = "sliding_window_size"):
     """A sliding window is a positive number of tokens (or None: no window)."""
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
@@ -25,7 +28,8 @@ class MPNetConfig(transformers.MPNetConfig):
     attention_pattern: a spec from patterns.py, e.g. 'block:64,softcap:30'; with sliding_window_size
         also set, the two are intersected.
     relative_attention_max_distance: distance at which the log-spaced relative buckets saturate.
-    mask_token_id: id of <mask>, used for the appended two-stream entries.
+    mask_token_id: id of <mask>, used for the appended two-stream entries (default: the MPNet vocabulary's,
+        when the vocabulary is that large; None otherwise, and then only single-stream encoding works).
     """
 
     def __init__(
@@ -46,7 +50,7 @@ class MPNetConfig(transformers.MPNetConfig):
         pad_token_id: int = 1,
         bos_token_id: int = 0,
         eos_token_id: int = 2,
-        mask_token_id: int = 30526,
+        mask_token_id: int | None = None,
         use_flex_attention: bool = False,
         sliding_window_size: int | None = None,
         attention_pattern: str | None = None,
@@ -73,6 +77,8 @@ class MPNetConfig(transformers.MPNetConfig):
         if hidden_size % num_attention_heads:
             raise UserError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
         check_window(sliding_window_size)
+        if mask_token_id is None and vocab_size > MPNET_MASK_TOKEN_ID:
+            mask_token_id = MPNET_MASK_TOKEN_ID  # the MPNet vocabulary's <mask>; other vocabularies must say theirs
         for name, token_id in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
                                ("eos_token_id", eos_token_id), ("mask_token_id", mask_token_id)):
             if token_id is not None and not 0 <= token_id < vocab_size:

@@ -243,6 +243,10 @@ class MPNetForPretraining(_MPNetBase):
         batch, n = input_ids.shape
         m = int(pred_size)
         self._check_length(n)
+        if self.config.mask_token_id is None:
+            raise UserError(f"this model's config has no mask_token_id (its vocabulary has {self.config.vocab_size} "
+                            "entries, not MPNet's 30527); set config.mask_token_id to its <mask> id for two-stream "
+                            "pretraining")
         real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         positions = torch.where(real, positions, -1)
         predicted_positions = positions[:, n - m:]

@@ -1,0 +1,84 @@
+"""Typed, early config validation: every bad value is one stderr line naming the key, before any data is read.
+
+Each case is a mistake a user makes on the command line or in a YAML file. The run must stop with exit
+status != 0, one `error:` line naming the key and what is allowed, no traceback, and nothing written
+(no data cache: the corpus was never touched).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli_support import assert_one_line_error_text, call_main, cli_main
+from mpnet.errors import UserError
+from mpnet.modeling import MPNetConfig, MPNetForPretraining
+from mpnet.training.config import PretrainConfig, load
+
+BAD_OVERRIDES = [
+    ("training.batch_size=abc", "'training.batch_size' got 'abc'; it takes an integer"),
+    ("training.batch_size=8.5", "'training.batch_size' got '8.5'; it takes an integer"),
+    ("optim.lr=fast", "'optim.lr' got 'fast'; it takes a number"),
+    ("training.max_steps=abc", "'training.max_steps' got 'abc'"),
+    ("data.pred_prob=0", "'data.pred_prob' got 0.0; it must be a fraction in (0, 1)"),
+    ("data.pred_prob=1.5", "'data.pred_prob' got 1.5; it must be a fraction in (0, 1)"),
+    ("model.use_flex_attention=on", "'model.use_flex_attention' got 'on'; it takes a boolean"),
+    ("training.bf16=maybe", "'training.bf16' got 'maybe'; it takes a boolean"),
+    ("model.hidden_sise=64", "unknown config key 'model.hidden_sise'"),
+    ("model.hidden_size=130", "hidden_size 130 is not a multiple of num_attention_heads 4"),
+    ("data.block_size=4096", "'data.block_size' got 4096; it must be at most 512"),
+    ("model.sliding_window_size=0", "'model.sliding_window_size' got 0; it must be a positive integer"),
+    ("model.attention_pattern=blocky:3", "blocky"),
+    ("model.preset=huge", "'model.preset' got 'huge'; choose one of tiny, base"),
+    ("optim.schedule=cosine", "'optim.schedule' got 'cosine'; it must be one of linear, polynomial, constant"),
+    ("training.grad_accum=0", "'training.grad_accum' got 0; it must be positive"),
+    ("logging.keep_last=-1", "'logging.keep_last' got -1"),
+    ("optim.betas=0.9", "'optim.betas'"),
+    ("nosection=1", "must look like SECTION.KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("override,fragment", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_a_bad_value_is_one_line_before_any_data_is_read(tmp_path, override, fragment):
+    out = tmp_path / "run"
+    code, err = call_main(cli_main("pretrain"), "--config", "configs/mpnet-tiny.yaml", "--output-dir", out, override)
+    assert_one_line_error_text(code, err, fragment)
+    assert not out.exists(), "the run wrote something before refusing its config"
+
+
+def test_a_model_section_that_is_not_a_mapping(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: tiny\n")
+    code, err = call_main(cli_main("pretrain"), "--config", config, "--output-dir", tmp_path / "run")
+    assert_one_line_error_text(code, err, "config key 'model' got 'tiny'; it takes a section")
+
+
+def test_values_are_coerced_to_their_types():
+    cfg = load(PretrainConfig, "configs/mpnet-tiny.yaml",
+               {"training": {"batch_size": "4", "bf16": "no"}, "optim": {"lr": "1e-4", "betas": "0.9,0.95"},
+                "model": {"use_flex_attention": "false", "hidden_size": "64", "num_attention_heads": "2"}})
+    assert cfg.training.batch_size == 4 and cfg.training.bf16 is False
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model["use_flex_attention"] is False and cfg.model["hidden_size"] == 64
+
+
+def test_overrides_are_accepted_on_both_sides_of_a_flag(tmp_path):
+    """Intermixed parsing: `C model.x=.. --output-dir R training.y=..` parses (and here stops on the bad lr)."""
+    code, err = call_main(cli_main("pretrain"), "--config", "configs/mpnet-tiny.yaml", "model.hidden_size=32",
+                          "--output-dir", tmp_path / "run", "optim.lr=fast")
+    assert_one_line_error_text(code, err, "'optim.lr' got 'fast'")
+
+
+def test_special_token_ids_must_lie_in_the_vocabulary():
+    with pytest.raises(UserError, match="mask_token_id 300 is outside the vocabulary"):
+        MPNetConfig.tiny(vocab_size=211, mask_token_id=300)
+    with pytest.raises(UserError, match="pad_token_id 500 is outside the vocabulary"):
+        MPNetConfig.tiny(vocab_size=211, pad_token_id=500)
+
+
+def test_a_small_vocabulary_without_a_mask_id_refuses_two_stream_pretraining_clearly():
+    """Before: an IndexError from the embedding (the default <mask> id 30526 >= vocab_size)."""
+    model = MPNetForPretraining(MPNetConfig.tiny(vocab_size=211))
+    ids = torch.randint(5, 211, (1, 16))
+    assert model.mlm_logits(ids).shape == (1, 16, 211)  # single-stream encoding needs no <mask>
+    with pytest.raises(UserError, match="no mask_token_id"):
+        model(ids, torch.arange(16)[None], 3)
