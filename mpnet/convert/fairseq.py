@@ -33,7 +33,9 @@ BERT id order and fairseq id = BERT id + 4 = HF id, with <mask> = 4 + 30522 = 30
 any order (e.g. frequency-sorted, as fairseq-preprocess writes without --srcdict) converts correctly.
 A dict.txt whose symbols are all integers is read as BERT token ids (RoBERTa-style dictionaries list
 GPT-2 BPE ids that way): symbol k is BERT token k, i.e. HF id k + 4. The conversion reports whether
-the mapping was the identity.
+the mapping was the identity. fairseq's rows 0-3 go to our tokens of the same spelling, else to the
+tokenizer's token of that role (a BERT-style tokenizer's [CLS] [PAD] [SEP] [UNK]), and the row the task
+appends to its mask token; to_fairseq.py writes by the same rules, so the two are exact inverses.
 """
 from __future__ import annotations
 
@@ -45,11 +47,11 @@ from pathlib import Path
 
 import torch
 
+from ..data.fairseq_data import FAIRSEQ_SPECIALS, SPECIAL_ROLES, read_fairseq_dictionary
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq Dictionary's fixed first four ids
 ENCODER_PREFIXES = ("decoder.sentence_encoder.", "encoder.sentence_encoder.", "sentence_encoder.")
 
 
@@ -129,50 +131,42 @@ def load_fairseq_checkpoint(path) -> dict:
 # ------------------------------------------------------------------------------------ dictionary
 
 
-def read_fairseq_dictionary(path) -> list[str]:
-    """dict.txt -> the symbols in fairseq id order (the four specials first), as fairseq's
-    Dictionary.add_from_file numbers them. "#fairseq:overwrite" lines get a new id, like fairseq."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"dictionary {path} does not exist; pass the dict.txt that came with the checkpoint")
-    symbols = list(FAIRSEQ_SPECIALS)
-    seen = set(symbols)
-    for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.rstrip("\n")
-        if not line.strip():
-            continue
-        overwrite = line.endswith(" #fairseq:overwrite")
-        if overwrite:
-            line = line[: -len(" #fairseq:overwrite")]
-        symbol, sep, count = line.rpartition(" ")
-        if not sep or not count.lstrip("-").isdigit():
-            raise UserError(f"{path}:{line_no}: expected '<symbol> <count>', got {raw!r}")
-        if symbol in seen and not overwrite:
-            raise UserError(f"{path}:{line_no}: duplicate symbol {symbol!r} (fairseq rejects it too)")
-        seen.add(symbol)
-        symbols.append(symbol)
-    return symbols
+def special_row_ids(tokenizer) -> list[int | None]:
+    """Our ids of fairseq's rows 0-3 (<s> <pad> </s> <unk>) in a checkpoint: the token of that spelling when the
+    tokenizer has one (the released MPNet conversion copies row 3 to HF's '<unk>', id 3, not to [UNK]), else the
+    token with that role ([CLS] as <s> for a BERT-style tokenizer), else none."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[symbol] if symbol in vocab else getattr(tokenizer, role, None)
+            for symbol, role in zip(FAIRSEQ_SPECIALS, SPECIAL_ROLES)]
+
+
+def task_mask_id(tokenizer) -> int | None:
+    """Our id of the row masked_permutation_lm appends after dict.txt (dictionary.add_symbol('<mask>'))."""
+    return tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.get_vocab().get("<mask>")
 
 
 def vocabulary_mapping(symbols: list[str], num_rows: int, tokenizer) -> tuple[list[int | None], dict]:
     """For each fairseq row (embedding row / output logit), the HF id of its symbol (None: dropped).
 
-    Rows beyond dict.txt are what the task added: first <mask>, then fairseq's padding words
-    (madeupword0000...), which have no HF counterpart.
+    Rows 0-3 follow special_row_ids; rows beyond dict.txt are what the task added: first <mask> (task_mask_id),
+    then fairseq's padding words (madeupword0000...), which have no HF counterpart.
     """
     if num_rows < len(symbols):
         raise UserError(f"the dictionary has {len(symbols)} symbols (with the 4 specials) but the checkpoint's "
                         f"embedding has only {num_rows} rows; this dict.txt does not belong to this checkpoint")
+    mask_row = len(symbols)
     extra = ["<mask>"] + [f"madeupword{i:04d}" for i in range(num_rows - len(symbols) - 1)]
     symbols = symbols + extra[: num_rows - len(symbols)]
     vocab = tokenizer.get_vocab()
-    dict_symbols = [s for s in symbols[4:] if s not in ("<mask>",) and not s.startswith("madeupword")]
+    dict_symbols = [s for s in symbols[4:mask_row] if not s.startswith("madeupword")]
     integer_symbols = bool(dict_symbols) and all(s.isdigit() for s in dict_symbols)
     hf_tokens = {i: t for t, i in vocab.items()}
-    bert_offset = len(FAIRSEQ_SPECIALS) if [hf_tokens.get(i) for i in range(4)] == FAIRSEQ_SPECIALS else 0
-    mapping: list[int | None] = []
-    for symbol in symbols:
-        if integer_symbols and symbol.isdigit():
+    bert_offset = len(FAIRSEQ_SPECIALS) if tuple(hf_tokens.get(i) for i in range(4)) == FAIRSEQ_SPECIALS else 0
+    mapping: list[int | None] = special_row_ids(tokenizer)
+    for row, symbol in enumerate(symbols[4:], start=4):
+        if row == mask_row:
+            mapping.append(task_mask_id(tokenizer))
+        elif integer_symbols and symbol.isdigit():
             hf_id = int(symbol) + bert_offset  # BERT id k -> HF MPNet id k + 4
             mapping.append(hf_id if hf_id in hf_tokens else None)
         else:
@@ -216,6 +210,10 @@ def _args_dict(ckpt: dict) -> dict:
         model = cfg["model"]
         return vars(model) if isinstance(model, argparse.Namespace) else dict(model)
     return {}
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _find_prefix(state: dict) -> str:
@@ -282,8 +280,11 @@ def fairseq_state_to_ours(ckpt: dict, tokenizer, mapping_info: tuple | None = No
         attention_probs_dropout_prob=float(args.get("attention_dropout", 0.1)),
         layer_norm_eps=1e-5,  # fairseq's LayerNorm default (HF's MPNetConfig default 1e-12 would be wrong)
         relative_attention_num_buckets=rel_buckets, relative_attention_max_distance=128,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        pad_token_id=_or(tokenizer.pad_token_id, 1), bos_token_id=_or(tokenizer.bos_token_id, 0),
+        eos_token_id=_or(tokenizer.eos_token_id, 2),
         mask_token_id=tokenizer.mask_token_id if tokenizer.mask_token_id is not None else hf_size - 1,
+        # This project's attention options, when the checkpoint was written by to_fairseq.py (or the plugin).
+        sliding_window_size=args.get("sliding_window_size"), attention_pattern=args.get("attention_pattern"),
     )
     ours = {
         "mpnet.embeddings.word_embeddings.weight": _remap_rows(embed, mapping, hf_size, unk_row),
@@ -374,12 +375,15 @@ def _load_tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir if tokenizer_dir else "default")
 
 
-def convert_fairseq(checkpoint, dict_path, output_dir, tokenizer_dir=None, verify: bool = True) -> dict:
+def convert_fairseq(checkpoint, dict_path, output_dir, tokenizer_dir=None, verify: bool = True,
+                    overwrite: bool = False) -> dict:
     """fairseq MPNet checkpoint + dict.txt -> our checkpoint directory (HF MPNetForMaskedLM layout)."""
     import json
 
     from ..modeling import MPNetForPretraining
+    from .output import check_conversion_output, conversion_output
 
+    check_conversion_output(output_dir, overwrite)
     tokenizer = _load_tokenizer(tokenizer_dir)
     symbols = read_fairseq_dictionary(dict_path)
     ckpt = load_fairseq_checkpoint(checkpoint)
@@ -391,12 +395,12 @@ def convert_fairseq(checkpoint, dict_path, output_dir, tokenizer_dir=None, verif
         raise UserError(f"conversion produced mismatched keys (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     model.eval()
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir, tokenizer=tokenizer)
     mapping = report.pop("mapping")
-    if verify and report.get("lm_head") != "new":
-        report["max_abs_diff_vs_fairseq_forward"] = _verify(ckpt, output_dir, mapping)
-    (output_dir / "conversion.json").write_text(json.dumps({"source": str(checkpoint), **report}, indent=2) + "\n")
+    with conversion_output(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+        if verify and report.get("lm_head") != "new":
+            report["max_abs_diff_vs_fairseq_forward"] = _verify(ckpt, tmp, mapping)
+        (tmp / "conversion.json").write_text(json.dumps({"source": str(checkpoint), **report}, indent=2) + "\n")
     log.info("converted %s (%d layers, hidden %d, %d heads) to %s; vocabulary mapping %s%s", checkpoint,
              report["layers"], report["hidden_size"], report["heads"], output_dir,
              "is the identity" if report["identity"] else "reorders rows",
@@ -411,7 +415,8 @@ def _verify(ckpt, output_dir, mapping) -> float:
     tokens (fairseq ids for fairseq, mapped HF ids for ours)."""
     from ..modeling import MPNetForPretraining
 
-    model = MPNetForPretraining.from_pretrained(output_dir).eval()
+    # The fairseq forward attends over whole sequences, whatever attention options the args carried.
+    model = MPNetForPretraining.from_pretrained(output_dir, sliding_window_size=None, attention_pattern=None).eval()
     usable = [f for f, h in enumerate(mapping) if h is not None and f >= 4]
     gen = torch.Generator().manual_seed(0)
     length = min(24, model.config.max_sequence_length)

@@ -264,3 +264,215 @@ def test_bad_fairseq_inputs_are_one_line_errors(tmp_path):
     assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--dict", tmp_path / "big.txt", "--output-dir", out),
                                "does not belong")
     assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--output-dir", out), "--dict")
+
+
+# ------------------------------------------------- writing the original format: convert-mpnet to-fairseq
+
+BERT_STYLE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "was", "good", "bad",
+                    "##s", "##ly", ".", ","]
+
+
+def our_checkpoint(path, tokenizer, seed=0, vocab_size=None):
+    """A random tiny model of ours, in the dimensions the fairseq transcription above uses."""
+    from mpnet import MPNetConfig, MPNetForPretraining
+
+    torch.manual_seed(seed)
+    config = MPNetConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         mask_token_id=tokenizer.mask_token_id)
+    model = MPNetForPretraining(config)
+    with torch.no_grad():  # every weight random, not only the initialised ones
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+def bert_style_tokenizer(tmp_path):
+    """No <s>/<pad>/</s>/<unk> tokens: fairseq's four specials come from [CLS] [PAD] [SEP] [UNK] by role."""
+    from transformers import BertTokenizerFast
+
+    from mpnet.data import load_tokenizer
+
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(BERT_STYLE_VOCAB)}).save_pretrained(str(tmp_path / "bert-tok"))
+    return load_tokenizer(tmp_path / "bert-tok")
+
+
+def read_ours(path):
+    from mpnet.modeling.checkpoint import read_state_dict, to_our_keys
+
+    return to_our_keys(read_state_dict(path)), json.loads((path / "config.json").read_text())
+
+
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "hidden_act", "layer_norm_eps", "relative_attention_num_buckets",
+                "relative_attention_max_distance", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id", "sliding_window_size",
+                "attention_pattern")
+
+
+@pytest.mark.parametrize("vocabulary", ["mpnet", "bert-style"])
+def test_round_trip_ours_fairseq_ours_is_bit_exact(tmp_path, vocabulary):
+    from mpnet.convert.fairseq import convert_fairseq
+    from mpnet.convert.to_fairseq import convert_to_fairseq
+
+    tokenizer = make_tokenizer() if vocabulary == "mpnet" else bert_style_tokenizer(tmp_path)
+    ours = our_checkpoint(tmp_path / "ours", tokenizer)
+    with open(ours / "config.json") as f:  # attention options ride along in the args
+        config = json.load(f)
+    config.update(sliding_window_size=8, attention_pattern="softcap:30")
+    (ours / "config.json").write_text(json.dumps(config))
+    report = convert_to_fairseq(ours, tmp_path / "fs")
+    assert report["round_trip"] == "bit-exact" and report["identity"] == (vocabulary == "mpnet")
+    convert_fairseq(tmp_path / "fs" / "checkpoint.pt", tmp_path / "fs" / "dict.txt", tmp_path / "back", ours)
+    (before, before_config), (after, after_config) = read_ours(ours), read_ours(tmp_path / "back")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
+    assert {k: before_config.get(k) for k in ARCHITECTURE} == {k: after_config.get(k) for k in ARCHITECTURE}
+
+
+def test_written_checkpoint_is_the_original_layout_and_computes_the_same(tmp_path):
+    """Keys, args and dict.txt as the original code loads them; the fairseq forward transcribed above (not the
+    converter's own reference) gives our model's logits on the same tokens."""
+    from mpnet import MPNetForPretraining
+
+    tokenizer = bert_style_tokenizer(tmp_path)
+    ours = our_checkpoint(tmp_path / "ours", tokenizer, seed=3)
+    code, err = call_main(cli_main("convert"), "to-fairseq", ours, "--output-dir", tmp_path / "fs")
+    assert code in (0, None), err
+    ckpt = torch.load(tmp_path / "fs" / "checkpoint.pt", weights_only=False)
+    symbols = (tmp_path / "fs" / "dict.txt").read_text().splitlines()
+    # rows: [CLS] [PAD] [SEP] [UNK] (by role), every other token in order, [MASK] last (the task's add_symbol).
+    words = [t for t in BERT_STYLE_VOCAB if not t.startswith("[")]
+    fairseq_order = ["[CLS]", "[PAD]", "[SEP]", "[UNK]"] + words + ["[MASK]"]
+    assert [s.rsplit(" ", 1)[0] for s in symbols] == words
+    state = ckpt["model"]
+    enc = "decoder.sentence_encoder."
+    assert state[f"{enc}embed_tokens.weight"].shape == (len(fairseq_order), HIDDEN)
+    # Tied as in RobertaLMHead(weight=embed_tokens.weight): one storage in the file, as fairseq saves it.
+    assert state["decoder.lm_head.weight"].data_ptr() == state[f"{enc}embed_tokens.weight"].data_ptr()
+    args = ckpt["args"]
+    assert isinstance(args, argparse.Namespace)
+    assert (args.arch, args.task) == ("mpnet_rel_base", "masked_permutation_lm")
+    assert (args.encoder_layers, args.encoder_embed_dim, args.encoder_ffn_embed_dim, args.encoder_attention_heads,
+            args.max_positions, args.use_relative_positions, args.normalize_before) == (
+        LAYERS, HIDDEN, FFN, HEADS, POSITIONS - 2, True, False)
+    assert ckpt["optimizer_history"][-1]["num_updates"] == 0 and "train_iterator" in ckpt["extra_state"]
+
+    model = MPNetForPretraining.from_pretrained(ours).eval()
+    vocab = tokenizer.get_vocab()
+    gen = torch.Generator().manual_seed(2)
+    picks = torch.randint(4, len(fairseq_order), (2, 12), generator=gen)
+    picks[:, 0] = 0
+    picks[1, 8:] = 1  # right padding (fairseq <pad> = our [PAD])
+    ours_ids = torch.tensor([[vocab[fairseq_order[i]] for i in row] for row in picks.tolist()])
+    real = picks.ne(1)
+    with torch.no_grad():
+        ref_features, ref_logits = fairseq_forward({k: v.float() for k, v in state.items()}, picks)
+        logits = model.mlm_logits(ours_ids, real.long())
+    columns = [vocab[t] for t in fairseq_order]
+    assert (logits[..., columns][real] - ref_logits[real]).abs().max().item() <= 1e-5
+
+
+def test_fairseq_itself_loads_the_written_state_dict(tmp_path):
+    """fairseq's RoBERTa (the MPNet architecture without the relative bias, which upstream fairseq lacks) loads
+    checkpoint.pt's weights strictly through its own checkpoint upgrade and matches our logits."""
+    pytest.importorskip("fairseq.models.roberta")
+    from fairseq.data import Dictionary
+    from fairseq.models.roberta.model import RobertaEncoder, RobertaModel, base_architecture
+
+    from mpnet import MPNetForPretraining
+    from mpnet.convert.to_fairseq import convert_to_fairseq
+
+    tokenizer = make_tokenizer()
+    ours = our_checkpoint(tmp_path / "ours", tokenizer, seed=5)
+    model = MPNetForPretraining.from_pretrained(ours).eval()
+    with torch.no_grad():
+        model.mpnet.encoder.relative_attention_bias.weight.zero_()
+    model.save_pretrained(tmp_path / "no-bias", tokenizer=tokenizer)
+    convert_to_fairseq(tmp_path / "no-bias", tmp_path / "fs")
+    ckpt = torch.load(tmp_path / "fs" / "checkpoint.pt", weights_only=False)
+    dictionary = Dictionary.load(str(tmp_path / "fs" / "dict.txt"))
+    assert dictionary.add_symbol("<mask>") == tokenizer.mask_token_id and dictionary.symbols[4:-1] == [
+        t for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])][4:-1]
+    args = argparse.Namespace(**vars(ckpt["args"]))
+    args.arch = "roberta_base"
+    base_architecture(args)
+    fairseq_model = RobertaModel(args, RobertaEncoder(args, dictionary)).eval()
+    state = dict(ckpt["model"])
+    state.pop("decoder.sentence_encoder.relative_attention_bias.weight")
+    fairseq_model.upgrade_state_dict_named(state, "")
+    fairseq_model.load_state_dict(state, strict=True)
+    ids = torch.randint(4, len(tokenizer) - 1, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, -1] = 0, 2
+    with torch.no_grad():
+        assert (fairseq_model(ids)[0] - model.mlm_logits(ids)).abs().max().item() <= 1e-5
+
+
+def test_a_padded_vocabulary_writes_fairseq_padding_words(tmp_path):
+    from mpnet.convert.fairseq import convert_fairseq
+    from mpnet.convert.to_fairseq import convert_to_fairseq
+
+    tokenizer = bert_style_tokenizer(tmp_path)
+    ours = our_checkpoint(tmp_path / "ours", tokenizer, vocab_size=len(tokenizer) + 3)
+    report = convert_to_fairseq(ours, tmp_path / "fs")
+    assert report["padding_words"] == 3 and report["fairseq_rows"] == len(tokenizer) + 3
+    assert (tmp_path / "fs" / "dict.txt").read_text().splitlines()[-1] == "madeupword0002 0"
+    convert_fairseq(tmp_path / "fs" / "checkpoint.pt", tmp_path / "fs" / "dict.txt", tmp_path / "back", ours)
+    (before, _), (after, config) = read_ours(ours), read_ours(tmp_path / "back")
+    n = len(tokenizer)  # the rows no token reaches are fairseq padding on the way back: dropped
+    assert config["vocab_size"] == n and torch.equal(after["mpnet.embeddings.word_embeddings.weight"],
+                                                     before["mpnet.embeddings.word_embeddings.weight"][:n])
+
+
+# ------------------------------------------------------ output directories and strict input (every subcommand)
+
+
+def test_output_directory_rules(tmp_path):
+    main = cli_main("convert")
+    tokenizer = make_tokenizer()
+    ours = our_checkpoint(tmp_path / "ours", tokenizer)
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("precious")
+    for args in (("to-fairseq", ours), ("hf", ours)):
+        assert_one_line_error_text(*call_main(main, *args, "--output-dir", busy), "not empty", "--overwrite")
+    assert (busy / "keep.txt").read_text() == "precious"
+    code, err = call_main(main, "to-fairseq", ours, "--output-dir", busy, "--overwrite")
+    assert code in (0, None), err
+    assert sorted(p.name for p in busy.iterdir()) == ["checkpoint.pt", "conversion.json", "dict.txt"]
+
+    # A training checkpoint is never written to, --overwrite or not: a step directory, a run, a new step-*.
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    (step / "training_state").mkdir(parents=True)
+    (step / "training_state" / "state.pt").write_bytes(b"state")
+    for target in (step, tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-00000020"):
+        for args in (("to-fairseq", ours), ("hf", ours),
+                     ("fairseq", busy / "checkpoint.pt", "--dict", busy / "dict.txt")):
+            assert_one_line_error_text(*call_main(main, *args, "--output-dir", target, "--overwrite"),
+                                       "training checkpoint")
+    assert (step / "training_state" / "state.pt").read_bytes() == b"state"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000010"]
+
+    (tmp_path / "a-file").write_text("x")
+    assert_one_line_error_text(*call_main(main, "to-fairseq", ours, "--output-dir", tmp_path / "a-file"), "is a file")
+
+
+def test_bad_inputs_of_the_writer_and_the_reader_are_one_line(tmp_path):
+    main = cli_main("convert")
+    tokenizer = make_tokenizer()
+    ours = our_checkpoint(tmp_path / "ours", tokenizer)
+    call_main(main, "to-fairseq", ours, "--output-dir", tmp_path / "fs")
+    (tmp_path / "random.bin").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    assert_one_line_error_text(*call_main(main, "fairseq", tmp_path / "fs" / "checkpoint.pt", "--dict",
+                                          tmp_path / "random.bin", "--output-dir", tmp_path / "o"), "not UTF-8")
+    assert_one_line_error_text(*call_main(main, "to-fairseq", tmp_path / "nope", "--output-dir", tmp_path / "o"),
+                               "not a directory")
+    config = json.loads((ours / "config.json").read_text())
+    (ours / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-12}))
+    assert_one_line_error_text(*call_main(main, "to-fairseq", ours, "--output-dir", tmp_path / "o"), "layer_norm_eps")
+    assert not (tmp_path / "o").exists()
