@@ -2,19 +2,25 @@
 
 Layout: OUTPUT/checkpoints/step-00000200/{config.json, model.safetensors, tokenizer files,
 training_state/state.pt, training_state/run_config.yaml}. A checkpoint is first written under a
-hidden temporary name and renamed when complete, so a crash never leaves a half-written directory
-under a real name and the newest complete one is always the one to resume from.
+hidden temporary name, flushed to the disk (files and directory) and renamed when complete, so neither a
+crash nor a power loss leaves a half-written directory under a real name, and the newest complete one is
+always the one to resume from. A save that fails (a full disk) removes its partial directory and says so
+in one line.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
+from ..errors import UserError
 from ..modeling.checkpoint import CheckpointError
+from .toolkit import fsync_tree
 
 STATE_FILE = Path("training_state") / "state.pt"
 PREFIX = "step-"
@@ -44,21 +50,141 @@ def last_good_checkpoint(output_dir) -> str:
     return f"the last good checkpoint is step {step} ({path})"
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_config: dict, keep_last: int) -> Path:
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, read-only, permissions); nothing already saved is lost."""
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_config: dict, keep_last: int,
+                    needed_bytes: int | None = None) -> Path:
+    """Write step `step` under a temporary name, flush it to the disk, rename it into place, then rotate.
+    Any OS error (a full disk above all) removes the partial directory and raises CheckpointSaveError,
+    one line naming the filesystem, the space needed and the last good checkpoint, which stays intact."""
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
-    (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / STATE_FILE.parent / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp, old = root / f".tmp-{final.name}", root / f".old-{final.name}"
+    last_good = last_good_checkpoint(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+        (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / STATE_FILE.parent / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        fsync_tree(tmp)  # file contents and entries on the disk before the name says "complete"
+        if final.exists():  # re-saving a step: the old copy stays until the new one is in place
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_directory(root)  # the rename itself
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap write errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        message = save_failure(err, f"saving step {step} to {root}", root, needed_bytes, last_good)
+        if message is None:
+            raise
+        raise CheckpointSaveError(message) from None
+    shutil.rmtree(old, ignore_errors=True)
     rotate(output_dir, keep_last, newest=final)
     return final
+
+
+def _fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_saves(output_dir):
+    """Delete what an interrupted save left behind (`.tmp-step-*`): it holds space and is never resumed from."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-" + PREFIX + "*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ disk space
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def tensor_bytes(obj, _seen=None) -> int:
+    """Bytes of every tensor in a (nested) state, tied weights counted once: what a checkpoint of it takes
+    on disk, near enough."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def filesystem_of(path) -> str:
+    """The mount point holding `path` and its type, e.g. '/mnt/scratch (tmpfs)'."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    kind = None
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[1].replace("\\040", " ") == str(path):
+                    kind = fields[2]
+    except OSError:
+        pass
+    return f"{path} ({kind})" if kind else str(path)
+
+
+def free_bytes(path) -> int | None:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**20:.1f} MB"
+
+
+def no_space_message(doing: str, where, needed_bytes: int | None, last_good: str) -> str:
+    free = free_bytes(where)
+    needs = f"; needs about {_mb(needed_bytes)}" if needed_bytes else ""
+    has = f" ({_mb(free)} free)" if free is not None else ""
+    return f"no space left on {filesystem_of(where)} while {doing}{needs}{has}; {last_good}"
+
+
+def save_failure(err, doing: str, where, needed_bytes: int | None, last_good: str) -> str | None:
+    """The one line for a failed write, or None when `err` is not a disk problem (then it is re-raised)."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return no_space_message(doing, where, needed_bytes, last_good)
+    if isinstance(err, OSError):
+        target = f" ({err.filename})" if err.filename else ""
+        return f"cannot write while {doing}: {err.strerror or err}{target}; {last_good}"
+    free = free_bytes(where)  # torch.save / safetensors report a full disk as a plain write failure
+    if needed_bytes and free is not None and free < needed_bytes:
+        return no_space_message(doing, where, needed_bytes, last_good)
+    return None
+
+
+def check_space(output_dir, needed_bytes: int, step: int, last_good: str):
+    """Refuse to start (or resume) a run whose next checkpoint cannot fit: say so now, not after hours."""
+    free = free_bytes(output_dir)
+    if free is not None and free < needed_bytes:
+        raise CheckpointSaveError(no_space_message(f"preparing to save step {step} to {checkpoint_root(output_dir)}",
+                                                   output_dir, needed_bytes, last_good))
 
 
 def rotate(output_dir, keep_last: int, newest: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,11 @@ from ..modeling.attention import CPU_TRAINING_MESSAGE
 from ..modeling.checkpoint import read_config, read_state_dict, to_our_keys
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import last_good_checkpoint, list_checkpoints, load_training_state, save_checkpoint
+from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_checkpoints, load_training_state,
+                            no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
-from .safety import NonFiniteError, NonFiniteGuard, all_finite
+from .safety import NonFiniteError, NonFiniteGuard, all_finite, quiet_disk_errors_in_threads
 
 log = logging.getLogger("mpnet.pretrain")
 
@@ -71,6 +73,7 @@ class StepBatches(torch.utils.data.Dataset):
 @dataclass
 class PretrainData:
     meta: dict  # the shards' metadata.json: vocabulary size, special ids, tokenizer identity
+    shard_dir: Path
     tokenizer: object
     collator: object
     train_blocks: object
@@ -96,7 +99,7 @@ def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
                              word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None,
                              document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None)
     valid = _validation_batches(valid_blocks, collator, cfg.training.batch_size, cfg.logging.valid_batches)
-    return PretrainData(meta, tokenizer, collator, train_blocks, valid)
+    return PretrainData(meta, Path(shard_dir), tokenizer, collator, train_blocks, valid)
 
 
 def _validation_batches(blocks, collator, batch_size, count):
@@ -187,9 +190,13 @@ class Trainer:
         if cfg.training.compile:
             self.train_model = torch.compile(self.train_model)
         self.run_config = to_dict(cfg)
+        self.checkpoint_bytes = _checkpoint_bytes(model, data.shard_dir / "tokenizer")
         if env.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+            remove_partial_saves(output_dir)
+            next_save = min(next_multiple(self.start_step, cfg.logging.save_every), cfg.training.max_steps)
+            check_space(output_dir, self.checkpoint_bytes, next_save, last_good_checkpoint(output_dir))
+            write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.batches = iter(self._loader())
         n = cfg.data.block_size
         self.examples_per_step = cfg.training.batch_size * cfg.training.grad_accum * env.world_size
@@ -281,7 +288,7 @@ class Trainer:
             state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
                      "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.guard.skipped}
             path = save_checkpoint(self.output_dir, step, model, self.data.tokenizer, state, self.run_config,
-                                   self.cfg.logging.keep_last)
+                                   self.cfg.logging.keep_last, needed_bytes=self.checkpoint_bytes)
             self.metrics.note(f"saved {path}")
         dist_utils.barrier(env)
 
@@ -306,6 +313,25 @@ def evaluate(model, batches, device, bf16: bool = True) -> dict:
     return {"valid/loss": (loss_sum / count).item(), "valid/accuracy": (correct / count).item()}
 
 
+def _checkpoint_bytes(model, tokenizer_dir: Path) -> int:
+    """About what one checkpoint takes: the weights, AdamW's two moments per trainable weight, the tokenizer."""
+    weights = tensor_bytes(model.state_dict())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    tokenizer = sum(f.stat().st_size for f in tokenizer_dir.rglob("*") if f.is_file()) if tokenizer_dir.is_dir() else 0
+    return weights + moments + tokenizer
+
+
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of `every` after `step`."""
+    return (step // every + 1) * every
+
+
+def write_text_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _micro_seed(seed, step, micro) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
@@ -321,10 +347,17 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)
     checkpoint = _checkpoint_to_resume(output_dir, resume)
-    data = prepare_data(cfg, output_dir, env)
-    model = build_model(cfg, data.meta, env.device)
-    state = restore_weights(model, checkpoint, data.meta) if checkpoint else None
-    summary = Trainer(cfg, env, output_dir, data, model, state).train()
+    try:
+        with quiet_disk_errors_in_threads():
+            data = prepare_data(cfg, output_dir, env)
+            model = build_model(cfg, data.meta, env.device)
+            state = restore_weights(model, checkpoint, data.meta) if checkpoint else None
+            summary = Trainer(cfg, env, output_dir, data, model, state).train()
+    except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
+        if err.errno not in NO_SPACE:
+            raise
+        raise UserError(no_space_message(f"writing {err.filename or output_dir}", output_dir, None,
+                                         last_good_checkpoint(output_dir))) from None
     dist_utils.teardown(env)
     return summary
 

@@ -1,4 +1,5 @@
-"""What keeps a long pretraining run from losing work: the non-finite step guard and the output-directory lock.
+"""What keeps a long pretraining run from losing work: the non-finite step guard, the output-directory lock,
+and one line (not a thread's traceback) for a full disk.
 
 Non-finite steps. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the
 schedule and the data still advance, so the step number stays the data position), counted and logged;
@@ -7,6 +8,10 @@ step: the loss sum and the gradient norm clip_grad_norm_ already computed are re
 device (all-reduced across processes, so every rank takes the same decision) and read once.
 """
 from __future__ import annotations
+
+import contextlib
+import errno
+import threading
 
 import torch
 
@@ -73,3 +78,21 @@ def all_finite(tensors) -> bool:
     """Every value of every tensor finite (one host sync)."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+@contextlib.contextmanager
+def quiet_disk_errors_in_threads():
+    """TensorBoard writes from a background thread; on a full disk that thread dies printing a traceback while
+    the main thread raises the same error (which the run reports in one line). Silence just those threads."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous

@@ -3,6 +3,7 @@ NaN, a full disk or a busy output directory is one clear line. In-process runs o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,137 @@ def test_rotation_keeps_the_checkpoint_just_written(tmp_path):
         (root / f"step-{step:08d}").mkdir(parents=True)
     rotate(tmp_path, keep_last=1, newest=root / "step-00000004")  # step-6: not ours, e.g. copied in by hand
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+# ------------------------------------------------------------------------------------- full disk
+
+
+def _no_checkpoint_debris(out):
+    root = out / "checkpoints"
+    return not [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else True
+
+
+def _estimate_matches_a_real_checkpoint(line, out, step):
+    """'needs about X MB' is within 25% of what checkpoint `step` really takes."""
+    import re
+
+    needed = float(re.search(r"needs about ([\d.,]+) MB", line).group(1).replace(",", ""))
+    actual = sum(f.stat().st_size for f in (out / "checkpoints" / f"step-{step:08d}").rglob("*") if f.is_file())
+    assert abs(needed - actual / 2**20) <= 0.25 * actual / 2**20, (needed, actual)
+
+
+def _intact(out, step):
+    from mpnet.modeling.checkpoint import read_state_dict
+    from mpnet.training.checkpointing import load_training_state
+
+    path = out / "checkpoints" / f"step-{step:08d}"
+    assert load_training_state(path)["step"] == step
+    assert read_state_dict(path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 20 MB tmpfs (room for one checkpoint of the tiny run, about 14 MB, not two); root only."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (the simulated ENOSPC test covers this case)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_resume_says_so_once(prefix_shards, small_tmpfs):
+    out = small_tmpfs / "run"
+    line = error_line(*run(out, prefix_shards, "--max-steps", 6, "--save-every", 2, "logging.keep_last=1"))
+    assert "no space left on " in line and "(tmpfs) while saving step 4 to " in line, line
+    assert "the last good checkpoint is step 2" in line, line
+    assert checkpoint_steps(out) == [2] and _no_checkpoint_debris(out)
+    _intact(out, 2)
+    _estimate_matches_a_real_checkpoint(line, out, 2)
+    code, stderr = run(out, prefix_shards, "--max-steps", 6, "--save-every", 2, "logging.keep_last=1", "--resume")
+    line = error_line(code, stderr)
+    assert stderr.count("no space left") == 1, stderr
+    assert "(tmpfs) while preparing to save step 4" in line and "the last good checkpoint is step 2" in line, line
+    _intact(out, 2)
+
+
+def _fail_second_state_save(monkeypatch, error):
+    original, calls = torch.save, {"n": 0}
+
+    def save(obj, file, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(file, "wb") as handle:  # a partial file, as a real failing write leaves
+                handle.write(b"partial")
+            raise error
+        return original(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_simulated_full_disk_during_a_save(prefix_shards, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    _fail_second_state_save(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    out = tmp_path / "run"
+    line = error_line(*run(out, prefix_shards, "--max-steps", 6, "--save-every", 2, "logging.keep_last=1"))
+    assert "no space left on " in line and f"while saving step 4 to {out / 'checkpoints'}; needs about " in line
+    assert "the last good checkpoint is step 2" in line, line
+    assert checkpoint_steps(out) == [2] and _no_checkpoint_debris(out)
+    _intact(out, 2)
+    _estimate_matches_a_real_checkpoint(line, out, 2)
+
+
+def test_another_write_error_during_a_save_is_one_line(prefix_shards, tmp_path, monkeypatch):
+    import errno
+
+    _fail_second_state_save(monkeypatch, PermissionError(errno.EACCES, "Permission denied", "state.pt"))
+    out = tmp_path / "run"
+    line = error_line(*run(out, prefix_shards, "--max-steps", 6, "--save-every", 2))
+    assert "cannot write while saving step 4" in line and "Permission denied" in line, line
+    assert "the last good checkpoint is step 2" in line and _no_checkpoint_debris(out)
+
+
+def test_a_full_disk_while_logging_is_one_line(prefix_shards, tmp_path, monkeypatch):
+    import errno
+
+    from mpnet.training.metrics import MetricsLogger
+
+    original = MetricsLogger._write
+
+    def write(self, row):
+        if row["step"] >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.jsonl))
+        original(self, row)
+
+    monkeypatch.setattr(MetricsLogger, "_write", write)
+    out = tmp_path / "run"
+    line = error_line(*run(out, prefix_shards, "--max-steps", 6, "--save-every", 2))
+    assert "no space left on " in line and f"while writing {out / 'metrics.jsonl'}" in line, line
+    assert "the last good checkpoint is step 2" in line
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """fsync of every file and of the temporary directory, then the rename, then the parent directory."""
+    import os
+
+    from mpnet import MPNetConfig, MPNetForPretraining
+    from mpnet.training import checkpointing
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    model = MPNetForPretraining(MPNetConfig.tiny(vocab_size=64, mask_token_id=63, hidden_size=16,
+                                                 num_attention_heads=2, intermediate_size=32))
+    final = checkpointing.save_checkpoint(tmp_path, 7, model, None, {"step": 7}, {}, keep_last=0)
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    synced_before = {Path(e[1]).name for e in events[:rename] if e[0] == "fsync"}
+    assert {"model.safetensors", "config.json", "state.pt", "run_config.yaml", ".tmp-step-00000007"} <= synced_before
+    assert ("fsync", str(final.parent)) in events[rename:]
