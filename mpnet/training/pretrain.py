@@ -12,9 +12,11 @@ steps sees.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_ch
                             no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
-from .safety import NonFiniteError, NonFiniteGuard, all_finite, quiet_disk_errors_in_threads
+from .safety import NonFiniteError, NonFiniteGuard, OutputDirLock, all_finite, quiet_disk_errors_in_threads
 
 log = logging.getLogger("mpnet.pretrain")
 
@@ -238,7 +240,11 @@ class Trainer:
         finite = self.guard.step_is_finite(loss_sum, grad_norm)  # the step's one host sync
         if finite:
             self.optimizer.step()
-        self.scheduler.step()  # a skipped step still advances the schedule and the data: step = position
+            self.scheduler.step()
+        else:  # a skipped step still advances the schedule and the data: step = position
+            with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: meant
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
@@ -346,18 +352,19 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
     env = dist_utils.setup()
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)
-    checkpoint = _checkpoint_to_resume(output_dir, resume)
-    try:
-        with quiet_disk_errors_in_threads():
-            data = prepare_data(cfg, output_dir, env)
-            model = build_model(cfg, data.meta, env.device)
-            state = restore_weights(model, checkpoint, data.meta) if checkpoint else None
-            summary = Trainer(cfg, env, output_dir, data, model, state).train()
-    except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
-        if err.errno not in NO_SPACE:
-            raise
-        raise UserError(no_space_message(f"writing {err.filename or output_dir}", output_dir, None,
-                                         last_good_checkpoint(output_dir))) from None
+    with OutputDirLock(output_dir) if env.is_main else contextlib.nullcontext():  # one run per directory
+        checkpoint = _checkpoint_to_resume(output_dir, resume)
+        try:
+            with quiet_disk_errors_in_threads():
+                data = prepare_data(cfg, output_dir, env)
+                model = build_model(cfg, data.meta, env.device)
+                state = restore_weights(model, checkpoint, data.meta) if checkpoint else None
+                summary = Trainer(cfg, env, output_dir, data, model, state).train()
+        except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
+            if err.errno not in NO_SPACE:
+                raise
+            raise UserError(no_space_message(f"writing {err.filename or output_dir}", output_dir, None,
+                                             last_good_checkpoint(output_dir))) from None
     dist_utils.teardown(env)
     return summary
 

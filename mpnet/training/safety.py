@@ -1,6 +1,11 @@
 """What keeps a long pretraining run from losing work: the non-finite step guard, the output-directory lock,
 and one line (not a thread's traceback) for a full disk.
 
+The lock. A run holds an exclusive flock on OUTPUT/.lock (its pid written inside) for its whole life, so a
+second run into the same directory fails at once, naming the holder, instead of interleaving metrics and
+checkpoints. The kernel drops the lock when the process exits, even on SIGKILL: there is no stale lock to
+clean up, and the file is left in place (deleting it would race with the next run taking it).
+
 Non-finite steps. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the
 schedule and the data still advance, so the step number stays the data position), counted and logged;
 `training.max_nonfinite_steps` of them in a row stop the run. The check costs one host sync per optimizer
@@ -11,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -96,3 +104,48 @@ def quiet_disk_errors_in_threads():
         yield
     finally:
         threading.excepthook = previous
+
+
+LOCK_NAME = ".lock"
+
+
+class OutputDirLock:
+    """`with OutputDirLock(dir):` creates the directory and holds its lock; UserError when another run has it."""
+
+    def __init__(self, output_dir):
+        self.output_dir = Path(output_dir)
+        self.fd = None
+
+    def __enter__(self):
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--output-dir {out} is a file, not a directory; choose a directory (new or an earlier run's)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"--output-dir {out} cannot be created: a part of that path is a file, not a directory") from None
+        except OSError as err:
+            raise UserError(f"--output-dir {out} cannot be created: {err.strerror}") from None
+        path = out / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{out} is in use by another run (pid {holder}); wait for it to finish, or choose "
+                            "another --output-dir") from None
+        try:  # the pid is for the message above; a full disk may refuse even these few bytes: the lock still holds
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False

@@ -233,3 +233,45 @@ def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch
     synced_before = {Path(e[1]).name for e in events[:rename] if e[0] == "fsync"}
     assert {"model.safetensors", "config.json", "state.pt", "run_config.yaml", ".tmp-step-00000007"} <= synced_before
     assert ("fsync", str(final.parent)) in events[rename:]
+
+
+# ------------------------------------------------------------------------------------ output dir
+
+
+def test_a_second_run_into_a_busy_output_dir_fails_at_once_naming_the_holder(prefix_shards, tmp_path):
+    """The holder is this test process (the lock pretraining takes); the second run is a real process."""
+    import os
+    import time
+
+    from cli_support import assert_one_line_error, run_cli
+    from mpnet.training.safety import OutputDirLock
+
+    out = tmp_path / "run"
+    with OutputDirLock(out):
+        start = time.perf_counter()
+        result = run_cli("pretrain", "--output-dir", out, "--data", prefix_shards, *TINY_RUN)
+        elapsed = time.perf_counter() - start
+        assert_one_line_error(result, f"{out} is in use by another run (pid {os.getpid()})")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert elapsed < 60  # at once: before any data or model work (the process start is most of it)
+    code, stderr = run(out, prefix_shards, "--max-steps", 1)  # released: the next run goes ahead
+    assert code == 0, stderr
+
+
+def test_the_lock_is_released_when_a_run_fails(prefix_shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_steps(monkeypatch, {1})
+    assert error_line(*run(out, prefix_shards, "--max-steps", 3, "training.max_nonfinite_steps=1"))
+    monkeypatch.undo()
+    code, stderr = run(out, prefix_shards, "--max-steps", 1)
+    assert code == 0, stderr
+
+
+def test_an_output_dir_that_is_a_file(prefix_shards, tmp_path):
+    file = tmp_path / "results.txt"
+    file.write_text("not a directory")
+    line = error_line(*run(file, prefix_shards, "--max-steps", 1))
+    assert f"--output-dir {file} is a file, not a directory" in line
+    line = error_line(*run(file / "run", prefix_shards, "--max-steps", 1))
+    assert "a part of that path is a file" in line
+    assert file.read_text() == "not a directory"
