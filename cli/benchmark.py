@@ -1,34 +1,53 @@
-"""benchmark-mpnet: attention and pretraining-step speed and memory against sequence length.
+"""benchmark-mpnet: attention, pretraining-step and fine-tuning speed and memory (docs/benchmarks.md).
 
-  benchmark-mpnet attention   one two-stream attention call pair per backend and length (fwd + bwd)
+  benchmark-mpnet all         every cell of the performance targets in one run, one report:
+                              attention (two-stream pair and single stream), step, finetune
+                              (--sections adds patterns, packing); DIR/benchmark.{md,json} and plots
+  benchmark-mpnet attention   one layer's attention per backend and length (fwd + bwd): the two-stream
+                              pair and single stream (--streams)
   benchmark-mpnet step        a full mpnet-base pretraining step beside a BERT-base MLM step
-  benchmark-mpnet all         both; writes DIR/benchmark.md, benchmark.json, attention_{time,memory}.png
+  benchmark-mpnet finetune    a mpnet-base classification step: transformers' MPNet against ours (dense, flex)
   benchmark-mpnet patterns    the attention patterns (window, block, swin, ...) on flex against SDPA with a
-                              dense mask and SDPA without one; writes DIR/patterns.{md,json}, patterns_time.png
+                              dense mask and SDPA without one; DIR/patterns.{md,json}, patterns_time.png
   benchmark-mpnet packing     packed vs padded fine-tuning steps on GLUE-length sentences; DIR/packing.{md,json,png}
 
-A benchmark is a command, never a timed test. On CPU only forward passes are timed (FlexAttention
-has no CPU backward); use --device cpu --quick for a smoke run. Method: docs/benchmarks.md and, for
-patterns, docs/patterns.md.
+Without a subcommand it runs `all`. A benchmark is a command, never a timed test. On CPU the attention
+is timed forward only (FlexAttention has no CPU backward) and everything runs in fp32; for a smoke
+run: benchmark-mpnet --device cpu --quick. Method: docs/benchmarks.md and, for patterns, docs/patterns.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 
-import torch
-
-from mpnet.benchmark import ATTENTION_BACKENDS, STEP_BACKENDS, AttentionSettings, StepSettings, benchmark
-from mpnet.pattern_benchmark import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, benchmark_patterns
+from mpnet.bench.attention import ATTENTION_BACKENDS, SINGLE_STREAM_LENGTHS, AttentionSettings, run_attention
+from mpnet.bench.harness import open_device, run_benchmarks
+from mpnet.bench.packing import PackingSettings, run_packing
+from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
+from mpnet.bench.step import FINETUNE_MODELS, STEP_BACKENDS, FinetuneSettings, StepSettings, run_finetune, run_step
 
 from . import benchmark_packing
 from ._common import command, int_list, name_list
 
-QUICK_ATTENTION = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, windows=[16], warmup=1,
-                       repeats=3, max_seconds=1.0)
-QUICK_PATTERN = dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16,
-                     patterns=QUICK_PATTERNS.split(","), warmup=1, repeats=3, max_seconds=1.0)
-QUICK_STEP = dict(model="tiny", seq_len=64, batch_size=4, warmup=1, repeats=3, max_seconds=5.0)
+SUBCOMMANDS = ("all", "attention", "step", "finetune", "patterns", "packing")
+SECTIONS = ("attention", "single", "step", "finetune", "patterns", "packing")
+ALL_SECTIONS = ["attention", "single", "step", "finetune"]  # the cells of the performance targets
+# Tiny sizes for --quick (any flag given still wins): seconds on a CPU.
+QUICK = {
+    "attention": dict(lengths=[64], tokens_per_batch=256, heads=2, head_dim=16, windows=[16], warmup=1, repeats=3,
+                      max_seconds=1.0),
+    "single": dict(lengths=[32], tokens_per_batch=256, heads=2, head_dim=16, windows=[16], warmup=1, repeats=3,
+                   max_seconds=1.0),
+    "step": dict(model="tiny", seq_len=32, batch_size=2, warmup=1, repeats=3, max_seconds=2.0),
+    "finetune": dict(model="tiny", seq_len=32, batch_size=2, warmup=1, repeats=3, max_seconds=2.0),
+    "patterns": dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, patterns=QUICK_PATTERNS.split(","),
+                     warmup=1, repeats=3, max_seconds=1.0),
+    "packing": benchmark_packing.QUICK,
+}
+# What every section takes from the command line, whichever subcommand runs it.
+COMMON = {"device", "dtype", "seed", "warmup", "repeats", "max_seconds", "flex_kernel_options"}
 
 
 def _json_object(text):
@@ -48,61 +67,85 @@ def _text_list(text):
     return values
 
 
-def _common(parser):
+def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots"):
     g = parser.add_argument_group("common")
-    g.add_argument("--device", default=None, help="cuda (default when available) or cpu (forward only)")
-    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
-    g.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="write DIR/benchmark.md, benchmark.json (and the attention plots) here; "
-                        "patterns: DIR/patterns.md, patterns.json, patterns_time.png")
-    g.add_argument("--quick", action="store_true",
-                   help="tiny sizes for a smoke run (any flag you give still wins)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="bf16 autocast (default on CUDA) or fp32 (the only choice on CPU)")
+    g.add_argument("--output-dir", default=None, metavar="DIR", help=f"write {report} here")
+    g.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (any flag you give still wins)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the random inputs and weights (default 0)")
     g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new cell after this many seconds (they are reported as SKIP); "
                         "results are written after every cell")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the cells of DIR's report from an earlier run with the same options and measure "
+                        "only the rest (with --time-budget: a long run in several commands)")
     g.add_argument("--warmup", type=int, default=None, help="warm-up runs per cell, the first compiles (default 3)")
     g.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per cell (default 20 attention, 10 step; at least 3)")
+                   help="timed runs per cell (default 20 attention, 10 step, 20 finetune; at least 3)")
     g.add_argument("--max-seconds", type=float, default=None,
-                   help="stop repeating a cell after this much timing, once 3 runs are in (default 3 / 20)")
+                   help="stop repeating a cell after this much timing, once 3 runs are in (default 3 / 20 / 10)")
     g.add_argument("--flex-kernel-options", type=_json_object, default=None, metavar="JSON",
                    help="experiment: run the project's compiled flex_attention with these kernel_options in this "
                         "process, e.g. '{\"num_stages\": 1}' (default: the project's own)")
 
 
-def _attention_args(parser):
+def attention_args(parser, streams=True):
     g = parser.add_argument_group("attention")
-    g.add_argument("--lengths", type=int_list, default=None, help="sequence lengths (default 512,1024,2048,4096,8192)")
+    g.add_argument("--lengths", type=int_list, default=None,
+                   help="two-stream sequence lengths (default 512,1024,2048,4096,8192)")
+    g.add_argument("--single-lengths", type=int_list, default=None,
+                   help=f"single-stream lengths (default {','.join(map(str, SINGLE_STREAM_LENGTHS))})")
+    if streams:
+        g.add_argument("--streams", type=name_list(("two", "one")), default=None,
+                       help="two (the pretraining pair), one (single stream) or two,one (default)")
     g.add_argument("--tokens-per-batch", type=int, default=None, help="B = this // L (default 16384)")
     g.add_argument("--heads", type=int, default=None, help="attention heads (default 12)")
     g.add_argument("--head-dim", type=int, default=None, help="head dimension (default 64)")
     g.add_argument("--windows", type=int_list, default=None, help="sliding-window sizes for flex-window (default 256,1024)")
     g.add_argument("--backends", type=name_list(ATTENTION_BACKENDS), default=None,
                    help=f"subset of {','.join(ATTENTION_BACKENDS)} (default all)")
+    g.add_argument("--layers", type=int, default=None,
+                   help="sdpa-bias: layers sharing its once-per-forward bias build and gradient reduction (default 12)")
     g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
-    g.add_argument("--with-projections", action="store_true",
+    g.add_argument("--with-projections", action="store_true", default=None,
                    help="include the q/k/v/o projections (default: attention core only)")
     g.add_argument("--attention-dropout", type=float, default=None,
                    help="the dense module's attention dropout (default 0.1, as in training; flex has none)")
 
 
-def _step_args(parser, flag):
+def step_args(parser, flag):
     g = parser.add_argument_group("step")
     g.add_argument("--seq-len", type=int, default=None, help="sequence length (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
-    g.add_argument(flag, dest="step_backend", type=name_list(STEP_BACKENDS), default=None,
+    g.add_argument(flag, dest="step_backends", type=name_list(STEP_BACKENDS), default=None,
                    help="MPNet attention backend(s): dense, flex or dense,flex (default dense,flex on GPU, dense on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile both models")
-    g.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
-    g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
-    g.add_argument("--profile", action="store_true",
+    model_args(g)
+
+
+def model_args(g):
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the models")
+    g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
+    g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
+    g.add_argument("--profile", action="store_true", default=None,
                    help="also break each model's step down by GPU kernel family (torch.profiler; CUDA only)")
 
 
-def _pattern_args(parser):
+def finetune_args(parser, own=True):
+    g = parser.add_argument_group("finetune")
+    if own:
+        g.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 128)")
+        g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
+        g.add_argument("--num-labels", type=int, default=None, help="classes (default 2)")
+        model_args(g)
+    g.add_argument("--models" if own else "--finetune-models", dest="finetune_models", type=name_list(FINETUNE_MODELS),
+                   default=None, help="transformers, dense, flex or a subset (default all three on GPU, "
+                                      "transformers,dense on CPU)")
+
+
+def pattern_args(parser):
     g = parser.add_argument_group("patterns")
     g.add_argument("--lengths", type=int_list, default=None, help="sequence lengths (default 1024,4096)")
     g.add_argument("--patterns", type=_text_list, default=None, metavar="LIST",
@@ -117,121 +160,138 @@ def _pattern_args(parser):
                    help="flex without MPNet's relative-position bias (like for like with SDPA); default: with "
                         "the learnable bias and its gradient, as the model runs")
     g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
-    g.add_argument("--resume", action="store_true",
-                   help="keep the cells of DIR/patterns.json from an earlier run with the same options and "
-                        "measure only the rest (with --time-budget: a long sweep in several commands)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="benchmark-mpnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{attention,step,all,patterns,packing}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    p = sub.add_parser("all", help="every cell of the performance targets, one report (the default)")
+    p.add_argument("--sections", type=name_list(SECTIONS), default=None,
+                   help=f"subset of {','.join(SECTIONS)} (default {','.join(ALL_SECTIONS)}; patterns and packing "
+                        "run with their own defaults)")
+    attention_args(p, streams=False)
+    step_args(p, "--step-backend")
+    finetune_args(p, own=False)
+    common_args(p)
     p = sub.add_parser("attention", help="attention backends: time and memory against sequence length")
-    _attention_args(p)
-    _common(p)
+    attention_args(p)
+    common_args(p)
     p = sub.add_parser("step", help="full pretraining step (MPNet) beside a BERT MLM step")
-    _step_args(p, "--backend")
-    _common(p)
-    p = sub.add_parser("all", help="attention sweep, then the step comparison; one report")
-    _attention_args(p)
-    _step_args(p, "--step-backend")
-    _common(p)
+    step_args(p, "--backend")
+    common_args(p)
+    p = sub.add_parser("finetune", help="mpnet-base sequence-classification step: transformers' MPNet vs ours")
+    finetune_args(p)
+    common_args(p)
     p = sub.add_parser("patterns", help="attention patterns: flex against SDPA with a dense mask and without")
-    _pattern_args(p)
-    _common(p)
-    benchmark_packing.add_parser(sub)  # packed vs padded fine-tuning steps (cli/benchmark_packing.py)
+    pattern_args(p)
+    common_args(p, "DIR/patterns.md, patterns.json, patterns_time.png")
+    benchmark_packing.add_parser(sub, common_args)  # packed vs padded fine-tuning steps (cli/benchmark_packing.py)
     return parser
 
 
-def _pick(args, name, quick, default):
-    value = getattr(args, name, None)
-    if value is not None:
-        return value
-    if args.quick and name in quick:
-        return quick[name]
-    return default
+# ---------------------------------------------------------------------------------- settings from args
 
 
-def attention_settings(args, device) -> AttentionSettings:
-    d = AttentionSettings()
-    q = QUICK_ATTENTION
-    return AttentionSettings(
-        lengths=_pick(args, "lengths", q, d.lengths),
-        tokens_per_batch=_pick(args, "tokens_per_batch", q, d.tokens_per_batch),
-        heads=_pick(args, "heads", q, d.heads),
-        head_dim=_pick(args, "head_dim", q, d.head_dim),
-        windows=_pick(args, "windows", q, d.windows),
-        backends=_pick(args, "backends", q, d.backends),
-        dtype=args.dtype,
-        device=device,
-        backward=torch.device(device).type == "cuda" and not args.forward_only,
-        warmup=_pick(args, "warmup", q, d.warmup),
-        repeats=_pick(args, "repeats", q, d.repeats),
-        max_seconds=_pick(args, "max_seconds", q, d.max_seconds),
-        with_projections=args.with_projections,
-        attention_dropout=_pick(args, "attention_dropout", q, d.attention_dropout),
-        seed=args.seed,
-        flex_kernel_options=args.flex_kernel_options,
-    )
+def settings_from(cls, args, quick: dict, names=None, **fixed):
+    """A settings dataclass from the command line: `fixed` values, else the flag of the field's name
+    (of those in `names`, default every field) when given, else the --quick size, else the default."""
+    values = dict(fixed)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            continue
+        given = getattr(args, f.name, None) if names is None or f.name in names else None
+        if given is not None:
+            values[f.name] = given
+        elif args.quick and f.name in quick:
+            values[f.name] = quick[f.name]
+    return cls(**values)
 
 
-def pattern_settings(args, device) -> PatternSettings:
-    d = PatternSettings()
-    q = QUICK_PATTERN
-    return PatternSettings(
-        lengths=_pick(args, "lengths", q, d.lengths),
-        tokens_per_batch=_pick(args, "tokens_per_batch", q, d.tokens_per_batch),
-        heads=_pick(args, "heads", q, d.heads),
-        head_dim=_pick(args, "head_dim", q, d.head_dim),
-        patterns=_pick(args, "patterns", q, d.patterns),
-        relative_bias=not args.no_relative_bias,
-        dtype=args.dtype,
-        device=device,
-        backward=torch.device(device).type == "cuda" and not args.forward_only,
-        warmup=_pick(args, "warmup", q, d.warmup),
-        repeats=_pick(args, "repeats", q, d.repeats),
-        max_seconds=_pick(args, "max_seconds", q, d.max_seconds),
-        seed=args.seed,
-        flex_kernel_options=args.flex_kernel_options,
-    )
+def device_fields(args, device) -> dict:
+    cuda = device.type == "cuda"
+    return {"device": str(device), "dtype": args.dtype or ("bf16" if cuda else "fp32")}
 
 
-def step_settings(args, device) -> StepSettings:
-    d = StepSettings()
-    q = QUICK_STEP
-    cuda = torch.device(device).type == "cuda"
-    return StepSettings(
-        seq_len=_pick(args, "seq_len", q, d.seq_len),
-        batch_size=_pick(args, "batch_size", q, d.batch_size),
-        backends=args.step_backend or (list(STEP_BACKENDS) if cuda else ["dense"]),
-        compile=args.compile,
-        peak_tflops=args.peak_tflops,
-        dtype=args.dtype,
-        device=device,
-        model=_pick(args, "model", q, d.model),
-        bert=not args.no_bert,
-        warmup=_pick(args, "warmup", q, d.warmup),
-        repeats=_pick(args, "repeats", q, d.repeats),
-        max_seconds=_pick(args, "max_seconds", q, d.max_seconds),
-        seed=args.seed,
-        flex_kernel_options=args.flex_kernel_options,
-        profile=args.profile,
-    )
+def attention_plan(args, device, streams, owned=True) -> list:
+    names = None if owned else COMMON
+    fixed = dict(device_fields(args, device), backward=device.type == "cuda" and not getattr(args, "forward_only", False))
+    plan = []
+    if "two" in streams:
+        plan.append((run_attention, settings_from(AttentionSettings, args, QUICK["attention"], names, streams="two",
+                                                  **fixed)))
+    if "one" in streams:
+        lengths = getattr(args, "single_lengths", None) or (QUICK["single"]["lengths"] if args.quick
+                                                             else SINGLE_STREAM_LENGTHS)
+        plan.append((run_attention, settings_from(AttentionSettings, args, QUICK["single"], names, streams="one",
+                                                  lengths=lengths, **fixed)))
+    return plan
+
+
+def step_plan(args, device) -> list:
+    backends = args.step_backends or (list(STEP_BACKENDS) if device.type == "cuda" else ["dense"])
+    return [(run_step, settings_from(StepSettings, args, QUICK["step"], backends=backends, bert=not args.no_bert,
+                                     **device_fields(args, device)))]
+
+
+def finetune_plan(args, device, owned=True) -> list:
+    names = None if owned else COMMON | {"compile", "peak_tflops", "model", "profile"}
+    models = args.finetune_models or (list(FINETUNE_MODELS) if device.type == "cuda" else ["transformers", "dense"])
+    return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,
+                                         **device_fields(args, device)))]
+
+
+def pattern_plan(args, device, owned=True) -> list:
+    fixed = dict(device_fields(args, device), backward=device.type == "cuda" and not getattr(args, "forward_only", False),
+                 relative_bias=not getattr(args, "no_relative_bias", False))
+    return [(run_patterns, settings_from(PatternSettings, args, QUICK["patterns"], None if owned else COMMON, **fixed))]
+
+
+def packing_plan(args, device, owned=True) -> list:
+    names = None if owned else COMMON | {"model"}
+    fixed = dict(device_fields(args, device), backward=device.type == "cuda")
+    return [(run_packing, settings_from(PackingSettings, args, QUICK["packing"], names, **fixed))]
+
+
+def plan_of(args, device) -> tuple[list, str]:
+    """(the (run, settings) pairs to run in order, the report's file stem)."""
+    if args.what == "attention":
+        return attention_plan(args, device, args.streams or ["two", "one"]), "benchmark"
+    if args.what == "step":
+        return step_plan(args, device), "benchmark"
+    if args.what == "finetune":
+        return finetune_plan(args, device), "benchmark"
+    if args.what == "patterns":
+        return pattern_plan(args, device), "patterns"
+    if args.what == "packing":
+        return packing_plan(args, device), "packing"
+    chosen = args.sections or ALL_SECTIONS
+    plan = attention_plan(args, device, [s for k, s in (("attention", "two"), ("single", "one")) if k in chosen])
+    plan += step_plan(args, device) if "step" in chosen else []
+    plan += finetune_plan(args, device, owned=False) if "finetune" in chosen else []
+    plan += pattern_plan(args, device, owned=False) if "patterns" in chosen else []
+    plan += packing_plan(args, device, owned=False) if "packing" in chosen else []
+    return plan, "benchmark"
+
+
+def with_subcommand(argv: list) -> list:
+    """`benchmark-mpnet --device cpu --quick` runs `all`: a command line that starts with an option gets
+    its subcommand moved to the front, or `all` when it names none."""
+    if not argv or argv[0] in ("-h", "--help") or not argv[0].startswith("-"):
+        return argv or ["all"]
+    named = next((i for i, word in enumerate(argv) if word in SUBCOMMANDS), None)
+    if named is None:
+        return ["all"] + argv
+    return [argv[named]] + argv[:named] + argv[named + 1:]
 
 
 @command
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.what == "packing":
-        return benchmark_packing.run(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.what == "patterns":
-        benchmark_patterns(pattern_settings(args, device), out_dir=args.output_dir, time_budget=args.time_budget,
-                           resume=args.resume)
-        return 0
-    attention = attention_settings(args, device) if args.what in ("attention", "all") else None
-    step = step_settings(args, device) if args.what in ("step", "all") else None
-    benchmark(attention, step, out_dir=args.output_dir, time_budget=args.time_budget)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(with_subcommand(argv))
+    device = open_device(args.device)
+    plan, stem = plan_of(args, device)
+    run_benchmarks(plan, device, out_dir=args.output_dir, stem=stem, time_budget=args.time_budget, resume=args.resume)
     return 0
 
 

@@ -26,8 +26,8 @@ for path in (ROOT, ROOT / "scripts"):
 
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
-from draw_masks import labels as two_stream_labels  # noqa: E402
-from mpnet.benchmark import block_density, pred_size, two_stream_positions  # noqa: E402
+from draw_masks import labels as two_stream_labels, tile_share  # noqa: E402
+from mpnet.bench.attention import pred_size, two_stream_positions  # noqa: E402
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
 from mpnet.modeling.patterns import alibi_slope, as_pattern, soft_cap  # noqa: E402
 
@@ -201,9 +201,9 @@ def sparsity_rows(n=2048, seed=0):
     rows = []
     for spec in SPARSITY_SPECS:
         pattern = as_pattern(spec)
-        natural = [block_density(make_flex_attention_mask(torch.arange(n)[None], n, 0, pattern=spec,
+        natural = [tile_share(make_flex_attention_mask(torch.arange(n)[None], n, 0, pattern=spec,
                                                            layer=layer)[0]) for layer in range(pattern.layer_variants)]
-        scattered = block_density(make_flex_attention_mask(permuted, n, m, pattern=spec)[0])
+        scattered = tile_share(make_flex_attention_mask(permuted, n, m, pattern=spec)[0])
         rows.append((spec or "(none)", sum(natural) / len(natural), scattered))
     return n, m, rows
 

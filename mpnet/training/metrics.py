@@ -26,16 +26,19 @@ def peak_tflops_for(device) -> float | None:
 
 
 def estimate_flops_per_example(config, n: int, m: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one two-stream example.
+    """Matmul FLOPs of training on one two-stream example (forward + backward = 3x forward).
 
-    Rows: n + 2m (content n + m, query m); keys: n + m. Per row and layer: 4 H^2 (q,k,v,o) +
-    2 H I (FFN) multiply-adds, attention 2 * (n+m) * H; the LM head runs on the m query rows.
+    Rows: n + 2m (content stream n + m, query stream m); keys and values: the n + m content rows. Per
+    layer: q, o and the FFN on all n + 2m rows, k and v on the n + m content rows only, attention
+    scores and their product with v (n + 2m) x (n + m) x H each; the LM head (dense + decoder) on the m
+    query rows. 2 FLOPs per multiply-add. m = 0 is single-stream encoding of n tokens (no LM head).
+    Checked against torch's FlopCounterMode on a real forward + backward (tests/bench/test_flops.py).
     """
     h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     rows, keys = n + 2 * m, n + m
-    per_row_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * keys * h
-    lm_head = m * 2 * (h * h + h * vocab)
-    return 3.0 * (layers * rows * per_row_layer + lm_head)
+    per_layer = 2 * rows * (2 * h * h + 2 * h * i) + 2 * keys * (2 * h * h) + 2 * 2 * rows * keys * h
+    lm_head = 2 * m * (h * h + h * vocab)
+    return 3.0 * (layers * per_layer + lm_head)
 
 
 class MetricsLogger:

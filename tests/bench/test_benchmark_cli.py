@@ -2,113 +2,106 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-from cli_support import cli_env, cli_main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def env():
-    """Environment in which `python -m mpnet_cli.benchmark` works; `mpnet_cli` importable here too."""
-    cli_main("benchmark")
-    return cli_env(MPLBACKEND="Agg")
+from cli_support import assert_one_line_error_text, call_main, run_cli
 
 
-def run(args, env, cwd, timeout=120):
-    return subprocess.run([sys.executable, "-m", "mpnet_cli.benchmark", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def test_help(env, tmp_path, capsys):
-    out = run(["--help"], env, tmp_path)
-    assert out.returncode == 0, out.stderr
-    for word in ("attention", "step", "all"):
-        assert word in out.stdout
-    from mpnet_cli.benchmark import main
-
-    for sub, flag in (("attention", "--tokens-per-batch"), ("step", "--peak-tflops"), ("all", "--windows")):
+def test_help(benchmark_main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("all", "attention", "step", "finetune", "patterns", "packing", "--device cpu --quick"):
+        assert word in text
+    for sub, flag in (("attention", "--single-lengths"), ("step", "--peak-tflops"), ("all", "--sections"),
+                      ("finetune", "--models"), ("all", "--finetune-models")):
         with pytest.raises(SystemExit) as exit_info:
-            main([sub, "--help"])
+            benchmark_main([sub, "--help"])
         assert exit_info.value.code == 0
         assert flag in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_attention_quick_cpu_writes_report(env, tmp_path):
+def test_without_subcommand_runs_every_cell_on_cpu(tmp_path):
+    """`benchmark-mpnet --device cpu --quick`, what the command's own hints suggest: `all`, one report."""
     out_dir = tmp_path / "bench"
-    out = run(["attention", "--device", "cpu", "--quick", "--lengths", "64,128", "--output-dir", str(out_dir)],
-              env, tmp_path)
+    out = run_cli("benchmark", "--device", "cpu", "--quick", "--output-dir", out_dir, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     text = out.stdout
-    # device, versions and settings come first; then tables in tabulate's github format
-    assert text.index("torch") < text.index("== attention")
-    assert "FORWARD ONLY" in text
-    assert "| backend" in text and "|----" in text
-    assert "Relative throughput" in text
-    for name in ("benchmark.md", "benchmark.json", "attention_time.png", "attention_memory.png"):
+    assert text.index("torch") < text.index("== Attention: one two-stream call pair") < text.index(
+        "== Attention: single stream") < text.index("== Pretraining step") < text.index("== Fine-tuning step")
+    assert "FORWARD ONLY" in text and "| backend" in text and "Relative throughput" in text
+    for name in ("benchmark.md", "benchmark.json", "attention_time.png", "attention_memory.png", "single_time.png"):
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
     assert (out_dir / "attention_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out_dir / "benchmark.json").read_text())
-    cells = data["attention"]["cells"]
-    backends = {c["backend"] for c in cells}
-    assert backends == {"sdpa", "dense", "dense-once", "flex", "flex-w16"}
-    assert {c["L"] for c in cells} == {64, 128}
-    for cell in cells:
-        assert cell["status"] == "ok", cell
-        assert cell["ms"] > 0 and cell["tflops"] > 0
-    flex = [c for c in cells if c["backend"].startswith("flex")]
-    assert all(0 < c["density"] <= 1 and c["mask_ms"] > 0 for c in flex)
+    assert set(data) == {"environment", "attention", "single", "step", "finetune"}
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["device"].startswith("CPU") and env["date"] and env["transformers"]
+    for key in ("attention", "single"):
+        cells = data[key]["cells"]
+        assert {c["backend"] for c in cells} == {"sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-w16"}
+        assert all(c["status"] == "ok" and c["ms"] > 0 and c["tflops"] > 0 for c in cells), cells
+        for c in cells:
+            if c["backend"].startswith("flex"):
+                computed, total = c["tiles"]
+                assert 0 < computed <= total and c["density"] == computed / total and c["mask_ms"] > 0
+            if c["backend"] == "sdpa-bias":  # per layer + (build + gradient reduction) / layers
+                assert c["ms"] == pytest.approx(c["layer_ms"] + c["build_ms"] / data[key]["settings"]["layers"])
+        assert data[key]["settings"]["streams"] == ("two" if key == "attention" else "one")
+    assert {c["m"] for c in data["single"]["cells"]} == {0}
+    step = data["step"]["cells"]
+    assert [c["model"] for c in step] == ["BERT-tiny", "MPNet-tiny"] and all(c["status"] == "ok" for c in step)
+    assert step[1]["relative"][1] == "BERT step time" and step[1]["flops"] > 0
+    finetune = data["finetune"]["cells"]
+    assert [c["model"] for c in finetune] == ["transformers", "dense"] and all(c["status"] == "ok" for c in finetune)
+    assert finetune[1]["relative"][0] == pytest.approx(finetune[1]["examples_per_s"] / finetune[0]["examples_per_s"])
     md = (out_dir / "benchmark.md").read_text()
-    assert "## Attention" in md and "forward only" in md.lower() and "![attention_time.png]" in md
-    assert data["environment"]["torch"] in md
+    for heading in ("## Attention: one two-stream call pair", "## Attention: single stream", "## Pretraining step",
+                    "## Fine-tuning step", "![attention_time.png]", "x transformers examples/s", "tiles computed/total"):
+        assert heading in md, heading
 
 
-def test_step_tiny_cpu_beside_bert(tmp_path, capsys):
-    from mpnet.benchmark import StepSettings, benchmark
-
-    settings = StepSettings(model="tiny", seq_len=32, batch_size=2, backends=["dense"], dtype="fp32", device="cpu",
-                            warmup=1, repeats=3, max_seconds=2.0)
-    benchmark(None, settings, out_dir=tmp_path)
-    printed = capsys.readouterr().out
-    assert "peak for MFU: 989" in printed and "| model" in printed
-    data = json.loads((tmp_path / "benchmark.json").read_text())
-    rows = data["step"]["rows"]
-    assert [r["model"] for r in rows] == ["MPNet-tiny", "BERT-tiny"]
-    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
-    assert rows[1]["vs_bert"] == pytest.approx(1.0)
-    assert "## Pretraining step" in (tmp_path / "benchmark.md").read_text()
-
-
-def test_flop_counts():
-    from mpnet.benchmark import attention_flops, bert_step_flops, mpnet_step_flops
-    from mpnet.modeling.config import MPNetConfig
-
-    assert attention_flops(2, 12, 64, 100, 80, backward=False) == 4 * 2 * 12 * 100 * 80 * 64
-    assert attention_flops(2, 12, 64, 100, 80, backward=True) == 3.5 * 4 * 2 * 12 * 100 * 80 * 64
-    cfg = MPNetConfig.base()
-    # with m = 0 the two-stream count is BERT's layer count (same shapes) minus BERT's all-row MLM head
-    h, v = cfg.hidden_size, cfg.vocab_size
-    assert mpnet_step_flops(cfg, 1, 512, 0) == pytest.approx(bert_step_flops(cfg, 1, 512) - 3 * 2 * 512 * (h * h + h * v))
+def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
+    code, err = call_main(benchmark_main, "finetune", "--device", "cpu", "--quick", "--models", "dense",
+                          "--output-dir", tmp_path)
+    assert code == 0, err
+    cells = json.loads((tmp_path / "benchmark.json").read_text())["finetune"]["cells"]
+    assert len(cells) == 1 and cells[0]["status"] == "ok" and cells[0]["examples_per_s"] > 0
+    assert cells[0]["batch"] == 2 and cells[0]["seq_len"] == 32  # --quick: tiny size on CPU
+    assert "ours dense" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, needle", [
     (["attention", "--device", "cpu", "--windows", "0"], "--windows"),
     (["attention", "--device", "cpu", "--lengths", "512", "--tokens-per-batch", "100"], "--tokens-per-batch"),
     (["step", "--device", "cpu", "--backend", "flex"], "CUDA"),
+    (["finetune", "--device", "cpu", "--models", "flex"], "CUDA"),
     (["attention", "--device", "cpu", "--backends", "sdpa,nope"], "nope"),
+    (["--device", "cpu", "--dtype", "bf16"], "--dtype fp32"),
+    (["--device", "gpu"], "unknown device"),
+    (["--device", "cpu", "--resume"], "--resume needs --output-dir"),
 ])
-def test_bad_input_is_one_line(env, capsys, args, needle):
-    from mpnet_cli.benchmark import main
+def test_bad_input_is_one_line(benchmark_main, args, needle):
+    code, err = call_main(benchmark_main, *args)
+    assert code == 2
+    assert_one_line_error_text(code, err, needle)
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert needle in err.strip().splitlines()[-1]
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for machines without CUDA")
+def test_cuda_hint_names_the_cpu_smoke_run(benchmark_main):
+    code, err = call_main(benchmark_main, "attention", "--device", "cuda")
+    assert_one_line_error_text(code, err, "pass --device cpu", "--quick")
+
+
+def test_subcommand_may_come_after_the_options():
+    from mpnet_cli.benchmark import with_subcommand
+
+    assert with_subcommand([]) == ["all"]
+    assert with_subcommand(["--device", "cpu", "--quick"]) == ["all", "--device", "cpu", "--quick"]
+    assert with_subcommand(["--device", "cpu", "step", "--quick"]) == ["step", "--device", "cpu", "--quick"]
+    assert with_subcommand(["step", "--device", "cpu"]) == ["step", "--device", "cpu"]
+    assert with_subcommand(["--help"]) == ["--help"]

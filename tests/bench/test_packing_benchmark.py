@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpnet.errors import UserError
-from mpnet.packing_benchmark import PackingSettings, load_sentences, packed_batch, padded_batch, split_sentences
+from mpnet.bench.packing import PackingSettings, load_sentences, packed_batch, padded_batch, split_sentences
 from cli_support import call_main
 
 
@@ -43,9 +43,9 @@ def test_layouts_hold_the_same_tokens():
 
 def test_settings_are_checked():
     with pytest.raises(UserError, match="row-length"):
-        PackingSettings(max_length=128, row_length=64).validate()
+        PackingSettings(max_length=128, row_length=64, dtype="fp32").validate(torch.device("cpu"))
     with pytest.raises(UserError, match="unknown variant"):
-        PackingSettings(variants=["packed-sdpa"]).validate()
+        PackingSettings(variants=["packed-sdpa"], dtype="fp32").validate(torch.device("cpu"))
 
 
 def test_cli_quick_cpu_writes_the_report(benchmark_main, tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_cli_quick_cpu_writes_the_report(benchmark_main, tmp_path, capsys):
     for name in ("packing.md", "packing.json", "packing.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "packing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    data = json.loads((out / "packing.json").read_text())
+    data = json.loads((out / "packing.json").read_text())["packing"]
     cells = data["cells"]
     assert [c["variant"] for c in cells] == ["padded-dense", "packed-flex", "padded-flex", "packed-dense"]
     for cell in cells:

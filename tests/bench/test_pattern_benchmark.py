@@ -1,4 +1,4 @@
-"""`benchmark-mpnet patterns` (mpnet/pattern_benchmark.py): what its columns compute, and a CPU smoke run.
+"""`benchmark-mpnet patterns` (mpnet/bench/patterns.py): what its columns compute, and a CPU smoke run.
 
 - Not a timing: for every pattern the benchmark times, its flex cell (the real module, the BlockMask
   from the pattern's mask_mod) and its SDPA cell (the mask it materialises for SDPA) give the same
@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from mpnet.benchmark import Timer
+from mpnet.bench.harness import Timer
 from mpnet.modeling.attention import make_dense_attention_state
-from mpnet.pattern_benchmark import (
+from mpnet.bench.patterns import (
     QUICK_PATTERNS,
     PatternSettings,
     build_cell,
@@ -111,12 +111,12 @@ def test_patterns_quick_cpu_writes_report(benchmark_main, tmp_path, capsys):
     out = run_cli("benchmark", *args, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     text = out.stdout
-    assert text.index("torch") < text.index("== attention patterns") < text.index("| pattern")
+    assert text.index("torch") < text.index("== Attention patterns") < text.index("| pattern")
     assert "FORWARD ONLY" in text and "L=   64" in text  # a progress line per cell
     for name in ("patterns.md", "patterns.json", "patterns_time.png"):
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
     assert (out_dir / "patterns_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cells = json.loads((out_dir / "patterns.json").read_text())["cells"]
+    cells = json.loads((out_dir / "patterns.json").read_text())["patterns"]["cells"]
     assert sorted((c["pattern"] or "", c["column"]) for c in cells) == sorted(
         [("", "sdpa")] + [(p, col) for p in ("none", "block:32", "softcap:30") for col in ("flex", "sdpa-mask")])
     for cell in cells:  # a number, or n/a with its reason
@@ -127,13 +127,16 @@ def test_patterns_quick_cpu_writes_report(benchmark_main, tmp_path, capsys):
     assert {c["pattern"] for c in cells if c["status"] != "ok"} == {"none", "softcap:30"}
     flex = {c["pattern"]: c for c in cells if c["column"] == "flex"}
     assert flex["none"]["density"] == 1.0 and flex["block:32"]["mask_ms"] > 0
+    assert flex["none"]["tiles"] == [flex["none"]["B"], flex["none"]["B"]]  # one 128-tile per row at L = 64
     md = (out_dir / "patterns.md").read_text()
     assert "### Summary" in md and "SDPA cannot apply softcap" in md and "![patterns_time.png]" in md
 
     # --resume keeps every measured cell; other options are refused in one line
     main = benchmark_main
     main(args + ["--resume"])
-    assert all(c.get("resumed") for c in json.loads((out_dir / "patterns.json").read_text())["cells"])
+    again = json.loads((out_dir / "patterns.json").read_text())["patterns"]["cells"]
+    assert all(c.get("resumed") for c in again if c["status"] == "ok")
+    assert [c["status"] for c in again] == [c["status"] for c in cells]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--resume", "--heads", "4"])

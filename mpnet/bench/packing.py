@@ -1,4 +1,4 @@
-"""Packed against padded fine-tuning steps on GLUE-length inputs: the library behind `benchmark-mpnet packing`.
+"""Packed against padded fine-tuning steps on GLUE-length inputs: the `packing` section of `benchmark-mpnet`.
 
 One fine-tuning step of `MPNetForSequenceClassification` (mpnet-base by default: forward, cross-entropy
 over the examples, backward; bf16 autocast on CUDA) on the SAME examples laid out four ways:
@@ -26,49 +26,45 @@ embedded corpus (Jane Austen's novels, mpnet/resources/corpus) split into senten
 another TSV with a `sentence` column, a GLUE task folder, or a text corpus. Tokenized with the
 project's tokenizer (mpnet/resources/tokenizer), truncated to max_length. The report says which.
 
-Timing, memory, failure handling and report conventions come from mpnet/benchmark.py (imported):
-median [p20, p80] with CUDA events and the L2 flushed before each step; the timed steps cycle through
-`batches` distinct random batches, so throughput = all real tokens (examples) of the timed steps /
-their summed time. On CPU: wall clock, forward only (FlexAttention has no CPU backward).
+Timing comes from the harness; the timed steps cycle through `batches` distinct random batches, so
+throughput = all real tokens (examples) of the timed steps / their summed time. On CPU: wall clock,
+forward only (FlexAttention has no CPU backward), fp32.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
+import functools
 import random
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
-from .benchmark import (
-    DTYPES,
-    Deadline,
-    Timer,
-    _compiled_graphs,
-    _failure_notes,
-    _fmt,
-    _summary,
-    _warm,
+from ..errors import UserError
+from ..modeling.config import MPNetConfig
+from ..modeling.packing import pack
+from ..training.toolkit import autocast
+from .harness import (
+    Section,
+    check_dtype,
     configure_dynamo,
-    environment,
-    print_header,
-    resolve_device,
-    run_cell,
+    fmt,
+    github_table,
+    ok,
+    on_cuda,
+    phase,
+    short_status,
+    time_runs,
+    time_text,
+    timer_text,
 )
-from .errors import UserError
-from .modeling.config import MPNetConfig
-from .modeling.packing import pack
 
 VARIANTS = ("padded-dense", "packed-flex", "padded-flex", "packed-dense")  # run order: the key pair first
 REPORT_ORDER = ("padded-dense", "padded-flex", "packed-flex", "packed-dense")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SENTIMENT_TSV = Path("data") / "sentiment" / "train.tsv"
 
 
@@ -87,7 +83,7 @@ class PackingSettings:
     num_labels: int = 2
     attention_dropout: float = 0.0  # 0: both backends compute the same function (flex has no attention dropout)
     dtype: str = "bf16"
-    device: str = "cuda"
+    device: str | None = None
     backward: bool = True  # forward + backward (GPU); forward only on CPU
     warmup: int = 1  # warm-up passes over all batches after the first (compiling) pass
     repeats: int = 24  # timed steps (at least 3), cycling through the batches
@@ -98,7 +94,8 @@ class PackingSettings:
     def row(self) -> int:
         return self.row_length or self.max_length
 
-    def validate(self):
+    def validate(self, device: torch.device):
+        check_dtype(self.dtype, device)
         if not self.examples_per_step or any(n < 1 for n in self.examples_per_step):
             raise UserError("--examples-per-step must be positive integers, e.g. 32,128")
         if self.max_length < 8:
@@ -119,8 +116,6 @@ class PackingSettings:
             raise UserError(f"unknown variant(s) {unknown or '(none)'}; pick from {', '.join(REPORT_ORDER)}")
         if self.model not in ("base", "tiny"):
             raise UserError("--model must be base or tiny")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
         if not 0 <= self.attention_dropout < 1:
             raise UserError("--attention-dropout must be in [0, 1)")
 
@@ -146,7 +141,7 @@ def _read_tsv_sentences(path: Path) -> list[str]:
 
 def load_sentences(spec: str | None) -> tuple[list[str], str]:
     """(sentences, where they came from). spec None: the sentiment set if present, else the embedded corpus."""
-    from .data.corpus import EMBEDDED_CORPUS, iter_documents, list_sources
+    from ..data.corpus import EMBEDDED_CORPUS, iter_documents, list_sources
 
     if spec is None:
         for candidate in (Path.cwd() / SENTIMENT_TSV, REPO / SENTIMENT_TSV):
@@ -235,125 +230,114 @@ def layout(settings: PackingSettings, variant: str, examples: list[list[int]], p
 # ------------------------------------------------------------------------------------------ cells
 
 
-def _model_config(settings: PackingSettings, flex: bool, vocab_size: int) -> MPNetConfig:
+def model_config(settings: PackingSettings, flex: bool, vocab_size: int) -> MPNetConfig:
     make = MPNetConfig.base if settings.model == "base" else MPNetConfig.tiny
     return make(vocab_size=vocab_size, num_labels=settings.num_labels, use_flex_attention=flex,
                 attention_probs_dropout_prob=settings.attention_dropout)
 
 
-def _cell(settings: PackingSettings, variant: str, n: int, examples: Examples, pad_id: int, vocab_size: int,
-          device, timer) -> dict:
-    from .modeling.model import MPNetForSequenceClassification
-
-    amp = DTYPES[settings.dtype]
-    flex = variant.endswith("flex")
-    torch.manual_seed(settings.seed)  # the same weights for every variant
-    model = MPNetForSequenceClassification(_model_config(settings, flex, vocab_size)).to(device).train()
+def device_batches(settings: PackingSettings, variant: str, n: int, examples: Examples, pad_id: int, device):
+    """(the variant's batches on the device with their labels, real tokens per batch, shapes)."""
     batches, real, shapes = [], [], []
     for ids, labels in zip(examples.batches[n], examples.labels[n]):
         inputs = layout(settings, variant, ids, pad_id)
         real.append(int(inputs["attention_mask"].sum()))
         shapes.append(tuple(inputs["input_ids"].shape))
         batches.append(({k: v.to(device) for k, v in inputs.items()}, labels.to(device)))
-    result = {"shapes": sorted(set(shapes)), "real_tokens_per_step": statistics.fmean(real),
-              "positions_per_step": statistics.fmean(s[0] * s[1] for s in shapes)}
-    result["padding_share"] = 1 - sum(real) / sum(s[0] * s[1] for s in shapes)
-    used: list[int] = []
-    phase = ["forward"]
+    return batches, real, shapes
+
+
+def measure_packing(settings: PackingSettings, variant: str, n: int, examples: Examples, pad_id: int,
+                    vocab_size: int, device, timer) -> dict:
+    """One variant at N examples per step: the first pass over every batch compiles each shape, then
+    `warmup` more passes, then the timed steps, which cycle through the batches from the first."""
+    from ..modeling.model import MPNetForSequenceClassification
+
+    torch.manual_seed(settings.seed)  # the same weights for every variant
+    with phase("build"):
+        model = MPNetForSequenceClassification(model_config(settings, variant.endswith("flex"), vocab_size))
+        model = model.to(device).train()
+        batches, real, shapes = device_batches(settings, variant, n, examples, pad_id, device)
+    steps = [0]
 
     def step():
-        index = len(used) % len(batches)
-        used.append(index)
-        inputs, labels = batches[index]
-        phase[0] = "forward"
+        inputs, labels = batches[steps[0] % len(batches)]
+        steps[0] += 1
+        with phase("forward"), torch.set_grad_enabled(settings.backward), autocast(device, settings.dtype == "bf16"):
+            logits = model(**inputs)
         if settings.backward:
-            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                logits = model(**inputs)
-            loss = F.cross_entropy(logits.float(), labels)
-            phase[0] = "backward"
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                model(**inputs)
-        phase[0] = "timing"
+            with phase("backward"):
+                F.cross_entropy(logits.float(), labels).backward()
+                model.zero_grad(set_to_none=True)
 
-    try:
-        graphs = _compiled_graphs()
-        result["first_pass_s"] = timer.wall(lambda: [step() for _ in batches]) / 1e3  # every shape compiles here
-        _warm(timer, step, settings.warmup * len(batches), settings.max_seconds)
-        result["graphs"] = _compiled_graphs() - graphs
-        used.clear()
-        graphs = _compiled_graphs()
-        times, result["peak_gib"] = timer.measure(step, settings.repeats, settings.max_seconds, peak=True)
-        if _compiled_graphs() != graphs:
-            result["note"] = "recompiled while timing"
-    except Exception as exc:
-        exc.benchmark_phase = phase[0]
-        raise
-    seconds = sum(times) / 1e3
-    result.update(_summary(times))
-    result["real_tokens_per_s"] = sum(real[i] for i in used) / seconds
-    result["examples_per_s"] = n * len(times) / seconds
-    result["mean_ms"] = 1e3 * seconds / len(times)
+    result = time_runs(timer, step, settings.warmup * len(batches), settings.repeats, settings.max_seconds,
+                       check=lambda: steps.__setitem__(0, 0), first=lambda: [step() for _ in batches])
+    result["first_pass_s"] = result.pop("first_call_s")
+    seconds = result["mean_ms"] * result["runs"] / 1e3
+    used = [i % len(batches) for i in range(result["runs"])]
+    positions = [s[0] * s[1] for s in shapes]
+    result.update(shapes=sorted(set(shapes)), real_tokens_per_step=statistics.fmean(real),
+                  positions_per_step=statistics.fmean(positions), padding_share=1 - sum(real) / sum(positions),
+                  real_tokens_per_s=sum(real[i] for i in used) / seconds, examples_per_s=n * result["runs"] / seconds)
     return result
 
 
-def run_packing(settings: PackingSettings, examples: Examples, pad_id: int, vocab_size: int,
-                on_update: Callable | None = None, deadline: Deadline | None = None, log=print) -> list:
-    """All cells: for each examples_per_step, each variant (in VARIANTS order); `on_update(cells)` after each."""
-    device = resolve_device(settings.device)
-    deadline = deadline or Deadline()
+def run_packing(session, settings: PackingSettings, deadline=None) -> Section:
+    """Read and tokenize the inputs, then for each examples_per_step each variant (in VARIANTS order)."""
+    from ..data.tokenizer import load_tokenizer
+
+    device = session.device
+    settings.validate(device)
+    tokenizer = load_tokenizer("default")
+    sentences, source = load_sentences(settings.data)
+    examples = draw_examples(settings, tokenizer, sentences, source)
+    s = examples.stats
+    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
+    section = Section("packing", f"Packed vs padded fine-tuning steps, {mode}, {settings.dtype}", settings, render,
+                      plot_packing, extra={"inputs": {"source": examples.source, **s}}, tables=printed_tables)
+    session.open(section)
+    session.log(f"  inputs: {examples.source}")
+    session.log(f"  tokens per example: mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 "
+                f"{s['p90_tokens']}, max {s['max_tokens']}, {100 * s['truncated_share']:.1f}% truncated to "
+                f"{settings.max_length}")
     configure_dynamo()
-    timer = Timer(device)
-    cells = []
     for n in settings.examples_per_step:
         torch._dynamo.reset()
         for variant in [v for v in VARIANTS if v in settings.variants]:
-            cell = {"examples": n, "variant": variant, "backend": "flex" if variant.endswith("flex") else "dense",
-                    "layout": variant.split("-")[0]}
-            if deadline.passed():
-                cell["status"] = "SKIP: time budget"
-            else:
-                run_cell(cell, lambda: _cell(settings, variant, n, examples, pad_id, vocab_size, device, timer),
-                         device)
-            cells.append(cell)
-            _speedups(cells)
-            log(_progress_line(cell))
-            if on_update:
-                on_update(cells)
-    return cells
+            cell = {"key": f"N={n}/{variant}", "name": f"N={n:>4} {variant:<13}", "examples": n, "variant": variant,
+                    "backend": "flex" if variant.endswith("flex") else "dense", "layout": variant.split("-")[0]}
+            measure = functools.partial(measure_packing, settings, variant, n, examples, tokenizer.pad_token_id,
+                                        len(tokenizer), device, session.timer)
+            session.measure(section, cell, relative_to_padded(section, cell, measure), deadline)
+    speedups(section.cells)
+    section.extra["headline"] = headline(section.cells)
+    session.finish(section)
+    return section
 
 
-def _speedups(cells):
+def relative_to_padded(section: Section, cell: dict, measure):
+    def measured():
+        result = measure()
+        base = next((c for c in section.cells if c["examples"] == cell["examples"] and c["variant"] == "padded-dense"
+                     and ok(c)), None)
+        if base is not None:
+            result["relative"] = [result["examples_per_s"] / base["examples_per_s"], "padded-dense"]
+        return result
+    return measured
+
+
+def speedups(cells):
     """examples/s over the padded variants' at the same examples_per_step (same examples, so same ratio
     for real tokens/s)."""
     for cell in cells:
         for ref in ("padded-dense", "padded-flex"):
-            base = next((c for c in cells if c["examples"] == cell["examples"] and c["variant"] == ref
-                         and c["status"] == "ok"), None)
-            if cell["status"] == "ok" and base is not None:
+            base = next((c for c in cells if c["examples"] == cell["examples"] and c["variant"] == ref and ok(c)), None)
+            if ok(cell) and base is not None:
                 cell[f"vs_{ref.replace('-', '_')}"] = cell["examples_per_s"] / base["examples_per_s"]
 
 
 def _shapes_text(shapes) -> str:
     return ", ".join(f"{a}x{b}" for a, b in shapes)
-
-
-def _progress_line(cell) -> str:
-    head = f"N={cell['examples']:>4} {cell['variant']:<13}"
-    if cell["status"] != "ok":
-        return f"{head} {cell['status']}"
-    text = (f"{head} {cell['ms']:8.2f} ms/step  {cell['examples_per_s']:9.1f} ex/s  "
-            f"{cell['real_tokens_per_s']:10.0f} real tok/s  padding {100 * cell['padding_share']:4.1f}%  "
-            f"shapes {_shapes_text(cell['shapes'])}  first pass {cell['first_pass_s']:.1f} s")
-    if cell.get("vs_padded_dense") is not None:
-        text += f"  {cell['vs_padded_dense']:.2f}x padded-dense"
-    if cell.get("peak_gib") is not None:
-        text += f"  peak {cell['peak_gib']:.2f} GiB"
-    if cell.get("note"):
-        text += f"  [{cell['note']}]"
-    return text
 
 
 # ----------------------------------------------------------------------------------------- reports
@@ -363,18 +347,18 @@ def table(cells):
     order = {v: i for i, v in enumerate(REPORT_ORDER)}
     rows = []
     for c in sorted(cells, key=lambda c: (c["examples"], order[c["variant"]])):
-        ok = c["status"] == "ok"
+        good = ok(c)
         rows.append([
             c["examples"], c["variant"],
-            _shapes_text(c["shapes"]) if ok else "",
-            f"{100 * c['padding_share']:.1f}" if ok else "",
-            f"{c['ms']:.2f} [{c['p20_ms']:.2f}, {c['p80_ms']:.2f}]" if ok else c["status"],
-            _fmt(c.get("examples_per_s"), ",.1f") if ok else "",
-            _fmt(c.get("real_tokens_per_s"), ",.0f") if ok else "",
-            (_fmt(c.get("vs_padded_dense"), ".2f") + "x") if c.get("vs_padded_dense") is not None else "",
-            (_fmt(c.get("vs_padded_flex"), ".2f") + "x") if c.get("vs_padded_flex") is not None else "",
-            _fmt(c.get("peak_gib"), ".2f", "n/a") if ok else "",
-            _fmt(c.get("first_pass_s"), ".1f") if ok else "",
+            _shapes_text(c["shapes"]) if good else "",
+            f"{100 * c['padding_share']:.1f}" if good else "",
+            time_text(c, ".2f"),
+            fmt(c.get("examples_per_s"), ",.1f") if good else "",
+            fmt(c.get("real_tokens_per_s"), ",.0f") if good else "",
+            (fmt(c.get("vs_padded_dense"), ".2f") + "x") if c.get("vs_padded_dense") is not None else "",
+            (fmt(c.get("vs_padded_flex"), ".2f") + "x") if c.get("vs_padded_flex") is not None else "",
+            fmt(c.get("peak_gib"), ".2f", "n/a") if good else "",
+            fmt(c.get("first_pass_s"), ".1f") if good else "",
         ])
     headers = ["examples/step", "variant", "shapes (rows x width)", "padding %", "step ms median [p20, p80]",
                "examples/s", "real tokens/s", "x padded-dense", "x padded-flex", "peak GiB", "first pass s"]
@@ -385,18 +369,16 @@ def headline(cells) -> list:
     """One line per examples_per_step: packed-flex against the padded variants."""
     lines = []
     for n in sorted({c["examples"] for c in cells}):
-        packed = next((c for c in cells if c["examples"] == n and c["variant"] == "packed-flex" and c["status"] == "ok"),
-                      None)
+        packed = next((c for c in cells if c["examples"] == n and c["variant"] == "packed-flex" and ok(c)), None)
         if packed is None:
             continue
         parts = [f"{packed[key]:.2f}x {ref}" for key, ref in (("vs_padded_dense", "padded-dense"),
                                                              ("vs_padded_flex", "padded-flex")) if key in packed]
         if parts:
+            padded = ", ".join(f"{100 * c['padding_share']:.0f}% {c['variant']}" for c in cells
+                               if c["examples"] == n and c["layout"] == "padded" and ok(c))
             lines.append(f"{n} examples/step: packed-flex is " + ", ".join(parts)
-                         + f" (padding {100 * packed['padding_share']:.0f}% vs "
-                         + ", ".join(f"{100 * c['padding_share']:.0f}% {c['variant']}" for c in cells
-                                     if c["examples"] == n and c["layout"] == "padded" and c["status"] == "ok")
-                         + ")")
+                         + f" (padding {100 * packed['padding_share']:.0f}% vs {padded})")
     return lines
 
 
@@ -418,40 +400,29 @@ METHOD = """\
   block mask where a whole 128-tile is masked."""
 
 
-def render_markdown(env, settings: PackingSettings, examples: Examples, cells, plots=()) -> str:
-    from tabulate import tabulate
-
-    out = [f"# benchmark-mpnet packing: {env['date']}", "", "| | |", "|---|---|"]
-    for key in ("device", "torch", "cuda", "triton", "transformers", "python", "command"):
-        out.append(f"| {key} | `{env.get(key)}` |")
-    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
-    s = examples.stats
-    out += ["", f"## Packed vs padded fine-tuning steps, {mode}, {settings.dtype}", "",
-            f"Inputs: {examples.source}. Tokens per example (with <s> and </s>, truncated to "
-            f"{settings.max_length}): mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, "
-            f"p90 {s['p90_tokens']}, max {s['max_tokens']}; {100 * s['truncated_share']:.1f}% truncated "
-            f"({s['examples_drawn']} examples drawn).", "", "Settings:", ""]
-    out += [f"- `{k}`: {v}" for k, v in dataclasses.asdict(settings).items()]
-    out += ["", "Method:", "", METHOD.format(
-        model=f"mpnet-{settings.model}", labels=settings.num_labels, dropout=settings.attention_dropout,
-        step=(f"forward in {settings.dtype} autocast, cross-entropy over the step's examples, backward, "
-              "zero_grad (no optimizer update: it costs the same in every variant)." if settings.backward else
-              f"forward only (no_grad), {settings.dtype}" + (" autocast." if settings.dtype != "fp32" else ".")),
-        flex="compiled" if settings.device.startswith("cuda") else "eager (CPU: not compiled)",
-        batches=settings.batches,
-        repeats=settings.repeats, warmup=settings.warmup,
-        timer="CUDA events, L2 flushed before each" if settings.device.startswith("cuda") else "wall clock",
-        pad=settings.pad_multiple, max_length=settings.max_length, row=settings.row, rows=settings.rows_multiple), ""]
-    rows, headers = table(cells)
-    out += ["### Results", "", tabulate(rows, headers, tablefmt="github", disable_numparse=True), ""]
-    out += [f"- {line}" for line in headline(cells)]
-    out += [""] + _failure_notes(cells, lambda c: f"N={c['examples']} {c['variant']}")
-    for name in plots:
-        out += [f"![{name}]({name})", ""]
-    return "\n".join(out) + "\n"
+def render(section: Section) -> list:
+    settings, s = section.settings, section.extra["inputs"]
+    cuda = on_cuda(settings)
+    step = (f"forward in {settings.dtype} autocast, cross-entropy over the step's examples, backward, zero_grad (no "
+            "optimizer update: it costs the same in every variant)." if settings.backward else
+            f"forward only (no_grad), {settings.dtype}.")
+    out = [f"Inputs: {s['source']}. Tokens per example (with <s> and </s>, truncated to {settings.max_length}): "
+           f"mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 {s['p90_tokens']}, max {s['max_tokens']}; "
+           f"{100 * s['truncated_share']:.1f}% truncated ({s['examples_drawn']} examples drawn).", "", "Method:", "",
+           METHOD.format(model=f"mpnet-{settings.model}", labels=settings.num_labels, dropout=settings.attention_dropout,
+                         step=step, flex="compiled" if cuda else "eager (CPU: not compiled)", batches=settings.batches,
+                         repeats=settings.repeats, warmup=settings.warmup,
+                         timer=timer_text(settings),
+                         pad=settings.pad_multiple, max_length=settings.max_length, row=settings.row,
+                         rows=settings.rows_multiple), ""]
+    return out + printed_tables(section) + [""]
 
 
-def plot_packing(cells, settings: PackingSettings, out_dir: Path) -> list:
+def printed_tables(section: Section) -> list:
+    return ["### Results", "", github_table(*table(section.cells)), ""] + [f"- {line}" for line in headline(section.cells)]
+
+
+def plot_packing(section: Section, out_dir: Path) -> list:
     """packing.png: examples/s per variant (bars grouped by examples per step, labelled with the
     speed-up over padded-dense) beside the padding share."""
     import matplotlib
@@ -459,31 +430,14 @@ def plot_packing(cells, settings: PackingSettings, out_dir: Path) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings, cells = section.settings, section.cells
     sizes = sorted({c["examples"] for c in cells})
     variants = [v for v in REPORT_ORDER if any(c["variant"] == v for c in cells)]
     if not sizes or not variants:
         return []
     fig, (ax, ax_pad) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / len(variants)
     for k, variant in enumerate(variants):
-        xs, ys, pads, notes = [], [], [], []
-        for i, n in enumerate(sizes):
-            cell = next((c for c in cells if c["examples"] == n and c["variant"] == variant), None)
-            x = i + (k - (len(variants) - 1) / 2) * width
-            if cell is None:
-                continue
-            if cell["status"] == "ok":
-                xs.append(x)
-                ys.append(cell["examples_per_s"])
-                pads.append(100 * cell["padding_share"])
-                notes.append(f"{cell['vs_padded_dense']:.2f}x" if cell.get("vs_padded_dense") is not None else "")
-            else:
-                ax.annotate(cell["status"].split(":")[0], (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
-        bars = ax.bar(xs, ys, width, label=variant, color=f"C{k}")
-        for bar, note in zip(bars, notes):
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax_pad.bar(xs, pads, width, label=variant, color=f"C{k}")
+        plot_variant(ax, ax_pad, cells, sizes, variants, k, variant)
     for axis in (ax, ax_pad):
         axis.set_xticks(range(len(sizes)))
         axis.set_xticklabels([f"{n} examples/step" for n in sizes])
@@ -503,68 +457,23 @@ def plot_packing(cells, settings: PackingSettings, out_dir: Path) -> list:
     return ["packing.png"]
 
 
-class PackingReport:
-    """DIR/packing.md, packing.json and packing.png, rewritten after every cell."""
-
-    def __init__(self, out_dir, env, settings: PackingSettings, examples: Examples):
-        self.dir = Path(out_dir) if out_dir else None
-        self.env, self.settings, self.examples = env, settings, examples
-        self.cells, self.plots = [], []
-        if self.dir is not None:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot create --output-dir {self.dir}: {err.strerror}") from None
-
-    def write(self, cells=None, plot=True):
-        if cells is not None:
-            self.cells = cells
-        if self.dir is None:
-            return
-        if plot:
-            self.plots = plot_packing(self.cells, self.settings, self.dir)
-        data = {"environment": self.env, "settings": dataclasses.asdict(self.settings),
-                "inputs": {"source": self.examples.source, **self.examples.stats}, "cells": self.cells,
-                "headline": headline(self.cells)}
-        for name, text in (("packing.json", json.dumps(data, indent=2, default=str)),
-                           ("packing.md", render_markdown(self.env, self.settings, self.examples, self.cells,
-                                                          self.plots))):
-            tmp = self.dir / f"{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.dir / name)
-
-
-def benchmark_packing(settings: PackingSettings, out_dir=None, time_budget: float | None = None,
-                      log=print) -> PackingReport:
-    """Read and tokenize the inputs, run every cell, print the table, write the report."""
-    from tabulate import tabulate
-
-    from .data.tokenizer import load_tokenizer
-
-    settings.validate()
-    resolve_device(settings.device)
-    tokenizer = load_tokenizer("default")
-    sentences, source = load_sentences(settings.data)
-    examples = draw_examples(settings, tokenizer, sentences, source)
-    env = environment()
-    report = PackingReport(out_dir, env, settings, examples)
-    print_header(env, [settings], log)
-    s = examples.stats
-    log(f"  inputs: {examples.source}")
-    log(f"  tokens per example: mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 {s['p90_tokens']}, "
-        f"max {s['max_tokens']}, {100 * s['truncated_share']:.1f}% truncated to {settings.max_length}")
-    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward)"
-    log(f"\n== packed vs padded fine-tuning steps, mpnet-{settings.model}, {mode} ==")
-    cells = run_packing(settings, examples, tokenizer.pad_token_id, len(tokenizer),
-                        lambda c: report.write(c, plot=False), Deadline(time_budget), log)
-    report.write(cells, plot=True)
-    rows, headers = table(cells)
-    log("\n" + tabulate(rows, headers, tablefmt="github", disable_numparse=True))
-    for line in headline(cells):
-        log(line)
-    if not settings.backward:
-        log("\nNOTE: forward only (CPU); the GPU run times forward + backward.")
-    if report.dir is not None:
-        log(f"\nwrote {report.dir / 'packing.md'}, {report.dir / 'packing.json'}"
-            + "".join(f", {report.dir / p}" for p in report.plots))
-    return report
+def plot_variant(ax, ax_pad, cells, sizes, variants, k, variant):
+    width = 0.8 / len(variants)
+    xs, ys, pads, notes = [], [], [], []
+    for i, n in enumerate(sizes):
+        cell = next((c for c in cells if c["examples"] == n and c["variant"] == variant), None)
+        x = i + (k - (len(variants) - 1) / 2) * width
+        if cell is None:
+            continue
+        if ok(cell):
+            xs.append(x)
+            ys.append(cell["examples_per_s"])
+            pads.append(100 * cell["padding_share"])
+            notes.append(f"{cell['vs_padded_dense']:.2f}x" if cell.get("vs_padded_dense") is not None else "")
+        else:
+            ax.annotate(short_status(cell), (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+    bars = ax.bar(xs, ys, width, label=variant, color=f"C{k}")
+    for bar, note in zip(bars, notes):
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax_pad.bar(xs, pads, width, label=variant, color=f"C{k}")

@@ -1,0 +1,644 @@
+"""Attention benchmarks: one layer's attention, forward + backward, per backend and sequence length.
+
+Two sections, one code path (`AttentionSettings.streams`):
+
+- `attention` (streams "two"): the two-stream call PAIR of one pretraining layer. For each length L,
+  B = tokens_per_batch // L sequences, n = L tokens, m = round(0.15 L) predicted; the content stream
+  has n + m query rows, the query stream m rows, both attend to the n + m content keys and values.
+  Positions are a random permutation per sequence, as the collator draws them.
+- `single` (streams "one"): single-stream attention over n = L rows in natural order (m = 0), the
+  encoder path of fine-tuning and inference.
+
+The relative-position bias comes from a learnable (buckets x heads) table that requires grad and
+receives its gradient in every timed run (checked after warm-up). Backends, called through the real
+modules with precomputed inputs (q/k/v/o Linear layers replaced by identities unless
+`with_projections`):
+
+- `sdpa`: torch SDPA, flash kernel, all rows in one call, no bias, no mask: the ceiling.
+- `sdpa-bias`: what a user without FlexAttention would run: SDPA's memory-efficient kernel with the
+  (B, H, rows, keys) bias + mask materialised in the compute dtype (the mask as -inf). A model builds
+  it once per forward and shares it across its layers, so the cell reports
+  per-layer time + (build + gradient reduction into the table) / layers.
+- `dense`: `RelativeMultiHeadAttention` with its state (mask and fp32 bias) built inside the timed
+  region, as the original implementation did per forward: the cost of the first layer.
+- `dense-once`: the same module, the state built before timing: the bias is a leaf taking its
+  gradient, the cost of each further layer.
+- `flex`, `flex-window` (one cell per window W, |pos_q - pos_k| <= W on original positions):
+  `FlexTwoStreamAttention` with the project's mask_mods and score_mods; the BlockMasks are built
+  outside the timed region and their build timed apart.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..modeling.attention import (
+    DenseAttentionState,
+    FlexTwoStreamAttention,
+    RelativeMultiHeadAttention,
+    make_dense_attention_state,
+    make_flex_attention_mask,
+    make_flex_attention_state,
+)
+from ..modeling.block_masks import tile_counts
+from ..modeling.config import MPNetConfig
+from ..modeling.masks import natural_order, relative_bias_by_distance
+from ..training.toolkit import autocast
+from .harness import (
+    CELL_HEADERS,
+    DTYPES,
+    Section,
+    cell_columns,
+    check_counts,
+    check_dtype,
+    check_gradient,
+    check_kernel_options,
+    check_lengths,
+    compiled_graphs,
+    configure_dynamo,
+    flex_kernel_options,
+    free_memory,
+    github_table,
+    ok,
+    on_cuda,
+    phase,
+    quantile,
+    ratio_text,
+    short_status,
+    time_runs,
+    timer_text,
+)
+
+ATTENTION_BACKENDS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window")
+LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",
+          "dense-once": "dense (state once)", "flex": "flex"}
+# The cheap and the compiled cells first; the dense ones are the likeliest to run out of memory.
+RUN_ORDER = {"sdpa": 0, "sdpa-bias": 1, "dense-once": 3, "dense": 4}
+SINGLE_STREAM_LENGTHS = [128, 512]
+STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
+
+
+@dataclass
+class AttentionSettings:
+    streams: str = "two"  # "two": the pretraining pair; "one": single stream (fine-tuning, inference)
+    lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    tokens_per_batch: int = 16384
+    heads: int = 12
+    head_dim: int = 64
+    windows: list = field(default_factory=lambda: [256, 1024])
+    backends: list = field(default_factory=lambda: list(ATTENTION_BACKENDS))
+    dtype: str = "bf16"
+    device: str | None = None  # cpu, cuda, cuda:N; None: the GPU if there is one
+    backward: bool = True  # forward + backward (GPU); forward only on CPU
+    warmup: int = 3
+    repeats: int = 20
+    max_seconds: float = 3.0  # stop repeating a cell after this much timing (at least 3 runs)
+    with_projections: bool = False  # time the q/k/v/o Linear layers too
+    attention_dropout: float = 0.1  # the dense module's attention dropout, as in mpnet-base training
+    layers: int = 12  # sdpa-bias: its per-forward build and gradient reduction are shared by this many layers
+    pred_ratio: float = 0.15
+    num_buckets: int = 32
+    max_distance: int = 128
+    seed: int = 0
+    flex_kernel_options: dict | None = None  # override of the project's flex kernel options (experiments)
+
+    def validate(self, device: torch.device):
+        check_kernel_options(self.flex_kernel_options)
+        check_dtype(self.dtype, device)
+        if self.streams not in STREAMS:
+            raise UserError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
+        check_lengths(self.lengths, self.tokens_per_batch)
+        if any(w <= 0 for w in self.windows):
+            raise UserError(f"--windows must be positive integers, got {self.windows}")
+        unknown = [b for b in self.backends if b not in ATTENTION_BACKENDS]
+        if unknown or not self.backends:
+            raise UserError(f"unknown attention backend(s) {unknown or '(none)'}; pick from {', '.join(ATTENTION_BACKENDS)}")
+        if "flex-window" in self.backends and not self.windows:
+            raise UserError("backend flex-window needs --windows (e.g. 256,1024)")
+        check_counts(self, "heads", "head_dim", "layers")
+
+
+def attention_variants(settings: AttentionSettings) -> list:
+    """(key, label, window) in report order; flex-window expands to one variant per window."""
+    out = []
+    for backend in ATTENTION_BACKENDS:
+        if backend not in settings.backends:
+            continue
+        if backend == "flex-window":
+            out += [(f"flex-w{w}", f"flex w={w}", w) for w in settings.windows]
+        else:
+            out.append((backend, LABELS[backend], None))
+    return out
+
+
+def pred_size(length: int, ratio: float = 0.15) -> int:
+    return max(1, int(round(ratio * length)))
+
+
+def attention_flops(batch, heads, head_dim, rows, kv_len, backward: bool) -> float:
+    """4 * B * H * Lq * Lk * D forward (QK^T and PV, 2 FLOPs per multiply-add); x3.5 for forward +
+    backward (backward = 2.5 x forward, the FlashAttention convention)."""
+    return 4.0 * batch * heads * rows * kv_len * head_dim * (3.5 if backward else 1.0)
+
+
+def projection_flops(batch, hidden, rows, kv_len, backward: bool) -> float:
+    """q, o on every row, k, v on the content rows; x3 for forward + backward."""
+    return 2.0 * batch * hidden * hidden * (2 * rows + 2 * kv_len) * (3.0 if backward else 1.0)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class Problem:
+    length: int
+    batch: int
+    n: int
+    m: int
+    positions: torch.Tensor  # (B, n + 2m) original positions
+    hidden: torch.Tensor  # (B, n + 2m, heads x head_dim): q = hidden, k = v = its content rows
+    grad_out: torch.Tensor
+    table: torch.Tensor  # (buckets, heads) relative-bias table, requires grad
+
+    @property
+    def rows(self) -> int:
+        return self.n + 2 * self.m
+
+    @property
+    def kv_len(self) -> int:
+        return self.n + self.m
+
+
+def two_stream_positions(batch, n, m, generator) -> torch.Tensor:
+    """What the collator produces: a random permutation per row, the last m predicted, then the m
+    appended <mask> entries of each stream at the predicted tokens' original positions."""
+    perm = torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
+    return torch.cat([perm, perm[:, n - m:], perm[:, n - m:]], dim=1)
+
+
+def make_problem(settings: AttentionSettings, length: int, device) -> Problem:
+    gen = torch.Generator().manual_seed(settings.seed + length)
+    batch = settings.tokens_per_batch // length
+    n = length
+    m = pred_size(length, settings.pred_ratio) if settings.streams == "two" else 0
+    size = settings.heads * settings.head_dim
+    # Under bf16 autocast q/k/v leave the projections in bf16; the residual stream entering them is fp32.
+    dtype = torch.float32 if settings.with_projections else DTYPES[settings.dtype]
+    hidden = torch.randn(batch, n + 2 * m, size, generator=gen).to(device, dtype).requires_grad_(settings.backward)
+    grad_out = torch.randn(batch, n + 2 * m, size, generator=gen).to(device, dtype)
+    table = (torch.randn(settings.num_buckets, settings.heads, generator=gen) * 0.02).to(device).requires_grad_(True)
+    if m:
+        positions = two_stream_positions(batch, n, m, gen)
+    else:
+        positions = torch.arange(n).expand(batch, n).contiguous()
+    return Problem(length, batch, n, m, positions.to(device), hidden, grad_out, table)
+
+
+def module_config(settings: AttentionSettings) -> MPNetConfig:
+    hidden = settings.heads * settings.head_dim
+    return MPNetConfig(hidden_size=hidden, num_attention_heads=settings.heads, num_hidden_layers=1,
+                       intermediate_size=4 * hidden, attention_probs_dropout_prob=settings.attention_dropout,
+                       relative_attention_num_buckets=settings.num_buckets,
+                       relative_attention_max_distance=settings.max_distance)
+
+
+def attention_module(cls, settings: AttentionSettings, device) -> nn.Module:
+    """The backend's module, in training mode (the dense one applies its attention dropout); without
+    `with_projections` q/k/v/o become identities, so q = hidden and k = v = its content rows."""
+    module = cls(module_config(settings)).to(device).train()
+    return module if settings.with_projections else identity_projections(module)
+
+
+def identity_projections(module: nn.Module) -> nn.Module:
+    """The attention core only: q/k/v/o become identities, so q = hidden and k = v = its content rows."""
+    for name in ("q", "k", "v", "o"):
+        setattr(module, name, nn.Identity())
+    return module
+
+
+class SDPAAttention(nn.Module):
+    """All rows in ONE `scaled_dot_product_attention` call (n + 2m query rows against the n + m
+    content keys), with the modules' head split and merge; `attn_mask` (B, H, rows, keys) or None."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.heads, self.head_dim = config.num_attention_heads, hidden // config.num_attention_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, hidden, kv_len, kernels, attn_mask=None):
+        from torch.nn.attention import sdpa_kernel
+
+        b, length, _ = hidden.shape
+        split = lambda x: x.view(b, x.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        content = hidden[:, :kv_len]
+        q, k, v = split(self.q(hidden)), split(self.k(content)), split(self.v(content))
+        with sdpa_kernel(kernels):
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o(context.transpose(1, 2).reshape(b, length, -1))
+
+
+# ------------------------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Core:
+    """One cell's computation: `forward()` returns the attention output; `leaves` get their gradient
+    cleared before each run; `after_backward` finishes the chain rule where the cell's bias leaf is
+    not the table; `check` runs after warm-up; `facts` were measured while building; `extra()` times
+    what the cell adds to the layer (sdpa-bias: the build and its gradient reduction)."""
+
+    forward: Callable[[], torch.Tensor]
+    leaves: list
+    facts: dict = field(default_factory=dict)
+    after_backward: Callable | None = None
+    check: Callable | None = None
+    extra: Callable[[], dict] | None = None
+
+
+def sdpa_kernels(device, dtype):
+    from torch.nn.attention import SDPBackend
+
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return [SDPBackend.FLASH_ATTENTION]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def build_sdpa(settings, p: Problem, device, timer) -> Core:
+    module = attention_module(SDPAAttention, settings, device)
+    kernels = sdpa_kernels(device, DTYPES[settings.dtype])
+    return Core(lambda: module(p.hidden, p.kv_len, kernels), [p.hidden, *module.parameters()])
+
+
+def distance_bias_of(settings, table):
+    return relative_bias_by_distance(table, settings.max_distance, settings.num_buckets)
+
+
+def build_dense(settings, p: Problem, device, timer) -> Core:
+    module = attention_module(RelativeMultiHeadAttention, settings, device)
+
+    def forward():  # what the original did per forward: bias from the table, mask and bias materialised
+        state = make_dense_attention_state(p.positions, p.n, p.m, distance_bias_of(settings, p.table), settings.max_distance)
+        return module(p.hidden, state)
+
+    return Core(forward, [p.hidden, p.table, *module.parameters()], check=lambda: check_gradient(p.table))
+
+
+def build_dense_once(settings, p: Problem, device, timer) -> Core:
+    module = attention_module(RelativeMultiHeadAttention, settings, device)
+    with torch.no_grad():
+        built = make_dense_attention_state(p.positions, p.n, p.m, distance_bias_of(settings, p.table),
+                                           settings.max_distance)
+    # The model shares one state across its layers: per further layer it pays the attention and the
+    # accumulation of the (B, H, rows, keys) bias gradient, not the build or the reduction into the
+    # table. So the bias is a leaf whose .grad is never cleared: every run adds into it, as each layer does.
+    state = DenseAttentionState(built.allowed, built.bias.detach().requires_grad_(settings.backward), built.kv_len)
+    return Core(lambda: module(p.hidden, state), [p.hidden, *module.parameters()],
+                check=lambda: check_gradient(state.bias, "the materialised bias"))
+
+
+def materialised_bias(settings, p: Problem) -> torch.Tensor:
+    """The (B, H, rows, keys) attn_mask a user of SDPA builds once per forward: the dense backend's rules
+    and bias from the table, the mask folded in as -inf, in the compute dtype; differentiable."""
+    state = make_dense_attention_state(p.positions, p.n, p.m, distance_bias_of(settings, p.table), settings.max_distance)
+    return state.bias.masked_fill(~state.allowed, float("-inf")).to(DTYPES[settings.dtype])
+
+
+def sdpa_bias_kernels(device):
+    """SDPA's memory-efficient kernel (CPU has none: PyTorch picks among flash and math there)."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.EFFICIENT_ATTENTION] if device.type == "cuda" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def build_sdpa_bias(settings, p: Problem, device, timer) -> Core:
+    """SDPA with the bias + mask materialised once per forward; the layer is timed on a prebuilt bias
+    leaf, the build and its gradient reduction apart (`time_bias_build`)."""
+    module = attention_module(SDPAAttention, settings, device)
+    kernels = sdpa_bias_kernels(device)
+    with torch.no_grad():
+        bias = materialised_bias(settings, p)
+    bias.requires_grad_(settings.backward)  # .grad never cleared: it accumulates as over the layers
+    core = Core(lambda: module(p.hidden, p.kv_len, kernels, attn_mask=bias), [p.hidden, *module.parameters()],
+                check=lambda: check_gradient(bias, "the materialised bias"))
+    core.extra = functools.partial(time_bias_build, settings, p, bias.shape, device, timer)
+    return core
+
+
+def time_bias_build(settings, p: Problem, shape, device, timer) -> dict:
+    """The once-per-forward part of sdpa-bias: build from the table and, with backward, reduce an
+    upstream (B, H, rows, keys) gradient into the table."""
+    upstream = torch.randn(shape, device=device, dtype=DTYPES[settings.dtype]) if settings.backward else None
+
+    def run():
+        p.table.grad = None
+        with phase("bias build"), torch.set_grad_enabled(settings.backward):
+            built = materialised_bias(settings, p)
+        if upstream is not None:
+            with phase("bias gradient reduction"):
+                built.backward(upstream)
+
+    check = (lambda: check_gradient(p.table)) if settings.backward else None
+    result = time_runs(timer, run, settings.warmup - 1, settings.repeats, settings.max_seconds, check=check)
+    return {"build_ms": result["ms"], "build_first_s": result["first_call_s"], "build_peak_gib": result["peak_gib"]}
+
+
+def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
+    module = attention_module(FlexTwoStreamAttention, settings, device)
+    with torch.no_grad():
+        distance_bias = distance_bias_of(settings, p.table)
+    distance_bias.requires_grad_(settings.backward)  # a leaf: its gradient is carried on to the table below
+    facts = {}
+    graphs = compiled_graphs()
+    # As the model does: with a window the two-stream rows run in natural order, which makes it block-sparse.
+    layout = natural_order(p.positions, p.n, p.m) if window is not None and p.m else None
+    positions = p.positions if layout is None else p.positions.gather(1, layout)
+    with phase("BlockMask build"):
+        timer.sync()
+        started = time.perf_counter()
+        state = make_flex_attention_state(positions, p.n, p.m, distance_bias, settings.max_distance, window,
+                                          layout=layout)
+        timer.sync()
+        facts["mask_first_s"] = time.perf_counter() - started
+    facts.update(tile_facts(state))
+    mask_times, _ = timer.measure(lambda: make_flex_attention_mask(positions, p.n, p.m, window, layout=layout),
+                                  min(5, settings.repeats), min(2.0, settings.max_seconds))
+    facts["mask_ms"] = quantile(mask_times, 0.5)
+    facts["mask_graphs"] = compiled_graphs() - graphs
+
+    def after_backward():  # the rest of the chain rule, as autograd runs it in the model: bias -> table
+        if distance_bias.grad is not None:
+            distance_bias_of(settings, p.table).backward(distance_bias.grad)
+            distance_bias.grad = None
+
+    return Core(lambda: module(p.hidden, state), [p.hidden, p.table, *module.parameters()], facts,
+                after_backward, check=lambda: check_gradient(p.table))
+
+
+def tile_facts(state) -> dict:
+    """128 x 128 tiles the BlockMasks let the kernel compute, out of all tiles, per stream and together."""
+    facts = {"tiles_content": list(tile_counts(state.content_mask))}
+    computed, total = facts["tiles_content"]
+    if state.query_mask is not None:
+        facts["tiles_query"] = list(tile_counts(state.query_mask))
+        computed, total = computed + facts["tiles_query"][0], total + facts["tiles_query"][1]
+    facts["tiles"], facts["density"] = [computed, total], computed / total
+    return facts
+
+
+BUILDERS = {"sdpa": build_sdpa, "sdpa-bias": build_sdpa_bias, "dense": build_dense, "dense-once": build_dense_once,
+            "flex": build_flex}
+
+
+def make_run(core: Core, p: Problem, settings: AttentionSettings, device):
+    """One timed run: forward (no_grad without backward), backward into every leaf."""
+    amp = functools.partial(autocast, device, settings.dtype == "bf16")
+    if not settings.backward:
+        def forward_only():
+            with phase("forward"), torch.no_grad(), amp():
+                core.forward()
+        return forward_only
+
+    def run():
+        for leaf in core.leaves:
+            leaf.grad = None
+        with phase("forward"), amp():
+            out = core.forward()
+        with phase("backward"):
+            out.backward(p.grad_out)
+            if core.after_backward is not None:
+                core.after_backward()
+    return run
+
+
+def measure_attention(settings: AttentionSettings, p: Problem, key: str, window, device, timer) -> dict:
+    """Build the cell (its state built and timed here, outside the timed region), warm it up (the first
+    run compiles), time it; the FLOP rates. Raises on OOM / failure, labelled with the phase."""
+    builder = functools.partial(build_flex, window=window) if key.startswith("flex") else BUILDERS[key]
+    with phase("build"):
+        core = builder(settings, p, device, timer)
+    result = dict(core.facts)
+    result.update(time_runs(timer, make_run(core, p, settings, device), settings.warmup - 1, settings.repeats,
+                            settings.max_seconds, check=core.check if settings.backward else None))
+    if core.extra is not None:
+        layer = {k: result[k] for k in ("ms", "p20_ms", "p80_ms")}
+        result.update(core.extra())
+        shared = result["build_ms"] / settings.layers  # per-layer time + (build + reduction) / layers
+        result.update({"layer_ms": layer["ms"], **{k: v + shared for k, v in layer.items()}})
+        if result["build_peak_gib"] is not None:
+            result["peak_gib"] = max(result["peak_gib"], result["build_peak_gib"])
+    return result
+
+
+def cell_plan(settings: AttentionSettings, p: Problem, key: str, label: str, window) -> dict:
+    flops = attention_flops(p.batch, settings.heads, settings.head_dim, p.rows, p.kv_len, settings.backward)
+    if settings.with_projections:
+        flops += projection_flops(p.batch, settings.heads * settings.head_dim, p.rows, p.kv_len, settings.backward)
+    cell = {"key": f"L={p.length}/{key}", "name": f"L={p.length:>5} B={p.batch:>3} {label:<22}", "L": p.length,
+            "B": p.batch, "n": p.n, "m": p.m, "q_rows": p.rows, "kv_len": p.kv_len, "backend": key, "label": label,
+            "window": window, "flops": flops}
+    if window is not None and window >= p.n - 1:
+        cell["status"] = "n/a: window covers L"
+    return cell
+
+
+def measure_with_rates(settings, p: Problem, cell: dict, device, timer) -> dict:
+    result = measure_attention(settings, p, cell["backend"], cell["window"], device, timer)
+    seconds = result["ms"] / 1e3
+    result["tflops"] = cell["flops"] / seconds / 1e12
+    if "density" in result:  # the attention FLOPs scaled by the share of tiles computed
+        attn = attention_flops(p.batch, settings.heads, settings.head_dim, p.rows, p.kv_len, settings.backward)
+        result["eff_tflops"] = (cell["flops"] - attn + attn * result["density"]) / seconds / 1e12
+    return result
+
+
+# -------------------------------------------------------------------------------------------- sweep
+
+
+def run_attention(session, settings: AttentionSettings, deadline=None) -> Section:
+    """Every cell of the sweep into its section of the session's report; the report is rewritten after
+    every cell and its plots after every length."""
+    device = session.device
+    settings.validate(device)
+    section = attention_section(settings)
+    session.open(section)
+    configure_dynamo()
+    with flex_kernel_options(settings.flex_kernel_options):
+        for length in settings.lengths:
+            measure_length(session, section, settings, length, deadline)
+            session.report.write(plot=True)
+    session.finish(section)
+    return section
+
+
+def measure_length(session, section: Section, settings: AttentionSettings, length: int, deadline):
+    torch._dynamo.reset()  # a fresh compile cache per length: no recompile limit, no stale graphs
+    p = make_problem(settings, length, session.device)
+    variants = attention_variants(settings)
+    first = len(section.cells)
+    for key, label, window in sorted(variants, key=lambda v: RUN_ORDER.get(v[0], 2)):
+        cell = cell_plan(settings, p, key, label, window)
+        session.measure(section, cell, functools.partial(measure_with_rates, settings, p, cell, session.device,
+                                                         session.timer), deadline)
+    order = {key: i for i, (key, _, _) in enumerate(variants)}
+    section.cells[first:] = sorted(section.cells[first:], key=lambda c: order[c["backend"]])
+    del p
+    free_memory(session.device)
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def main_table(section: Section) -> list:
+    rows = [[c["L"], c["B"], c["m"], f"{c['q_rows']}x{c['kv_len']}", c["label"]] + cell_columns(c)
+            + [f"{c['layer_ms']:.3f} + {c['build_ms']:.2f} / {section.settings.layers}" if "layer_ms" in c else ""]
+            for c in section.cells]
+    headers = ["L", "B", "m", "rows x keys", "backend"] + CELL_HEADERS + ["sdpa-bias: layer ms + build ms / layers"]
+    return [github_table(rows, headers)]
+
+
+def ratio_tables(section: Section) -> list:
+    """Relative throughput (dense = 1.00x) and time relative to SDPA flash, one row per length."""
+    variants = [v for v in attention_variants(section.settings) if v[0] != "sdpa"]
+    by_length = {}
+    for c in section.cells:
+        by_length.setdefault(c["L"], {})[c["backend"]] = c
+    relative, vs_sdpa = [], []
+    for length, row in by_length.items():
+        ms = {k: c["ms"] for k, c in row.items() if ok(c)}
+        ref = "dense" if "dense" in ms else next((k for k, _, _ in variants if k in ms), None)
+        mark = "" if ref == "dense" else "*"
+        relative.append([length] + [(f"{ms[ref] / ms[k]:.2f}x{mark}" if k in ms else short_status(row[k]))
+                                    if k in row else "" for k, _, _ in variants])
+        if "sdpa" in ms:
+            vs_sdpa.append([length] + [(ratio_text(ms[k] / ms["sdpa"]) if k in ms else short_status(row[k]))
+                                       if k in row else "" for k, _, _ in variants])
+    headers = ["L"] + [label for _, label, _ in variants]
+    out = ["### Relative throughput (dense = 1.00x, higher is faster; as in seed 000's table)", "",
+           github_table(relative, headers), "",
+           "`*`: dense did not run at this length; the row is relative to the first backend that did.", ""]
+    if vs_sdpa:
+        out += ["### Time relative to SDPA flash without bias (lower is better)", "", github_table(vs_sdpa, headers), ""]
+    return out
+
+
+def printed_tables(section: Section) -> list:
+    return main_table(section) + [""] + ratio_tables(section)
+
+
+def method_lines(settings: AttentionSettings) -> list:
+    cuda = on_cuda(settings)
+    two = settings.streams == "two"
+    grad = (" and receives its gradient in every timed run (checked after warm-up)" if settings.backward
+            else " (forward only here: no gradients are computed)")
+    if two:
+        what = ("One two-stream attention call PAIR per cell, as in one pretraining layer: B = tokens_per_batch // L "
+                "sequences, n = L, m = round(0.15 L); the content stream has n + m query rows, the query stream m "
+                "rows, both attend to the n + m content keys/values; positions a random permutation per sequence.")
+    else:
+        what = ("Single-stream attention per cell (the encoder of fine-tuning and inference): B = tokens_per_batch // L "
+                "rows of n = L tokens in natural order, m = 0, no padding.")
+    projections = ("The q/k/v/o projections ARE included (fp32 weights under autocast)." if settings.with_projections
+                   else "The q/k/v/o projections are NOT timed (identities): a cell times the head split, the "
+                        "attention and the head merge.")
+    return ["Method:", "",
+            f"- {what} The relative-position bias comes from a learnable ({settings.num_buckets} x heads) table "
+            f"that requires grad{grad}. {projections}",
+            "- SDPA flash: every row in one `scaled_dot_product_attention` call, no bias, no mask: the ceiling.",
+            "- SDPA mem-eff + bias: the user's alternative: SDPA's EFFICIENT_ATTENTION kernel"
+            + ("" if cuda else " (CPU: none there, PyTorch picks flash or math)")
+            + f" with the (B, heads, rows, keys) bias + mask materialised in {settings.dtype} (mask as -inf) "
+            "from the dense backend's own rules. A model builds it once per forward and shares it across its "
+            f"layers, so time = per-layer time + (build + gradient reduction into the table) / {settings.layers} "
+            "layers (`--layers`); the per-layer runs accumulate into the shared bias gradient as the layers do.",
+            "- dense: `RelativeMultiHeadAttention` with `make_dense_attention_state` (mask and fp32 bias) built "
+            f"INSIDE the timed region, as the original did per forward, attention dropout {settings.attention_dropout}: "
+            "the first layer. dense (state once): the state built before timing, the bias a leaf taking its "
+            "gradient: each further layer.",
+            "- flex: `FlexTwoStreamAttention` (the project's mask_mods and score_mods, compiled on CUDA), the "
+            "BlockMasks built once outside the timed region, their build timed apart (warm median, and the first "
+            "build); the bias gradient flows into the captured table copy and on to the table. flex w=W: the "
+            "sliding window |pos_q - pos_k| <= W on original positions, rows in natural order as the model runs "
+            "them (n/a where W >= L - 1). FlexAttention applies no attention dropout, nor do the SDPA cells.",
+            f"- Time: median [p20, p80] of up to {settings.repeats} runs "
+            f"({timer_text(settings)}) after {settings.warmup} warm-up "
+            "runs; \"first call\" = the first run's wall time (compilation included). TFLOP/s: 4 x B x heads x rows x "
+            "keys x head_dim" + (" forward, x3.5 with the backward" if settings.backward else ", forward only")
+            + ", the same for every backend; tiles = 128 x 128 tiles flex computes of all tiles on the padded "
+            "grid (both streams), eff. TFLOP/s = FLOPs x that share / time. peak GiB = max_memory_allocated over "
+            "one run. Dynamo: recompile limits 64, a hit is a FAIL, torch._dynamo.reset() between lengths.", ""]
+
+
+def render(section: Section) -> list:
+    return (method_lines(section.settings)
+            + (["**flex kernel_options overridden by the benchmark** (`--flex-kernel-options`): "
+                f"`{section.settings.flex_kernel_options}`; the project's flex backend passes its own.", ""]
+               if section.settings.flex_kernel_options else [])
+            + ["### Time, throughput, memory", ""] + main_table(section) + [""] + ratio_tables(section))
+
+
+def plot_attention(section: Section, out_dir: Path) -> list:
+    """KEY_time.png and KEY_memory.png: log-log against L, one line per backend, x where one failed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, cells, written = section.settings, section.cells, []
+    for metric, ylabel in (("time", "time per call (ms, median)"), ("memory", "peak memory (GiB)")):
+        value = "ms" if metric == "time" else "peak_gib"
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        drawn = plot_lines(ax, settings, cells, value)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (tokens per batch fixed)")
+        ax.set_ylabel(ylabel)
+        stream = "two-stream attention pair" if settings.streams == "two" else "single-stream attention"
+        mode = "fwd+bwd" if settings.backward else "forward only"
+        ax.set_title(f"{stream}, {mode}, {settings.dtype}, {settings.tokens_per_batch} tokens/batch, "
+                     f"{settings.heads}x{settings.head_dim}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data (CPU: no memory figures)" if metric == "memory" else "no data",
+                    transform=ax.transAxes, ha="center")
+        fig.tight_layout()
+        name = f"{section.key}_{metric}.png"
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def plot_lines(ax, settings, cells, value) -> bool:
+    drawn, failed = False, []
+    for key, label, _ in attention_variants(settings):
+        points = [(c["L"], c[value]) for c in cells if c["backend"] == key and ok(c) and c.get(value) is not None]
+        if points:
+            line, = ax.plot(*zip(*points), marker="o", label=label)
+            drawn = True
+            failed += [(c["L"], short_status(c), line.get_color()) for c in cells
+                       if c["backend"] == key and (c["status"] == "OOM" or c["status"].startswith("FAIL"))]
+    if drawn:  # where a drawn backend ran out of memory or failed, at the top of the plot
+        top = ax.get_ylim()[1]
+        for length, text, color in failed:
+            ax.scatter([length], [top], marker="x", color=color)
+            ax.annotate(text, (length, top), fontsize=7, color=color, ha="center", va="top", xytext=(0, -6),
+                        textcoords="offset points")
+    return drawn
+
+
+def attention_section(settings: AttentionSettings) -> Section:
+    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
+    what = "one two-stream call pair" if settings.streams == "two" else "single stream (fine-tuning, inference)"
+    return Section(STREAMS[settings.streams], f"Attention: {what}, {mode}, {settings.dtype}", settings, render,
+                   plot_attention, tables=printed_tables)

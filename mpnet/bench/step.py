@@ -1,0 +1,477 @@
+"""Training-step benchmarks: one optimizer step of a whole model (forward, loss, backward, AdamW).
+
+- `step`: mpnet-base pretraining (two streams, cross-entropy on the m = round(0.15 n) predicted
+  tokens) with each attention backend, beside a BERT-base MLM step (HF `BertForMaskedLM`, SDPA) of the
+  same batch and length: what a user would pick instead for pretraining.
+- `finetune`: mpnet-base sequence classification at batch 32 x 128: transformers'
+  `MPNetForSequenceClassification` (the same config, random weights; eager attention, it has no SDPA
+  path) beside ours with each backend: what a user would pick instead for fine-tuning.
+
+Both optionally break the step's GPU time down by kernel family (`profile`, torch.profiler).
+Model FLOPs are matmul FLOPs, forward + backward = 3 x forward, counted by
+`mpnet.training.metrics.estimate_flops_per_example` for MPNet (the count training logs its MFU with)
+and by `bert_step_flops` for BERT; tests/bench/test_flops.py checks them against torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..modeling.config import MPNetConfig
+from ..training.metrics import estimate_flops_per_example
+from ..training.toolkit import adamw, autocast
+from .attention import pred_size
+from .harness import (
+    Section,
+    check_counts,
+    check_dtype,
+    check_kernel_options,
+    configure_dynamo,
+    flex_kernel_options,
+    fmt,
+    github_table,
+    ok,
+    phase,
+    tflops_text,
+    time_runs,
+    time_text,
+    timer_text,
+)
+
+STEP_BACKENDS = ("dense", "flex")
+FINETUNE_MODELS = ("transformers", "dense", "flex")
+MODEL_SIZES = ("base", "tiny")
+# AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
+PRETRAINING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+FINETUNING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+
+
+@dataclass
+class StepSettings:
+    seq_len: int = 512
+    batch_size: int = 32
+    backends: list = field(default_factory=lambda: list(STEP_BACKENDS))
+    compile: bool = False
+    peak_tflops: float = 989.0  # H100/H200 SXM dense bf16 (datasheet)
+    dtype: str = "bf16"
+    device: str | None = None
+    model: str = "base"  # "base" (mpnet-base, BERT-base) or "tiny" (smoke runs)
+    bert: bool = True
+    warmup: int = 3
+    repeats: int = 10
+    max_seconds: float = 20.0
+    lr: float = 1e-4
+    seed: int = 0
+    flex_kernel_options: dict | None = None
+    profile: bool = False  # break each step's GPU time down by kernel family (torch.profiler)
+
+    def validate(self, device: torch.device):
+        check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
+
+
+@dataclass
+class FinetuneSettings:
+    seq_len: int = 128
+    batch_size: int = 32
+    models: list = field(default_factory=lambda: list(FINETUNE_MODELS))
+    num_labels: int = 2
+    compile: bool = False
+    peak_tflops: float = 989.0
+    dtype: str = "bf16"
+    device: str | None = None
+    model: str = "base"
+    warmup: int = 3
+    repeats: int = 20
+    max_seconds: float = 10.0
+    lr: float = 2e-5
+    seed: int = 0
+    flex_kernel_options: dict | None = None
+    profile: bool = False
+
+    def validate(self, device: torch.device):
+        check_common(self, device, self.models, FINETUNE_MODELS, "--models")
+        if self.num_labels < 1:
+            raise UserError("--num-labels must be >= 1")
+
+
+def check_common(settings, device, chosen, choices, flag):
+    check_kernel_options(settings.flex_kernel_options)
+    check_dtype(settings.dtype, device)
+    unknown = [b for b in chosen if b not in choices]
+    if unknown or not chosen:
+        raise UserError(f"unknown {flag} {unknown or '(none)'}; pick from {', '.join(choices)}")
+    if settings.batch_size < 1 or settings.seq_len < 8:
+        raise UserError("--batch-size must be >= 1 and --seq-len >= 8")
+    if settings.model not in MODEL_SIZES:
+        raise UserError(f"--model must be one of {', '.join(MODEL_SIZES)}")
+    limit = MPNetConfig.base().max_sequence_length
+    if settings.seq_len > limit:
+        raise UserError(f"--seq-len {settings.seq_len} is longer than mpnet-base's position table allows ({limit})")
+    check_counts(settings, "peak_tflops")
+    if device.type != "cuda" and "flex" in chosen:
+        raise UserError(f"the flex step needs a CUDA GPU (FlexAttention has no backward on CPU); "
+                        f"leave flex out of {flag} on CPU")
+
+
+# -------------------------------------------------------------------------------------------- FLOPs
+
+
+def bert_step_flops(config, batch, length) -> float:
+    """HF BertForMaskedLM, same convention: per layer q/k/v/o and the FFN on all L rows and 4 L^2 h of
+    attention; the MLM head (transform + decoder) runs on ALL rows."""
+    h, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    layer = 2 * length * (4 * h * h + 2 * h * f) + 4 * length * length * h
+    head = 2 * length * (h * h + h * v)
+    return 3.0 * batch * (layers * layer + head)
+
+
+def finetune_flops_per_example(config, length) -> float:
+    """Single-stream encoding of `length` tokens plus the classification head (dense + out_proj) on
+    the <s> row; the same for transformers' MPNet and ours."""
+    h = config.hidden_size
+    return estimate_flops_per_example(config, length, 0) + 3.0 * 2 * (h * h + h * config.num_labels)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def mpnet_config(settings, **overrides) -> MPNetConfig:
+    return (MPNetConfig.base if settings.model == "base" else MPNetConfig.tiny)(**overrides)
+
+
+def pretraining_step(settings: StepSettings, backend: str, device):
+    """(model, loss_fn, flops, what): mpnet two-stream pretraining on random tokens, one random
+    permutation per sequence, no padding, the m predicted tokens corrupted to <mask>."""
+    from ..modeling.model import MPNetForPretraining
+
+    config = mpnet_config(settings, use_flex_attention=backend == "flex")
+    gen = torch.Generator().manual_seed(settings.seed)
+    batch, n = settings.batch_size, settings.seq_len
+    m = pred_size(n)
+    model = MPNetForPretraining(config).to(device).train()
+    ids = torch.randint(3, config.mask_token_id, (batch, n), generator=gen)  # no <s>, <pad>, </s>, <mask>
+    targets = ids[:, n - m:].clone()
+    ids[:, n - m:] = config.mask_token_id
+    positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
+    ids, targets, positions = ids.to(device), targets.to(device), positions.to(device)
+    forward = torch.compile(model) if settings.compile else model
+
+    def loss_fn():
+        logits = forward(ids, positions, m)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    what = "FlexTwoStreamAttention" if backend == "flex" else "RelativeMultiHeadAttention (dense)"
+    return model, loss_fn, batch * estimate_flops_per_example(config, n, m), what
+
+
+def bert_step(settings: StepSettings, device):
+    """HF BertForMaskedLM with SDPA, 15% of the tokens predicted, loss from the model (its MLM head runs
+    on every row: what a user of that class pays), no attention_mask (no padding: SDPA runs unmasked)."""
+    import transformers
+
+    sizes = {} if settings.model == "base" else dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=512)
+    config = transformers.BertConfig(**sizes)
+    model = transformers.BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device).train()
+    gen = torch.Generator().manual_seed(settings.seed)
+    batch, n = settings.batch_size, settings.seq_len
+    m = pred_size(n)
+    ids = torch.randint(1000, config.vocab_size, (batch, n), generator=gen)
+    labels = torch.full_like(ids, -100)
+    chosen = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(batch)])
+    labels.scatter_(1, chosen, ids.gather(1, chosen))
+    ids.scatter_(1, chosen, 103)  # [MASK]
+    ids, labels = ids.to(device), labels.to(device)
+    forward = torch.compile(model) if settings.compile else model
+    what = f"HF BertForMaskedLM, attn_implementation={model.config._attn_implementation}"
+    return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
+
+
+def finetune_step(settings: FinetuneSettings, which: str, device):
+    """(model, loss_fn, flops, what): sequence classification on random tokens, no padding, random labels."""
+    import transformers
+
+    from ..modeling.model import MPNetForSequenceClassification
+
+    config = mpnet_config(settings, num_labels=settings.num_labels, use_flex_attention=which == "flex")
+    gen = torch.Generator().manual_seed(settings.seed)
+    batch, n = settings.batch_size, settings.seq_len
+    ids = torch.randint(5, config.mask_token_id, (batch, n), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, settings.num_labels, (batch,), generator=gen).to(device)
+    torch.manual_seed(settings.seed)
+    if which == "transformers":  # our config is a transformers.MPNetConfig: the same model, HF's code
+        model = transformers.MPNetForSequenceClassification(config).to(device).train()
+        forward = torch.compile(model) if settings.compile else model
+        logits = lambda: forward(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+        what = f"transformers MPNetForSequenceClassification ({model.config._attn_implementation} attention)"
+    else:
+        model = MPNetForSequenceClassification(config).to(device).train()
+        forward = torch.compile(model) if settings.compile else model
+        logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
+        what = "ours, " + ("FlexTwoStreamAttention" if which == "flex" else "RelativeMultiHeadAttention (dense)")
+    loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731
+    return model, loss_fn, batch * finetune_flops_per_example(config, n), what
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def time_training_step(settings, model, loss_fn, optimizer_args: dict, device, timer) -> dict:
+    """Time one optimizer step: forward in autocast, loss, backward, AdamW (toolkit: fused on CUDA),
+    zero_grad(set_to_none=True); the first step compiles and allocates the optimizer state."""
+    optimizer = adamw(model, settings.lr, device=device, **optimizer_args)
+    losses = []
+
+    def step():
+        with phase("forward"), autocast(device, settings.dtype == "bf16"):
+            loss = loss_fn()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    result = time_runs(timer, step, settings.warmup - 1, settings.repeats, settings.max_seconds)
+    last = float(losses[-1])
+    if not math.isfinite(last):
+        raise RuntimeError(f"loss is not finite ({last})")
+    result.update(loss=last, optimizer="AdamW (fused)" if device.type == "cuda" else "AdamW",
+                  params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    if settings.profile and device.type == "cuda":
+        try:
+            result["profile"] = kernel_breakdown(step)
+        except Exception as exc:  # noqa: BLE001 - the timing above stands without the breakdown
+            result["profile_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def rates(result: dict, flops: float, tokens: int, examples: int, settings, device) -> dict:
+    seconds = result["ms"] / 1e3
+    result.update(flops=flops, tokens=tokens, tokens_per_s=tokens / seconds, examples_per_s=examples / seconds,
+                  gflop_per_token=flops / tokens / 1e9, tflops=flops / seconds / 1e12)
+    result["mfu"] = result["tflops"] / settings.peak_tflops if device.type == "cuda" else None
+    return result
+
+
+# Kernel families, matched on the CUDA kernel's name (first match wins). The flex kernels are inductor
+# templates ("triton_tem_fused_..."), SDPA's are FlashAttention's; the GEMM families cover cuBLAS/CUTLASS.
+KERNEL_FAMILIES = (
+    ("flex attention (fwd+bwd)", ("flex_attention", "triton_tem_")),
+    ("SDPA flash attention", ("flash", "fmha", "cudnn")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("optimizer (AdamW)", ("adam",)),
+    ("softmax / dropout", ("softmax", "dropout", "bernoulli")),
+    ("reductions / index (incl. bias gather)", ("reduce", "index", "embedding", "gather", "scatter", "sort")),
+)
+OTHER_KERNELS = "other (elementwise, norms, copies)"
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, needles in KERNEL_FAMILIES if any(n in lowered for n in needles)), OTHER_KERNELS)
+
+
+def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
+    """GPU kernel time per step by family and the top kernels, from torch.profiler over `steps` steps:
+    the evidence of where a step's time goes (which is what a missed target must be explained by)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        micros = getattr(event, "self_device_time_total", None)
+        micros = event.self_cuda_time_total if micros is None else micros
+        if micros > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / steps
+    families = {}
+    for name, ms in kernels.items():
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+    return {"gpu_ms_per_step": sum(families.values()),
+            "families": sorted(([f, ms] for f, ms in families.items()), key=lambda item: -item[1]),
+            "top_kernels": sorted(([k[:90], ms] for k, ms in kernels.items()), key=lambda item: -item[1])[:top]}
+
+
+# -------------------------------------------------------------------------------------------- cells
+
+
+def measure_pretraining(settings: StepSettings, which: str, device, timer) -> dict:
+    with phase("build"):
+        model, loss_fn, flops, what = (bert_step(settings, device) if which == "bert"
+                                       else pretraining_step(settings, which, device))
+    result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, device, timer)
+    result["attention"] = what
+    return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
+
+
+def measure_finetune(settings: FinetuneSettings, which: str, device, timer) -> dict:
+    with phase("build"):
+        model, loss_fn, flops, what = finetune_step(settings, which, device)
+    result = time_training_step(settings, model, loss_fn, FINETUNING_ADAMW, device, timer)
+    result["attention"] = what
+    return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
+
+
+def relative_to(section: Section, key: str, metric: str, label: str, measure):
+    """measure() plus `metric` relative to the section's `key` cell when that one ran: step time over
+    BERT's (below 1 = faster than BERT), or examples/s over transformers' (above 1 = faster)."""
+    def measured():
+        result = measure()
+        reference = next((c for c in section.cells if c["key"] == key and ok(c)), None)
+        if reference is not None:
+            result["relative"] = [result[metric] / reference[metric], label]
+        return result
+    return measured
+
+
+def run_step(session, settings: StepSettings, deadline=None) -> Section:
+    """BERT first (the reference of every ratio), then MPNet with each backend."""
+    device = session.device
+    settings.validate(device)
+    section = Section("step", f"Pretraining step ({settings.model} models, {settings.dtype})", settings,
+                      render_step, tables=step_tables)
+    session.open(section)
+    configure_dynamo()
+    plan = (["bert"] if settings.bert else []) + list(settings.backends)
+    with flex_kernel_options(settings.flex_kernel_options):
+        for which in plan:
+            torch._dynamo.reset()
+            model, backend = ("BERT", "sdpa") if which == "bert" else ("MPNet", which)
+            cell = {"key": which if which == "bert" else f"mpnet-{which}", "name": f"{model}-{settings.model:<6} {backend:<6}",
+                    "model": f"{model}-{settings.model}", "backend": backend, "batch": settings.batch_size,
+                    "seq_len": settings.seq_len, "m": pred_size(settings.seq_len), "compile": settings.compile}
+            measure = functools.partial(measure_pretraining, settings, which, device, session.timer)
+            session.measure(section, cell, relative_to(section, "bert", "ms", "BERT step time", measure), deadline)
+    session.finish(section)
+    return section
+
+
+def run_finetune(session, settings: FinetuneSettings, deadline=None) -> Section:
+    """transformers' model first (the reference), then ours with each backend."""
+    device = session.device
+    settings.validate(device)
+    section = Section("finetune", f"Fine-tuning step: sequence classification ({settings.model} models, "
+                      f"{settings.dtype})", settings, render_finetune, tables=finetune_tables)
+    session.open(section)
+    configure_dynamo()
+    with flex_kernel_options(settings.flex_kernel_options):
+        for which in settings.models:
+            torch._dynamo.reset()
+            cell = {"key": which, "name": f"{'transformers' if which == 'transformers' else 'ours ' + which:<14}",
+                    "model": which, "batch": settings.batch_size, "seq_len": settings.seq_len, "compile": settings.compile}
+            measure = functools.partial(measure_finetune, settings, which, device, session.timer)
+            session.measure(section, cell, relative_to(section, "transformers", "examples_per_s", "transformers examples/s", measure), deadline)
+    session.finish(section)
+    return section
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def common_columns(c: dict, settings) -> list:
+    good = ok(c)
+    return [
+        time_text(c, ".1f"),
+        fmt(c.get("examples_per_s"), ",.1f") if good else "",
+        fmt(c.get("tokens_per_s"), ",.0f") if good else "",
+        tflops_text(c.get("tflops")) if good else "",
+        (fmt(100 * c["mfu"], ".1f") if c.get("mfu") is not None else "n/a") if good else "",
+        fmt(c.get("peak_gib"), ".2f", "n/a") if good else "",
+        f"{c['relative'][0]:.2f}x" if good and c.get("relative") else "",
+        fmt(c.get("first_call_s"), ".1f") if good else "",
+    ]
+
+
+def common_headers(settings, relative: str) -> list:
+    return ["step ms median [p20, p80]", "examples/s", "tokens/s", "TFLOP/s", f"MFU % (peak {settings.peak_tflops:g})",
+            "peak GiB", relative, "first step s"]
+
+
+def step_tables(section: Section) -> list:
+    settings = section.settings
+    rows = [[c["model"], c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
+             fmt(c.get("params_m"), ".1f") if ok(c) else "", fmt(c.get("gflop_per_token"), ".2f") if ok(c) else ""]
+            + common_columns(c, settings) for c in section.cells]
+    headers = ["model", "attention", "batch x len", "params M", "GFLOP/token"] + common_headers(settings, "x BERT step time")
+    return [github_table(rows, headers), ""] + profile_lines(section.cells)
+
+
+def finetune_tables(section: Section) -> list:
+    settings = section.settings
+    rows = [[c["model"] + (" +compile" if c["compile"] else ""), c.get("attention", ""), f"{c['batch']}x{c['seq_len']}",
+             fmt(c.get("params_m"), ".1f") if ok(c) else ""] + common_columns(c, settings) for c in section.cells]
+    headers = ["model", "implementation", "batch x len", "params M"] + common_headers(settings, "x transformers examples/s")
+    return [github_table(rows, headers), ""] + profile_lines(section.cells)
+
+
+def profile_lines(cells) -> list:
+    """Markdown: where each model's step time goes on the GPU."""
+    out = []
+    for c in cells:
+        prof = c.get("profile")
+        if not prof:
+            continue
+        total = prof["gpu_ms_per_step"]
+        out += [f"#### {c['name'].strip()}: GPU kernel time per step {total:.1f} ms (step {c['ms']:.1f} ms)", "",
+                "| kernel family | ms / step | share |", "|---|---|---|"]
+        out += [f"| {family} | {ms:.2f} | {100 * ms / total:.1f}% |" for family, ms in prof["families"]]
+        out += ["", "| top kernels | ms / step |", "|---|---|"] + [f"| `{k}` | {ms:.2f} |" for k, ms in prof["top_kernels"]]
+        out.append("")
+    return (["### Where the step time goes (torch.profiler, CUDA kernels, mean of 3 steps)", ""] + out) if out else []
+
+
+def timing_line(settings) -> str:
+    return (f"- One optimizer step per timed run: forward in {settings.dtype}"
+            + (" autocast" if settings.dtype == "bf16" else "") + ", loss, backward, AdamW (toolkit.adamw: "
+            "no decay on 1-d parameters, fused kernel on CUDA), zero_grad; median [p20, p80] of up to "
+            f"{settings.repeats} steps ({timer_text(settings)}) after "
+            f"{settings.warmup} warm-up steps (the first compiles and allocates the optimizer state); peak GiB = "
+            "max_memory_allocated over one step.")
+
+
+def flops_line(settings, rest: str) -> str:
+    return ("- Model FLOPs are matmul FLOPs, forward + backward = 3 x forward (no recompute counted), checked "
+            "against torch's FlopCounterMode: " + rest + f" MFU = achieved TFLOP/s / {settings.peak_tflops:g} "
+            "(--peak-tflops; 989 = H100/H200 SXM dense bf16).")
+
+
+def render_step(section: Section) -> list:
+    s = section.settings
+    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.",
+            f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
+            "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
+            f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
+            "and length, 15% of the tokens predicted, loss from the model (its MLM head runs on every row, which "
+            "is what a user of that class pays), no attention_mask (no padding). It runs first: \"x BERT step time\" = "
+            "step time / BERT's step time (below 1 = faster than BERT).",
+            flops_line(s, "per sequence and layer MPNet does q, o and the FFN on n + 2m rows, k and v on the n + m "
+                          "content rows and 4 (n+2m)(n+m) h of attention, plus its LM head on the m query rows "
+                          "(`estimate_flops_per_example`, the count training reports MFU with); BERT does "
+                          "2 L (4h^2 + 2hf) + 4 L^2 h per layer and its MLM head on all L rows. tokens/s counts "
+                          "the B x L input tokens."), ""] + step_tables(section)
+
+
+def render_finetune(section: Section) -> list:
+    s = section.settings
+    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
+            "fine-tuning defaults).",
+            f"- The same model three ways: transformers' `MPNetForSequenceClassification` built from our config "
+            f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
+            "path), ours with the dense backend and ours with the flex backend (FlexAttention applies no "
+            "attention dropout). Random token ids, no padding (attention_mask all ones), random labels, "
+            "cross-entropy on the logits in fp32. transformers runs first: \"x transformers\" = examples/s over "
+            "its examples/s (above 1 = faster).",
+            flops_line(s, "single-stream encoding of the n tokens (`estimate_flops_per_example` with m = 0) plus "
+                          "the classification head on the <s> row, the same for all three."), ""] + finetune_tables(section)

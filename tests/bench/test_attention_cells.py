@@ -1,0 +1,75 @@
+"""The attention benchmark's cells compute the same attention (mpnet/bench/attention.py), so their
+times compare like for like. Not a timing: CPU, fp32, tiny sizes.
+
+- Every backend's cell (SDPA with the materialised bias + mask, dense with its state built per call or
+  once, flex with and without a window) gives the dense reference's output on the same input, for the
+  two-stream pair and for single-stream attention.
+- The SDPA + materialised bias cell's gradient reaches the bias table and equals the dense one's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpnet.bench.attention import (
+    AttentionSettings,
+    SDPAAttention,
+    attention_module,
+    build_dense,
+    build_dense_once,
+    build_flex,
+    build_sdpa_bias,
+    distance_bias_of,
+    make_problem,
+    materialised_bias,
+    sdpa_bias_kernels,
+)
+from mpnet.bench.harness import Timer
+from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
+from mpnet.modeling.masks import natural_order
+
+CPU = torch.device("cpu")
+
+
+def settings(streams, backward=False):
+    return AttentionSettings(streams=streams, lengths=[40], tokens_per_batch=80, heads=2, head_dim=8, dtype="fp32",
+                             device="cpu", backward=backward, attention_dropout=0.0, max_distance=16, repeats=1,
+                             warmup=1, max_seconds=0.1)
+
+
+@pytest.mark.parametrize("streams", ["two", "one"])
+def test_every_cell_computes_the_dense_attention(streams):
+    s = settings(streams)
+    p = make_problem(s, 40, CPU)
+    with torch.no_grad():
+        expected = build_dense(s, p, CPU, Timer(CPU)).forward()
+        outputs = {"dense (state once)": build_dense_once(s, p, CPU, Timer(CPU)).forward(),
+                   "SDPA + materialised bias": build_sdpa_bias(s, p, CPU, Timer(CPU)).forward(),
+                   "flex": build_flex(s, p, CPU, Timer(CPU)).forward()}
+    assert expected.shape == (p.batch, p.rows, 16) and (p.m > 0) == (streams == "two")
+    for name, out in outputs.items():
+        assert (out - expected).abs().max().item() <= 1e-5, name
+    # A window changes the function: flex w=8 equals the dense backend with the same window.
+    with torch.no_grad():
+        windowed = build_flex(s, p, CPU, Timer(CPU), window=8).forward()
+        layout = natural_order(p.positions, p.n, p.m) if p.m else None
+        positions = p.positions if layout is None else p.positions.gather(1, layout)
+        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, 8,
+                                           layout=layout)
+        reference = attention_module(RelativeMultiHeadAttention, s, CPU)(p.hidden, state)
+    assert (windowed - reference).abs().max().item() <= 1e-5
+    assert (windowed - expected).abs().max().item() > 1e-3  # the window hides something at n = 40
+
+
+def test_sdpa_bias_gradient_reaches_the_table_as_dense_does():
+    """One forward of the user's alternative (build the bias from the table, then SDPA) has the dense
+    backend's gradient in the table: the cell's two timed parts are that computation split in two."""
+    s = settings("two", backward=True)
+    p = make_problem(s, 40, CPU)
+    build_dense(s, p, CPU, Timer(CPU)).forward().backward(p.grad_out)
+    dense = p.table.grad.clone()
+    p.table.grad = None
+    module = attention_module(SDPAAttention, s, CPU)
+    module(p.hidden, p.kv_len, sdpa_bias_kernels(CPU), attn_mask=materialised_bias(s, p)).backward(p.grad_out)
+    assert dense.abs().sum() > 0
+    assert torch.allclose(p.table.grad, dense, atol=1e-6, rtol=1e-4)
