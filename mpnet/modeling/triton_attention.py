@@ -105,6 +105,7 @@ HIDDEN_CODE = 2 * HIDDEN_RANK
 FAR = 1 << 30  # "no position" in tile ranges (larger than any distance); also "no row" in row ranges
 _HIDDEN_CODE = tl.constexpr(HIDDEN_CODE)  # the same numbers, as the kernels may read them
 _FAR = tl.constexpr(FAR)
+_INTERPRETED = tl.constexpr(INTERPRET)
 # Reductions go through tl.reduce with the standard library's own combine functions rather than
 # tl.sum/max/min: those are @jit functions made when triton was imported, and one made without
 # TRITON_INTERPRET cannot run in the interpreter, while tl.reduce with these combiners runs in both.
@@ -386,17 +387,42 @@ def _store_rows(X, value, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM
 
 
 @_kernel
+def _gather_f32(pointers):
+    """Elementwise load of a float32 table entry per pointer (a gather from an L1-resident table).
+
+    Compiled, it is the load instruction itself as inline PTX, so the result stays in the layout of
+    the scores it is added to: a tl.load gather gets a memory-friendly layout of its own, and the
+    conversions back (through shared memory) took registers and time (seen in the compiled IR: three
+    copies of the score tile and two conversions per bucket of the bias gradient)."""
+    if _INTERPRETED:
+        return tl.load(pointers)
+    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [pointers], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@_kernel
+def _gather_i32(pointers):
+    if _INTERPRETED:
+        return tl.load(pointers)
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [pointers], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@_kernel
 def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, bias,
-            window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr):
+            window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+            WITH_BIAS: tl.constexpr):
     """Scaled scores (log2 units) + relative bias, hidden pairs -inf. distance_lo/hi bound p_k - p_q
     over the tile: a tile inside one saturated bucket adds a scalar instead of gathering."""
-    if distance_lo >= SAT_RIGHT:
+    if not WITH_BIAS:  # timing only (Tiles.leave_out)
+        pass
+    elif distance_lo >= SAT_RIGHT:
         s = s + tl.load(bias + 2 * MAX_DISTANCE)
     elif distance_hi <= -SAT_LEFT:
         s = s + tl.load(bias)
     else:
         index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
-        s = s + tl.load(bias + index)
+        s = s + _gather_f32(bias + index)
     visible = ((k_code >> 1) < q_threshold) != ((k_code & 1) == 1)
     if HAS_WINDOW:
         visible = visible & (tl.abs(k_pos - q_pos) <= window)
@@ -422,7 +448,7 @@ def _bias_gradient(db, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_D
         db += tl.where(bucket_ids == tl.load(BUCKET), _total(ds), 0.0)
     else:
         index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
-        bucket = tl.load(BUCKET + index)
+        bucket = _gather_i32(BUCKET + index)
         lo = tl.minimum(tl.maximum(distance_lo, -MAX_DISTANCE), MAX_DISTANCE)
         hi = tl.minimum(tl.maximum(distance_hi, -MAX_DISTANCE), MAX_DISTANCE)
         # Left of the query (d <= 0) the bucket grows with |d|, and so it does right of it (d >= 1).
@@ -444,7 +470,8 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS,
                     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
                     H, LQ, LK, ND, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                     HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                    WITH_BIAS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -465,7 +492,7 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
                     k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                    HAS_WINDOW, HAS_DOCUMENTS)
+                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -500,7 +527,8 @@ def _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q,
                    BUCKET, q_rows, q_pos, q_threshold, q_doc, stride_qb, stride_qh, stride_ql,
                    stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                    BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                   WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
     """One query tile's share of a key tile's dK, dV and bias gradient (scores transposed: keys x rows)."""
     offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
         start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
@@ -512,14 +540,16 @@ def _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q,
     distance_hi = k_max - q_min
     s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     s = _scores(s, qp[None, :], qt[None, :], qd[None, :], kp[:, None], kc[:, None], kd[:, None],
-                distance_lo, distance_hi, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS)
+                distance_lo, distance_hi, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS,
+                WITH_BIAS)
     p = tl.math.exp2(s - lse[None, :])
     dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds = p * (dp - delta[None, :])
     dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-    db = _bias_gradient(db, ds, qp[None, :], kp[:, None], distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
-                        SAT_LEFT, SAT_RIGHT, BUCKETS)
+    if WITH_BIAS_GRADIENT:
+        db = _bias_gradient(db, ds, qp[None, :], kp[:, None], distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
+                            SAT_LEFT, SAT_RIGHT, BUCKETS)
     return dk, dv, db
 
 
@@ -533,7 +563,7 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
                           H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                           BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
     """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -550,23 +580,21 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     db = tl.full([BUCKETS], 0.0, tl.float32)
-    for start_m in range(row_lo // BLOCK_M * BLOCK_M, row_hi, BLOCK_M):
+    # Two runs of query tiles: those holding the real rows that may see these keys, then the padding
+    # rows (visited last; position -1 puts them outside the real rows' ranges), for a tile with a real
+    # key, from the first tile the first run did not visit. One loop over both keeps one copy of the body.
+    first = row_lo // BLOCK_M * BLOCK_M
+    main_tiles = tl.maximum((row_hi - first + BLOCK_M - 1) // BLOCK_M, 0)
+    padding_start = tl.load(q_real + b).to(tl.int32) // BLOCK_M * BLOCK_M
+    padding_start = tl.where(main_tiles > 0, tl.maximum(padding_start, first + main_tiles * BLOCK_M), padding_start)
+    padding_tiles = tl.where(k_max >= 0, tl.maximum((LQ - padding_start + BLOCK_M - 1) // BLOCK_M, 0), 0)
+    for tile in range(0, main_tiles + padding_tiles):
+        start_m = tl.where(tile < main_tiles, first + tile * BLOCK_M, padding_start + (tile - main_tiles) * BLOCK_M)
         dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
                                     delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
                                     stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
                                     window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
-                                    BLOCK_M, HEAD_DIM, PRECISION)
-    # Padding query rows (visited last) have position -1 and lie outside the real rows' ranges: a key
-    # tile with a real key visits them too, from the first tile the loop above did not visit.
-    padding_start = tl.load(q_real + b) // BLOCK_M * BLOCK_M
-    padding_start = tl.where(row_lo < row_hi, tl.maximum(padding_start, (row_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M),
-                             padding_start)
-    for start_m in range(padding_start, tl.where(k_max >= 0, LQ, 0), BLOCK_M):
-        dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
-                                    delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
-                                    stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
-                                    window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
-                                    BLOCK_M, HEAD_DIM, PRECISION)
+                                    BLOCK_M, HEAD_DIM, PRECISION, WITH_BIAS, WITH_BIAS_GRADIENT)
     _store_rows(DK, dk * sm_scale, b, h, stride_dkb, stride_dkh, stride_dkl, krows, col_ok, HEAD_DIM)
     _store_rows(DV, dv, b, h, stride_dvb, stride_dvh, stride_dvl, krows, col_ok, HEAD_DIM)
     slot = bh * tl.num_programs(0) + tl.program_id(0)
@@ -581,7 +609,8 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
                             stride_dqb, stride_dqh, stride_dql,
                             H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                             HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                            WITH_BIAS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -603,7 +632,7 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
                     k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                    HAS_WINDOW, HAS_DOCUMENTS)
+                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -629,15 +658,20 @@ class KernelTiles:
     forward: Tiles
     key_gradients: Tiles  # the dK/dV kernel: block_n keys held, block_m query rows per step
     query_gradients: Tiles
+    # Timing only, to price each part: "bias" (no relative bias in any kernel), "bias_gradient" (the
+    # dK/dV kernel skips the bucket sums). The results are then WRONG; never set it otherwise.
+    leave_out: frozenset = frozenset()
 
 
 def default_tiles(dtype: torch.dtype) -> KernelTiles:
     if INTERPRET:  # numpy: small tiles keep the test shapes' padding small
         tiles = Tiles(32, 32)
         return KernelTiles(tiles, tiles, tiles)
-    if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        return KernelTiles(Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1))
-    return KernelTiles(Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 2), Tiles(128, 32, 4, 2))
+    if dtype == torch.float32:  # IEEE fp32 dots (the parity tests) need many registers: small tiles
+        return KernelTiles(Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1))
+    # bf16/fp16, head size 64, compiled for sm_90: the largest tiles whose kernels need no register
+    # spills (ptxas: 237, 239 and 232 registers per thread, no stack).
+    return KernelTiles(Tiles(128, 64, 8, 2), Tiles(32, 128, 8, 2), Tiles(128, 64, 8, 2))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -665,6 +699,13 @@ def _common(plan, buckets, heads, q, k, scale, bias):
                 HAS_DOCUMENTS=plan.has_documents, HEAD_DIM=q.shape[-1], PRECISION=precision), qk_scale
 
 
+def _left_out(tiles, gradient=False):
+    flags = dict(WITH_BIAS="bias" not in tiles.leave_out)
+    if gradient:
+        flags["WITH_BIAS_GRADIENT"] = "bias_gradient" not in tiles.leave_out and flags["WITH_BIAS"]
+    return flags
+
+
 class _TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, plan, buckets, scale, tiles):
@@ -677,7 +718,8 @@ class _TritonAttentionFunction(torch.autograd.Function):
         _forward_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
             q, k, v, out, lse, bias, *_plan_vectors(plan), plan.q_key_lo, plan.q_key_hi, *_key_vectors(plan),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], qk_scale=qk_scale,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+            **_left_out(tiles))
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.plan, ctx.buckets, ctx.scale, ctx.tiles, ctx.table_dtype = plan, buckets, scale, tiles, table.dtype
         return out
@@ -702,13 +744,14 @@ class _TritonAttentionFunction(torch.autograd.Function):
             *_plan_vectors(plan), plan.q_real, *_key_vectors(plan), plan.k_query_lo, plan.k_query_hi,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BUCKETS=slots, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+            **_left_out(tiles, gradient=True))
         t = tiles.query_gradients
         _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
             q, k, v, grad_out, dq, lse, delta, bias, *_plan_vectors(plan), plan.q_key_lo, plan.q_key_hi,
             *_key_vectors(plan), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
             *dq.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            num_warps=t.num_warps, num_stages=t.num_stages, **common)
+            num_warps=t.num_warps, num_stages=t.num_stages, **common, **_left_out(tiles))
         grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
         return dq, dk, dv, grad_table.to(ctx.table_dtype), None, None, None, None
 

@@ -111,15 +111,26 @@ def single_stream_case(n, lengths, heads, head_dim, seed, device="cpu", dtype=to
     return [x.to(device, dtype) for x in (q, k, v)] + [table.to(device)], positions.to(device)
 
 
-def compare(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7):
+def _cotangent(inputs, seed):
+    """Random, bf16-representable (the same cotangent for a bf16 run and its fp32 truth)."""
+    cotangent = torch.randn(inputs[0].shape, generator=generator(seed)).bfloat16()
+    return cotangent.to(inputs[0].device, inputs[0].dtype)
+
+
+def triton_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7):
     plan = T.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout)
-    out_shape = inputs[0].shape
-    cotangent = torch.randn(out_shape, generator=generator(seed)).to(inputs[0].device, inputs[0].dtype)
-    ours = run(lambda q, k, v, t: T.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
-                                                                tiles=tiles), inputs, cotangent)
-    reference = run(lambda q, k, v, t: dense_attention(q, k, v, t, positions, n, m, window, document_ids, layout),
-                    inputs, cotangent)
-    return ours, reference
+    return run(lambda q, k, v, t: T.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
+                                                                tiles=tiles), inputs, _cotangent(inputs, seed))
+
+
+def dense_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, seed=7):
+    return run(lambda q, k, v, t: dense_attention(q, k, v, t, positions, n, m, window, document_ids, layout),
+               inputs, _cotangent(inputs, seed))
+
+
+def compare(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None):
+    return (triton_run(inputs, positions, n, m, window, document_ids, layout, tiles),
+            dense_run(inputs, positions, n, m, window, document_ids, layout))
 
 
 def assert_close(ours, reference, tolerance, label):
@@ -350,7 +361,7 @@ def test_gpu_fp32_matches_dense(name):
 def test_gpu_bf16_error_is_no_worse_than_dense_bf16(name):
     inputs, positions, n, m, window, document_ids, layout = _gpu_case(name, torch.bfloat16, heads=12)
     with ieee_fp32():  # the truth: dense in fp32 on the same (bf16-representable) inputs
-        _, truth = compare([x.float() for x in inputs], positions, n, m, window, document_ids, layout)
+        truth = dense_run([x.float() for x in inputs], positions, n, m, window, document_ids, layout)
     ours, dense_bf16 = compare(inputs, positions, n, m, window, document_ids, layout)
     lines, failures = [], []
     for name_, a, d, t in zip(NAMES, ours, dense_bf16, truth):

@@ -1,0 +1,251 @@
+"""Time the Triton attention backend against SDPA flash (no bias) and the flex backend, on one CUDA GPU.
+
+    PYTHONPATH=. python scripts/triton_attention_timing.py --out DIR [--lengths 512,2048,8192]
+        [--single-lengths 128,512] [--sweep] [--leave-out] [--window 256] [--flex-lengths 512] [--budget-s 400]
+
+Problems as in the project's benchmark: 16k tokens per batch (B = 16384 // L), 12 heads x 64, bf16,
+random permutations; the two-stream pair is n = L content rows plus m = round(0.15 n) predicted tokens:
+n + 2m query rows over n + m keys, in one call. Timed: forward + backward (dq, dk, dv and the
+learnable (32, heads) bias table's gradient), CUDA events, median of --reps runs after warm-up.
+SDPA flash runs the same q, k, v shapes without bias or mask (the ceiling). --sweep tries a few tile
+settings, --leave-out prices the bias and its gradient (timing only: results then wrong), --flex-lengths
+times the flex backend's two calls (it compiles for about a minute per shape). Writes triton_timing.json
+and triton_timing.md under --out and prints the table; sections past --budget-s are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mpnet.modeling import triton_attention as T  # noqa: E402
+from mpnet.modeling.masks import relative_bias_by_distance  # noqa: E402
+
+HEADS, HEAD_DIM, TOKENS = 12, 64, 16384
+DEVICE = "cuda"
+
+SWEEP = {
+    "default": T.default_tiles(torch.bfloat16),
+    "small": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "dkdv16": T.KernelTiles(T.Tiles(128, 64, 8, 2), T.Tiles(16, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "stages3": T.KernelTiles(T.Tiles(128, 64, 8, 3), T.Tiles(32, 128, 8, 3), T.Tiles(128, 64, 8, 3)),
+}
+
+
+def median_ms(fn, warmup=3, reps=15):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def two_stream_problem(length, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    batch, n = TOKENS // length, length
+    m = round(0.15 * n)
+    perm = torch.stack([torch.randperm(n, device=DEVICE, generator=gen) for _ in range(batch)])
+    positions = torch.cat([perm, perm[:, n - m:], perm[:, n - m:]], 1)
+
+    def rand(rows, grad=True):
+        return torch.randn(batch, HEADS, rows, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16,
+                           generator=gen).requires_grad_(grad)
+    q, k, v = rand(n + 2 * m), rand(n + m), rand(n + m)
+    cotangent = rand(n + 2 * m, grad=False)
+    table = torch.randn(32, HEADS, device=DEVICE, generator=gen).requires_grad_(True)
+    return dict(batch=batch, n=n, m=m, positions=positions, q=q, k=k, v=v, g=cotangent, table=table)
+
+
+def single_problem(length, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    batch = TOKENS // length
+    positions = torch.arange(length, device=DEVICE)[None].repeat(batch, 1)
+
+    def rand(grad=True):
+        return torch.randn(batch, HEADS, length, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16,
+                           generator=gen).requires_grad_(grad)
+    q, k, v, g = rand(), rand(), rand(), rand(False)
+    table = torch.randn(32, HEADS, device=DEVICE, generator=gen).requires_grad_(True)
+    return dict(batch=batch, n=length, m=0, positions=positions, q=q, k=k, v=v, g=g, table=table)
+
+
+def flash_step(p):
+    def step():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(p["q"], p["k"], p["v"])
+        torch.autograd.grad(out, (p["q"], p["k"], p["v"]), p["g"])
+    return step
+
+
+def triton_steps(p, plan, tiles):
+    def forward():
+        with torch.no_grad():
+            T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles)
+
+    def step():
+        out = T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles)
+        torch.autograd.grad(out, (p["q"], p["k"], p["v"], p["table"]), p["g"])
+    return forward, step
+
+
+def flex_step(p, window=None):
+    from mpnet.modeling import attention as A
+
+    try:
+        from mpnet.bench.harness import configure_dynamo
+    except ImportError:
+        configure_dynamo = None
+    if configure_dynamo is not None:
+        configure_dynamo(64)
+    else:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    os.environ.setdefault(A.EAGER_BLOCK_MASK_ENV, "1")
+    distance_bias = relative_bias_by_distance(p["table"], 128, 32)
+    state = A.make_flex_attention_state(p["positions"], p["n"], p["m"], distance_bias, 128, window)
+    kv = p["n"] + p["m"]
+    q, k, v = p["q"], p["k"], p["v"]
+
+    def step():
+        parts = [A.run_flex_attention(q[:, :, :kv], k, v, state.content_score_mod, state.content_mask)]
+        if state.query_mask is not None:
+            parts.append(A.run_flex_attention(q[:, :, kv:], k, v, state.query_score_mod, state.query_mask))
+        torch.autograd.grad(torch.cat(parts, 2), (q, k, v, p["table"]), p["g"], retain_graph=True)
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--single-lengths", default="128,512")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--leave-out", action="store_true")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--flex-lengths", default="")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--budget-s", type=float, default=400)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": T.triton.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+
+    def record(**row):
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (out / "triton_timing.json").write_text(json.dumps(results, indent=1))
+
+    def time_left():
+        return args.budget_s - (time.time() - began)
+
+    def guarded(label, fn):
+        if time_left() <= 0:
+            print(f"skipped (budget): {label}", flush=True)
+            return None
+        try:
+            return fn()
+        except Exception as error:  # a failed cell is reported, the run goes on
+            print(f"FAILED {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            return None
+
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    for length in lengths:
+        p = two_stream_problem(length)
+        t0 = time.time()
+        plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"])
+        torch.cuda.synchronize()
+        plan_ms = median_ms(lambda: T.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)
+        flash = median_ms(flash_step(p), reps=args.reps)
+        configs = dict(SWEEP) if args.sweep and length <= 2048 else {"default": SWEEP["default"]}
+        if args.leave_out and length <= 2048:
+            base = SWEEP["default"]
+            configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
+                                                        frozenset({"bias_gradient"}))
+            configs["no bias"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
+                                               frozenset({"bias"}))
+        for name, tiles in configs.items():
+            def cell(tiles=tiles, name=name):
+                forward, step = triton_steps(p, plan, tiles)
+                compile_start = time.time()
+                step()
+                torch.cuda.synchronize()
+                compile_s = time.time() - compile_start
+                torch.cuda.reset_peak_memory_stats()
+                total = median_ms(step, reps=args.reps)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                fwd = median_ms(forward, reps=args.reps)
+                record(kind="pair", L=length, B=p["batch"], m=p["m"], config=name, triton_ms=round(total, 3),
+                       triton_fwd_ms=round(fwd, 3), flash_ms=round(flash, 3), ratio=round(total / flash, 2),
+                       peak_gib=round(peak, 2), plan_ms=round(plan_ms, 3), first_call_s=round(compile_s, 1))
+            guarded(f"pair L={length} {name}", cell)
+        del p, plan
+        torch.cuda.empty_cache()
+
+    for length in [int(x) for x in args.single_lengths.split(",") if x]:
+        p = single_problem(length)
+        plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
+        flash = median_ms(flash_step(p), reps=args.reps)
+
+        def cell(p=p, plan=plan, flash=flash, length=length):
+            forward, step = triton_steps(p, plan, SWEEP["default"])
+            total = median_ms(step, reps=args.reps)
+            fwd = median_ms(forward, reps=args.reps)
+            record(kind="single", L=length, B=p["batch"], config="default", triton_ms=round(total, 3),
+                   triton_fwd_ms=round(fwd, 3), flash_ms=round(flash, 3), ratio=round(total / flash, 2))
+        guarded(f"single L={length}", cell)
+
+    if args.window:
+        def window_cell():
+            p = two_stream_problem(8192)
+            plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"], window=args.window)
+            _, step = triton_steps(p, plan, SWEEP["default"])
+            torch.cuda.reset_peak_memory_stats()
+            total = median_ms(step, reps=args.reps)
+            record(kind="window", L=8192, window=args.window, config="default", triton_ms=round(total, 3),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        guarded("window", window_cell)
+
+    for length in [int(x) for x in args.flex_lengths.split(",") if x]:
+        def flex_cell(length=length):
+            p = two_stream_problem(length)
+            step = flex_step(p)
+            start = time.time()
+            step()
+            torch.cuda.synchronize()
+            compile_s = time.time() - start
+            record(kind="flex pair", L=length, flex_ms=round(median_ms(step, reps=args.reps), 3),
+                   first_call_s=round(compile_s, 1))
+        guarded(f"flex L={length}", flex_cell)
+
+    lines = ["| kind | L | config | triton fwd+bwd ms | triton fwd ms | flash ms | ratio | other |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        other = {k: v for k, v in row.items() if k not in ("kind", "L", "config", "triton_ms", "triton_fwd_ms",
+                                                            "flash_ms", "ratio")}
+        lines.append(f"| {row['kind']} | {row['L']} | {row.get('config', '')} | {row.get('triton_ms', '')} | "
+                     f"{row.get('triton_fwd_ms', '')} | {row.get('flash_ms', '')} | {row.get('ratio', '')} | {other} |")
+    table = "\n".join(lines)
+    (out / "triton_timing.md").write_text(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, "
+                                          f"{results['date']}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
