@@ -26,7 +26,9 @@ setup(
         "matplotlib",
         "tabulate",
     ],
-    extras_require={"test": ["pytest"], "data": ["rdata"]},
+    # "fairseq": what ve-fairseq needs besides torch; the fork itself goes in with --no-deps (docs/fairseq.md).
+    extras_require={"test": ["pytest"], "data": ["rdata"],
+                    "fairseq": ["hydra-core", "omegaconf", "bitarray", "sacrebleu"]},
     entry_points={
         "console_scripts": [
             "pretrain-mpnet=mpnet_cli.pretrain:main",

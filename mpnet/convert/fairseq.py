@@ -225,6 +225,43 @@ def _find_prefix(state: dict) -> str:
                     f"{keys}); is it a fairseq MPNet/RoBERTa checkpoint?")
 
 
+PLUGIN_PREFIX = "model."  # mpnet.fairseq_plugin's model holds our MPNetForPretraining as `model`
+WORD_EMBEDDINGS = "mpnet.embeddings.word_embeddings.weight"
+
+
+def plugin_state_to_ours(state: dict, args: dict, tokenizer, mapping_info: tuple):
+    """A checkpoint that fairseq-train wrote with mpnet.fairseq_plugin: our parameter names under `model.`, rows
+    in the fairseq dictionary's order (dict.txt + the task's <mask>), moved to our tokenizer's ids."""
+    from ..modeling import MPNetConfig
+
+    ours = {k[len(PLUGIN_PREFIX):]: v.float() for k, v in state.items()
+            if k.startswith(PLUGIN_PREFIX) and k != PLUGIN_PREFIX + "lm_head.decoder.weight"}  # tied
+    embed = ours[WORD_EMBEDDINGS]
+    symbols, dict_path = mapping_info
+    mapping, report = vocabulary_mapping(symbols, embed.shape[0], tokenizer)
+    hf_size = len(tokenizer.get_vocab())
+    ours[WORD_EMBEDDINGS] = _remap_rows(embed, mapping, hf_size, embed[FAIRSEQ_SPECIALS.index("<unk>")])
+    if "lm_head.bias" in ours:
+        bias = ours["lm_head.bias"]
+        ours["lm_head.bias"] = _remap_rows(bias, mapping, hf_size, bias.min() - 20.0)
+    else:
+        report["lm_head"] = "new"
+    layers = 1 + max(int(k.split(".")[3]) for k in ours if k.startswith("mpnet.encoder.layer."))
+    rel = ours["mpnet.encoder.relative_attention_bias.weight"]
+    config = MPNetConfig(
+        vocab_size=hf_size, hidden_size=embed.shape[1], num_hidden_layers=layers, num_attention_heads=rel.shape[1],
+        intermediate_size=ours["mpnet.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=ours["mpnet.embeddings.position_embeddings.weight"].shape[0],
+        hidden_dropout_prob=float(args.get("dropout", 0.1)),
+        attention_probs_dropout_prob=float(args.get("attention_dropout", 0.1)),
+        relative_attention_num_buckets=rel.shape[0], pad_token_id=_or(tokenizer.pad_token_id, 1),
+        bos_token_id=_or(tokenizer.bos_token_id, 0), eos_token_id=_or(tokenizer.eos_token_id, 2),
+        mask_token_id=task_mask_id(tokenizer), sliding_window_size=args.get("sliding_window_size"))
+    report.update(hidden_size=config.hidden_size, layers=layers, heads=config.num_attention_heads,
+                  ffn=config.intermediate_size, dictionary=str(dict_path), mapping=mapping, source="fairseq plugin")
+    return config, ours, report
+
+
 def fairseq_state_to_ours(ckpt: dict, tokenizer, mapping_info: tuple | None = None):
     """(our MPNetConfig, our state dict, report) from a loaded fairseq checkpoint."""
     from ..modeling import MPNetConfig
@@ -233,6 +270,8 @@ def fairseq_state_to_ours(ckpt: dict, tokenizer, mapping_info: tuple | None = No
     if not isinstance(state, dict):
         raise UserError("the checkpoint has no 'model' state dict; it is not a fairseq training checkpoint")
     args = _args_dict(ckpt)
+    if PLUGIN_PREFIX + WORD_EMBEDDINGS in state:
+        return plugin_state_to_ours(state, args, tokenizer, mapping_info)
     enc = _find_prefix(state)
     head = enc.replace("sentence_encoder.", "lm_head.")
 
@@ -336,6 +375,8 @@ def reference_fairseq_logits(ckpt: dict, fairseq_ids: torch.Tensor) -> torch.Ten
     """The fairseq single-stream forward (MPNet's TransformerSentenceEncoder + RobertaLMHead) on the
     original weights, in plain torch ops: used to verify a conversion (no padding, eval mode)."""
     state = {k: v.float() for k, v in ckpt.get("model", ckpt.get("model_states")).items() if torch.is_tensor(v)}
+    if PLUGIN_PREFIX + WORD_EMBEDDINGS in state:
+        return _plugin_logits(state, fairseq_ids)
     enc = _find_prefix(state)
     head = enc.replace("sentence_encoder.", "lm_head.")
     hidden = state[f"{enc}embed_tokens.weight"].shape[1]
@@ -367,6 +408,25 @@ def reference_fairseq_logits(ckpt: dict, fairseq_ids: torch.Tensor) -> torch.Ten
     y = ln(torch.nn.functional.gelu(torch.nn.functional.linear(x, state[head + "dense.weight"], state[head + "dense.bias"])),
            head + "layer_norm")
     return torch.nn.functional.linear(y, state[f"{enc}embed_tokens.weight"]) + state[head + "bias"]
+
+
+@torch.no_grad()
+def _plugin_logits(state: dict, fairseq_ids: torch.Tensor) -> torch.Tensor:
+    """A plugin checkpoint's forward as fairseq-train ran it: our model, in the fairseq dictionary's id space."""
+    from ..modeling import MPNetConfig, MPNetForPretraining
+
+    ours = {k[len(PLUGIN_PREFIX):]: v for k, v in state.items() if k.startswith(PLUGIN_PREFIX)}
+    rel = ours["mpnet.encoder.relative_attention_bias.weight"]
+    embed = ours[WORD_EMBEDDINGS]
+    config = MPNetConfig(
+        vocab_size=embed.shape[0], hidden_size=embed.shape[1], num_attention_heads=rel.shape[1],
+        num_hidden_layers=1 + max(int(k.split(".")[3]) for k in ours if k.startswith("mpnet.encoder.layer.")),
+        intermediate_size=ours["mpnet.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=ours["mpnet.embeddings.position_embeddings.weight"].shape[0],
+        relative_attention_num_buckets=rel.shape[0], mask_token_id=embed.shape[0] - 1)
+    model = MPNetForPretraining(config).eval()
+    model.load_state_dict(ours)
+    return model.mlm_logits(fairseq_ids)
 
 
 def _load_tokenizer(tokenizer_dir):

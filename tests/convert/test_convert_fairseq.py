@@ -476,3 +476,36 @@ def test_bad_inputs_of_the_writer_and_the_reader_are_one_line(tmp_path):
     (ours / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-12}))
     assert_one_line_error_text(*call_main(main, "to-fairseq", ours, "--output-dir", tmp_path / "o"), "layer_norm_eps")
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------- the fairseq-train plugin (skipped without the fairseq extra)
+
+
+def test_fairseq_train_with_the_plugin_and_its_checkpoint_converts_back(tmp_path):
+    """fairseq-train --task masked_permutation_lm --arch mpnet_base trains this project's model on the committed
+    data-bin (3 CPU updates, then 2 more resumed from its checkpoint), and convert-mpnet reads the result."""
+    pytest.importorskip("fairseq.models")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mpnet.fairseq_plugin as plugin
+
+    data_bin = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq" / "data-bin"
+    command = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(Path(plugin.__file__).parent),
+               "--task", "masked_permutation_lm", "--arch", "mpnet_base", "--criterion", "cross_entropy",
+               "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+               "--encoder-attention-heads", "2", "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam",
+               "--lr", "1e-3", "--cpu", "--save-dir", str(tmp_path / "ckpt"), "--log-format", "simple",
+               "--log-interval", "1", "--no-epoch-checkpoints", "--seed", "1"]
+    for updates in (3, 5):
+        result = subprocess.run(command + ["--max-update", str(updates)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"num_updates={updates}" in result.stderr + result.stdout
+    assert "Loaded checkpoint" in result.stderr + result.stdout  # the second run resumed the first
+
+    code, err = call_main(cli_main("convert"), "fairseq", tmp_path / "ckpt" / "checkpoint_last.pt", "--dict",
+                          data_bin / "dict.txt", "--output-dir", tmp_path / "ours")
+    assert code in (0, None), err
+    report = json.loads((tmp_path / "ours" / "conversion.json").read_text())
+    assert report["layers"] == 2 and report["hidden_size"] == 32 and report["max_abs_diff_vs_fairseq_forward"] <= 1e-5
