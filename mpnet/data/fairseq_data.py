@@ -185,7 +185,8 @@ class IndexedShard:
     def tokens(self) -> np.ndarray:
         """The whole .bin as one array of token ids (pointers / itemsize index into it)."""
         if self._tokens is None:
-            self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if self.bin_bytes
+            count = self.bin_bytes // self.dtype.itemsize  # a torn last element lies outside every item anyway
+            self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(count,)) if count
                             else np.zeros(0, self.dtype))
         return self._tokens
 
@@ -333,7 +334,7 @@ class _SplitConverter:
                             f"data.tokenizer)")
 
 
-def _check_dictionary(symbols: list[str], table: np.ndarray, tokenizer):
+def _check_dictionary(symbols: list[str], table: np.ndarray):
     """Integer symbols are ids of some other vocabulary (RoBERTa's GPT-2 BPE dictionaries); mapping them as token
     strings would be silently wrong."""
     ordinary = [s for s in symbols[4:] if not s.startswith("madeupword")]
@@ -360,7 +361,7 @@ def convert_fairseq_data(data_bin, out_dir, tokenizer="default", line_per_docume
     symbols = read_fairseq_dictionary(layout.dictionary)
     tok = load_tokenizer(tokenizer)
     table = fairseq_token_table(symbols, tok)
-    _check_dictionary(symbols, table, tok)
+    _check_dictionary(symbols, table)
     dtype = shard_dtype(len(tok))
     total = sum(s.num_tokens for split in shards.values() for s in split)
     num_docs, num_tokens = {}, {}

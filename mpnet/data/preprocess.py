@@ -387,6 +387,7 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
                             f"trained for it")
         sources = inspect_data_bin(data).files()
     else:
+        _refuse_data_bins(data)  # a data-bin inside a list of inputs would be read as text
         sources = list_sources(data)
     spm_size = preprocess_kwargs.get("sentencepiece_vocab_size")
     options = {k: v for k, v in sorted(preprocess_kwargs.items()) if k not in ("workers", "progress", "overwrite")}

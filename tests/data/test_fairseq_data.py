@@ -235,7 +235,7 @@ def test_resolve_data_converts_once_and_never_reads_a_data_bin_as_text(tmp_path,
 
     data_bin = shutil.copytree(DATA_BIN, tmp_path / "data-bin")
     first = resolve_data(data_bin, tmp_path / "cache", progress=False)
-    assert first.parent == tmp_path / "cache" and read_metadata(first)["fairseq_data_bin"] == str(data_bin)
+    assert first.parent == tmp_path / "cache" and read_metadata(first)["fairseq_data_bin"] == str(data_bin.resolve())
 
     def fail(*args, **kwargs):
         raise AssertionError("should have reused the cache")
@@ -254,6 +254,8 @@ def test_resolve_data_converts_once_and_never_reads_a_data_bin_as_text(tmp_path,
         resolve_data(tmp_path / "dict-only", tmp_path / "cache")
     with pytest.raises(UserError, match="--from-fairseq"):
         preprocess_corpus(data_bin, tmp_path / "p", progress=False)
+    with pytest.raises(UserError, match="--from-fairseq"):  # inside a list of raw inputs too
+        resolve_data([FIXTURE / "train.txt", data_bin], tmp_path / "cache")
     with pytest.raises(UserError, match="sentencepiece"):
         resolve_data(data_bin, tmp_path / "cache", sentencepiece_vocab_size=100)
     assert not looks_like_fairseq_data_bin(first)  # our own directories stay ours
