@@ -126,7 +126,7 @@ def test_token_blocks_do_not_load_the_document_index(shards, tmp_path):
     shutil.copytree(shards, out)
     meta = json.loads((out / "metadata.json").read_text())
     rng = np.random.default_rng(0)
-    lengths = rng.integers(0, 12, size=20_000)  # short documents, some empty
+    lengths = rng.integers(0, 12, size=8_000)  # short documents, some empty; 16 strides of the index sample
     tokens = rng.integers(5, 1000, size=int(lengths.sum())).astype(meta["dtype"])
     tokens.tofile(out / "train.bin")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -145,7 +145,7 @@ def test_token_blocks_do_not_load_the_document_index(shards, tmp_path):
     import pickle
 
     assert len(blocks.sampled_separators) == -(-(len(lengths) - 1) // 512)
-    assert len(pickle.dumps(blocks)) < offsets.nbytes // 50  # the workers' copy: no index inside
+    assert len(pickle.dumps(blocks)) < offsets.nbytes // 10  # the workers' copy: no index inside
 
 
 # ----------------------------------------------------------------------------- two torchrun nodes
