@@ -54,12 +54,14 @@ def main(argv=None):
                   "sliding_window_size": args.sliding_window_size, "attention_pattern": args.attention_pattern},
     }
     from mpnet.modeling.config import check_window
-    from mpnet.training.config import PretrainConfig, load
+    from mpnet.training.config import PretrainConfig, load, merge, read_yaml
     from mpnet.training.pretrain import pretrain
 
     check_window(args.sliding_window_size, "--sliding-window-size")
-    config = load(PretrainConfig, args.config, overrides_from(args, flags))  # every value checked here
-    pretrain(config, args.output_dir, resume=args.resume)
+    overrides = overrides_from(args, flags)
+    config = load(PretrainConfig, args.config, overrides)  # every value checked here
+    requested = merge(read_yaml(args.config), overrides) if args.config else overrides  # what --resume checks
+    pretrain(config, args.output_dir, resume=args.resume, requested=requested)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The pretraining loop: data -> two-stream MPNet -> AdamW, with logging, validation and checkpoints.
 
-Read top to bottom: `prepare_data` (shards, blocks, collator), `build_model`, `restore_weights` (resume),
-then `Trainer`: `train_step` is one optimizer step (accumulated micro-batches, clipping, update) and
-`train` is the loop around it (log, validate, save). `pretrain` wires them together.
+Read top to bottom: `prepare_data` (shards, blocks, collator), `build_model` (fresh, init_from or the
+checkpoint being resumed), then `Trainer`: `train_step` is one optimizer step (accumulated micro-batches,
+clipping, the non-finite guard, update) and `train` is the loop around it (log, validate, save).
+`pretrain` wires them together: the output-dir lock, the resume contract (resume.py), the one-line
+report of a full disk.
 
 Determinism is by construction: micro-batch j of optimizer step s is built from the examples at
 global offset (s * micro_batches_per_step + j) * batch_size of a seeded per-epoch shuffle, and the
@@ -29,13 +31,14 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
 from ..modeling.attention import CPU_TRAINING_MESSAGE
-from ..modeling.checkpoint import read_config, read_state_dict, to_our_keys
+from ..modeling.checkpoint import read_config
 from . import distributed as dist_utils
 from . import toolkit
 from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_checkpoints, load_training_state,
                             no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
+from .resume import resume_config
 from .safety import NonFiniteError, NonFiniteGuard, OutputDirLock, all_finite, quiet_disk_errors_in_threads
 
 log = logging.getLogger("mpnet.pretrain")
@@ -113,17 +116,23 @@ def _validation_batches(blocks, collator, batch_size, count):
 # ----------------------------------------------------------------------------------------- model
 
 
-def build_model(cfg: PretrainConfig, meta: dict, device) -> MPNetForPretraining:
-    """A fresh model of the config's shape, or `training.init_from` (continued pretraining), on `device`."""
+def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | None = None) -> MPNetForPretraining:
+    """The model on `device`: the checkpoint being resumed (its exact shape and weights), else
+    `training.init_from` (continued pretraining), else a fresh one of the config's shape."""
     torch.manual_seed(cfg.training.seed)
     fixed = dict(use_flex_attention=_uses_flex(cfg), pad_token_id=meta["pad_token_id"],
                  mask_token_id=meta["mask_token_id"])
-    if cfg.training.init_from:  # vocabulary first: the data's special ids must fit the checkpoint's table
-        _check_vocab(read_config(cfg.training.init_from).vocab_size, meta, f"checkpoint {cfg.training.init_from}")
-        model = MPNetForPretraining.from_pretrained(cfg.training.init_from, **fixed, **_model_overrides(cfg.model))
+    source = resume_from or cfg.training.init_from
+    if source:  # vocabulary first: the data's special ids must fit the checkpoint's table
+        _check_vocab(read_config(source).vocab_size, meta, cfg, source, resuming=resume_from is not None)
+        overrides = {} if resume_from else _model_overrides(cfg.model)  # a resumed model is the checkpoint's
+        model = MPNetForPretraining.from_pretrained(source, **fixed, **overrides)
+        if resume_from and not all_finite(model.state_dict().values()):  # written before the guard existed
+            raise UserError(f"checkpoint {resume_from} holds non-finite weights (NaN/inf); delete it to resume from "
+                            "the one before it")
     else:
         if cfg.model.get("vocab_size") is not None:
-            _check_vocab(int(cfg.model["vocab_size"]), meta, "the model config")
+            _check_vocab(int(cfg.model["vocab_size"]), meta, cfg, None)
         model = MPNetForPretraining(model_config(cfg.model, vocab_size=meta["vocab_size"], **fixed))
     if cfg.data.block_size > model.config.max_sequence_length:
         raise UserError(f"data.block_size {cfg.data.block_size} is longer than the position table allows "
@@ -135,11 +144,33 @@ def _uses_flex(cfg: PretrainConfig) -> bool:
     return str(cfg.model.get("use_flex_attention", False)).lower() in ("true", "1", "yes")
 
 
-def _check_vocab(model_vocab, meta, where):
-    if model_vocab != meta["vocab_size"]:
-        raise UserError(f"vocabulary mismatch: {where} has {model_vocab} tokens but the data was tokenized with "
-                        f"{meta['tokenizer']} ({meta['vocab_size']} tokens); preprocess the corpus with the "
-                        "checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what load_tokenizer reads
+
+
+def _check_vocab(model_vocab: int, meta: dict, cfg: PretrainConfig, source, resuming: bool = False):
+    """One line for a model whose vocabulary is not the data's, with the fix that applies to this input."""
+    if model_vocab == meta["vocab_size"]:
+        return
+    data_path = cfg.data.path
+    preprocessed = (Path(data_path).expanduser() / "metadata.json").is_file()
+    if source is None:
+        where, fix = "model.vocab_size", "drop model.vocab_size: a new model takes the vocabulary of its data"
+    elif resuming:
+        where = f"the checkpoint {source}"
+        fix = (f"the data at {data_path} is no longer tokenized as it was when this run started; point --data at "
+               "the run's original data")
+    else:
+        where = f"training.init_from {source}"
+        if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            fix = (f"{source} holds no tokenizer files: tokenize the corpus with the tokenizer that checkpoint was "
+                   "trained with")
+        elif preprocessed:
+            fix = (f"--data {data_path} is already tokenized: re-preprocess the corpus with the checkpoint's tokenizer "
+                   f"(preprocess-mpnet CORPUS --tokenizer {source} --output-dir NEW_DIR) and pass --data NEW_DIR")
+        else:
+            fix = f"tokenize the text with the checkpoint's tokenizer: add data.tokenizer={source}"
+    raise UserError(f"vocabulary mismatch: {where} has {model_vocab} tokens but the data was tokenized with "
+                    f"{meta['tokenizer']} ({meta['vocab_size']} tokens); {fix}")
 
 
 def _model_overrides(section: dict) -> dict:
@@ -148,23 +179,6 @@ def _model_overrides(section: dict) -> dict:
     keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size", "attention_pattern",
             "max_position_embeddings")
     return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in section.items() if k in keys}
-
-
-# ---------------------------------------------------------------------------------------- resume
-
-
-def restore_weights(model, path: Path, meta: dict) -> dict:
-    """Load checkpoint `path`'s weights into `model`; returns its training state (optimizer, schedule, RNG)."""
-    state = load_training_state(path)
-    weights = to_our_keys(read_state_dict(path))
-    _check_vocab(weights["mpnet.embeddings.word_embeddings.weight"].shape[0], meta, f"checkpoint {path}")
-    if not all_finite(weights.values()):  # written before the non-finite guard existed
-        raise UserError(f"checkpoint {path} holds non-finite weights (NaN/inf); delete it to resume from the one "
-                        "before it")
-    model.load_state_dict(weights, strict=False)
-    model.tie_weights()
-    log.info("resuming from %s (step %d)", path, state["step"])
-    return state
 
 
 # ------------------------------------------------------------------------------------- the trainer
@@ -187,8 +201,13 @@ class Trainer:
         if state is not None:
             dist_utils.load_optimizer_state(self.optimizer, self.train_model, state["optimizer"], env)
             self.scheduler.load_state_dict(state["scheduler"])
-            toolkit.set_rng_state(state["rng"][env.rank % len(state["rng"])], self.device)
             self.start_step = state["step"]
+            # The lr of the first resumed step, from this run's schedule (its horizon may have moved; else the
+            # same product as the saved one, bit for bit).
+            for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                         self.scheduler.lr_lambdas):
+                group["lr"] = base * rule(self.start_step)
+            toolkit.set_rng_state(state["rng"][env.rank % len(state["rng"])], self.device)
         if cfg.training.compile:
             self.train_model = torch.compile(self.train_model)
         self.run_config = to_dict(cfg)
@@ -345,20 +364,26 @@ def _micro_seed(seed, step, micro) -> int:
 # ------------------------------------------------------------------------------------------ entry
 
 
-def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False) -> dict:
+def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: dict | None = None) -> dict:
     """Train `cfg` into output_dir (checkpoints/, metrics.jsonl, config.yaml, tensorboard/); with `resume`,
-    continue from the newest complete checkpoint there. Returns the summary (also in summary.json)."""
+    continue from the newest complete checkpoint there, under the contract of resume.py: `requested` holds
+    the settings given explicitly (config file, overrides, flags; None: all of `cfg`), and one that conflicts
+    with the checkpoint is refused. Returns the summary (also in summary.json)."""
     output_dir = Path(output_dir)
     env = dist_utils.setup()
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)
     with OutputDirLock(output_dir) if env.is_main else contextlib.nullcontext():  # one run per directory
         checkpoint = _checkpoint_to_resume(output_dir, resume)
+        state = None
+        if checkpoint:
+            state = load_training_state(checkpoint)
+            cfg = resume_config(cfg, requested, checkpoint, state["step"])
+            log.info("resuming from %s (step %d)", checkpoint, state["step"])
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)
-                model = build_model(cfg, data.meta, env.device)
-                state = restore_weights(model, checkpoint, data.meta) if checkpoint else None
+                model = build_model(cfg, data.meta, env.device, resume_from=checkpoint)
                 summary = Trainer(cfg, env, output_dir, data, model, state).train()
         except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
             if err.errno not in NO_SPACE:

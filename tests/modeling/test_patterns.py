@@ -410,7 +410,7 @@ def _run_pretrain_cli(argv, monkeypatch, capsys):
     from mpnet_cli import pretrain as cli
 
     captured = {}
-    monkeypatch.setattr("mpnet.training.pretrain.pretrain", lambda cfg, out, resume=False: captured.update(cfg=cfg))
+    monkeypatch.setattr("mpnet.training.pretrain.pretrain", lambda cfg, out, **kwargs: captured.update(cfg=cfg))
     try:
         cli.main(argv)
         code = 0

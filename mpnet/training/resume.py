@@ -1,0 +1,110 @@
+"""What `--resume` takes from the checkpoint and what the command line may still change (docs/resume.md).
+
+A resumed run continues the checkpoint's run: the losses go on exactly as an uninterrupted run's would.
+That fixes everything the weights, the optimizer state and the data position depend on. The rest (how
+long to train, how to log, save and validate, how to run) may change. A value the user asked for that
+conflicts with the checkpoint is refused in one line naming the key: it is never silently dropped.
+
+"Asked for" means given explicitly: in the --config file, as SECTION.KEY=VALUE, or as a flag. Keys left
+at their defaults are not requests, so `pretrain-mpnet --output-dir R --resume` needs no config at all.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..modeling.checkpoint import read_config
+from . import toolkit
+from .checkpointing import STATE_FILE
+from .config import PretrainConfig, build, to_dict
+
+log = logging.getLogger("mpnet.pretrain")
+
+# May differ from the checkpoint's run: none of them changes what the next step computes from the data.
+CHANGEABLE = {
+    "training": {"max_steps", "bf16", "compile", "max_nonfinite_steps"},
+    "logging": {"log_every", "valid_every", "valid_batches", "save_every", "keep_last", "progress_bar"},
+    "data": {"num_workers"},
+    "distributed": {"fsdp"},
+    "model": {"use_flex_attention"},  # the backend computes the same function
+}
+PATH_KEYS = {("data", "path"), ("data", "tokenizer"), ("training", "init_from")}
+WHY = {
+    "model": "the model's shape and behaviour are the checkpoint's",
+    "optim": "the optimizer and its schedule continue from the checkpoint's state",
+    "data": "the data position of a step is defined by the checkpoint's data settings",
+    "training": "the global batch, the seed and the starting weights are the checkpoint's",
+}
+
+
+def run_config_of(checkpoint: Path) -> PretrainConfig:
+    file = Path(checkpoint) / STATE_FILE.parent / "run_config.yaml"
+    if not file.is_file():
+        raise UserError(f"{checkpoint} has no {file.name}; it was not written by pretrain-mpnet and cannot be resumed")
+    try:
+        return build(PretrainConfig, yaml.safe_load(file.read_text()) or {})
+    except UserError as err:
+        raise UserError(f"{file} is not a valid run config ({err}); it cannot be resumed") from None
+
+
+def leaves(tree: dict, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
+def _same(a, b, key) -> bool:
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def resume_config(cfg: PretrainConfig, requested: dict | None, checkpoint: Path, step: int) -> PretrainConfig:
+    """The config a resumed run really uses: the checkpoint's, with the requested changeable keys applied.
+    `requested`: the explicitly given settings (nested dict); None means every key of `cfg` was asked for."""
+    saved = run_config_of(checkpoint)
+    requested_dict = to_dict(cfg) if requested is None else requested
+    wanted, base = to_dict(cfg), to_dict(saved)
+    model_now = read_config(checkpoint).to_dict()  # the checkpoint's true shape (a grown position table included)
+    for path in leaves(requested_dict):
+        if len(path) != 2:
+            continue  # the loader already refused anything that is not SECTION.KEY
+        section, key = path
+        value = wanted[section][key] if section != "model" else cfg.model.get(key)
+        if key in CHANGEABLE.get(section, ()):
+            base[section][key] = value
+            continue
+        if section == "model":
+            old = saved.model.get("preset", "base") if key == "preset" else model_now.get(key)
+        else:
+            old = base[section][key]
+        if not _same(value, old, path):
+            raise UserError(
+                f"--resume: {section}.{key}={value!r} conflicts with the checkpoint's {old!r} ({checkpoint}): "
+                f"{WHY.get(section, 'it is fixed by the checkpoint')}. Drop it, or start a new run from the "
+                f"checkpoint's weights (training.init_from={checkpoint} and a new --output-dir); see docs/resume.md")
+    resumed = build(PretrainConfig, base)
+    if resumed.training.max_steps <= step:
+        raise UserError(f"--resume: training.max_steps (--max-steps) is {resumed.training.max_steps}, at or below the "
+                        f"checkpoint's step {step} ({checkpoint}): nothing to train; pass a larger --max-steps")
+    _note_schedule_change(saved, resumed, step)
+    return resumed
+
+
+def _note_schedule_change(saved: PretrainConfig, resumed: PretrainConfig, step: int):
+    before, after = saved.training.max_steps, resumed.training.max_steps
+    if before == after:
+        return
+    o = saved.optim
+    lr = [o.lr * toolkit.lr_multiplier(step, o.warmup_steps, m, o.schedule, o.power, o.end_lr / o.lr)
+          for m in (before, after)]
+    log.info("--resume: training.max_steps %d -> %d: the learning-rate schedule now ends at step %d "
+             "(lr at step %d: %.3g -> %.3g)", before, after, after, step, lr[0], lr[1])

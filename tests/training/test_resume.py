@@ -1,0 +1,155 @@
+"""The --resume contract (docs/resume.md): what the checkpoint fixes, what may change, one line for a
+conflict, config.yaml = what the run uses; and vocabulary mismatches whose suggested fix really works.
+In-process runs of a tiny model (CPU)."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain_support import TINY_RUN, checkpoint_steps, error_line, pretrain, train_losses
+
+
+def run(out, shards, *extra):
+    return pretrain("--output-dir", out, "--data", shards, "--log-every", 1, *TINY_RUN, *extra)
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefix_shards, tmp_path_factory):
+    """A 4-step run with checkpoints at 2 and 4 (lr 2e-3, not the default), copied afresh for each test."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    code, stderr = run(out, prefix_shards, "--max-steps", 4, "--save-every", 2, "optim.lr=2e-3", "logging.keep_last=0")
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture
+def resumable(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def config_yaml(out) -> dict:
+    return yaml.safe_load((Path(out) / "config.yaml").read_text())
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(prefix_shards, tmp_path):
+    straight = tmp_path / "straight"
+    common = ["--max-steps", 6, "--save-every", 3, "logging.keep_last=0"]
+    assert run(straight, prefix_shards, *common)[0] == 0
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step-00000006")  # as if killed between step 3 and step 6
+    code, stderr = run(interrupted, prefix_shards, "--resume", *common)
+    assert code == 0, stderr
+    assert train_losses(interrupted) == train_losses(straight)  # bit for bit, steps 4-6 recomputed
+
+
+def test_resume_needs_no_config_and_keeps_the_checkpoints_settings(prefix_shards, resumable, caplog):
+    """Only the data and the new length are given: the rest (lr 2e-3, the tiny shape) is the checkpoint's."""
+    caplog.set_level(logging.INFO, logger="mpnet.pretrain")
+    code, stderr = pretrain("--output-dir", resumable, "--data", prefix_shards, "--resume", "--max-steps", 6,
+                            "--save-every", 2, "--no-progress")
+    assert code == 0, stderr
+    used = config_yaml(resumable)
+    assert used["optim"]["lr"] == 2e-3 and used["model"]["hidden_size"] == 32 and used["training"]["max_steps"] == 6
+    assert checkpoint_steps(resumable) == [2, 4, 6]
+    assert "the learning-rate schedule now ends at step 6" in caplog.text
+
+
+def test_resume_applies_the_settings_that_may_change(prefix_shards, resumable):
+    code, stderr = run(resumable, prefix_shards, "--resume", "--max-steps", 6, "--save-every", 3,
+                       "logging.keep_last=1", "training.max_nonfinite_steps=5", "data.num_workers=0")
+    assert code == 0, stderr
+    used = config_yaml(resumable)
+    assert used["logging"]["save_every"] == 3 and used["logging"]["keep_last"] == 1
+    assert used["training"]["max_nonfinite_steps"] == 5
+    assert checkpoint_steps(resumable) == [6]
+    saved = yaml.safe_load((resumable / "checkpoints" / "step-00000006" / "training_state" / "run_config.yaml")
+                           .read_text())
+    assert saved == used
+
+
+@pytest.mark.parametrize("override,key", [("optim.lr=1e6", "optim.lr"), ("model.hidden_size=256", "model.hidden_size"),
+                                          ("model.num_hidden_layers=4", "model.num_hidden_layers"),
+                                          ("data.block_size=64", "data.block_size"), ("--seed=3", "training.seed"),
+                                          ("training.batch_size=4", "training.batch_size")])
+def test_a_conflicting_override_is_refused_naming_the_key(prefix_shards, resumable, override, key):
+    before = (resumable / "config.yaml").read_text()
+    line = error_line(*run(resumable, prefix_shards, "--resume", "--max-steps", 6, override))
+    assert f"--resume: {key}=" in line and "conflicts with the checkpoint's" in line, line
+    assert "training.init_from=" in line and "docs/resume.md" in line
+    assert (resumable / "config.yaml").read_text() == before and checkpoint_steps(resumable) == [2, 4]
+
+
+def test_an_override_equal_to_the_checkpoint_is_not_a_conflict(prefix_shards, resumable):
+    code, stderr = run(resumable, prefix_shards, "--resume", "--max-steps", 5, "optim.lr=0.002",
+                       "model.num_hidden_layers=2", "model.use_flex_attention=false")
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("steps", [4, 2])
+def test_max_steps_at_or_below_the_checkpoint_says_so(prefix_shards, resumable, steps):
+    before = (resumable / "config.yaml").read_text()
+    line = error_line(*run(resumable, prefix_shards, "--resume", "--max-steps", steps))
+    assert f"is {steps}, at or below the checkpoint's step 4" in line and "larger --max-steps" in line, line
+    assert (resumable / "config.yaml").read_text() == before
+
+
+def test_a_finished_run_resumed_without_a_new_length_says_so(prefix_shards, resumable):
+    line = error_line(*pretrain("--output-dir", resumable, "--data", prefix_shards, "--resume"))
+    assert "is 4, at or below the checkpoint's step 4" in line, line
+
+
+# ---------------------------------------------------------------------------------- vocabulary
+
+
+@pytest.fixture(scope="module")
+def small_vocab_checkpoint(tmp_path_factory):
+    """An MPNet checkpoint with its own 50-token WordPiece tokenizer (not the data's 30527 tokens)."""
+    from transformers import MPNetTokenizer
+
+    from fixtures import TINY_VOCAB
+    from mpnet import MPNetConfig, MPNetForPretraining
+
+    tokenizer = MPNetTokenizer(vocab={token: i for i, token in enumerate(TINY_VOCAB)})
+    path = tmp_path_factory.mktemp("small-vocab") / "ckpt"
+    model = MPNetForPretraining(MPNetConfig.tiny(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                                                 hidden_size=32, num_attention_heads=2, intermediate_size=64))
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+def test_vocabulary_mismatch_on_preprocessed_data_suggests_a_working_preprocess(prefix_shards, small_vocab_checkpoint,
+                                                                               tmp_path):
+    from cli_support import call_main, cli_main
+
+    line = error_line(*run(tmp_path / "a", prefix_shards, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}"))
+    assert "vocabulary mismatch" in line and "is already tokenized" in line, line
+    assert f"preprocess-mpnet CORPUS --tokenizer {small_vocab_checkpoint} --output-dir NEW_DIR" in line
+    new_dir = tmp_path / "retokenized"  # the advice, followed literally
+    code, stderr = call_main(cli_main("preprocess"), prefix_shards.parent / "austen-prefix.txt", "--tokenizer",
+                             small_vocab_checkpoint, "--output-dir", new_dir, "--workers", 1)
+    assert code == 0, stderr
+    code, stderr = run(tmp_path / "b", new_dir, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}")
+    assert code == 0, stderr
+
+
+def test_vocabulary_mismatch_on_raw_text_suggests_a_working_data_tokenizer(prefix_shards, small_vocab_checkpoint,
+                                                                          tmp_path):
+    text = prefix_shards.parent / "austen-prefix.txt"
+    line = error_line(*run(tmp_path / "a", text, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}"))
+    assert f"add data.tokenizer={small_vocab_checkpoint}" in line, line
+    code, stderr = run(tmp_path / "b", text, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}",
+                       f"data.tokenizer={small_vocab_checkpoint}")
+    assert code == 0, stderr
+
+
+def test_a_model_vocab_size_that_is_not_the_datas(prefix_shards, tmp_path):
+    line = error_line(*run(tmp_path / "a", prefix_shards, "--max-steps", 1, "model.vocab_size=500",
+                           "model.mask_token_id=499"))
+    assert "vocabulary mismatch: model.vocab_size has 500 tokens" in line and "drop model.vocab_size" in line, line
