@@ -235,7 +235,8 @@ def main():
                    first_call_s=round(compile_s, 1))
         guarded(f"flex L={length}", flex_cell)
 
-    lines = ["| kind | L | config | triton fwd+bwd ms | triton fwd ms | flash ms | ratio | other |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kind | L | config | triton fwd+bwd ms | triton fwd ms | flash ms | ratio | other |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         other = {k: v for k, v in row.items() if k not in ("kind", "L", "config", "triton_ms", "triton_fwd_ms",
                                                             "flash_ms", "ratio")}

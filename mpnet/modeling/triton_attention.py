@@ -32,8 +32,9 @@ v, relative_bias_table, plan)` per layer. `make_triton_attention_state` / `Trito
 state takes the (buckets, heads) table itself rather than `relative_bias_by_distance(table)`: the
 gradient is reduced per bucket, which the per-distance view cannot carry.
 
-Kernels run compiled on CUDA. Without a GPU (or with TRITON_INTERPRET=1) they run in Triton's
-interpreter on CPU tensors: exact, slow, meant for tests at small shapes.
+Kernels run compiled on CUDA. Without a GPU, and with TRITON_INTERPRET=1 set, they run in Triton's
+interpreter on CPU tensors: exact, very slow, meant for tests at small shapes (without the variable a
+CPU-only machine gets a one-line error instead).
 """
 from __future__ import annotations
 
@@ -232,7 +233,7 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
     kv_len = n + m
 
     q_order, q_value = _visit_order(value[:, rows])
-    q_rows = rows[q_order]
+    q_rows = rows[q_order]  # rows of the stacked layout (positions, slots); q_order indexes q itself
     k_order, k_value = _visit_order(value[:, :kv_len])
     k_real = real[:, :kv_len].sum(1, keepdim=True)
     q_real = real[:, rows].sum(1)
@@ -278,7 +279,7 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
     k_code = torch.where(k_real_rows, code.gather(1, k_rows), HIDDEN_CODE)
     no_documents = torch.zeros(batch, 1, dtype=torch.int32, device=device)
     return TritonAttentionPlan(
-        q_rows=vector(q_rows), q_pos=vector(positions.gather(1, q_rows)),
+        q_rows=vector(q_order), q_pos=vector(positions.gather(1, q_rows)),
         q_threshold=vector(threshold.gather(1, q_rows)),
         q_doc=vector(documents.gather(1, q_rows)) if documents is not None else no_documents,
         q_key_lo=vector(key_lo), q_key_hi=vector(key_hi), q_real=vector(q_real),
@@ -761,6 +762,11 @@ def _check_can_run(*tensors):
         raise TritonAttentionUnavailable(
             "the Triton attention backend needs the triton package (pip install triton) and a CUDA GPU; "
             "use the flex or dense backend")
+    if INTERPRET and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TritonAttentionUnavailable(
+            "the Triton attention backend needs a CUDA GPU (none was found when it was imported); use the flex "
+            "or dense backend, or set TRITON_INTERPRET=1 to run its kernels in Triton's interpreter on the CPU "
+            "(exact, very slow: meant for tests)")
     for tensor in tensors:
         if not INTERPRET and tensor.device.type != "cuda":
             raise TritonAttentionUnavailable(
@@ -795,7 +801,8 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
         raise UserError(f"the Triton attention backend needs a head size that is a power of two from 16 to 256, "
                         f"got {head_dim}")
     if relative_bias_table.dim() != 2 or relative_bias_table.shape[1] != heads:
-        raise UserError(f"the relative bias table should be (num_buckets, {heads}), got {tuple(relative_bias_table.shape)}")
+        raise UserError(f"the relative bias table should be (num_buckets, {heads}), "
+                        f"got {tuple(relative_bias_table.shape)}")
     buckets = bucket_layout(relative_bias_table.shape[0], max_distance, q.device)
     scale = head_dim ** -0.5 if scale is None else scale
     return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, plan, buckets, scale,

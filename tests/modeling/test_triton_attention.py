@@ -45,6 +45,13 @@ compiled = pytest.mark.skipif(not (T.triton is not None and not T.INTERPRET and 
                               reason="needs triton and CUDA (compiled kernels)")
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_allowed(request, monkeypatch):
+    """The interpreter runs only when asked for (TRITON_INTERPRET=1); the CPU tests ask."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 # ------------------------------------------------------------------------------------- oracle
 
 
@@ -153,7 +160,8 @@ def test_codes_equal_two_stream_visible(permuted):
     n, m = 11, 4
     slots = torch.arange(n + 2 * m)
     if permuted:
-        slots = torch.cat([torch.randperm(n + m, generator=generator(3)), n + m + torch.randperm(m, generator=generator(4))])
+        slots = torch.cat([torch.randperm(n + m, generator=generator(3)),
+                           n + m + torch.randperm(m, generator=generator(4))])
     threshold, code = T.two_stream_codes(slots, n, m)
     key_code = code[:n + m]
     codes_say = ((key_code[None] >> 1) < threshold[:, None]) != ((key_code[None] & 1) == 1)
@@ -284,8 +292,8 @@ def test_module_matches_the_dense_module():
     hidden = torch.randn(2, n + 2 * m, 32, generator=generator(11))
     table = torch.randn(BUCKETS, 2, generator=generator(12), requires_grad=True)
     weights = torch.randn(2, n + 2 * m, 32, generator=generator(13))
-    a = dense(hidden, make_dense_attention_state(positions, n, m, relative_bias_by_distance(table, MAX_DISTANCE, BUCKETS),
-                                                 MAX_DISTANCE, 5))
+    distance_bias = relative_bias_by_distance(table, MAX_DISTANCE, BUCKETS)
+    a = dense(hidden, make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, 5))
     b = ours(hidden, T.make_triton_attention_state(positions, n, m, table, MAX_DISTANCE, 5))
     names = ["table"] + [name for name, _ in dense.named_parameters()]
     grads_a = torch.autograd.grad((a * weights).sum(), [table, *dense.parameters()])
@@ -296,6 +304,29 @@ def test_module_matches_the_dense_module():
             assert gb.norm() <= 1e-4 * grads_b[names.index("k.weight")].norm()
         else:
             assert rel_err(gb, ga) <= FP32_REL, name
+
+
+@interpreted
+def test_query_rows_subset_matches_dense():
+    """A plan for the query stream alone (rows n + m ..): its outputs are those rows of the full call."""
+    n, m = 40, 8
+    inputs, positions, _, _ = two_stream_case(n, m, (0, 4), heads=1, head_dim=16, seed=14)
+    rows = slice(n + m, n + 2 * m)
+    plan = T.make_triton_attention_plan(positions, n, m, window=7, query_rows=rows)
+    q, k, v, table = inputs
+    with torch.no_grad():
+        ours = T.triton_two_stream_attention(q[:, :, rows], k, v, table, plan)
+        reference = dense_attention(q, k, v, table, positions, n, m, 7)[:, :, rows]
+    assert rel_err(ours, reference) <= FP32_REL
+
+
+@interpreted
+def test_without_a_gpu_the_interpreter_must_be_asked_for(monkeypatch):
+    (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
+    plan = T.make_triton_attention_plan(positions, 40, 8)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(T.TritonAttentionUnavailable, match="CUDA GPU"):
+        T.triton_two_stream_attention(q, k, v, table, plan)
 
 
 @interpreted
@@ -338,10 +369,11 @@ GPU_CASES = {  # name: (n, m, pads, window, documents + natural order)
 def _gpu_case(name, dtype, heads=4):
     n, m, pads, window, documents = GPU_CASES[name]
     if m == 0:
-        inputs, positions = single_stream_case(n, [n - p for p in pads], heads, 64, seed=21, device="cuda", dtype=dtype)
+        inputs, positions = single_stream_case(n, [n - p for p in pads], heads, 64, seed=21, device="cuda",
+                                               dtype=dtype)
         return inputs, positions, n, m, window, None, None
-    inputs, positions, document_ids, layout = two_stream_case(n, m, pads, heads, 64, seed=21, device="cuda", dtype=dtype,
-                                                              documents=documents, natural=documents)
+    inputs, positions, document_ids, layout = two_stream_case(n, m, pads, heads, 64, seed=21, device="cuda",
+                                                              dtype=dtype, documents=documents, natural=documents)
     return inputs, positions, n, m, window, document_ids, layout
 
 
