@@ -5,9 +5,16 @@ mask_mod) or PARTIAL (computed with the mask_mod evaluated per entry). torch's `
 finds the labels by evaluating the mask_mod on all L x L entries: eagerly that took 12-35 ms per build
 up to 8k and 83 ms with a 22 GiB transient at 32k; compiled, the first build of a new shape took from
 5 s to minutes (attention.py, above EAGER_BLOCK_MASK_ENV). Here the labels come from a few numbers per
-tile: O(B x tiles^2) work, a few dozen small kernels, no host synchronisation. Only the block tables
-are built differently: the kernel evaluates the same mask_mod (`two_stream_mask_mods`, the rules of
-masks.py and patterns.py) on the PARTIAL tiles.
+tile: O(B x tiles^2) work, a few dozen small kernels, no host synchronisation, nothing compiled. Only
+the block tables are built differently: the kernel evaluates the same mask_mod (`two_stream_mask_mods`,
+the rules of masks.py and patterns.py) on the PARTIAL tiles.
+
+Measured on an H200 (torch 2.11, `scripts/block_mask_build_timing.py`: both masks, n = L, m = 15%,
+16k tokens per batch, L = 512 .. 32768, no window and window 256): 0.19-0.35 ms per build (0.09-0.19
+ms of host time), its kernels replayed as one CUDA graph; 1.0-1.4 ms launched one by one; first build
+of a shape 5-12 ms (the graph's capture), 206 ms for the first in the process; 3-44 MiB of memory.
+create_block_mask on the same mask_mods: eager 12-83 ms and 0.1-22 GiB, compiled 0.64 ms at L = 512
+and 2.9 ms at 32k after first builds of 28 s and 56 s.
 
 Every rule is a comparison between a number of the query row and a number of the key:
 
@@ -38,8 +45,10 @@ MASK), so that rows with different rules do not blur each other's intervals.
   create_block_mask) without a window or documents, since the two-stream comparison is then the only
   rule. With a window or documents, a tile can be truly empty without any single rule being empty on
   a group pair (its in-window pairs are all hidden by the ranks, or the two sets interleave with gaps
-  wider than W); such a tile is labelled PARTIAL: computed, masked per entry, the same result. How
-  rare that is in natural order is measured in tests/modeling/test_block_masks.py.
+  wider than W); such a tile is labelled PARTIAL: computed, masked per entry, the same result.
+  Measured: with documents alone none in any test case; in natural order at 128-tiles none in the
+  test cases and 2 of the 11,044 empty tiles at L = 8192, window 256 (H200 timing run); 16 of 245 in
+  the random cases at tiles of 8-32 with windows of 1-200 (tests/modeling/test_block_masks.py).
 
 Attention patterns other than the window (and its alias neighbourhood) or the score-only ones
 (softcap, alibi) fall back to torch's create_block_mask, as attention.py builds them today.
@@ -47,6 +56,7 @@ Attention patterns other than the window (and its alias neighbourhood) or the sc
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -145,54 +155,27 @@ def _tile_extremes(features, tile, groups):
 
 
 def _ordered(blocks):
-    """(..., rows, cols) bool -> per row: how many, and their column indices first (create_block_mask's order)."""
+    """(..., rows, cols) bool -> per row: how many, and their column indices first (create_block_mask's order).
+
+    Contiguous first: sort keeps its input's strides, and the kernels read the tables as contiguous rows
+    (transposed tables sorted in place gave the backward pass wrong gradients on the H200)."""
+    blocks = blocks.contiguous()
     count = blocks.sum(-1, dtype=torch.int32)
     indices = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
     return count, indices
 
 
-def _block_mask(partial, full, mask_mod, q_len, kv_len, block_size):
-    """A BlockMask from (B, q tiles, kv tiles) labels; its transposed (backward) tables from the same labels."""
+def _ordered_tables(partial, full):
+    """(B, q tiles, kv tiles) labels -> the BlockMask tables: per q tile the partial, then full, kv tiles
+    (count, indices), and per kv tile the q tiles (the backward pass's transposed tables)."""
     labels = torch.stack([partial, full])[:, :, None]  # (2, B, 1, q tiles, kv tiles)
-    kv_count, kv_indices = _ordered(labels)
-    q_count, q_indices = _ordered(labels.transpose(-1, -2))
-    block_mask = BlockMask.from_kv_blocks(kv_count[0], kv_indices[0], kv_count[1], kv_indices[1],
-                                          BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
-                                          compute_q_blocks=False)
-    block_mask.q_num_blocks, block_mask.q_indices = q_count[0], q_indices[0]
-    block_mask.full_q_num_blocks, block_mask.full_q_indices = q_count[1], q_indices[1]
-    return block_mask
+    return [*_ordered(labels), *_ordered(labels.transpose(-1, -2))]
 
 
-def _fallback(positions, n, m, content_mod, query_mod):
-    # Patterns the summaries do not cover: the mask_mod evaluated on every entry by create_block_mask,
-    # compiled or eager exactly as attention.py builds them today (imported here: attention.py imports us).
-    from .attention import build_block_mask
-
-    batch, kv_len, device = positions.shape[0], n + m, positions.device
-    content = build_block_mask(content_mod, batch, kv_len, kv_len, device)
-    query = build_block_mask(query_mod, batch, m, kv_len, device) if m else None
-    return content, query
-
-
-def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0,
-                                layout=None, block_size=DEFAULT_BLOCK_SIZE):
-    """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
-
-    Same inputs and outputs as attention.make_flex_attention_mask: positions (B, n + 2m) original
-    positions (-1 padding), document_ids likewise or None, layout the rows' permuted-layout slots when
-    the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
-    """
-    pattern = as_pattern(pattern, window)
-    content_mod, query_mod = two_stream_mask_mods(positions, n, m, pattern, document_ids, layer, layout)
-    covered, window = summarised_window(pattern)
-    if not covered:
-        return _fallback(positions, n, m, content_mod, query_mod)
-
-    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    device, kv_len = positions.device, n + m
+def _label_tables(positions, document_ids, layout, n, m, window, q_block, kv_block):
+    """Every tile labelled from the summaries; the tables of the content mask, then of the query mask."""
     per_slot, q_rows, q_tile_complete, kv_rows, key_is_upper, content_tiles, query_tiles = _static_tables(
-        n, m, q_block, kv_block, device)
+        n, m, q_block, kv_block, positions.device)
     kind, threshold, key_value = (per_slot if layout is None else per_slot[layout]).unbind(-1)
     positions = positions.long()
     real = is_real_token(positions)
@@ -232,24 +215,123 @@ def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, d
     u_min = torch.where(key_is_upper, 1 - t_max, t_min)
     u_max = torch.where(key_is_upper, 1 - t_min, t_max)
     v_min, v_max = keys_(key_min[..., 0]), keys_(key_max[..., 0])
-    present = (rows_(row_min[..., 0]) < _NONE) & (v_min < _NONE)
+    present = (t_min < _NONE) & (v_min < _NONE)
     everywhere = v_max < u_min
     nowhere = v_min >= u_max
     if g is not None:
-        gq_min, gq_max, gk_min, gk_max = rows_(row_min[..., 1]), rows_(row_max[..., 1]), keys_(key_min[..., 1]), keys_(key_max[..., 1])
+        gq_min, gq_max = rows_(row_min[..., 1]), rows_(row_max[..., 1])
+        gk_min, gk_max = keys_(key_min[..., 1]), keys_(key_max[..., 1])
         everywhere = everywhere & (torch.maximum(gq_max - gk_min, gk_max - gq_min) <= reach)
         nowhere = nowhere | (gk_min - gq_max > reach) | (gq_min - gk_max > reach)
     full = ((~present | everywhere).flatten(-2).all(-1)
             & q_tile_complete[None, :, None] & key_tile_complete[:, None, :])
     empty = (~present | nowhere).flatten(-2).all(-1)
     partial = ~full & ~empty
-
-    content = _block_mask(partial[:, :content_tiles], full[:, :content_tiles], content_mod, kv_len, kv_len,
-                          (q_block, kv_block))
-    query = None
+    tables = _ordered_tables(partial[:, :content_tiles], full[:, :content_tiles])
     if m:
-        query = _block_mask(partial[:, content_tiles:], full[:, content_tiles:], query_mod, m, kv_len,
-                            (q_block, kv_block))
+        tables += _ordered_tables(partial[:, content_tiles:], full[:, content_tiles:])
+    return tables
+
+
+class _GraphedTables:
+    """_label_tables for one shape, captured once as a CUDA graph and replayed.
+
+    Eagerly the build is a few dozen small kernels, and on the H200 their launches, not the GPU, set its
+    time: 1.0-1.4 ms per build at every L. Replayed, the launches cost one (0.19-0.35 ms): the inputs are
+    copied into the graph's buffers, the graph runs, and its output (all tables in one buffer) is copied
+    out, so that masks built earlier stay valid while later ones are built. Capturing (once per shape)
+    synchronises the device and empties torch's allocator cache, as torch.cuda.graph does.
+    """
+
+    def __init__(self, compute, inputs):
+        device = inputs[0].device
+        self.compute, self.inputs = compute, [x.clone() for x in inputs]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: caches and lazy initialisation stay out of the graph
+            self.shapes = [table.shape for table in compute(*self.inputs)]
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = torch.cat([table.reshape(-1) for table in compute(*self.inputs)])
+
+    def __call__(self, inputs):
+        for mine, new in zip(self.inputs, inputs):
+            mine.copy_(new)
+        self.graph.replay()
+        pieces = self.output.clone().split([shape.numel() for shape in self.shapes])
+        return [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
+
+
+USE_CUDA_GRAPHS = True  # False: launch the kernels one by one on CUDA too (timing, tests)
+GRAPH_CACHE_SIZE = 8  # shapes kept captured (each holds its intermediates: ~10-40 MiB at 32k)
+_GRAPHS: OrderedDict = OrderedDict()
+
+
+def _tables(positions, document_ids, layout, n, m, window, q_block, kv_block):
+    inputs = [x for x in (positions, document_ids, layout) if x is not None]
+
+    def compute(*given):
+        given = iter(given)
+        return _label_tables(next(given), next(given) if document_ids is not None else None,
+                             next(given) if layout is not None else None, n, m, window, q_block, kv_block)
+
+    device = positions.device
+    if (not USE_CUDA_GRAPHS or device.type != "cuda" or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()):
+        return compute(*inputs)
+    key = (device, n, m, window, q_block, kv_block, document_ids is not None, layout is not None,
+           *((tuple(x.shape), x.dtype) for x in inputs))
+    graphed = _GRAPHS.pop(key, None)
+    if graphed is None:
+        with torch.cuda.device(device):
+            graphed = _GraphedTables(compute, inputs)
+    _GRAPHS[key] = graphed  # most recently used last
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+    return graphed(inputs)
+
+
+def _block_mask(tables, mask_mod, q_len, kv_len, block_size):
+    kv_count, kv_indices, q_count, q_indices = tables
+    block_mask = BlockMask.from_kv_blocks(kv_count[0], kv_indices[0], kv_count[1], kv_indices[1],
+                                          BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+                                          compute_q_blocks=False)
+    block_mask.q_num_blocks, block_mask.q_indices = q_count[0], q_indices[0]
+    block_mask.full_q_num_blocks, block_mask.full_q_indices = q_count[1], q_indices[1]
+    return block_mask
+
+
+def _fallback(positions, n, m, content_mod, query_mod):
+    # Patterns the summaries do not cover: the mask_mod evaluated on every entry by create_block_mask,
+    # compiled or eager exactly as attention.py builds them today (imported here: attention.py imports us).
+    from .attention import build_block_mask
+
+    batch, kv_len, device = positions.shape[0], n + m, positions.device
+    content = build_block_mask(content_mod, batch, kv_len, kv_len, device)
+    query = build_block_mask(query_mod, batch, m, kv_len, device) if m else None
+    return content, query
+
+
+def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0,
+                                layout=None, block_size=DEFAULT_BLOCK_SIZE):
+    """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
+
+    Same inputs and outputs as attention.make_flex_attention_mask: positions (B, n + 2m) original
+    positions (-1 padding), document_ids likewise or None, layout the rows' permuted-layout slots when
+    the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
+    On CUDA the tables are built by a CUDA graph captured at the first build of each shape.
+    """
+    pattern = as_pattern(pattern, window)
+    content_mod, query_mod = two_stream_mask_mods(positions, n, m, pattern, document_ids, layer, layout)
+    covered, window = summarised_window(pattern)
+    if not covered:
+        return _fallback(positions, n, m, content_mod, query_mod)
+    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    tables = _tables(positions, document_ids, layout, n, m, window, q_block, kv_block)
+    kv_len = n + m
+    content = _block_mask(tables[:4], content_mod, kv_len, kv_len, (q_block, kv_block))
+    query = _block_mask(tables[4:], query_mod, m, kv_len, (q_block, kv_block)) if m else None
     return content, query
 
 
