@@ -39,7 +39,6 @@ CPU-only machine gets a one-line error instead).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import types
 from dataclasses import dataclass
