@@ -24,11 +24,24 @@ def build_parser():
     p.add_argument("--output-dir", type=Path, required=True, help="where checkpoints, logs and the data cache go")
     p.add_argument("--data", help="raw text file/dir/JSONL (preprocessed on the fly into OUTPUT/data-cache) or a "
                                   "preprocess-mpnet output dir; 'embedded' = the bundled Austen corpus")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, help="log train metrics every N steps")
-    p.add_argument("--seed", type=int, help="seed for init, data order and masking")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUTPUT")
+    from mpnet.training.config import LoggingConfig, TrainingConfig
+
+    training, logging_ = TrainingConfig(), LoggingConfig()
+
+    def default(key, value):  # the flags default to the config's value; these are the built-in ones
+        return f"(default: {key} of --config, built-in {value})"
+
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help=f"optimizer steps to train for {default('training.max_steps', training.max_steps)}")
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps, and at the end "
+                   + default("logging.save_every", logging_.save_every))
+    p.add_argument("--log-every", type=int, metavar="N",
+                   help=f"log train metrics every N steps {default('logging.log_every', logging_.log_every)}")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help=f"seed for init, data order, masking and dropout {default('training.seed', training.seed)}")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in OUTPUT; its run config is used and "
+                        "conflicting settings are refused (docs/resume.md)")
     p.add_argument("--use-flex-attention", action="store_true",
                    help="use the FlexAttention backend (needs CUDA for training) instead of the dense one")
     p.add_argument("--sliding-window-size", type=int, metavar="N",

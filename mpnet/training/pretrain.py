@@ -190,6 +190,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, env, output_dir: Path, data: PretrainData, model, state: dict | None):
         self.cfg, self.env, self.output_dir, self.data, self.model = cfg, env, output_dir, data, model
         self.device = env.device
+        self.checkpoint_bytes = _checkpoint_bytes(model, data.shard_dir / "tokenizer")  # full weights: before FSDP
         self.train_model = dist_utils.wrap(model, env, fsdp=cfg.distributed.fsdp)
         opt = cfg.optim
         self.optimizer = toolkit.adamw(self.train_model, opt.lr, opt.betas, opt.eps, opt.weight_decay, self.device)
@@ -211,7 +212,6 @@ class Trainer:
         if cfg.training.compile:
             self.train_model = torch.compile(self.train_model)
         self.run_config = to_dict(cfg)
-        self.checkpoint_bytes = _checkpoint_bytes(model, data.shard_dir / "tokenizer")
         if env.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(output_dir)

@@ -1,5 +1,6 @@
 """pretrain-mpnet end to end on CPU: loss falls, HF loads the checkpoint, resume == uninterrupted,
-2 processes == 1 process, and every bad input ends in one clear line."""
+2 processes == 1 process, and every bad input ends in one clear line. In-process (call_main) except where a
+real process is the point (SIGKILL, torchrun)."""
 from __future__ import annotations
 
 import gzip
@@ -14,17 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_support import cli_env
+from pretrain_support import error_line, pretrain
 from mpnet.training.toolkit import lr_multiplier
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
          "model.num_hidden_layers=2", "data.block_size=64", "training.batch_size=4", "logging.valid_every=5",
          "logging.valid_batches=2", "logging.progress_bar=false"]
-
-
-def run_cli(args, env=None, timeout=600, module="mpnet_cli.pretrain"):
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +53,6 @@ def losses(output_dir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def one_error_line(result):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) >= 1
-    return lines[-1]
-
-
 def test_lr_schedule_warmup_then_linear_decay():
     assert lr_multiplier(0, 10, 110) == pytest.approx(0.1)
     assert lr_multiplier(9, 10, 110) == pytest.approx(1.0)
@@ -74,9 +63,9 @@ def test_lr_schedule_warmup_then_linear_decay():
 @pytest.mark.slow
 def test_pretrain_loss_falls_and_hf_loads_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(["--output-dir", out, "--data", shards, "--max-steps", 60, "--log-every", 5,
-                      "--save-every", 30, "optim.lr=3e-3", "optim.warmup_steps=5", *SMALL])
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stderr = pretrain("--output-dir", out, "--data", shards, "--max-steps", 60, "--log-every", 5,
+                            "--save-every", 30, "optim.lr=3e-3", "optim.warmup_steps=5", *SMALL)
+    assert code == 0, stderr[-2000:]
     curve = losses(out)
     first, last = curve[5], curve[60]
     assert last < 0.8 * first, curve
@@ -105,13 +94,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
     common = ["--data", shards, "--max-steps", 24, "--log-every", 1, "--save-every", 6,
               "logging.keep_last=10", "optim.warmup_steps=4", *SMALL]
     straight = tmp_path / "straight"
-    assert run_cli(["--output-dir", straight, *common]).returncode == 0
+    assert pretrain("--output-dir", straight, *common)[0] == 0
     reference = losses(straight)
 
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(interrupted),
-                             *map(str, common)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *map(str, common)], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = interrupted / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -125,8 +113,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
     resumed_from = int(saved[-1].split("-")[1])
     assert resumed_from < 24, "the run finished before it could be killed"
 
-    result = run_cli(["--output-dir", interrupted, "--resume", *common])
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stderr = pretrain("--output-dir", interrupted, "--resume", *common)
+    assert code == 0, stderr[-2000:]
     after = losses(interrupted)
     for step in range(resumed_from + 1, 25):
         assert after[step] == pytest.approx(reference[step], rel=1e-5), (step, after[step], reference[step])
@@ -138,12 +126,12 @@ def test_two_processes_equal_one_process_with_same_global_batch(shards, tmp_path
     common = ["--data", shards, "--max-steps", 6, "--log-every", 1, "--save-every", 100, "optim.warmup_steps=2",
               *SMALL, "training.batch_size=2"]
     single = tmp_path / "single"
-    assert run_cli(["--output-dir", single, *common, "training.grad_accum=2"]).returncode == 0
+    assert pretrain("--output-dir", single, *common, "training.grad_accum=2")[0] == 0
     double = tmp_path / "double"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "--master-port", str(port), "-m", "mpnet_cli.pretrain", "--output-dir", str(double),
                              *map(str, common), f"distributed.fsdp={wrapper == 'fsdp'}"],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=600, env=cli_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = losses(single), losses(double)
     assert sorted(a) == sorted(b)
@@ -163,42 +151,42 @@ def test_two_processes_equal_one_process_with_same_global_batch(shards, tmp_path
 
 
 def test_missing_corpus(tmp_path):
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", tmp_path / "nope.txt"]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "--data", tmp_path / "nope.txt"))
     assert "nope.txt" in line
 
 
 def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", empty]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "--data", empty))
     assert "empty" in line.lower() or "no text" in line.lower()
 
 
 def test_missing_config(tmp_path):
-    line = one_error_line(run_cli(["--config", tmp_path / "missing.yaml", "--output-dir", tmp_path / "o"]))
+    line = error_line(*pretrain("--config", tmp_path / "missing.yaml", "--output-dir", tmp_path / "o"))
     assert "missing.yaml" in line
 
 
 def test_unknown_flag(tmp_path):
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--no-such-flag"]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "--no-such-flag"))
     assert "--no-such-flag" in line
 
 
 def test_unknown_config_key(tmp_path):
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "optim.learning_rate=1"]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "optim.learning_rate=1"))
     assert "optim.learning_rate" in line
 
 
 @pytest.mark.parametrize("size", ["0", "-4"])
 def test_non_positive_window(tmp_path, size):
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", f"--sliding-window-size={size}"]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", f"--sliding-window-size={size}"))
     assert "sliding-window-size" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_flex_training_on_cpu_fails_fast(tmp_path):
     start = time.time()
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--use-flex-attention"]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "--use-flex-attention"))
     assert "CPU" in line and "CUDA" in line
     assert time.time() - start < 60
 
@@ -209,8 +197,8 @@ def test_vocabulary_mismatch_with_checkpoint(shards, tmp_path):
     other = tmp_path / "other-vocab"
     MPNetForPretraining(MPNetConfig.tiny(vocab_size=500, mask_token_id=499, hidden_size=32,
                                          num_attention_heads=2, intermediate_size=64)).save_pretrained(other)
-    line = one_error_line(run_cli(["--output-dir", tmp_path / "o", "--data", shards,
-                                   f"training.init_from={other}", *SMALL]))
+    line = error_line(*pretrain("--output-dir", tmp_path / "o", "--data", shards, f"training.init_from={other}",
+                                *SMALL))
     assert "vocabulary mismatch" in line
 
 
@@ -218,12 +206,12 @@ def test_vocabulary_mismatch_with_checkpoint(shards, tmp_path):
 def test_corrupt_checkpoint_on_resume_is_reported_and_kept(shards, tmp_path):
     out = tmp_path / "run"
     common = ["--data", shards, "--max-steps", 4, "--save-every", 2, "--log-every", 1, *SMALL]
-    assert run_cli(["--output-dir", out, *common]).returncode == 0
+    assert pretrain("--output-dir", out, *common)[0] == 0
     newest = out / "checkpoints" / "step-00000004"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    line = one_error_line(run_cli(["--output-dir", out, "--resume", *common, "training.max_steps=8"]))
+    line = error_line(*pretrain("--output-dir", out, "--resume", *common, "training.max_steps=8"))
     assert "step-00000004" in line and ("corrupt" in line or "truncated" in line)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert weights.stat().st_size == 1000
@@ -232,7 +220,7 @@ def test_corrupt_checkpoint_on_resume_is_reported_and_kept(shards, tmp_path):
 def test_existing_run_without_resume_is_not_overwritten(shards, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "step-00000002").mkdir(parents=True)
-    line = one_error_line(run_cli(["--output-dir", out, "--data", shards, *SMALL]))
+    line = error_line(*pretrain("--output-dir", out, "--data", shards, *SMALL))
     assert "--resume" in line
     assert (out / "checkpoints" / "step-00000002").is_dir()
 
@@ -266,9 +254,9 @@ def test_collator_document_isolation_ids_and_restarting_positions():
 
 @pytest.mark.slow
 def test_pretrain_with_document_isolation_runs(shards, tmp_path):
-    result = run_cli(["--output-dir", tmp_path / "iso", "--data", shards, "--max-steps", 3, "--log-every", 1,
-                      "--save-every", 3, "data.document_isolation=true", *SMALL])
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stderr = pretrain("--output-dir", tmp_path / "iso", "--data", shards, "--max-steps", 3, "--log-every", 1,
+                            "--save-every", 3, "data.document_isolation=true", *SMALL)
+    assert code == 0, stderr[-2000:]
     assert len(losses(tmp_path / "iso")) == 3
 
 
@@ -301,9 +289,34 @@ def test_continued_pretraining_with_a_longer_position_table(shards, tmp_path):
     short = tmp_path / "short"
     MPNetForPretraining(MPNetConfig.tiny(vocab_size=vocab, hidden_size=32, num_attention_heads=2,
                                          intermediate_size=64, max_position_embeddings=66)).save_pretrained(short)
-    result = run_cli(["--output-dir", tmp_path / "long", "--data", shards, "--max-steps", 2, "--save-every", 2,
-                      f"training.init_from={short}", "model.max_position_embeddings=130", "data.block_size=128",
-                      *[a for a in SMALL if not a.startswith("data.block_size")]])
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stderr = pretrain("--output-dir", tmp_path / "long", "--data", shards, "--max-steps", 2, "--save-every", 2,
+                            f"training.init_from={short}", "model.max_position_embeddings=130", "data.block_size=128",
+                            *[a for a in SMALL if not a.startswith("data.block_size")])
+    assert code == 0, stderr[-2000:]
     config = MPNetForPretraining.from_pretrained(tmp_path / "long" / "checkpoints" / "step-00000002").config
     assert config.max_position_embeddings == 130
+
+
+# ----------------------------------------------------------------------------------- help and UX
+
+
+def test_help_shows_the_defaults(capsys):
+    from cli_support import call_main, cli_main
+
+    code, _ = call_main(cli_main("pretrain"), "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 0
+    for fragment in ("training.max_steps of --config, built-in 1000", "logging.save_every of --config, built-in 500",
+                     "logging.log_every of --config, built-in 10", "training.seed of --config, built-in 0",
+                     "--no-progress", "docs/resume.md"):
+        assert fragment in text, fragment
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]])
+def test_no_progress_turns_the_bar_off(shards, tmp_path, flag):
+    small = [a for a in SMALL if a != "logging.progress_bar=false"]
+    code, stderr = pretrain("--output-dir", tmp_path / "o", "--data", shards, "--max-steps", 2, *small, *flag)
+    assert code == 0, stderr
+    assert ("step/s" in stderr or "s/step" in stderr) == (not flag), stderr
+    config = (tmp_path / "o" / "config.yaml").read_text()
+    assert f"progress_bar: {'false' if flag else 'true'}" in config
