@@ -7,7 +7,7 @@ from pathlib import Path
 from ._common import OVERRIDES_HELP, OneLineErrorParser, command, int_list, overrides_from, parse_with_overrides, text_list
 
 EPILOG = """examples:
-  compare-mpnet-backends --checkpoint runs/base/checkpoint-final --tasks sst2,rte --data-dir glue_data \\
+  compare-mpnet-backends --checkpoint runs/tiny/checkpoints/step-00000300 --tasks sst2,rte --data-dir glue_data \\
       --backends dense,flex,flex:128 --seeds 1,2,3 --output-dir runs/compare
   compare-mpnet-backends --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --tasks sst2 --data-dir data/sentiment \\
       --config configs/glue/sentiment.yaml --backends dense,flex,flex:32 --seeds 1 --output-dir runs/compare-cpu

@@ -7,7 +7,7 @@ from pathlib import Path
 from ._common import OVERRIDES_HELP, OneLineErrorParser, command, overrides_from, parse_with_overrides
 
 EPILOG = """examples:
-  finetune-mpnet --checkpoint runs/base/checkpoint-final --task rte --data-dir glue_data/RTE
+  finetune-mpnet --checkpoint runs/tiny/checkpoints/step-00000300 --task rte --data-dir glue_data/RTE
   finetune-mpnet --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --task sst2 --data-dir data/sentiment \\
       --config configs/glue/sentiment.yaml --output-dir runs/sentiment
   finetune-mpnet --checkpoint CKPT --task custom --data-dir my_set --text-column review --label-column stars \\

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -115,7 +114,6 @@ def flex_step(p, window=None):
         configure_dynamo(64)
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    os.environ.setdefault(A.EAGER_BLOCK_MASK_ENV, "1")
     distance_bias = relative_bias_by_distance(p["table"], 128, 32)
     state = A.make_flex_attention_state(p["positions"], p["n"], p["m"], distance_bias, 128, window)
     kv = p["n"] + p["m"]
@@ -169,7 +167,6 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for length in lengths:
         p = two_stream_problem(length)
-        t0 = time.time()
         plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"])
         torch.cuda.synchronize()
         plan_ms = median_ms(lambda: T.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)

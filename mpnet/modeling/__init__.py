@@ -4,8 +4,7 @@ from .attention import (
     FlexAttentionUnavailable,
     FlexTwoStreamAttention,
     RelativeMultiHeadAttention,
-    encode_flex_two_stream_attention,
-    encode_two_stream_attention,
+    ATTENTION_BACKENDS,
     make_flex_attention_mask,
     two_stream_self_attention_factory,
 )
@@ -20,7 +19,7 @@ __all__ = [
     "UserError",
     "CheckpointError", "FlexAttentionUnavailable", "FlexTwoStreamAttention", "MPNetConfig", "MPNetForPretraining",
     "MPNetForSequenceClassification", "RelativeMultiHeadAttention", "SequenceTooLong",
-    "encode_flex_two_stream_attention", "encode_two_stream_attention", "make_flex_attention_mask",
+    "ATTENTION_BACKENDS", "make_flex_attention_mask",
     "two_stream_self_attention_factory",
     "AttentionPattern", "BadAttentionPattern", "PackedBatch", "pack", "parse_attention_pattern",
 ]

@@ -1,13 +1,14 @@
-"""Two-stream self-attention: the dense reference and the FlexAttention backend.
+"""Two-stream self-attention: the dense reference and the FlexAttention backend (the Triton one: triton_attention.py).
 
 Both modules own the same four projections (`q`, `k`, `v`, `o`, HF's names), take the stacked hidden
 states of one layer, shape (B, n + 2m, H) laid out as in `masks.py`, and return the same shape. Keys
 and values always come from the content stream (the first n + m rows). Per forward pass the encoder
-prepares one attention "state" (masks and relative bias) and hands it to every layer:
+prepares one attention "state" (masks and relative bias) with the backend's state builder
+(`ATTENTION_BACKENDS`) and hands it to every layer:
 
-- `encode_two_stream_attention`: dense state, a materialised (B, 1, n+2m, n+m) mask and
-  (B, H, n+2m, n+m) bias, as the original implementation did;
-- `encode_flex_two_stream_attention`: two BlockMasks (content n+m x n+m, query m x n+m) from
+- dense (`make_dense_attention_state`): a materialised (B, 1, n+2m, n+m) mask and (B, H, n+2m, n+m)
+  bias, as the original implementation did;
+- flex (`make_flex_attention_state`): two BlockMasks (content n+m x n+m, query m x n+m) from
   `make_flex_attention_mask` and score_mods that gather the bias in-kernel from position lookups.
 
 Both compose the same rules: `two_stream_visible & is_real_token & pattern.visible` for the mask
@@ -28,10 +29,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..errors import UserError
-from .masks import distance_index, is_real_token, two_stream_visible
+from .block_masks import make_two_stream_block_masks
+from .masks import distance_index, is_real_token, relative_bias_by_distance, two_stream_visible
 from .patterns import as_pattern
 
 
@@ -73,11 +75,6 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    return torch.compile(create_block_mask, dynamic=False)
-
-
 def run_flex_attention(q, k, v, score_mod, block_mask):
     if _compile_on(q.device):
         options = CUDA_KERNEL_OPTIONS.get(q.dtype, CUDA_KERNEL_OPTIONS[torch.float32]) if q.device.type == "cuda" else None
@@ -85,22 +82,6 @@ def run_flex_attention(q, k, v, score_mod, block_mask):
     with warnings.catch_warnings():  # the unfused CPU path is chosen on purpose (see _compile_on)
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
-
-
-# Compiling create_block_mask makes each later build cheap (measured on an H200: 0.3-0.5 ms for the
-# two-stream masks at L <= 2048, 3-11 ms at 32k) but the first build of a new shape compiles, and that
-# took 5-20 s at L = 512, 40-50 s at 32k, 164-178 s at L = 2048 and over 165 s at 8192 (never waited
-# out). The eager build needs no compilation: 12-35 ms per build up to 8k, 83 ms and a 22 GiB transient
-# at 32k (it materialises the mask). MPNET_EAGER_BLOCK_MASK=1 picks it: worth it for short runs,
-# benchmarks and long-context runs where the compile does not pay back.
-EAGER_BLOCK_MASK_ENV = "MPNET_EAGER_BLOCK_MASK"
-
-
-def build_block_mask(mask_mod, batch, q_len, kv_len, device):
-    if os.environ.get(EAGER_BLOCK_MASK_ENV) == "1":
-        return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device, _compile=False)
-    fn = _compiled_create_block_mask() if _compile_on(device) else create_block_mask
-    return fn(mask_mod, batch, None, q_len, kv_len, device=device)
 
 
 class _Projections(nn.Module):
@@ -201,32 +182,9 @@ class FlexAttentionState:
     kv_len: int
 
 
-def make_flex_attention_mask(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0,
-                             layout=None):
-    """Content-stream and query-stream BlockMasks from the two-stream rules, padding and the pattern.
-
-    positions: (B, n + 2m) original positions of every row (-1 for padding); document_ids likewise or
-    None (then the mask_mod captures no second tensor); layout: the rows' slots in the permuted
-    layout when the rows are in natural order (masks.natural_order), else None. Built once per
-    forward (per layer parity) and shared by the layers.
-    """
-    pattern = as_pattern(pattern, window)
-    batch, kv_len = positions.shape[0], n + m
-    query_offset = n + m  # query-stream row i is row n + m + i of the stacked layout
-
-    def content_mask_mod(b, h, q_idx, kv_idx):
-        kv_pos = positions[b, kv_idx]
-        q_doc, kv_doc = (None, None) if document_ids is None else (document_ids[b, q_idx], document_ids[b, kv_idx])
-        q_slot, kv_slot = (q_idx, kv_idx) if layout is None else (layout[b, q_idx], layout[b, kv_idx])
-        return (two_stream_visible(q_slot, kv_slot, n, m) & is_real_token(kv_pos)
-                & pattern.visible(positions[b, q_idx], kv_pos, layer, q_doc, kv_doc))
-
-    def query_mask_mod(b, h, q_idx, kv_idx):
-        return content_mask_mod(b, h, q_idx + query_offset, kv_idx)
-
-    content = build_block_mask(content_mask_mod, batch, kv_len, kv_len, positions.device)
-    query = build_block_mask(query_mask_mod, batch, m, kv_len, positions.device) if m else None
-    return content, query
+# The BlockMasks of the flex backend: built from per-tile summaries of the rules (block_masks.py), no
+# compile step and no L x L mask; the kernel evaluates the same mask_mods on the partial tiles.
+make_flex_attention_mask = make_two_stream_block_masks
 
 
 # Gradients into a score_mod's captured tensor are atomic adds from the kernel. With one bias row per
@@ -275,33 +233,48 @@ class FlexTwoStreamAttention(_Projections):
         return self.merge(torch.cat(outputs, dim=2))
 
 
+# ------------------------------------------------------------------------------ the backends by name
+
+
+def _bias_by_distance(table, max_distance):
+    return relative_bias_by_distance(table, max_distance, table.shape[0])
+
+
+def dense_state(positions, n, m, relative_bias_table, max_distance, **rules):
+    """The encoder's entry point of the dense backend: one state per forward (and layer parity)."""
+    return make_dense_attention_state(positions, n, m, _bias_by_distance(relative_bias_table, max_distance),
+                                      max_distance, **rules)
+
+
+def flex_state(positions, n, m, relative_bias_table, max_distance, **rules):
+    return make_flex_attention_state(positions, n, m, _bias_by_distance(relative_bias_table, max_distance),
+                                     max_distance, **rules)
+
+
+def _triton_backend():
+    from .triton_attention import TritonTwoStreamAttention, make_triton_attention_state
+
+    return TritonTwoStreamAttention, make_triton_attention_state
+
+
+# name -> (module class, state builder from the (buckets, heads) bias table). The triton backend is
+# imported on first use: it needs the triton package, which a CPU install may not have.
+ATTENTION_BACKENDS = {
+    "dense": lambda: (RelativeMultiHeadAttention, dense_state),
+    "flex": lambda: (FlexTwoStreamAttention, flex_state),
+    "triton": _triton_backend,
+}
+
+
+def attention_backend(name: str):
+    """(module class, state builder) of a backend named in `MPNetConfig.attention_backend`."""
+    if name not in ATTENTION_BACKENDS:
+        raise UserError(f"unknown attention backend '{name}'; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()
+
+
 def two_stream_self_attention_factory(config) -> nn.Module:
-    """The attention module of one layer: dense reference or FlexAttention, by `config.use_flex_attention`."""
-    return FlexTwoStreamAttention(config) if config.use_flex_attention else RelativeMultiHeadAttention(config)
-
-
-# ----------------------------------------------------------------------------- running the layers
-
-
-def _run_layers(make_state, layers, hidden, positions, n, m, distance_bias, max_distance, window, pattern,
-                document_ids, layout):
-    pattern = as_pattern(pattern, window)
-    states = [make_state(positions, n, m, distance_bias, max_distance, pattern=pattern, document_ids=document_ids,
-                         layer=parity, layout=layout) for parity in range(pattern.layer_variants)]
-    for index, layer in enumerate(layers):
-        hidden = layer(hidden, states[index % len(states)])
-    return hidden
-
-
-def encode_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
-                                pattern=None, document_ids=None, layout=None):
-    """Dense backend: materialise mask and bias once (per layer parity), run every layer over both streams."""
-    return _run_layers(make_dense_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
-                       window, pattern, document_ids, layout)
-
-
-def encode_flex_two_stream_attention(layers, hidden, positions, n, m, distance_bias, max_distance, window=None, *,
-                                     pattern=None, document_ids=None, layout=None):
-    """FlexAttention backend: build both BlockMasks once (per layer parity), run every layer over both streams."""
-    return _run_layers(make_flex_attention_state, layers, hidden, positions, n, m, distance_bias, max_distance,
-                       window, pattern, document_ids, layout)
+    """The attention module of one layer, by `config.attention_backend`: the dense reference, FlexAttention
+    or the Triton kernels. Every backend has the same parameters, so checkpoints move between them."""
+    module_class, _ = attention_backend(config.attention_backend)
+    return module_class(config)

@@ -4,7 +4,7 @@ FlexAttention labels every (query tile, key tile) pair EMPTY (skipped), FULL (co
 mask_mod) or PARTIAL (computed with the mask_mod evaluated per entry). torch's `create_block_mask`
 finds the labels by evaluating the mask_mod on all L x L entries: eagerly that took 12-35 ms per build
 up to 8k and 83 ms with a 22 GiB transient at 32k; compiled, the first build of a new shape took from
-5 s to minutes (attention.py, above EAGER_BLOCK_MASK_ENV). Here the labels come from a few numbers per
+5 s to minutes. Here the labels come from a few numbers per
 tile: O(B x tiles^2) work, a few dozen small kernels, no host synchronisation, nothing compiled. Only
 the block tables are built differently: the kernel evaluates the same mask_mod (`two_stream_mask_mods`,
 the rules of masks.py and patterns.py) on the PARTIAL tiles.
@@ -60,7 +60,7 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from .masks import is_real_token, two_stream_visible
 from .patterns import AttentionPattern, as_pattern, parse_attention_pattern
@@ -303,13 +303,13 @@ def _block_mask(tables, mask_mod, q_len, kv_len, block_size):
 
 
 def _fallback(positions, n, m, content_mod, query_mod):
-    # Patterns the summaries do not cover: the mask_mod evaluated on every entry by create_block_mask,
-    # compiled or eager exactly as attention.py builds them today (imported here: attention.py imports us).
-    from .attention import build_block_mask
-
+    # Patterns the summaries do not cover (block, swin, dilated, global, prefix): torch's create_block_mask
+    # evaluates the mask_mod on every entry, eagerly. Compiling it made later builds cheap but the first
+    # build of each new shape took 5 s to minutes on an H200; eagerly a build costs 12-35 ms up to L = 8k
+    # (83 ms and a 22 GiB transient at 32k), once per forward.
     batch, kv_len, device = positions.shape[0], n + m, positions.device
-    content = build_block_mask(content_mod, batch, kv_len, kv_len, device)
-    query = build_block_mask(query_mod, batch, m, kv_len, device) if m else None
+    content = create_block_mask(content_mod, batch, None, kv_len, kv_len, device=device, _compile=False)
+    query = create_block_mask(query_mod, batch, None, m, kv_len, device=device, _compile=False) if m else None
     return content, query
 
 
@@ -317,7 +317,7 @@ def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, d
                                 layout=None, block_size=DEFAULT_BLOCK_SIZE):
     """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
 
-    Same inputs and outputs as attention.make_flex_attention_mask: positions (B, n + 2m) original
+    The flex backend's masks (attention.make_flex_attention_mask is this function): positions (B, n + 2m) original
     positions (-1 padding), document_ids likewise or None, layout the rows' permuted-layout slots when
     the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
     On CUDA the tables are built by a CUDA graph captured at the first build of each shape.

@@ -61,6 +61,8 @@ def read_config(path, **overrides) -> MPNetConfig:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}); the checkpoint is corrupt") from None
     if data.get("model_type") != "mpnet":
         raise CheckpointError(f"{path} holds a {data.get('model_type')!r} model, not an MPNet one")
+    if "use_flex_attention" in overrides and "attention_backend" not in overrides:
+        data.pop("attention_backend", None)  # the flag chooses between dense and flex, over the saved choice
     data.update(overrides)
     return MPNetConfig(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
 

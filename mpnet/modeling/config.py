@@ -11,6 +11,7 @@ from ..errors import UserError
 from .patterns import parse_attention_pattern
 
 
+ATTENTION_BACKEND_NAMES = ("dense", "flex", "triton")  # attention.ATTENTION_BACKENDS, by name
 MPNET_MASK_TOKEN_ID = 30526  # <mask> in the MPNet WordPiece vocabulary (30527 entries)
 
 
@@ -24,6 +25,8 @@ class MPNetConfig(transformers.MPNetConfig):
     """Accepts every field of `transformers.MPNetConfig`, plus:
 
     use_flex_attention: pick `FlexTwoStreamAttention` instead of the dense `RelativeMultiHeadAttention`.
+    attention_backend: dense | flex | triton (the hand-written kernels of triton_attention.py); default
+        from use_flex_attention.
     sliding_window_size: if set, a token sees only ORIGINAL positions p with |p - q| <= w (= window:w).
     attention_pattern: a spec from patterns.py, e.g. 'block:64,softcap:30'; with sliding_window_size
         also set, the two are intersected.
@@ -52,6 +55,7 @@ class MPNetConfig(transformers.MPNetConfig):
         eos_token_id: int = 2,
         mask_token_id: int | None = None,
         use_flex_attention: bool = False,
+        attention_backend: str | None = None,
         sliding_window_size: int | None = None,
         attention_pattern: str | None = None,
         **kwargs,
@@ -86,11 +90,30 @@ class MPNetConfig(transformers.MPNetConfig):
                                 f"special token ids must be below vocab_size")
         self.relative_attention_max_distance = relative_attention_max_distance
         self.mask_token_id = mask_token_id
-        self.use_flex_attention = bool(use_flex_attention)
+        # attention_backend names the backend; use_flex_attention (the flag's name) is a view of it.
+        if attention_backend not in (None, "flex") and use_flex_attention:
+            raise UserError(f"use_flex_attention=true conflicts with attention_backend '{attention_backend}'; "
+                            "give one of them")
+        backend = attention_backend or ("flex" if use_flex_attention else "dense")
+        if backend not in ATTENTION_BACKEND_NAMES:
+            raise UserError(f"attention_backend '{backend}' is not one of {', '.join(ATTENTION_BACKEND_NAMES)}")
+        self.attention_backend = backend
         self.sliding_window_size = None if sliding_window_size is None else int(sliding_window_size)
         spec = "" if attention_pattern is None else str(attention_pattern).strip()
         parse_attention_pattern(spec)  # a bad spec fails here, naming the valid ones
         self.attention_pattern = spec or None
+
+    @property
+    def use_flex_attention(self) -> bool:
+        return self.attention_backend == "flex"
+
+    @use_flex_attention.setter
+    def use_flex_attention(self, flex: bool):
+        """True: the flex backend; False: dense if it was flex, else unchanged (e.g. triton stays)."""
+        if flex:
+            self.attention_backend = "flex"
+        elif self.attention_backend == "flex":
+            self.attention_backend = "dense"
 
     @property
     def max_sequence_length(self) -> int:

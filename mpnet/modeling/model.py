@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import encode_flex_two_stream_attention, encode_two_stream_attention, two_stream_self_attention_factory
+from .attention import attention_backend, two_stream_self_attention_factory
 from ..errors import UserError
 from .config import MPNetConfig
-from .masks import natural_order, relative_bias_by_distance
+from .masks import natural_order
 from .packing import document_starts, positions_within_documents
 from .patterns import as_pattern
 
@@ -100,12 +100,15 @@ class MPNetEncoder(nn.Module):
         """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream);
         layout: each row's slot in that layout when the rows were put in natural order."""
         cfg = self.config
-        distance_bias = relative_bias_by_distance(self.relative_attention_bias.weight,
-                                                  cfg.relative_attention_max_distance,
-                                                  cfg.relative_attention_num_buckets)
-        encode = encode_flex_two_stream_attention if cfg.use_flex_attention else encode_two_stream_attention
-        return encode(self.layer, hidden, positions, n, m, distance_bias, cfg.relative_attention_max_distance,
-                      pattern=self.pattern, document_ids=document_ids, layout=layout)
+        _, make_state = attention_backend(cfg.attention_backend)
+        # Masks and relative bias once per forward, shared by the layers (a pattern that alternates by
+        # layer, swin, gets one state per layer parity: two at most).
+        states = [make_state(positions, n, m, self.relative_attention_bias.weight, cfg.relative_attention_max_distance,
+                             pattern=self.pattern, document_ids=document_ids, layer=parity, layout=layout)
+                  for parity in range(self.pattern.layer_variants)]
+        for index, layer in enumerate(self.layer):
+            hidden = layer(hidden, states[index % len(states)])
+        return hidden
 
 
 class MPNetBackbone(nn.Module):

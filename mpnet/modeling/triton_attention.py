@@ -27,9 +27,8 @@ kernels, and its gradient is atomic adds onto a tiny table). Three things make i
 
 Use: build a `TritonAttentionPlan` once per forward (`make_triton_attention_plan`, from positions,
 n, m, layout, window, document ids; shared by all layers), then call `triton_two_stream_attention(q, k,
-v, relative_bias_table, plan)` per layer. `make_triton_attention_state` / `TritonTwoStreamAttention` /
-`encode_triton_two_stream_attention` mirror the dense and flex backends' interfaces, except that the
-state takes the (buckets, heads) table itself rather than `relative_bias_by_distance(table)`: the
+v, relative_bias_table, plan)` per layer. `make_triton_attention_state` / `TritonTwoStreamAttention` mirror the dense and flex backends'
+interfaces (attention.ATTENTION_BACKENDS registers them as "triton"), except that the state takes the (buckets, heads) table itself rather than `relative_bias_by_distance(table)`: the
 gradient is reduced per bucket, which the per-distance view cannot carry.
 
 Kernels run compiled on CUDA. Without a GPU, and with TRITON_INTERPRET=1 set, they run in Triton's
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .attention import _Projections, _run_layers
+from .attention import _Projections
 from .masks import relative_position_bucket
 from .patterns import AttentionPattern, as_pattern
 
@@ -836,11 +835,3 @@ class TritonTwoStreamAttention(_Projections):
         context = triton_two_stream_attention(q, k, v, state.relative_bias_table, state.plan,
                                               max_distance=state.max_distance)
         return self.merge(context)
-
-
-def encode_triton_two_stream_attention(layers, hidden, positions, n, m, relative_bias_table, max_distance,
-                                       window=None, *, pattern=None, document_ids=None, layout=None):
-    """Triton backend: one plan per forward, every layer over both streams (pass the bucket table)."""
-    supported_window(pattern, window)  # fail before any work
-    return _run_layers(make_triton_attention_state, layers, hidden, positions, n, m, relative_bias_table,
-                       max_distance, window, pattern, document_ids, layout)

@@ -275,7 +275,7 @@ class DataConfig:
         check("data.valid_fraction", self.valid_fraction, 0 <= self.valid_fraction < 1, "a fraction in [0, 1)")
         check("data.num_workers", self.num_workers, self.num_workers >= 0, "0 or more")
         check("data.block_size", self.block_size, round(self.pred_prob * self.block_size) >= 1,
-              f"large enough that pred_prob x block_size rounds to at least one predicted token")
+              "large enough that pred_prob x block_size rounds to at least one predicted token")
 
 
 @dataclass
