@@ -11,7 +11,7 @@
                               dense mask and SDPA without one; DIR/patterns.{md,json}, patterns_time.png
   benchmark-mpnet packing     packed vs padded fine-tuning steps on GLUE-length sentences; DIR/packing.{md,json,png}
 
-Without a subcommand it runs `all`. A benchmark is a command, never a timed test. On CPU the attention
+Options without a subcommand run `all`. A benchmark is a command, never a timed test. On CPU the attention
 is timed forward only (FlexAttention has no CPU backward) and everything runs in fp32; for a smoke
 run: benchmark-mpnet --device cpu --quick. Method: docs/benchmarks.md and, for patterns, docs/patterns.md.
 """
@@ -29,7 +29,7 @@ from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettin
 from mpnet.bench.step import FINETUNE_MODELS, STEP_BACKENDS, FinetuneSettings, StepSettings, run_finetune, run_step
 
 from . import benchmark_packing
-from ._common import command, int_list, name_list
+from ._common import OneLineErrorParser, command, int_list, name_list
 
 SUBCOMMANDS = ("all", "attention", "step", "finetune", "patterns", "packing")
 SECTIONS = ("attention", "single", "step", "finetune", "patterns", "packing")
@@ -163,8 +163,8 @@ def pattern_args(parser):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="benchmark-mpnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="benchmark-mpnet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     p = sub.add_parser("all", help="every cell of the performance targets, one report (the default)")
     p.add_argument("--sections", type=name_list(SECTIONS), default=None,
@@ -276,9 +276,10 @@ def plan_of(args, device) -> tuple[list, str]:
 
 def with_subcommand(argv: list) -> list:
     """`benchmark-mpnet --device cpu --quick` runs `all`: a command line that starts with an option gets
-    its subcommand moved to the front, or `all` when it names none."""
+    its subcommand moved to the front, or `all` when it names none. (An empty one still asks for a
+    subcommand: `all` at full size on a CPU would run for hours.)"""
     if not argv or argv[0] in ("-h", "--help") or not argv[0].startswith("-"):
-        return argv or ["all"]
+        return argv
     named = next((i for i, word in enumerate(argv) if word in SUBCOMMANDS), None)
     if named is None:
         return ["all"] + argv

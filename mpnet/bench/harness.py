@@ -61,8 +61,8 @@ def open_device(name: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
-        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -352,11 +352,14 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = "not installed"
     info["command"] = " ".join(["benchmark-mpnet"] + sys.argv[1:])
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MPNET_"))
+    if settings:  # the project's switches (e.g. MPNET_EAGER_BLOCK_MASK) change what is measured
+        info["environment variables"] = " ".join(settings)
     return info
 
 
 ENVIRONMENT_KEYS = ("date", "device", "mpnet", "torch", "cuda", "triton", "transformers", "python", "command",
-                    "resumed_from")
+                    "environment variables", "resumed_from")
 
 
 def print_header(env: dict, settings_list, log=print):

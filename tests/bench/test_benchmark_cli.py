@@ -100,7 +100,7 @@ def test_cuda_hint_names_the_cpu_smoke_run(benchmark_main):
 def test_subcommand_may_come_after_the_options():
     from mpnet_cli.benchmark import with_subcommand
 
-    assert with_subcommand([]) == ["all"]
+    assert with_subcommand([]) == []  # argparse then asks for a subcommand
     assert with_subcommand(["--device", "cpu", "--quick"]) == ["all", "--device", "cpu", "--quick"]
     assert with_subcommand(["--device", "cpu", "step", "--quick"]) == ["step", "--device", "cpu", "--quick"]
     assert with_subcommand(["step", "--device", "cpu"]) == ["step", "--device", "cpu"]
