@@ -64,9 +64,8 @@ class MetricsLogger:
         self._reset()
 
     def _reset(self):
-        self.loss_sum = self.correct = self.count = None  # the interval's finite steps
+        self.sums = None  # the interval's finite steps: [loss sum, correct, predicted, micro-batches] on the device
         self.step_sums = None  # the current step's micro-batches, kept or dropped by after_step
-        self.micro = 0
         self.examples = self.tokens = 0
         self.interval_start = time.perf_counter()
         if torch.cuda.is_available():
@@ -84,17 +83,15 @@ class MetricsLogger:
             self.step_sums[2] += valid.sum()
             self.step_sums[3] += 1
 
-    def after_step(self, examples, n, finite: bool = True):
-        """End of an optimizer step: its sums join the interval's, unless the step was skipped as non-finite."""
-        if finite and self.step_sums is not None:
+    def after_step(self, examples, n, finite=True):
+        """End of an optimizer step: its sums join the interval's unless the step was skipped as non-finite.
+        `finite`: a bool, or a 0-dim device tensor (then the choice is made on the device, no host sync)."""
+        if self.step_sums is not None and finite is not False:
             loss, correct, count, micro = self.step_sums
-            if self.loss_sum is None:
-                self.loss_sum, self.correct, self.count = loss, correct, count
-            else:
-                self.loss_sum += loss
-                self.correct += correct
-                self.count += count
-            self.micro += micro
+            row = torch.stack([loss, correct, count, torch.full((), float(micro), device=loss.device)])
+            if isinstance(finite, torch.Tensor):
+                row = torch.where(finite, row, torch.zeros_like(row))
+            self.sums = row if self.sums is None else self.sums + row
         self.step_sums = None
         self.examples += examples
         self.tokens += examples * n
@@ -113,10 +110,7 @@ class MetricsLogger:
 
     def log_train(self, step, lr, grad_norm, env, skipped: int = 0) -> dict:
         """A train row over the interval's finite steps (`skipped`: the run's non-finite steps so far)."""
-        if self.loss_sum is None:  # every step of the interval was skipped
-            zero = torch.zeros((), device=grad_norm.device)
-            self.loss_sum, self.correct, self.count = zero, zero.clone(), zero.clone()
-        sums = torch.stack([self.loss_sum, self.correct, self.count, torch.tensor(float(self.micro), device=self.loss_sum.device)])
+        sums = self.sums if self.sums is not None else torch.zeros(4, device=grad_norm.device)  # all skipped
         sums = dist_utils.all_reduce_sum(sums, env).tolist()  # the one host sync of a log interval
         elapsed = time.perf_counter() - self.interval_start
         row = {"step": step, "train/loss": sums[0] / sums[3] if sums[3] else None,

@@ -198,7 +198,8 @@ class Trainer:
                                               opt.power, floor=opt.end_lr / opt.lr)
         self.start_step = 0
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, env, opt.lr,
-                                    skipped=state.get("skipped_steps", 0) if state else 0)
+                                    skipped=state.get("skipped_steps", 0) if state else 0,
+                                    on_device=bool(self.optimizer.defaults.get("fused")) and not env.fsdp)
         if state is not None:
             dist_utils.load_optimizer_state(self.optimizer, self.train_model, state["optimizer"], env)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -237,8 +238,8 @@ class Trainer:
 
     def train_step(self, step: int):
         """One optimizer step: grad_accum micro-batches (gradients synced on the last), clip, update.
-        A step whose loss or gradient norm is not finite makes no update. Returns (the gradient norm before
-        clipping, a device tensor; whether the step was finite)."""
+        A step whose loss or gradient norm is not finite makes no update (safety.py). Returns the gradient
+        norm before clipping and whether the step was finite (device tensors on CUDA: no host sync here)."""
         cfg, env = self.cfg, self.env
         loss_sum = 0.0
         for accum in range(cfg.training.grad_accum):
@@ -256,14 +257,10 @@ class Trainer:
             self.metrics.accumulate(loss.detach(), logits.detach(), batch["targets"])
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
-        finite = self.guard.step_is_finite(loss_sum, grad_norm)  # the step's one host sync
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:  # a skipped step still advances the schedule and the data: step = position
-            with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: meant
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+        finite = self.guard.step(self.optimizer, step, loss_sum, grad_norm)
+        with warnings.catch_warnings():  # torch warns of a scheduler step after a skipped update: meant
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # a skipped step still advances the schedule and the data: step = position
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
@@ -277,10 +274,11 @@ class Trainer:
             done = step + 1
             bar.update(1)
             self.metrics.after_step(self.examples_per_step, cfg.data.block_size, finite)
-            skipped = self.guard.record(step, finite, last_good_checkpoint(self.output_dir))  # raises after N in a row
-            if skipped:
-                self.metrics.note(skipped)
-            if done % cfg.logging.log_every == 0 or done == max_steps:
+            log_now = done % cfg.logging.log_every == 0 or done == max_steps
+            save_now = done % cfg.logging.save_every == 0 or done == max_steps
+            if log_now or save_now or not self.guard.on_device:  # raises after N non-finite steps in a row
+                self.guard.poll(lambda: last_good_checkpoint(self.output_dir), note=self.metrics.note)
+            if log_now:
                 row = self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
                                              skipped=self.guard.skipped)
                 if row["train/loss"] is not None:
@@ -288,7 +286,7 @@ class Trainer:
             if self.data.valid_batches and (done % cfg.logging.valid_every == 0 or done == max_steps):
                 self.metrics.log_valid(done, self.evaluate(), self.env)
                 self.train_model.train()
-            if done % cfg.logging.save_every == 0 or done == max_steps:
+            if save_now:
                 self.save(done)
         bar.close()
         return self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir))

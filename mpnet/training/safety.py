@@ -8,9 +8,14 @@ clean up, and the file is left in place (deleting it would race with the next ru
 
 Non-finite steps. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the
 schedule and the data still advance, so the step number stays the data position), counted and logged;
-`training.max_nonfinite_steps` of them in a row stop the run. The check costs one host sync per optimizer
-step: the loss sum and the gradient norm clip_grad_norm_ already computed are reduced to one flag on the
-device (all-reduced across processes, so every rank takes the same decision) and read once.
+`training.max_nonfinite_steps` of them in a row stop the run. The loss sum and the gradient norm that
+clip_grad_norm_ already computed are reduced to one flag on the device (all-reduced across processes, so
+every rank takes the same decision). How the flag is used:
+- fused AdamW (CUDA): no host sync at all. The flag goes to the optimizer as `found_inf`, the mechanism
+  torch's GradScaler uses: the fused kernel then leaves weights, moments and step counts untouched. The
+  flags are read at log and save steps. A host sync per step instead cost 7.9% of mpnet-base's throughput
+  (16 x 512 tokens, bf16, one H200: 79.9k vs 86.7k tokens/s): the CPU stops queueing the next step's kernels.
+- otherwise (CPU, FSDP): the flag is read at once (one sync per step, free on a CPU) and the update skipped.
 """
 from __future__ import annotations
 
@@ -37,40 +42,61 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class NonFiniteGuard:
-    def __init__(self, limit: int, env, lr: float, skipped: int = 0):
-        self.limit, self.env, self.lr = limit, env, lr
-        self.skipped = skipped  # over the whole run (kept in the checkpoints)
+    def __init__(self, limit: int, env, lr: float, skipped: int = 0, on_device: bool = False):
+        self.limit, self.env, self.lr, self.on_device = limit, env, lr, on_device
+        self.skipped = skipped  # over the whole run (kept in the checkpoints); counted when polled
         self.in_a_row = 0
         self.first_bad_step = None
-        self.last = (float("nan"), float("nan"))
+        self.pending = []  # (step, [bad, loss, grad norm]) not yet counted: host floats, or device tensors
 
-    def step_is_finite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """True when every process's loss and the gradient norm are finite: the step's one host sync."""
-        loss_sum, grad_norm = loss_sum.detach().float(), _local(grad_norm).detach().float()
-        values = torch.stack([loss_sum, grad_norm])
+    def step(self, optimizer, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor):
+        """optimizer.step() unless this step's loss or gradient norm is not finite. Returns whether it was
+        finite: a bool, or (on_device) a 0-dim device tensor, never read here."""
+        values = torch.stack([loss_sum.detach().float(), _local(grad_norm).detach().float()])
         bad = (~torch.isfinite(values)).any().float().reshape(1)
         if self.env.distributed:
-            bad = dist_utils.all_reduce_sum(bad, self.env)
-        if bad.item() == 0:
-            return True
-        self.last = tuple(values.tolist())  # only on a bad step: a second sync is no cost then
-        return False
-
-    def record(self, step: int, finite: bool, last_good_checkpoint: str) -> str | None:
-        """Count step `step` (0-based); returns a log line for a skipped one, raises after `limit` in a row."""
+            bad = dist_utils.all_reduce_sum(bad, self.env).clamp(max=1)
+        if self.on_device:
+            optimizer.found_inf = bad.reshape(())  # the fused kernel skips the whole update when it is non-zero
+            optimizer.step()
+            self.pending.append((step, torch.cat([bad, values])))
+            return bad.reshape(()) == 0
+        finite = bad.item() == 0  # the step's one host sync
         if finite:
+            optimizer.step()
+            self.pending.append((step, [0.0]))
+        else:
+            self.pending.append((step, [1.0, *values.tolist()]))  # a second sync, on a bad step only
+        return finite
+
+    def poll(self, last_good_checkpoint, note):
+        """Count the steps taken since the last poll (one host sync on device): `note(line)` for each skipped
+        one, NonFiniteError once `limit` came in a row (`last_good_checkpoint()` names it in the message)."""
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        rows = (torch.stack([row for _, row in self.pending]).tolist() if self.on_device
+                else [row for _, row in self.pending])
+        self.pending = []
+        for step, row in zip(steps, rows):
+            line = self._count(step, row, last_good_checkpoint)
+            if line:
+                note(line)
+
+    def _count(self, step, row, last_good_checkpoint) -> str | None:
+        if row[0] == 0:
             self.in_a_row, self.first_bad_step = 0, None
             return None
+        loss, norm = row[1], row[2]
         self.skipped += 1
         self.in_a_row += 1
         if self.first_bad_step is None:
             self.first_bad_step = step
-        loss, norm = self.last
         if self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f"step {step + 1}: {self.in_a_row} optimizer steps in a row (since step {self.first_bad_step + 1}) had "
                 f"a non-finite loss or gradient norm (last: loss {loss:.4g}, grad norm {norm:.4g}); stopped. "
-                f"{self._likely_cause()}; {last_good_checkpoint}")
+                f"{self._likely_cause()}; {last_good_checkpoint()}")
         return (f"step {step + 1}: non-finite loss {loss:.4g} / grad norm {norm:.4g}: update skipped "
                 f"({self.in_a_row} in a row, {self.skipped} in this run; the run stops at {self.limit} in a row)")
 

@@ -275,3 +275,83 @@ def test_an_output_dir_that_is_a_file(prefix_shards, tmp_path):
     line = error_line(*run(file / "run", prefix_shards, "--max-steps", 1))
     assert "a part of that path is a file" in line
     assert file.read_text() == "not a directory"
+
+
+# ------------------------------------------------------------- the guard without a host sync (fused AdamW)
+
+
+@pytest.fixture
+def fused_adamw(monkeypatch):
+    """AdamW fused on the CPU too, as the toolkit builds it on CUDA: the guard then skips on the device."""
+    from mpnet.training import toolkit
+
+    original = torch.optim.AdamW
+
+    def fused(params, **kwargs):
+        return original(params, **{**kwargs, "fused": True})
+
+    monkeypatch.setattr(toolkit.torch.optim, "AdamW", fused)
+    yield
+    monkeypatch.setattr(toolkit.torch.optim, "AdamW", original)
+
+
+def test_on_device_an_isolated_nonfinite_step_is_skipped_without_an_update(prefix_shards, tmp_path, monkeypatch,
+                                                                          fused_adamw):
+    test_an_isolated_nonfinite_step_is_skipped_without_an_update(prefix_shards, tmp_path, monkeypatch)
+
+
+def test_on_device_consecutive_nonfinite_steps_stop_at_the_next_poll(prefix_shards, tmp_path, monkeypatch, capsys,
+                                                                    fused_adamw):
+    poison_steps(monkeypatch, set(range(5, 100)))
+    out = tmp_path / "run"
+    code, stderr = pretrain("--output-dir", out, "--data", prefix_shards, "--log-every", 4, *TINY_RUN,
+                            "--max-steps", 20, "--save-every", 100, "training.max_nonfinite_steps=3")
+    line = error_line(code, stderr)
+    assert "step 7: 3 optimizer steps in a row (since step 5)" in line, line  # counted exactly, read at step 8
+    assert "no checkpoint has been written yet" in line
+    assert capsys.readouterr().out.count("update skipped") == 2
+
+
+def _count_host_reads_in_train_steps(monkeypatch):
+    """Calls that copy a tensor's value to the host (a sync on a GPU) made by mpnet's own code (not the CPU-side
+    data pipeline) while Trainer.train_step runs."""
+    import sys
+
+    from mpnet.training.pretrain import Trainer
+
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if inside[0] and "/mpnet/" in caller and "/mpnet/data/" not in caller:
+                reads.append((_name, Path(caller).name, sys._getframe(1).f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    step = Trainer.train_step
+
+    def counted(self, *args):
+        inside[0] = True
+        try:
+            return step(self, *args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    return reads
+
+
+def test_the_guard_reads_one_value_per_step_on_the_host_path(prefix_shards, tmp_path, monkeypatch):
+    reads = _count_host_reads_in_train_steps(monkeypatch)
+    code, stderr = run(tmp_path / "run", prefix_shards, "--max-steps", 6, "--save-every", 100)
+    assert code == 0, stderr
+    assert len(reads) == 6 and {r[1] for r in reads} == {"safety.py"}, reads
+
+
+def test_the_guard_reads_nothing_during_a_step_on_the_device_path(prefix_shards, tmp_path, monkeypatch, fused_adamw):
+    reads = _count_host_reads_in_train_steps(monkeypatch)
+    code, stderr = run(tmp_path / "run", prefix_shards, "--max-steps", 6, "--save-every", 100)
+    assert code == 0, stderr
+    assert reads == []
