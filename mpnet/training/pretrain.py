@@ -125,7 +125,7 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
     source = resume_from or cfg.training.init_from
     if source:  # vocabulary first: the data's special ids must fit the checkpoint's table
         _check_vocab(read_config(source).vocab_size, meta, cfg, source, resuming=resume_from is not None)
-        overrides = {} if resume_from else _model_overrides(cfg.model)  # a resumed model is the checkpoint's
+        overrides = _model_overrides(cfg.model, keys=("attention_backend",) if resume_from else None)
         model = MPNetForPretraining.from_pretrained(source, **fixed, **overrides)
         if resume_from and not all_finite(model.state_dict().values()):  # written before the guard existed
             raise UserError(f"checkpoint {resume_from} holds non-finite weights (NaN/inf); delete it to resume from "
@@ -141,7 +141,8 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
 
 
 def _uses_flex(cfg: PretrainConfig) -> bool:
-    return str(cfg.model.get("use_flex_attention", False)).lower() in ("true", "1", "yes")
+    return (cfg.model.get("attention_backend") == "flex"
+            or str(cfg.model.get("use_flex_attention", False)).lower() in ("true", "1", "yes"))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what load_tokenizer reads
@@ -173,11 +174,12 @@ def _check_vocab(model_vocab: int, meta: dict, cfg: PretrainConfig, source, resu
                     f"{meta['tokenizer']} ({meta['vocab_size']} tokens); {fix}")
 
 
-def _model_overrides(section: dict) -> dict:
+def _model_overrides(section: dict, keys=None) -> dict:
     """What a run may change in a checkpoint's config when continuing from it (shapes stay the checkpoint's,
-    except a longer position table, which load_pretrained grows explicitly)."""
-    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size", "attention_pattern",
-            "max_position_embeddings")
+    except a longer position table, which load_pretrained grows explicitly). A resumed run may change only
+    the backend (resume.py)."""
+    keys = keys or ("hidden_dropout_prob", "attention_probs_dropout_prob", "sliding_window_size",
+                    "attention_pattern", "max_position_embeddings", "attention_backend")
     return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in section.items() if k in keys}
 
 

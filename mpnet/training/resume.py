@@ -30,7 +30,7 @@ CHANGEABLE = {
     "logging": {"log_every", "valid_every", "valid_batches", "save_every", "keep_last", "progress_bar"},
     "data": {"num_workers"},
     "distributed": {"fsdp"},
-    "model": {"use_flex_attention"},  # the backend computes the same function
+    "model": {"use_flex_attention", "attention_backend"},  # every backend computes the same function
 }
 PATH_KEYS = {("data", "path"), ("data", "tokenizer"), ("training", "init_from")}
 WHY = {
