@@ -34,6 +34,7 @@ def build_parser():
                        ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:
         p.add_argument(flag, type=kind, help="override the recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP + " (sections: task, training)")
     return p
 
@@ -48,10 +49,8 @@ def main(argv=None):
                           "max_eval_examples": args.max_eval_examples,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
-    report = compare(args.checkpoint, [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
-                     args.seeds, args.output_dir, args.config, overrides_from(args, flags), args.device)
-    if report["note"]:
-        print(f"note: {report['note']}")
+    compare(args.checkpoint, [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
+              args.seeds, args.output_dir, args.config, overrides_from(args, flags), args.device, args.overwrite)
     print((args.output_dir / "comparison.md").read_text())
 
 

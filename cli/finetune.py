@@ -32,6 +32,7 @@ def build_parser():
     p.add_argument("--use-flex-attention", action="store_true", help="FlexAttention backend (training needs CUDA)")
     p.add_argument("--sliding-window-size", type=int, metavar="W", help="attend only within W tokens")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --output-dir")
     train = p.add_argument_group("training (override the recipe)")
     for flag, kind, text in [("--lr", float, "peak learning rate"), ("--batch-size", int, "examples per step"),
                              ("--epochs", int, "passes over the training set"),
@@ -88,7 +89,7 @@ def main(argv=None):
     check_window(args.sliding_window_size, "--sliding-window-size")
     backend = Backend(args.use_flex_attention, args.sliding_window_size)
     output = args.output_dir or Path("runs/finetune") / f"{config.task.name}-{backend.label.replace(':', 'w')}-seed{config.training.seed}"
-    finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device)
+    finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,8 @@ def convert_fairseq_data(data_bin, out_dir, tokenizer="default", line_per_docume
     """A fairseq data-bin -> this project's shard directory at out_dir (written atomically, like
     preprocess_corpus). tokenizer: the tokenizer whose vocabulary the dict.txt symbols are looked up in (see
     load_tokenizer). Returns the metadata dict."""
-    from .preprocess import check_output_dir, output_workspace, shard_dtype, shard_metadata, write_document_index
+    from ..training.toolkit import check_output_dir
+    from .preprocess import output_workspace, shard_dtype, shard_metadata, write_document_index
     from .tokenizer import load_tokenizer, save_tokenizer
 
     out_dir = check_output_dir(out_dir, overwrite)

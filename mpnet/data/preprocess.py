@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mpnet.errors import UserError
+from mpnet.training.toolkit import check_output_dir
 
 from .corpus import file_format, iter_documents, list_sources
 from .tokenizer import (load_tokenizer, save_tokenizer, special_token_ids, tokenizer_identity,
@@ -162,17 +163,6 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
 
 # ----------------------------------------------------------------------------------------------------------------
 # the pieces of preprocess_corpus (convert_fairseq_data in fairseq_data.py shares the output side)
-
-def check_output_dir(out_dir, overwrite: bool) -> Path:
-    """out_dir as a Path, refused when it holds something and overwrite is not set."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} is a file; choose a directory")
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise UserError(f"output directory {out_dir} already exists and is not empty "
-                        f"(choose another one, or overwrite it with --overwrite)")
-    return out_dir
-
 
 @contextlib.contextmanager
 def output_workspace(out_dir: Path, overwrite: bool):

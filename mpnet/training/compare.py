@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..tasks import get_task
 from .config import FinetuneConfig, load_finetune_config
 from .finetune import Backend, evaluate_checkpoint, finetune, read_task_data
-from .toolkit import resolve_device, versions, write_json_atomic
+from .toolkit import check_new_output_dir, resolve_device, versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ class Run:
 
 
 def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], seeds: list[int], output_dir,
-            config_path=None, overrides: dict | None = None, device=None) -> dict:
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+            config_path=None, overrides: dict | None = None, device=None, overwrite: bool = False) -> dict:
+    checkpoint = Path(checkpoint)
+    output_dir = check_new_output_dir(output_dir, overwrite, "the comparison")
     task_specs = [get_task(name) for name in tasks]  # unknown task -> error before any work
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} is not a directory; pass an MPNet checkpoint (HF layout)")
@@ -96,7 +97,7 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
             else:
                 for backend in backends:
                     run_dir = output_dir / "runs" / spec.name / _dir_name(backend) / f"seed{seed}"
-                    result = finetune(checkpoint, data_dir, config, run_dir, backend=backend, device=device,
+                    result = finetune(checkpoint, data_dir, config, run_dir, backend=backend, device=device, overwrite=True,
                                       prepared=prepared, tokenizer=tokenizer)
                     runs.append(Run(spec.name, backend.label, seed, "trained", result["best"]["score"],
                                     result["best"]["metrics"], result["train_examples_per_s"],
@@ -131,7 +132,8 @@ def _eval_only_runs(checkpoint, data_dir, config: FinetuneConfig, prepared, back
     """Fine-tune once with dense, then evaluate the best checkpoint under every backend."""
     task = prepared.task.name
     train_dir = output_dir / "runs" / task / "dense-train" / f"seed{seed}"
-    trained = finetune(checkpoint, data_dir, config, train_dir, backend=Backend(), device=device, prepared=prepared,
+    trained = finetune(checkpoint, data_dir, config, train_dir, backend=Backend(), device=device, overwrite=True,
+                       prepared=prepared,
                        tokenizer=tokenizer)
     best = Path(trained["best"]["checkpoint"])
     runs = []

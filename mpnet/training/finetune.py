@@ -34,8 +34,8 @@ from ..errors import UserError
 from ..modeling.config import check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
-from .toolkit import (PeakMemory, adamw, autocast, lr_scheduler, resolve_device, save_model_atomic, seed_everything,
-                      synchronize, to_device, versions, write_json_atomic)
+from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, lr_scheduler, resolve_device, save_model_atomic,
+                      seed_everything, synchronize, to_device, versions, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,11 @@ class Run:
 
 
 def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: Backend = Backend(),
-             device: str | torch.device | None = None, prepared: PreparedData | None = None, tokenizer=None) -> dict:
-    """Fine-tune `checkpoint` on the configured task; returns the results dict (also in results.json)."""
+             device: str | torch.device | None = None, prepared: PreparedData | None = None, tokenizer=None,
+             overwrite: bool = False) -> dict:
+    """Fine-tune `checkpoint` on the configured task; returns the results dict (also in results.json).
+    A non-empty output_dir is refused unless overwrite; a training checkpoint always."""
+    output_dir = check_new_output_dir(output_dir, overwrite, "the fine-tuning run")
     run = _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, tokenizer)
     t = config.training
     results = _results_header(run, checkpoint, data_dir, config, backend)

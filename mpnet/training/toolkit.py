@@ -125,6 +125,46 @@ def write_json_atomic(path, data: dict):
     os.replace(tmp, path)
 
 
+def check_output_dir(out_dir, overwrite: bool) -> Path:
+    """out_dir as a Path, refused when it is a file, or holds something and overwrite is not set."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} is a file; choose a directory")
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} already exists and is not empty "
+                        f"(choose another one, or overwrite it with --overwrite)")
+    return out_dir
+
+
+def training_checkpoint_in(path) -> Path | None:
+    """The training checkpoint that `path` is, holds, or would pose as (None if none): a directory with
+    training_state/, a run directory with checkpoints/step-*, or a new checkpoints/step-* that --resume would
+    take for the newest step of that run. Nothing but pretraining ever writes there."""
+    from .checkpointing import PREFIX, STATE_FILE, checkpoint_root
+
+    path = Path(path)
+    if (path / STATE_FILE.parent).exists():
+        return path / STATE_FILE.parent
+    root = checkpoint_root(path)
+    if root.is_dir():
+        steps = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
+        if steps:
+            return steps[-1]
+    if path.parent.name == checkpoint_root(Path()).name and path.name.startswith(PREFIX):
+        return path
+    return None
+
+
+def check_new_output_dir(out_dir, overwrite: bool, what: str) -> Path:
+    """check_output_dir, and never a training checkpoint (even with overwrite: its training state would
+    be lost). `what` names the output in the message, e.g. 'the conversion'."""
+    found = training_checkpoint_in(Path(out_dir).expanduser())
+    if found is not None:
+        raise UserError(f"{out_dir} holds a training checkpoint ({found}); write {what} to a new directory "
+                        "(nothing was changed)")
+    return check_output_dir(out_dir, overwrite)
+
+
 def fsync_tree(directory):
     """Flush every file under `directory`, then the directory entries themselves, to the disk: after a
     rename that follows, a power loss cannot leave the new name pointing at empty files."""

@@ -159,3 +159,26 @@ def test_tokenizer_from_another_vocabulary_is_rejected(workspace, tmp_path):
     MPNetForPretraining(tiny_config(tokenizer, vocab_size=8, mask_token_id=7)).save_pretrained(small, tokenizer=tokenizer)
     with pytest.raises(UserError, match="does not belong to this checkpoint"):
         finetune(small, root / "glue", quick_config("sst2"), tmp_path / "o")
+
+
+def test_an_existing_run_or_a_training_checkpoint_is_never_overwritten(workspace, tmp_path):
+    """finetune-mpnet into a run that already has results: refused without --overwrite, results kept; into
+    a pretraining run or checkpoint: refused even with --overwrite."""
+    main = cli_main("finetune")
+    root, ckpt = workspace
+    common = ["--checkpoint", ckpt, "--task", "sst2", "--data-dir", root / "glue", "--epochs", 1, "--lr", 1e-3,
+              "--batch-size", 8, "--max-length", 48, "--no-progress"]
+    out = tmp_path / "run"
+    assert call_main(main, *common, "--output-dir", out)[0] == 0
+    before = (out / "results.json").read_bytes()
+    code, err = call_main(main, *common, "--output-dir", out)
+    assert_one_line_error_text(code, err, "already exists and is not empty", "--overwrite")
+    assert (out / "results.json").read_bytes() == before
+    assert call_main(main, *common, "--output-dir", out, "--overwrite")[0] == 0
+
+    pretraining = tmp_path / "pretrain-run"
+    (pretraining / "checkpoints" / "step-00000010" / "training_state").mkdir(parents=True)
+    for target in (pretraining, pretraining / "checkpoints" / "step-00000010"):
+        code, err = call_main(main, *common, "--output-dir", target, "--overwrite")
+        assert_one_line_error_text(code, err, "holds a training checkpoint")
+    assert sorted(p.name for p in (pretraining / "checkpoints" / "step-00000010").iterdir()) == ["training_state"]
