@@ -30,6 +30,8 @@ def build_parser():
     p.add_argument("--output-dir", type=Path, help="default: runs/finetune/TASK-BACKEND-seedSEED")
     p.add_argument("--config", type=Path, help="YAML recipe (default: configs/glue/TASK.yaml when present)")
     p.add_argument("--use-flex-attention", action="store_true", help="FlexAttention backend (training needs CUDA)")
+    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense",
+                   help="attention backend (flex and triton train on CUDA only; --use-flex-attention = flex)")
     p.add_argument("--sliding-window-size", type=int, metavar="W", help="attend only within W tokens")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --output-dir")
@@ -87,7 +89,7 @@ def main(argv=None):
         get_task(args.task)  # an unknown task fails before anything is loaded
     config = config_from_args(args)
     check_window(args.sliding_window_size, "--sliding-window-size")
-    backend = Backend(args.use_flex_attention, args.sliding_window_size)
+    backend = Backend("flex" if args.use_flex_attention else args.attention_backend, args.sliding_window_size)
     output = args.output_dir or Path("runs/finetune") / f"{config.task.name}-{backend.label.replace(':', 'w')}-seed{config.training.seed}"
     finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device, overwrite=args.overwrite)
 

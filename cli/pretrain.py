@@ -44,6 +44,9 @@ def build_parser():
                         "conflicting settings are refused (docs/resume.md)")
     p.add_argument("--use-flex-attention", action="store_true",
                    help="use the FlexAttention backend (needs CUDA for training) instead of the dense one")
+    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"],
+                   help="attention backend (default: the config's, dense when unset; flex and triton train on CUDA "
+                        "only; --use-flex-attention = flex)")
     p.add_argument("--sliding-window-size", type=int, metavar="N",
                    help="each token attends only to original positions within N of its own")
     p.add_argument("--attention-pattern", metavar="SPEC",
@@ -64,6 +67,7 @@ def main(argv=None):
         "logging": {"save_every": args.save_every, "log_every": args.log_every,
                     "progress_bar": False if args.no_progress else None},
         "model": {"use_flex_attention": True if args.use_flex_attention else None,
+                  "attention_backend": args.attention_backend,
                   "sliding_window_size": args.sliding_window_size, "attention_pattern": args.attention_pattern},
     }
     from mpnet.modeling.config import check_window

@@ -74,7 +74,7 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
         raise UserError(f"data directory {data_dir} does not exist; pass the GLUE folder holding the task folders")
     device = resolve_device(device)
     can_train_flex = device.type == "cuda"
-    eval_only = not can_train_flex and any(b.flex for b in backends)
+    eval_only = not can_train_flex and any(b.name != "dense" for b in backends)
     note = CPU_NOTE.format(device=device.type.upper()) if eval_only else None
     if note:
         log.info("%s", note)
@@ -142,7 +142,7 @@ def _eval_only_runs(checkpoint, data_dir, config: FinetuneConfig, prepared, back
                                      config.training.pad_to_multiple_of, config.training.bf16, tokenizer)
         log.info("%s seed %d, %s (eval-only): score %.2f, %.1f eval ex/s", task, seed, backend.label,
                  100 * result["score"], result["eval_examples_per_s"] or 0.0)
-        dense = not backend.flex and backend.window is None
+        dense = backend.name == "dense" and backend.window is None
         runs.append(Run(task, backend.label, seed, "trained (dense)" if dense else "eval-only", result["score"],
                         result["metrics"], trained["train_examples_per_s"] if dense else None,
                         result["eval_examples_per_s"], result["peak_memory_bytes"], result["peak_memory_kind"],

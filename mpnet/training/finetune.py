@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..data.classification import Batching, Encoded, PreparedData, prepare_data
 from ..data.tokenizer import checkpoint_tokenizer
 from ..errors import UserError
-from ..modeling.config import check_window
+from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, lr_scheduler, resolve_device, save_model_atomic,
@@ -45,35 +45,42 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Backend:
-    """An attention backend: dense or FlexAttention, optionally with a sliding window (in tokens)."""
+    """An attention backend (MPNetConfig.attention_backend), optionally with a sliding window (in tokens)."""
 
-    flex: bool = False
+    name: str = "dense"
     window: int | None = None
 
     def __post_init__(self):
+        if self.name not in ATTENTION_BACKEND_NAMES:
+            raise UserError(f"unknown backend '{self.name}'; use {', '.join(ATTENTION_BACKEND_NAMES)}, "
+                            "optionally with :W (W = sliding window in tokens)")
         check_window(self.window, "the sliding window")
 
     @property
+    def flex(self) -> bool:
+        return self.name == "flex"
+
+    @property
     def label(self) -> str:
-        name = "flex" if self.flex else "dense"
-        return f"{name}:{self.window}" if self.window else name
+        return f"{self.name}:{self.window}" if self.window else self.name
 
     @classmethod
     def parse(cls, text: str) -> "Backend":
-        """'dense', 'flex', 'flex:128' (flex + sliding window 128), 'dense:128'."""
+        """'dense', 'flex', 'triton', with ':W' for a sliding window of W tokens (e.g. 'flex:128')."""
         name, _, window = text.strip().lower().partition(":")
-        if name not in ("dense", "flex"):
-            raise UserError(f"unknown backend '{text}'; use dense, flex or flex:W (W = sliding window in tokens)")
         if window and not window.isdigit():
             raise UserError(f"backend '{text}': the sliding window must be a positive integer")
-        return cls(name == "flex", int(window) if window else None)
+        return cls(name, int(window) if window else None)
 
 
 def check_backend_can_train(backend: Backend, device: torch.device):
-    if backend.flex and device.type != "cuda":
+    """Only the dense backend trains on a CPU: FlexAttention has no CPU backward, the Triton kernels need CUDA."""
+    if backend.name != "dense" and device.type != "cuda":
         from ..modeling.attention import CPU_TRAINING_MESSAGE, FlexAttentionUnavailable
 
-        raise FlexAttentionUnavailable(CPU_TRAINING_MESSAGE)
+        if backend.flex:
+            raise FlexAttentionUnavailable(CPU_TRAINING_MESSAGE)
+        raise UserError(f"the {backend.name} backend needs a CUDA GPU; drop it to train with the dense backend")
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -95,7 +102,7 @@ def load_classifier(checkpoint, task: Task, backend: Backend, attention_dropout:
     if not task.is_regression:
         labels["id2label"] = {i: name for i, name in enumerate(task.labels)}
         labels["label2id"] = {name: i for i, name in enumerate(task.labels)}
-    backend_fields = {"use_flex_attention": backend.flex, "sliding_window_size": backend.window}
+    backend_fields = {"attention_backend": backend.name, "sliding_window_size": backend.window}
     if attention_dropout is not None:
         backend_fields["attention_probs_dropout_prob"] = attention_dropout
     existing = read_config(checkpoint)
@@ -250,7 +257,7 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "config.json", to_dict(config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
-    rows_multiple = t.pack_rows_multiple or (4 if backend.flex else 1)
+    rows_multiple = t.pack_rows_multiple or (1 if backend.name == "dense" else 4)
     batching = Batching(pad_id, t.pad_to_multiple_of, model.config.max_sequence_length, t.pack, prepared.max_length,
                         rows_multiple)
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
@@ -344,7 +351,7 @@ def evaluate_checkpoint(checkpoint, prepared: PreparedData, backend: Backend, de
     from ..modeling import MPNetForSequenceClassification
 
     tokenizer = tokenizer or checkpoint_tokenizer(checkpoint)
-    model = MPNetForSequenceClassification.from_pretrained(checkpoint, use_flex_attention=backend.flex,
+    model = MPNetForSequenceClassification.from_pretrained(checkpoint, attention_backend=backend.name,
                                                            sliding_window_size=backend.window).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
     memory = PeakMemory(device)

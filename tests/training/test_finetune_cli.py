@@ -142,7 +142,7 @@ def test_backend_labels_and_parsing():
 
     assert [Backend.parse(t).label for t in ("dense", "flex", "FLEX:128", "dense:64")] == [
         "dense", "flex", "flex:128", "dense:64"]
-    assert Backend.parse("flex:128") == Backend(True, 128)
+    assert Backend.parse("flex:128") == Backend("flex", 128)
     for bad in ("sparse", "flex:0", "flex:x"):
         with pytest.raises(UserError):
             Backend.parse(bad)
