@@ -1,0 +1,378 @@
+"""The Triton kernels of the Triton attention backend (triton_attention.py holds the plan, the autograd
+function and the module; read its docstring first). Without the triton package this module still
+imports, with `triton` None, and the backend says what is missing.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports; every entry point says what is missing
+    triton = None
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+
+# The kernels run in Triton's interpreter (numpy, CPU tensors) when asked to, or when there is no GPU.
+INTERPRET = triton is not None and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available())
+
+
+def _interpreter_accepts_numpy_scalars():
+    """Triton 3.6's interpreter converts a loaded scalar (a 1-element numpy array) to a Python int with
+    int(array), which numpy >= 2.4 refuses, so a loop with a run-time bound fails (triton issue 9171).
+    Convert through the array's single element instead; nothing changes outside the interpreter."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "accepts_numpy_scalars", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch.accepts_numpy_scalars = True
+    interpreter._patch_lang_tensor = patch
+
+
+def _kernel(fn):
+    if triton is None:
+        return fn
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreter_accepts_numpy_scalars()
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
+
+
+LOG2E = 1.4426950408889634
+HIDDEN_RANK = 1 << 29  # the rank given to padding keys: no threshold reaches it, so nobody sees them
+HIDDEN_CODE = 2 * HIDDEN_RANK
+FAR = 1 << 30  # "no position" in tile ranges (larger than any distance); also "no row" in row ranges
+_HIDDEN_CODE = tl.constexpr(HIDDEN_CODE)  # the same numbers, as the kernels may read them
+_FAR = tl.constexpr(FAR)
+_INTERPRETED = tl.constexpr(INTERPRET)
+# Reductions go through tl.reduce with the standard library's own combine functions rather than
+# tl.sum/max/min: those are @jit functions made when triton was imported, and one made without
+# TRITON_INTERPRET cannot run in the interpreter, while tl.reduce with these combiners runs in both.
+_SUM = _MAX = _MIN = None
+if triton is not None:
+    _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
+
+
+# ---------------------------------------------------------------------------------------- kernels
+#
+# Orientation: the forward and dQ kernels hold a query tile and loop over key tiles (scores BLOCK_M x
+# BLOCK_N); the dK/dV kernel holds a key tile and loops over query tiles (scores transposed, BLOCK_N x
+# BLOCK_M). `_scores` and `_bias_gradient` take their row and column vectors already broadcast, so one
+# body serves both orientations. Scores are kept in log2 units (scale * log2 e folded in) for exp2.
+
+
+@_kernel
+def _query_tile(start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A tile of visited query rows: indices, in-range mask, row numbers, positions, thresholds,
+    documents, and the tile's position range."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < LQ
+    at = b * LQ + offs_m
+    rows = tl.load(q_rows + at, mask=row_ok, other=0)
+    qp = tl.load(q_pos + at, mask=row_ok, other=0)
+    qt = tl.load(q_threshold + at, mask=row_ok, other=0)
+    qd = qp
+    if HAS_DOCUMENTS:
+        qd = tl.load(q_doc + at, mask=row_ok, other=0)
+    q_min = tl.reduce(tl.where(row_ok, qp, _FAR), 0, _MIN)
+    q_max = tl.reduce(tl.where(row_ok, qp, -_FAR), 0, _MAX)
+    return offs_m, row_ok, rows, qp, qt, qd, q_min, q_max
+
+
+@_kernel
+def _key_tile(start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile of visited keys: like `_query_tile`; out-of-range keys read as padding (hidden) and the
+    position range covers real keys only."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < LK
+    at = b * LK + offs_n
+    rows = tl.load(k_rows + at, mask=col_ok, other=0)
+    kp = tl.load(k_pos + at, mask=col_ok, other=-1)
+    kc = tl.load(k_code + at, mask=col_ok, other=_HIDDEN_CODE)
+    kd = kp
+    if HAS_DOCUMENTS:
+        kd = tl.load(k_doc + at, mask=col_ok, other=0)
+    k_min = tl.reduce(tl.where(kp >= 0, kp, _FAR), 0, _MIN)
+    k_max = tl.reduce(tl.where(kp >= 0, kp, -_FAR), 0, _MAX)
+    return offs_n, col_ok, rows, kp, kc, kd, k_min, k_max
+
+
+@_kernel
+def _load_rows(X, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
+                   mask=ok[:, None], other=0.0)
+
+
+@_kernel
+def _store_rows(X, value, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
+             value.to(X.dtype.element_ty), mask=ok[:, None])
+
+
+@_kernel
+def _gather_f32(pointers):
+    """Elementwise load of a float32 table entry per pointer (a gather from an L1-resident table).
+
+    Compiled, it is the load instruction itself as inline PTX, so the result stays in the layout of
+    the scores it is added to: a tl.load gather gets a memory-friendly layout of its own, and the
+    conversions back (through shared memory) took registers and time (seen in the compiled IR: three
+    copies of the score tile and two conversions per bucket of the bias gradient)."""
+    if _INTERPRETED:
+        return tl.load(pointers)
+    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [pointers], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@_kernel
+def _gather_i32(pointers):
+    if _INTERPRETED:
+        return tl.load(pointers)
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [pointers], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@_kernel
+def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, bias,
+            window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+            WITH_BIAS: tl.constexpr):
+    """Scaled scores (log2 units) + relative bias, hidden pairs -inf. distance_lo/hi bound p_k - p_q
+    over the tile: a tile inside one saturated bucket adds a scalar instead of gathering."""
+    if not WITH_BIAS:  # timing only (Tiles.leave_out)
+        pass
+    elif distance_lo >= SAT_RIGHT:
+        s = s + tl.load(bias + 2 * MAX_DISTANCE)
+    elif distance_hi <= -SAT_LEFT:
+        s = s + tl.load(bias)
+    else:
+        index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+        s = s + _gather_f32(bias + index)
+    visible = ((k_code >> 1) < q_threshold) != ((k_code & 1) == 1)
+    if HAS_WINDOW:
+        visible = visible & (tl.abs(k_pos - q_pos) <= window)
+    if HAS_DOCUMENTS:
+        visible = visible & (q_doc == k_doc)
+    return tl.where(visible, s, float("-inf"))
+
+
+@_kernel
+def _total(x):
+    return tl.reduce(tl.reduce(x, 1, _SUM), 0, _SUM)
+
+
+@_kernel
+def _bias_gradient(db, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                   BUCKETS: tl.constexpr):
+    """db (BUCKETS,) += the tile's dS summed per bucket: one sum for a saturated tile, else one masked
+    sum for each bucket that the tile's distance range [distance_lo, distance_hi] touches."""
+    bucket_ids = tl.arange(0, BUCKETS)
+    if distance_lo >= SAT_RIGHT:
+        db += tl.where(bucket_ids == tl.load(BUCKET + 2 * MAX_DISTANCE), _total(ds), 0.0)
+    elif distance_hi <= -SAT_LEFT:
+        db += tl.where(bucket_ids == tl.load(BUCKET), _total(ds), 0.0)
+    else:
+        index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+        bucket = _gather_i32(BUCKET + index)
+        lo = tl.minimum(tl.maximum(distance_lo, -MAX_DISTANCE), MAX_DISTANCE)
+        hi = tl.minimum(tl.maximum(distance_hi, -MAX_DISTANCE), MAX_DISTANCE)
+        # Left of the query (d <= 0) the bucket grows with |d|, and so it does right of it (d >= 1).
+        first = tl.load(BUCKET + tl.minimum(hi, 0) + MAX_DISTANCE)
+        last = tl.where(lo <= 0, tl.load(BUCKET + lo + MAX_DISTANCE), first - 1)
+        for j in range(first, last + 1):
+            db += tl.where(bucket_ids == j, _total(tl.where(bucket == j, ds, 0.0)), 0.0)
+        first = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
+        last = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first - 1)
+        for j in range(first, last + 1):
+            db += tl.where(bucket_ids == j, _total(tl.where(bucket == j, ds, 0.0)), 0.0)
+    return db
+
+
+@_kernel
+def _forward_kernel(Q, K, V, O, LSE, BIAS,
+                    q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc,
+                    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
+                    H, LQ, LK, ND, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                    WITH_BIAS: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
+    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
+    bias = BIAS + h * ND
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
+                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees nothing outputs 0
+    _store_rows(O, out, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM)
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # +inf: p = 0 in backward
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=row_ok)
+
+
+@_kernel
+def _delta_kernel(O, DO, DELTA, q_rows, stride_ob, stride_oh, stride_ol, stride_gb, stride_gh, stride_gl,
+                  H, LQ, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, in visiting order: the softmax backward's per-row term."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < LQ
+    rows = tl.load(q_rows + b * LQ + offs_m, mask=row_ok, other=0)
+    o = _load_rows(O, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + bh * LQ + offs_m, tl.reduce(o * do, 1, _SUM), mask=row_ok)
+
+
+@_kernel
+def _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row, delta_row, bias,
+                   BUCKET, q_rows, q_pos, q_threshold, q_doc, stride_qb, stride_qh, stride_ql,
+                   stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                   BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                   WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
+    """One query tile's share of a key tile's dK, dV and bias gradient (scores transposed: keys x rows)."""
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
+    lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+    distance_lo = k_min - q_max
+    distance_hi = k_max - q_min
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    s = _scores(s, qp[None, :], qt[None, :], qd[None, :], kp[:, None], kc[:, None], kd[:, None],
+                distance_lo, distance_hi, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS,
+                WITH_BIAS)
+    p = tl.math.exp2(s - lse[None, :])
+    dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds = p * (dp - delta[None, :])
+    dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+    if WITH_BIAS_GRADIENT:
+        db = _bias_gradient(db, ds, qp[None, :], kp[:, None], distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
+                            SAT_LEFT, SAT_RIGHT, BUCKETS)
+    return dk, dv, db
+
+
+@_kernel
+def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
+                          q_rows, q_pos, q_threshold, q_doc, q_real,
+                          k_rows, k_pos, k_code, k_doc, k_query_lo, k_query_hi,
+                          stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                          stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                          stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
+                          H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                          BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
+    """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+        tl.program_id(0) * BLOCK_N, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+    k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+    v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+    row_lo = tl.reduce(tl.load(k_query_lo + b * LK + offs_n, mask=col_ok, other=_FAR), 0, _MIN)
+    row_hi = tl.reduce(tl.load(k_query_hi + b * LK + offs_n, mask=col_ok, other=0), 0, _MAX)
+    lse_row = LSE + bh * LQ
+    delta_row = DELTA + bh * LQ
+    bias = BIAS + h * ND
+    dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
+    db = tl.full([BUCKETS], 0.0, tl.float32)
+    # Two runs of query tiles: those holding the real rows that may see these keys, then the padding
+    # rows (visited last; position -1 puts them outside the real rows' ranges), for a tile with a real
+    # key, from the first tile the first run did not visit. One loop over both keeps one copy of the body.
+    first = row_lo // BLOCK_M * BLOCK_M
+    main_tiles = tl.maximum((row_hi - first + BLOCK_M - 1) // BLOCK_M, 0)
+    padding_start = tl.load(q_real + b).to(tl.int32) // BLOCK_M * BLOCK_M
+    padding_start = tl.where(main_tiles > 0, tl.maximum(padding_start, first + main_tiles * BLOCK_M), padding_start)
+    padding_tiles = tl.where(k_max >= 0, tl.maximum((LQ - padding_start + BLOCK_M - 1) // BLOCK_M, 0), 0)
+    for tile in range(0, main_tiles + padding_tiles):
+        start_m = tl.where(tile < main_tiles, first + tile * BLOCK_M, padding_start + (tile - main_tiles) * BLOCK_M)
+        dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
+                                    delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
+                                    stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
+                                    window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
+                                    BLOCK_M, HEAD_DIM, PRECISION, WITH_BIAS, WITH_BIAS_GRADIENT)
+    _store_rows(DK, dk * sm_scale, b, h, stride_dkb, stride_dkh, stride_dkl, krows, col_ok, HEAD_DIM)
+    _store_rows(DV, dv, b, h, stride_dvb, stride_dvh, stride_dvl, krows, col_ok, HEAD_DIM)
+    slot = bh * tl.num_programs(0) + tl.program_id(0)
+    tl.store(DB + slot * BUCKETS + tl.arange(0, BUCKETS), db)
+
+
+@_kernel
+def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
+                            q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc,
+                            stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                            stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                            stride_dqb, stride_dqh, stride_dql,
+                            H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                            HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                            WITH_BIAS: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
+    lse = tl.load(LSE + bh * LQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + offs_m, mask=row_ok, other=0.0)
+    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
+    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
+    bias = BIAS + h * ND
+    dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
+                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_rows(DQ, dq * sm_scale, b, h, stride_dqb, stride_dqh, stride_dql, rows, row_ok, HEAD_DIM)
