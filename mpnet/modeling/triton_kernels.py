@@ -362,6 +362,8 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
     key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
     bias = BIAS + h * ND
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    # The key-tile visit and score recomputation of the forward kernel, kept inline in both: a shared
+    # helper would return the tile's k, v and scores, and Triton inlines it anyway (same code, more calls).
     for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
         offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
             start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
