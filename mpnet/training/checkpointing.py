@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..modeling.checkpoint import CheckpointError
-from .toolkit import fsync_tree
+from .toolkit import write_directory_atomic
 
 STATE_FILE = Path("training_state") / "state.pt"
 PREFIX = "step-"
@@ -61,39 +61,24 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_co
     one line naming the filesystem, the space needed and the last good checkpoint, which stays intact."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:08d}"
-    tmp, old = root / f".tmp-{final.name}", root / f".old-{final.name}"
     last_good = last_good_checkpoint(output_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp):
         model.save_pretrained(tmp, tokenizer=tokenizer)
         (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp / STATE_FILE)
         (tmp / STATE_FILE.parent / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        fsync_tree(tmp)  # file contents and entries on the disk before the name says "complete"
-        if final.exists():  # re-saving a step: the old copy stays until the new one is in place
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_directory(root)  # the rename itself
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_directory_atomic(final, write)  # re-saving a step: the old copy stays until the new one is in place
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap write errors
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.replace(old, final)
         message = save_failure(err, f"saving step {step} to {root}", root, needed_bytes, last_good)
         if message is None:
             raise
         raise CheckpointSaveError(message) from None
-    shutil.rmtree(old, ignore_errors=True)
     rotate(output_dir, keep_last, newest=final)
     return final
-
-
-def _fsync_directory(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_partial_saves(output_dir):

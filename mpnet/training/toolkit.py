@@ -170,32 +170,43 @@ def fsync_tree(directory):
     rename that follows, a power loss cannot leave the new name pointing at empty files."""
     directory = Path(directory)
     for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
+        fsync_directory(path)  # (a file's descriptor flushes the same way)
+    fsync_directory(directory)
+
+
+def fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def save_model_atomic(model, tokenizer, target):
-    """An HF model directory written to TARGET.tmp, flushed, then swapped in: an interrupted save never
-    leaves a half-written TARGET, and the previous TARGET stays until the new one is complete."""
+def write_directory_atomic(target, write):
+    """The one way a directory is (re)written: `write(tmp)` fills .tmp-NAME beside TARGET, which is flushed
+    to the disk and renamed into place; a previous TARGET stays (as .old-NAME) until the new one is complete.
+    On any error the partial directory is removed and the previous TARGET is back under its name."""
     target = Path(target)
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
-    fsync_tree(tmp)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        fsync_tree(tmp)  # file contents and entries on the disk before the name says "complete"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_directory(target.parent)  # the rename itself
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_atomic(model, tokenizer, target):
+    """An HF model directory (weights, config, tokenizer) written by `write_directory_atomic`."""
+    write_directory_atomic(target, lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer))
 
 
 def versions() -> dict:
