@@ -35,7 +35,14 @@ class CheckpointError(UserError):
 def _atomic_write(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644 & ~_umask())  # safetensors creates its files 0600; give the weights the usual mode
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_pretrained(model, path, tokenizer=None):

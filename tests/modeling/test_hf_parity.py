@@ -151,3 +151,16 @@ def test_classification_checkpoint_matches_hf(tmp_path, batch):
         theirs = hf_model.eval()(input_ids=ids, attention_mask=mask).logits
     assert ours.shape == theirs.shape == (len(LENGTHS), 3)
     assert max_abs(ours, theirs) <= TOL
+
+
+def test_saved_files_are_readable_like_any_other(tmp_path):
+    """model.safetensors gets the mode of the other files (safetensors itself creates 0600 files)."""
+    import os
+
+    from helpers import make_model
+
+    make_model(seed=0).save_pretrained(tmp_path / "ckpt")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o644 & ~mask, name
