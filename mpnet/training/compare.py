@@ -263,17 +263,20 @@ def plot(report: dict, path: Path):
             if heights:
                 drawn = True
                 ax.bar(positions, heights, width, yerr=errors if error else None, capsize=3, label=backend)
-        ax.set_title(title)
+        note = ("\n(dense only: the others are eval-only here)"
+                if drawn and "train" in title and report["mode"] == "evaluation-only" else "")
+        ax.set_title(title + note, fontsize=10)
         ax.set_xticks(x, tasks)
         ax.set_xlim(-0.6, len(tasks) - 0.4)
         if not drawn:
             ax.text(0.5, 0.5, "not measured here" if "train" not in title else "no training runs",
                     ha="center", va="center", transform=ax.transAxes, color="gray")
-        elif "train" in title and report["mode"] == "evaluation-only":
-            ax.text(0.5, 0.95, "dense only: flex is eval-only on CPU", ha="center", va="top",
-                    transform=ax.transAxes, fontsize=8, color="gray")
-    axes.flat[0].legend(fontsize=8)
+    handles, labels = next((ax.get_legend_handles_labels() for ax in axes.flat if ax.get_legend_handles_labels()[0]),
+                           ([], []))
+    # One legend for the figure, in its own row under the title: it never covers a bar or a label.
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=max(1, len(labels)), fontsize=9,
+               frameon=False)
     fig.suptitle(f"Attention backends: {report['mode']} ({report['device']})", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
