@@ -6,7 +6,7 @@
   benchmark-mpnet attention   one layer's attention per backend and length (fwd + bwd): the two-stream
                               pair and single stream (--streams)
   benchmark-mpnet step        a full mpnet-base pretraining step beside a BERT-base MLM step
-  benchmark-mpnet finetune    a mpnet-base classification step: transformers' MPNet against ours (dense, flex)
+  benchmark-mpnet finetune    a mpnet-base classification step: transformers' MPNet against ours (each backend)
   benchmark-mpnet patterns    the attention patterns (window, block, swin, ...) on flex against SDPA with a
                               dense mask and SDPA without one; DIR/patterns.{md,json}, patterns_time.png
   benchmark-mpnet packing     packed vs padded fine-tuning steps on GLUE-length sentences; DIR/packing.{md,json,png}
@@ -120,7 +120,8 @@ def step_args(parser, flag):
     g.add_argument("--seq-len", type=int, default=None, help="sequence length (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
     g.add_argument(flag, dest="step_backends", type=name_list(STEP_BACKENDS), default=None,
-                   help="MPNet attention backend(s): dense, flex or dense,flex (default dense,flex on GPU, dense on CPU)")
+                   help=f"MPNet attention backend(s), a subset of {','.join(STEP_BACKENDS)} (default all on GPU, "
+                        "dense on CPU)")
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
     model_args(g)
 
@@ -141,7 +142,7 @@ def finetune_args(parser, own=True):
         g.add_argument("--num-labels", type=int, default=None, help="classes (default 2)")
         model_args(g)
     g.add_argument("--models" if own else "--finetune-models", dest="finetune_models", type=name_list(FINETUNE_MODELS),
-                   default=None, help="transformers, dense, flex or a subset (default all three on GPU, "
+                   default=None, help=f"a subset of {','.join(FINETUNE_MODELS)} (default all on GPU, "
                                       "transformers,dense on CPU)")
 
 

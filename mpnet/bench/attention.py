@@ -30,7 +30,6 @@ modules with precomputed inputs (q/k/v/o Linear layers replaced by identities un
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +41,7 @@ from torch import nn
 from ..errors import UserError
 from ..modeling.attention import (
     DenseAttentionState,
+    attention_backend,
     FlexTwoStreamAttention,
     RelativeMultiHeadAttention,
     make_dense_attention_state,
@@ -70,16 +70,18 @@ from .harness import (
     ok,
     on_cuda,
     phase,
-    quantile,
     ratio_text,
     short_status,
     time_runs,
+    timed_build,
     timer_text,
+    warm_median,
 )
 
-ATTENTION_BACKENDS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window")
+ATTENTION_BACKENDS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window", "triton", "triton-window")
 LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",
-          "dense-once": "dense (state once)", "flex": "flex"}
+          "dense-once": "dense (state once)", "flex": "flex", "triton": "triton"}
+WINDOWED = {"flex-window": "flex", "triton-window": "triton"}  # one cell per --windows entry
 # The cheap and the compiled cells first; the dense ones are the likeliest to run out of memory.
 RUN_ORDER = {"sdpa": 0, "sdpa-bias": 1, "dense-once": 3, "dense": 4}
 SINGLE_STREAM_LENGTHS = [128, 512]
@@ -121,8 +123,8 @@ class AttentionSettings:
         unknown = [b for b in self.backends if b not in ATTENTION_BACKENDS]
         if unknown or not self.backends:
             raise UserError(f"unknown attention backend(s) {unknown or '(none)'}; pick from {', '.join(ATTENTION_BACKENDS)}")
-        if "flex-window" in self.backends and not self.windows:
-            raise UserError("backend flex-window needs --windows (e.g. 256,1024)")
+        if set(WINDOWED) & set(self.backends) and not self.windows:
+            raise UserError("backends flex-window and triton-window need --windows (e.g. 256,1024)")
         check_counts(self, "heads", "head_dim", "layers")
 
 
@@ -132,8 +134,8 @@ def attention_variants(settings: AttentionSettings) -> list:
     for backend in ATTENTION_BACKENDS:
         if backend not in settings.backends:
             continue
-        if backend == "flex-window":
-            out += [(f"flex-w{w}", f"flex w={w}", w) for w in settings.windows]
+        if backend in WINDOWED:
+            out += [(f"{WINDOWED[backend]}-w{w}", f"{WINDOWED[backend]} w={w}", w) for w in settings.windows]
         else:
             out.append((backend, LABELS[backend], None))
     return out
@@ -358,20 +360,13 @@ def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
     distance_bias.requires_grad_(settings.backward)  # a leaf: its gradient is carried on to the table below
     facts = {}
     graphs = compiled_graphs()
-    # As the model does: with a window the two-stream rows run in natural order, which makes it block-sparse.
-    layout = natural_order(p.positions, p.n, p.m) if window is not None and p.m else None
-    positions = p.positions if layout is None else p.positions.gather(1, layout)
+    layout, positions = rows_for(p, window)
     with phase("BlockMask build"):
-        timer.sync()
-        started = time.perf_counter()
-        state = make_flex_attention_state(positions, p.n, p.m, distance_bias, settings.max_distance, window,
-                                          layout=layout)
-        timer.sync()
-        facts["mask_first_s"] = time.perf_counter() - started
+        state, facts["mask_first_s"] = timed_build(timer, lambda: make_flex_attention_state(
+            positions, p.n, p.m, distance_bias, settings.max_distance, window, layout=layout))
     facts.update(tile_facts(state))
-    mask_times, _ = timer.measure(lambda: make_flex_attention_mask(positions, p.n, p.m, window, layout=layout),
-                                  min(5, settings.repeats), min(2.0, settings.max_seconds))
-    facts["mask_ms"] = quantile(mask_times, 0.5)
+    facts["mask_ms"] = warm_median(timer, lambda: make_flex_attention_mask(positions, p.n, p.m, window, layout=layout),
+                                   settings)
     facts["mask_graphs"] = compiled_graphs() - graphs
 
     def after_backward():  # the rest of the chain rule, as autograd runs it in the model: bias -> table
@@ -381,6 +376,31 @@ def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
 
     return Core(lambda: module(p.hidden, state), [p.hidden, p.table, *module.parameters()], facts,
                 after_backward, check=lambda: check_gradient(p.table))
+
+
+def rows_for(p: Problem, window):
+    """(layout, positions) as the model runs them: with a window the two-stream rows in natural order
+    (masks.natural_order), which makes the window block-sparse; else as collated."""
+    layout = natural_order(p.positions, p.n, p.m) if window is not None and p.m else None
+    return layout, (p.positions if layout is None else p.positions.gather(1, layout))
+
+
+def build_triton(settings, p: Problem, device, timer, window=None) -> Core:
+    """The Triton backend through the backend registry: its plan (per-row codes and visiting order, built
+    once per forward like the BlockMasks) outside the timed region, the table's gradient from its kernels."""
+    module_class, make_state = attention_backend("triton")
+    module = attention_module(module_class, settings, device)
+    layout, positions = rows_for(p, window)
+
+    def build():
+        return make_state(positions, p.n, p.m, p.table, settings.max_distance, window, layout=layout)
+
+    facts = {}
+    with phase("plan build"):
+        state, facts["mask_first_s"] = timed_build(timer, build)
+    facts["mask_ms"] = warm_median(timer, build, settings)
+    return Core(lambda: module(p.hidden, state), [p.hidden, p.table, *module.parameters()], facts,
+                check=lambda: check_gradient(p.table))
 
 
 def tile_facts(state) -> dict:
@@ -422,7 +442,10 @@ def make_run(core: Core, p: Problem, settings: AttentionSettings, device):
 def measure_attention(settings: AttentionSettings, p: Problem, key: str, window, device, timer) -> dict:
     """Build the cell (its state built and timed here, outside the timed region), warm it up (the first
     run compiles), time it; the FLOP rates. Raises on OOM / failure, labelled with the phase."""
-    builder = functools.partial(build_flex, window=window) if key.startswith("flex") else BUILDERS[key]
+    if key.startswith(("flex", "triton")):
+        builder = functools.partial(build_flex if key.startswith("flex") else build_triton, window=window)
+    else:
+        builder = BUILDERS[key]
     with phase("build"):
         core = builder(settings, p, device, timer)
     result = dict(core.facts)
@@ -447,6 +470,8 @@ def cell_plan(settings: AttentionSettings, p: Problem, key: str, label: str, win
             "window": window, "flops": flops}
     if window is not None and window >= p.n - 1:
         cell["status"] = "n/a: window covers L"
+    elif key.startswith("triton") and not on_cuda(settings):
+        cell["status"] = "n/a: the triton backend runs on CUDA (on CPU only in Triton's interpreter)"
     return cell
 
 
@@ -567,7 +592,10 @@ def method_lines(settings: AttentionSettings) -> list:
             "BlockMasks built once outside the timed region, their build timed apart (warm median, and the first "
             "build); the bias gradient flows into the captured table copy and on to the table. flex w=W: the "
             "sliding window |pos_q - pos_k| <= W on original positions, rows in natural order as the model runs "
-            "them (n/a where W >= L - 1). FlexAttention applies no attention dropout, nor do the SDPA cells.",
+            "them (n/a where W >= L - 1). triton, triton w=W: the hand-written Triton kernels "
+            "(`attention_backend(\"triton\")`), their plan built once outside the timed region (timed apart as "
+            "the mask build), the table's gradient from the kernels. flex, triton and the SDPA cells apply no "
+            "attention dropout.",
             f"- Time: median [p20, p80] of up to {settings.repeats} runs "
             f"({timer_text(settings)}) after {settings.warmup} warm-up "
             "runs; \"first call\" = the first run's wall time (compilation included). TFLOP/s: 4 x B x heads x rows x "

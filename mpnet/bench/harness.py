@@ -268,6 +268,22 @@ def time_runs(timer: Timer, run, warmup_runs: int, repeats: int, max_seconds: fl
     return result
 
 
+def timed_build(timer: Timer, build) -> tuple:
+    """(what build() returns, its wall time in s): a cell's state (masks, plan) built outside the timed
+    region, its first build timed on its own (it may compile)."""
+    timer.sync()
+    started = time.perf_counter()
+    value = build()
+    timer.sync()
+    return value, time.perf_counter() - started
+
+
+def warm_median(timer: Timer, build, settings) -> float:
+    """Median ms of a few more builds (at most 5, at most 2 s)."""
+    times, _ = timer.measure(build, min(5, settings.repeats), min(2.0, settings.max_seconds))
+    return quantile(times, 0.5)
+
+
 class Deadline:
     def __init__(self, seconds=None):
         self.end = None if seconds is None else time.monotonic() + seconds

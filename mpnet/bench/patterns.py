@@ -20,7 +20,6 @@ x3.5 forward + backward; every column is credited with the same dense FLOPs, fle
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,13 +58,14 @@ from .harness import (
     ok,
     on_cuda,
     phase,
-    quantile,
     ratio_text,
     short_status,
     tflops_text,
     tiles_text,
     time_runs,
+    timed_build,
     timer_text,
+    warm_median,
 )
 
 # `prefix` without a length means prefix:L/4; `documents:K` packs K documents into every row.
@@ -270,20 +270,6 @@ def flex_state(settings, case, positions, document_ids, distance_bias):
         return case.pattern.modify_score(score, h, positions[b, q_idx], positions[b, kv_idx], settings.heads)
 
     return FlexAttentionState(mask, None, pattern_scores if case.pattern.scores else None, None, length)
-
-
-def timed_build(timer: Timer, build) -> tuple:
-    """(what build() returns, its first wall time in s)."""
-    timer.sync()
-    started = time.perf_counter()
-    value = build()
-    timer.sync()
-    return value, time.perf_counter() - started
-
-
-def warm_median(timer: Timer, fn, settings) -> float:
-    times, _ = timer.measure(fn, min(5, settings.repeats), min(2.0, settings.max_seconds))
-    return quantile(times, 0.5)
 
 
 def build_sdpa_mask_cell(settings, p: Problem, case, positions, document_ids, timer) -> tuple:

@@ -43,8 +43,9 @@ from .harness import (
     timer_text,
 )
 
-STEP_BACKENDS = ("dense", "flex")
-FINETUNE_MODELS = ("transformers", "dense", "flex")
+STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
+FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS
+GPU_ONLY = ("flex", "triton")  # no backward on CPU (triton: only in Triton's interpreter)
 MODEL_SIZES = ("base", "tiny")
 # AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
 PRETRAINING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -113,9 +114,10 @@ def check_common(settings, device, chosen, choices, flag):
     if settings.seq_len > limit:
         raise UserError(f"--seq-len {settings.seq_len} is longer than mpnet-base's position table allows ({limit})")
     check_counts(settings, "peak_tflops")
-    if device.type != "cuda" and "flex" in chosen:
-        raise UserError(f"the flex step needs a CUDA GPU (FlexAttention has no backward on CPU); "
-                        f"leave flex out of {flag} on CPU")
+    gpu_only = [b for b in chosen if b in GPU_ONLY]
+    if device.type != "cuda" and gpu_only:
+        raise UserError(f"the {' and '.join(gpu_only)} step needs a CUDA GPU (FlexAttention has no backward on CPU, "
+                        f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
 
 
 # -------------------------------------------------------------------------------------------- FLOPs
@@ -144,12 +146,17 @@ def mpnet_config(settings, **overrides) -> MPNetConfig:
     return (MPNetConfig.base if settings.model == "base" else MPNetConfig.tiny)(**overrides)
 
 
+def backend_name(model) -> str:
+    """The attention module the model's layers run, by class name (e.g. FlexTwoStreamAttention)."""
+    return f"{type(model.mpnet.encoder.layer[0].attention.attn).__name__} ({model.config.attention_backend})"
+
+
 def pretraining_step(settings: StepSettings, backend: str, device):
     """(model, loss_fn, flops, what): mpnet two-stream pretraining on random tokens, one random
     permutation per sequence, no padding, the m predicted tokens corrupted to <mask>."""
     from ..modeling.model import MPNetForPretraining
 
-    config = mpnet_config(settings, use_flex_attention=backend == "flex")
+    config = mpnet_config(settings, attention_backend=backend)
     gen = torch.Generator().manual_seed(settings.seed)
     batch, n = settings.batch_size, settings.seq_len
     m = pred_size(n)
@@ -165,8 +172,7 @@ def pretraining_step(settings: StepSettings, backend: str, device):
         logits = forward(ids, positions, m)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    what = "FlexTwoStreamAttention" if backend == "flex" else "RelativeMultiHeadAttention (dense)"
-    return model, loss_fn, batch * estimate_flops_per_example(config, n, m), what
+    return model, loss_fn, batch * estimate_flops_per_example(config, n, m), backend_name(model)
 
 
 def bert_step(settings: StepSettings, device):
@@ -198,7 +204,8 @@ def finetune_step(settings: FinetuneSettings, which: str, device):
 
     from ..modeling.model import MPNetForSequenceClassification
 
-    config = mpnet_config(settings, num_labels=settings.num_labels, use_flex_attention=which == "flex")
+    backend = "dense" if which == "transformers" else which
+    config = mpnet_config(settings, num_labels=settings.num_labels, attention_backend=backend)
     gen = torch.Generator().manual_seed(settings.seed)
     batch, n = settings.batch_size, settings.seq_len
     ids = torch.randint(5, config.mask_token_id, (batch, n), generator=gen).to(device)
@@ -214,7 +221,7 @@ def finetune_step(settings: FinetuneSettings, which: str, device):
         model = MPNetForSequenceClassification(config).to(device).train()
         forward = torch.compile(model) if settings.compile else model
         logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
-        what = "ours, " + ("FlexTwoStreamAttention" if which == "flex" else "RelativeMultiHeadAttention (dense)")
+        what = f"ours, {backend_name(model)}"
     loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731
     return model, loss_fn, batch * finetune_flops_per_example(config, n), what
 
@@ -467,11 +474,10 @@ def render_finetune(section: Section) -> list:
     s = section.settings
     return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
             "fine-tuning defaults).",
-            f"- The same model three ways: transformers' `MPNetForSequenceClassification` built from our config "
+            f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "
             f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
-            "path), ours with the dense backend and ours with the flex backend (FlexAttention applies no "
-            "attention dropout). Random token ids, no padding (attention_mask all ones), random labels, "
-            "cross-entropy on the logits in fp32. transformers runs first: \"x transformers\" = examples/s over "
-            "its examples/s (above 1 = faster).",
+            "path), and ours with each attention backend (flex and triton apply no attention dropout). Random "
+            "token ids, no padding (attention_mask all ones), random labels, cross-entropy on the logits in fp32. "
+            "transformers runs first: \"x transformers\" = examples/s over its examples/s (above 1 = faster).",
             flops_line(s, "single-stream encoding of the n tokens (`estimate_flops_per_example` with m = 0) plus "
-                          "the classification head on the <s> row, the same for all three."), ""] + finetune_tables(section)
+                          "the classification head on the <s> row, the same for every model."), ""] + finetune_tables(section)

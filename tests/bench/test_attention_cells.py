@@ -73,3 +73,46 @@ def test_sdpa_bias_gradient_reaches_the_table_as_dense_does():
     module(p.hidden, p.kv_len, sdpa_bias_kernels(CPU), attn_mask=materialised_bias(s, p)).backward(p.grad_out)
     assert dense.abs().sum() > 0
     assert torch.allclose(p.table.grad, dense, atol=1e-6, rtol=1e-4)
+
+
+TRITON_CHECK = """
+import torch
+from mpnet.bench.attention import (AttentionSettings, RelativeMultiHeadAttention, attention_module, build_dense,
+                                   build_triton, distance_bias_of, make_problem, rows_for)
+from mpnet.bench.harness import Timer
+from mpnet.modeling.attention import make_dense_attention_state
+cpu = torch.device("cpu")
+for streams in ("two", "one"):
+    s = AttentionSettings(streams=streams, lengths=[40], tokens_per_batch=80, heads=2, head_dim=16, dtype="fp32",
+                          device="cpu", backward=True, attention_dropout=0.0, max_distance=16)
+    p = make_problem(s, 40, cpu)
+    build_dense(s, p, cpu, Timer(cpu)).forward().backward(p.grad_out)
+    dense_grad, p.table.grad = p.table.grad.clone(), None
+    for window in (None, 8):
+        layout, positions = rows_for(p, window)
+        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, window,
+                                           layout=layout)
+        with torch.no_grad():
+            expected = attention_module(RelativeMultiHeadAttention, s, cpu)(p.hidden, state)
+        out = build_triton(s, p, cpu, Timer(cpu), window=window).forward()
+        assert (out - expected).abs().max().item() <= 1e-5, (streams, window)
+    out = build_triton(s, p, cpu, Timer(cpu)).forward()
+    out.backward(p.grad_out)
+    assert torch.allclose(p.table.grad, dense_grad, atol=1e-5, rtol=1e-4), streams
+print("triton cells ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_cell_computes_the_dense_attention_in_the_interpreter():
+    """The triton cells (CUDA in the benchmark) on CPU in Triton's interpreter, which must be switched on
+    before triton is imported: hence a process of its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "triton cells ok" in out.stdout, (out.returncode, out.stderr[-3000:])
