@@ -41,9 +41,9 @@ from torch import nn
 from ..errors import UserError
 from ..modeling.attention import (
     DenseAttentionState,
-    attention_backend,
     FlexTwoStreamAttention,
     RelativeMultiHeadAttention,
+    attention_backend,
     make_dense_attention_state,
     make_flex_attention_mask,
     make_flex_attention_state,
@@ -53,10 +53,7 @@ from ..modeling.config import MPNetConfig
 from ..modeling.masks import natural_order, relative_bias_by_distance
 from ..training.toolkit import autocast
 from .harness import (
-    CELL_HEADERS,
     DTYPES,
-    Section,
-    cell_columns,
     check_counts,
     check_dtype,
     check_gradient,
@@ -66,17 +63,14 @@ from .harness import (
     configure_dynamo,
     flex_kernel_options,
     free_memory,
-    github_table,
-    ok,
     on_cuda,
     phase,
-    ratio_text,
-    short_status,
     time_runs,
     timed_build,
     timer_text,
     warm_median,
 )
+from .report import CELL_HEADERS, Section, cell_columns, github_table, ok, ratio_text, short_status
 
 ATTENTION_BACKENDS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window", "triton", "triton-window")
 LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",

@@ -19,30 +19,22 @@ Conventions every section follows (and prints in its method):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import functools
 import gc
-import json
 import math
-import os
-import platform
 import re
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch._dynamo
 
 from ..errors import UserError
-from ..training.toolkit import PeakMemory, resolve_device, synchronize, versions, write_json_atomic
+from ..training.toolkit import PeakMemory, resolve_device, synchronize
+from .report import GiB, Report, Section, environment, print_header, progress_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FLUSH_BYTES = 256 << 20  # larger than the H100/H200 L2 (50/60 MB): flushed before every timed run
-GiB = 2**30
 CPU_HINT = "pass --device cpu (forward only; add --quick for tiny sizes)"
 
 
@@ -342,238 +334,6 @@ def failure(exc: BaseException) -> tuple[str, str]:
     root = chain[-1]
     first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
     return f"{where}: {type(root).__name__}: {first}"[:110], detail
-
-
-def ok(cell: dict) -> bool:
-    return cell.get("status") == "ok"
-
-
-# ------------------------------------------------------------------------------------ environment
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / GiB:.0f} GiB, {props.multi_processor_count} SMs)"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def environment(device: torch.device) -> dict:
-    """Date, device, versions and the command line: printed first and written into every report."""
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": device_description(device)}
-    info.update({k: v for k, v in versions().items() if k != "device_name"})
-    try:
-        info["triton"] = __import__("triton").__version__
-    except ImportError:
-        info["triton"] = "not installed"
-    info["command"] = " ".join(["benchmark-mpnet"] + sys.argv[1:])
-    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MPNET_"))
-    if settings:  # the project's switches (e.g. MPNET_EAGER_BLOCK_MASK) change what is measured
-        info["environment variables"] = " ".join(settings)
-    return info
-
-
-ENVIRONMENT_KEYS = ("date", "device", "mpnet", "torch", "cuda", "triton", "transformers", "python", "command",
-                    "environment variables", "resumed_from")
-
-
-def print_header(env: dict, settings_list, log=print):
-    """The environment, then every settings dataclass of the run, field by field."""
-    log("benchmark-mpnet")
-    for key in ENVIRONMENT_KEYS:
-        if key in env:
-            log(f"  {key:<12} {env[key]}")
-    for settings in settings_list:
-        log(f"  {type(settings).__name__}:")
-        for key, value in dataclasses.asdict(settings).items():
-            log(f"    {key:<18} {value}")
-    sys.stdout.flush()
-
-
-# ------------------------------------------------------------------------------ progress and tables
-
-
-def tflops_text(value) -> str:
-    """TFLOP/s with a precision that stays readable from CPU (0.004) to GPU (512.3) figures."""
-    if value is None:
-        return ""
-    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
-
-
-def fmt(value, spec=".2f", missing="—") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def ratio_text(value) -> str:
-    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"  # CPU smoke runs give ratios like 0.004x
-
-
-def tiles_text(tiles) -> str:
-    computed, total = tiles
-    return f"{computed}/{total} ({computed / total:.3f})"
-
-
-# What the progress line shows of an ok cell, in this order, each where the cell has it.
-PROGRESS_FIELDS = (
-    ("ms", lambda v: f"{v:9.3f} ms"),
-    ("tflops", lambda v: f"{tflops_text(v):>7} TFLOP/s"),
-    ("examples_per_s", lambda v: f"{v:9.1f} ex/s"),
-    ("tokens_per_s", lambda v: f"{v:10.0f} tokens/s"),
-    ("padding_share", lambda v: f"padding {100 * v:4.1f}%"),
-    ("loss", lambda v: f"loss {v:.3f}"),
-    ("peak_gib", lambda v: f"peak {v:6.2f} GiB"),
-    ("first_call_s", lambda v: f"first call {v:.1f} s"),
-    ("tiles", lambda v: f"tiles {tiles_text(v)}"),
-    ("relative", lambda v: f"{ratio_text(v[0])} {v[1]}"),
-)
-
-
-def progress_line(cell: dict) -> str:
-    """One line per cell, for every benchmark: its name, then its status or its figures."""
-    if not ok(cell):
-        text = f"{cell['name']} {cell['status']}"
-    else:
-        parts = [show(cell[key]) for key, show in PROGRESS_FIELDS if cell.get(key) is not None]
-        if "mask_ms" in cell:
-            parts.append(f"mask {cell['mask_ms']:.2f} ms (first {cell['mask_first_s']:.1f} s)")
-        text = " ".join([cell["name"]] + parts)
-    if cell.get("resumed"):
-        text += "  [from the earlier run]"
-    if cell.get("note"):
-        text += f"  [{cell['note']}]"
-    return text
-
-
-def time_text(cell: dict, spec=".3f") -> str:
-    """Table text of a cell's time: median [p20, p80], or its status."""
-    if not ok(cell):
-        return cell["status"]
-    return f"{cell['ms']:{spec}} [{cell['p20_ms']:{spec}}, {cell['p80_ms']:{spec}}]"
-
-
-CELL_HEADERS = ["time ms median [p20, p80]", "TFLOP/s", "tiles computed/total (share)", "eff. TFLOP/s", "peak GiB",
-                "mask build ms (first s)", "first call s"]
-
-
-def cell_columns(cell: dict) -> list:
-    """The columns of CELL_HEADERS for one attention cell (blank where it has no such figure)."""
-    if not ok(cell):
-        return [cell["status"]] + [""] * (len(CELL_HEADERS) - 1)
-    return [time_text(cell), tflops_text(cell.get("tflops")), tiles_text(cell["tiles"]) if "tiles" in cell else "",
-            tflops_text(cell.get("eff_tflops")), fmt(cell.get("peak_gib"), ".2f", "n/a"),
-            f"{cell['mask_ms']:.2f} ({cell['mask_first_s']:.1f} s)" if "mask_ms" in cell else "",
-            fmt(cell.get("first_call_s"), ".1f")]
-
-
-def short_status(cell: dict) -> str:
-    """Table text of a cell that did not run: OOM, FAIL, SKIP, n/a."""
-    return cell["status"].split(":")[0]
-
-
-def github_table(rows, headers) -> str:
-    from tabulate import tabulate
-
-    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
-
-
-def failure_notes(cells) -> list:
-    notes = [f"- {cell['name'].strip()}: {cell['status']}"
-             + (f" (after {cell['failed_after_s']:.0f} s)" if cell.get("failed_after_s") else "")
-             + f"\n  `{cell['error']}`" for cell in cells if cell.get("error")]
-    return ["Failures (full messages):", ""] + notes + [""] if notes else []
-
-
-# ---------------------------------------------------------------------------------- report sections
-
-
-@dataclass
-class Section:
-    """One benchmark's part of a report: its settings, its cells, how it renders and plots."""
-
-    key: str  # its JSON key: attention, single, step, finetune, patterns, packing
-    title: str  # its heading in the markdown report
-    settings: object  # a dataclass
-    render: Callable[["Section"], list]  # markdown lines: method and tables
-    plot: Callable[["Section", Path], list] | None = None  # writes its plots into a folder, returns file names
-    cells: list = field(default_factory=list)
-    extra: dict = field(default_factory=dict)  # more JSON beside settings and cells (e.g. the inputs)
-    plots: list = field(default_factory=list)
-    plotted: int = 0  # cells when last plotted
-    tables: Callable[["Section"], list] | None = None  # what is printed at the end (default: render's tables)
-
-    def to_json(self) -> dict:
-        return {"settings": dataclasses.asdict(self.settings), **self.extra, "cells": self.cells}
-
-
-def settings_lines(settings) -> list:
-    return ["Settings:", ""] + [f"- `{k}`: {v}" for k, v in dataclasses.asdict(settings).items()] + [""]
-
-
-class Report:
-    """DIR/STEM.md and DIR/STEM.json (and the sections' plots), rewritten after every cell, so a run
-    that is cut short (or killed) keeps what it measured and --resume can go on from there."""
-
-    def __init__(self, out_dir, stem: str, env: dict):
-        self.dir = Path(out_dir) if out_dir else None
-        self.stem, self.env, self.sections = stem, env, []
-        if self.dir is not None:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot create --output-dir {self.dir}: {err.strerror}") from None
-
-    @property
-    def json_path(self) -> Path | None:
-        return None if self.dir is None else self.dir / f"{self.stem}.json"
-
-    def earlier_cells(self, section: Section) -> dict:
-        """--resume: the section's cells of DIR/STEM.json, by key, if that run had the same settings
-        (SKIP cells left out: they are measured now)."""
-        if self.dir is None:
-            raise UserError("--resume needs --output-dir (the run to resume is DIR/" + f"{self.stem}.json)")
-        if not self.json_path.is_file():
-            return {}
-        data = json.loads(self.json_path.read_text())
-        earlier = data.get(section.key)
-        if earlier is None:
-            return {}
-        ours = json.loads(json.dumps(dataclasses.asdict(section.settings), default=str))
-        theirs = earlier.get("settings", {})
-        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        if differ:
-            raise UserError(f"--resume: {self.json_path} has {section.key} cells measured with other settings "
-                            f"(they differ in {', '.join(differ)}); give the same options or another --output-dir")
-        self.env["resumed_from"] = data.get("environment", {}).get("date")
-        return {cell["key"]: cell for cell in earlier.get("cells", []) if not cell["status"].startswith("SKIP")}
-
-    def write(self, plot: bool = False):
-        if self.dir is None:
-            return
-        if plot:  # only what changed since its last plot: plotting takes seconds on a CPU
-            for section in self.sections:
-                if section.plot is not None and section.cells and section.plotted != len(section.cells):
-                    section.plots, section.plotted = section.plot(section, self.dir), len(section.cells)
-        data = {"environment": self.env, **{s.key: s.to_json() for s in self.sections}}
-        write_json_atomic(self.json_path, data)
-        tmp = self.dir / f"{self.stem}.md.tmp"
-        tmp.write_text(self.markdown())
-        os.replace(tmp, self.dir / f"{self.stem}.md")
-
-    def markdown(self) -> str:
-        title = "benchmark-mpnet" + ("" if self.stem == "benchmark" else f" {self.stem}")
-        out = [f"# {title}: {self.env['date']}", "", "| | |", "|---|---|"]
-        out += [f"| {key} | `{self.env[key]}` |" for key in ENVIRONMENT_KEYS if key in self.env]
-        for section in self.sections:
-            out += ["", f"## {section.title}", ""] + settings_lines(section.settings)
-            out += section.render(section) + failure_notes(section.cells)
-            out += [line for name in section.plots for line in (f"![{name}]({name})", "")]
-        return "\n".join(out) + "\n"
-
-    def files(self) -> list:
-        if self.dir is None:
-            return []
-        return [self.dir / f"{self.stem}.md", self.json_path] + [self.dir / p for s in self.sections for p in s.plots]
 
 
 # -------------------------------------------------------------------------------------------- runs

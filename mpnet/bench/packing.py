@@ -47,20 +47,8 @@ from ..errors import UserError
 from ..modeling.config import MPNetConfig
 from ..modeling.packing import pack
 from ..training.toolkit import autocast
-from .harness import (
-    Section,
-    check_dtype,
-    configure_dynamo,
-    fmt,
-    github_table,
-    ok,
-    on_cuda,
-    phase,
-    short_status,
-    time_runs,
-    time_text,
-    timer_text,
-)
+from .harness import check_dtype, configure_dynamo, on_cuda, phase, time_runs, timer_text
+from .report import Section, fmt, github_table, ok, short_status, time_text
 
 VARIANTS = ("padded-dense", "packed-flex", "padded-flex", "packed-dense")  # run order: the key pair first
 REPORT_ORDER = ("padded-dense", "padded-flex", "packed-flex", "packed-dense")

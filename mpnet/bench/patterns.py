@@ -40,10 +40,7 @@ from ..modeling.packing import positions_within_documents
 from ..modeling.patterns import AttentionPattern, BadAttentionPattern, parse_attention_pattern
 from .attention import attention_flops, identity_projections, tile_facts
 from .harness import (
-    CELL_HEADERS,
     DTYPES,
-    Section,
-    cell_columns,
     Timer,
     check_counts,
     check_dtype,
@@ -54,18 +51,23 @@ from .harness import (
     configure_dynamo,
     flex_kernel_options,
     free_memory,
-    github_table,
-    ok,
     on_cuda,
     phase,
-    ratio_text,
-    short_status,
-    tflops_text,
-    tiles_text,
     time_runs,
     timed_build,
     timer_text,
     warm_median,
+)
+from .report import (
+    CELL_HEADERS,
+    Section,
+    cell_columns,
+    github_table,
+    ok,
+    ratio_text,
+    short_status,
+    tflops_text,
+    tiles_text,
 )
 
 # `prefix` without a length means prefix:L/4; `documents:K` packs K documents into every row.

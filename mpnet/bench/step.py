@@ -27,21 +27,16 @@ from ..training.metrics import estimate_flops_per_example
 from ..training.toolkit import adamw, autocast
 from .attention import pred_size
 from .harness import (
-    Section,
     check_counts,
     check_dtype,
     check_kernel_options,
     configure_dynamo,
     flex_kernel_options,
-    fmt,
-    github_table,
-    ok,
     phase,
-    tflops_text,
     time_runs,
-    time_text,
     timer_text,
 )
+from .report import Section, fmt, github_table, ok, tflops_text, time_text
 
 STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
 FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS

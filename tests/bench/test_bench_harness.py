@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mpnet.bench import harness
-from mpnet.bench.harness import Deadline, Report, Section, Session, Timer, failure, phase, progress_line
+from mpnet.bench.harness import Deadline, Session, Timer, failure, phase
+from mpnet.bench.report import Report, Section, progress_line
 from mpnet.errors import UserError
 
 CPU = torch.device("cpu")
