@@ -30,7 +30,7 @@ import time
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from mpnet.bench.attention import pred_size, two_stream_positions
+from mpnet.bench.problems import pred_size, two_stream_positions
 from mpnet.modeling import block_masks
 from mpnet.modeling.block_masks import make_two_stream_block_masks, tile_counts, two_stream_mask_mods
 from mpnet.modeling.masks import natural_order

@@ -27,9 +27,9 @@ if str(ROOT) not in sys.path:
 
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
-from mpnet.bench.attention import pred_size, two_stream_positions  # noqa: E402
-from mpnet.modeling.block_masks import tile_counts  # noqa: E402
+from mpnet.bench.problems import pred_size, two_stream_positions  # noqa: E402
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
+from mpnet.modeling.block_masks import tile_counts  # noqa: E402
 
 
 def masks(n, m, window, seed):

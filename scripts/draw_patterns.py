@@ -24,10 +24,11 @@ for path in (ROOT, ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from draw_masks import labels as two_stream_labels  # noqa: E402
+from draw_masks import tile_share
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
-from draw_masks import labels as two_stream_labels, tile_share  # noqa: E402
-from mpnet.bench.attention import pred_size, two_stream_positions  # noqa: E402
+from mpnet.bench.problems import pred_size, two_stream_positions  # noqa: E402
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
 from mpnet.modeling.patterns import alibi_slope, as_pattern, soft_cap  # noqa: E402
 

@@ -6,7 +6,7 @@ One content+query call pair, fwd+bwd, bf16, 16,384 tokens per batch, 12 heads x 
   repRxK: the table replicated per (q_idx % R, kv_idx % K), so atomics spread; autograd sums copies.
 Usage: python scripts/flex_bias_variants.py [sdpa,nobias,nograd,plain,rep128x1,...]
 """
-import sys, time, math
+import sys
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention, create_block_mask

@@ -38,7 +38,7 @@ from ..modeling.config import MPNetConfig
 from ..modeling.masks import is_real_token, relative_bias_by_distance
 from ..modeling.packing import positions_within_documents
 from ..modeling.patterns import AttentionPattern, BadAttentionPattern, parse_attention_pattern
-from .attention import attention_flops, identity_projections, tile_facts
+from .attention import attention_flops, tile_facts
 from .harness import (
     DTYPES,
     Timer,
@@ -58,6 +58,7 @@ from .harness import (
     timer_text,
     warm_median,
 )
+from .problems import identity_projections
 from .report import (
     CELL_HEADERS,
     Section,

@@ -25,7 +25,6 @@ from ..errors import UserError
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
 from ..training.toolkit import adamw, autocast
-from .attention import pred_size
 from .harness import (
     check_counts,
     check_dtype,
@@ -36,6 +35,7 @@ from .harness import (
     time_runs,
     timer_text,
 )
+from .problems import pred_size
 from .report import Section, fmt, github_table, ok, tflops_text, time_text
 
 STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
