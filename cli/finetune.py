@@ -18,7 +18,8 @@ EPILOG = """examples:
 Recipe: defaults < configs/glue/TASK.yaml (used automatically when present) < --config FILE < flags <
 SECTION.KEY=VALUE overrides (sections: task, training). Data layouts: the GLUE TSV folder, an HF
 DatasetDict saved with save_to_disk, or train/dev .csv/.jsonl with named columns.
-Writes OUTPUT/results.json, OUTPUT/best (the best dev checkpoint, HF format) and OUTPUT/tensorboard."""
+Writes OUTPUT/results.json, OUTPUT/best (the best dev checkpoint, HF format), OUTPUT/metrics.jsonl and
+OUTPUT/tensorboard."""
 
 
 def build_parser():

@@ -4,8 +4,8 @@ One run: read the task data (mpnet/tasks/), tokenize once (mpnet/data/classifica
 epoch train with the shared toolkit's AdamW and linear warmup/decay schedule, evaluate on every dev
 split, and keep the best dev checkpoint (OUTPUT/best, written to a temporary folder and renamed into
 place). OUTPUT/results.json is rewritten atomically after every epoch with the metrics per epoch, the
-best epoch, throughput, peak memory, the backend, the seed and the library versions; tensorboard
-scalars go to OUTPUT/tensorboard.
+best epoch, throughput, peak memory, the backend, the seed and the library versions; the train and dev
+scalars go to OUTPUT/metrics.jsonl and OUTPUT/tensorboard (the metrics log pretraining writes too).
 
 With `training.pack` (`--pack`) a step still takes `batch_size` EXAMPLES in the same order and the
 loss is still their mean, so packing changes the layout and the speed, not the optimisation (with
@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
+from .metrics import ScalarLog
 from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, lr_scheduler, resolve_device, save_model_atomic,
                       seed_everything, synchronize, to_device, versions, write_json_atomic)
 
@@ -200,9 +201,7 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
     run = _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, tokenizer)
     t = config.training
     results = _results_header(run, checkpoint, data_dir, config, backend)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run.output_dir / "tensorboard"))
+    writer = ScalarLog(run.output_dir)
     memory = PeakMemory(run.device)
     memory.reset()
     shuffle = torch.Generator().manual_seed(t.seed)
@@ -322,8 +321,7 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
         if run.step % t.log_every == 0:
-            writer.add_scalar("train/loss", value, run.step)
-            writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], run.step)
+            writer.write({"step": run.step, "train/loss": value, "train/lr": run.scheduler.get_last_lr()[0]})
     synchronize(run.device)
     seconds = time.perf_counter() - start
     bar.close()
@@ -333,12 +331,9 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
 
 
 def _log_epoch(writer, record: dict, step: int, epoch: int, epochs: int):
-    for key, value in record["metrics"].items():
-        writer.add_scalar(f"dev/{key}", value, step)
-    writer.add_scalar("dev/score", record["score"], step)
-    writer.add_scalar("perf/train_examples_per_s", record["train_examples_per_s"], step)
-    if record["eval_examples_per_s"]:
-        writer.add_scalar("perf/eval_examples_per_s", record["eval_examples_per_s"], step)
+    writer.write({"step": step, "epoch": epoch, **{f"dev/{key}": value for key, value in record["metrics"].items()},
+                  "dev/score": record["score"], "perf/train_examples_per_s": record["train_examples_per_s"],
+                  "perf/eval_examples_per_s": record["eval_examples_per_s"]})
     shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["metrics"].items())
     log.info("epoch %d/%d: train loss %.4f, dev %s%s; %.1f train ex/s, %.1f eval ex/s", epoch, epochs,
              record["train_loss"], shown, " (best)" if record["is_best"] else "",

@@ -41,25 +41,57 @@ def estimate_flops_per_example(config, n: int, m: int) -> float:
     return 3.0 * (layers * per_layer + lm_head)
 
 
+class ScalarLog:
+    """The one metrics log of every run: each row (a dict with "step") goes to OUTPUT/metrics.jsonl and to
+    tensorboard (OUTPUT/tensorboard). A run resumed at `start_step` rewrites what came after it."""
+
+    def __init__(self, output_dir, start_step: int = 0, enabled: bool = True):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.history: list[dict] = []
+        self.writer = None
+        self.jsonl = self.output_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+        if self.jsonl.exists():
+            kept = [line for line in self.jsonl.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.jsonl.write_text("".join(line + "\n" for line in kept))
+            self.history = [json.loads(line) for line in kept]
+
+    def write(self, row: dict):
+        if not self.enabled:
+            return
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
+        self.history.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
 class MetricsLogger:
+    """Pretraining's metrics: loss and accuracy summed on the device between log steps, throughput, MFU,
+    validation rows and the final summary, written through a `ScalarLog`."""
+
     def __init__(self, output_dir, is_main, start_step, flops_per_example, peak_tflops):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.flops_per_example = flops_per_example
         self.peak_tflops = peak_tflops
-        self.history: list[dict] = []
-        self.writer = None
-        self.jsonl = self.output_dir / "metrics.jsonl"
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
-            if self.jsonl.exists():  # a resumed run rewrites what came after its checkpoint
-                kept = [line for line in self.jsonl.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
-                self.jsonl.write_text("".join(line + "\n" for line in kept))
-                self.history = [json.loads(line) for line in kept]
+        self.log = ScalarLog(output_dir, start_step, enabled=is_main)
+        self.history = self.log.history
+        self.jsonl = self.log.jsonl
         self.start_time = time.perf_counter()
         self._reset()
 
@@ -97,16 +129,7 @@ class MetricsLogger:
         self.tokens += examples * n
 
     def _write(self, row):
-        if not self.is_main:
-            return
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
-        self.history.append(row)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, row["step"])
-        self.writer.flush()
+        self.log.write(row)
 
     def log_train(self, step, lr, grad_norm, env, skipped: int = 0) -> dict:
         """A train row over the interval's finite steps (`skipped`: the run's non-finite steps so far)."""
@@ -148,7 +171,7 @@ class MetricsLogger:
                   "checkpoint": str(checkpoints[-1][1]) if checkpoints else None,
                   "wall_time_s": time.perf_counter() - self.start_time}
         if self.is_main:
-            self.writer.close()
+            self.log.close()
             lines = [
                 f"steps              {result['steps']}",
                 f"train loss         {result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}" if train else "",
