@@ -57,7 +57,7 @@ def _summaries(graphs):
     def make(positions, n, m, window, layout):
         block_masks.USE_CUDA_GRAPHS = graphs
         try:
-            return make_two_stream_block_masks(positions, n, m, window, layout=layout)
+            return make_two_stream_block_masks(positions, n, m, f"window:{window}" if window else None, layout=layout)
         finally:
             block_masks.USE_CUDA_GRAPHS = True
     return make

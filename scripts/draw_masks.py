@@ -29,16 +29,17 @@ from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
 from mpnet.bench.problems import pred_size, two_stream_positions  # noqa: E402
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
+from mpnet.modeling.patterns import window_spec  # noqa: E402
 from mpnet.modeling.block_masks import tile_counts  # noqa: E402
 
 
 def masks(n, m, window, seed):
     """(content (n+m, n+m), query (m, n+m), positions (n+2m,)) as bool tensors, True = may attend."""
     positions = two_stream_positions(1, n, m, torch.Generator().manual_seed(seed))
-    content_bm, query_bm = make_flex_attention_mask(positions, n, m, window)
+    content_bm, query_bm = make_flex_attention_mask(positions, n, m, window_spec(window))
     content = create_mask(content_bm.mask_mod, 1, 1, n + m, n + m, device="cpu")[0, 0]
     query = create_mask(query_bm.mask_mod, 1, 1, m, n + m, device="cpu")[0, 0]
-    dense = make_dense_attention_state(positions, n, m, torch.zeros(1, 257), 128, window).allowed[0, 0]
+    dense = make_dense_attention_state(positions, n, m, torch.zeros(1, 257), 128, window_spec(window)).allowed[0, 0]
     if not (torch.equal(dense[: n + m], content) and torch.equal(dense[n + m:], query)):
         raise SystemExit("flex mask_mod and dense mask disagree: fix mpnet/modeling before drawing")
     return content, query, positions[0]
@@ -116,7 +117,7 @@ def draw_blocks(n, window, seed, path):
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=90)
     for ax, pos, name in ((axes[0], positions, "permuted order (as collated)"),
                           (axes[1], natural, "no permutation (tokens in original order):\nwhat a layout sorted by position allows")):
-        content, _ = make_flex_attention_mask(pos, n, m, window)
+        content, _ = make_flex_attention_mask(pos, n, m, window_spec(window))
         tiles = content.to_dense()[0, 0].int().numpy()
         ax.imshow(tiles, cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
         ax.set_title(f"{name}\ncontent-stream tiles computed: {100 * tile_share(content):.0f}%", fontsize=8)

@@ -115,7 +115,7 @@ def flex_step(p, window=None):
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     distance_bias = relative_bias_by_distance(p["table"], 128, 32)
-    state = A.make_flex_attention_state(p["positions"], p["n"], p["m"], distance_bias, 128, window)
+    state = A.make_flex_attention_state(p["positions"], p["n"], p["m"], distance_bias, 128, f"window:{window}" if window else None)
     kv = p["n"] + p["m"]
     q, k, v = p["q"], p["k"], p["v"]
 

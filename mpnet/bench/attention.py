@@ -48,6 +48,7 @@ from ..modeling.attention import (
 )
 from ..modeling.block_masks import tile_counts
 from ..modeling.masks import natural_order, relative_bias_by_distance
+from ..modeling.patterns import window_spec
 from ..training.toolkit import autocast
 from .harness import (
     DTYPES,
@@ -259,9 +260,9 @@ def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
     layout, positions = rows_for(p, window)
     with phase("BlockMask build"):
         state, facts["mask_first_s"] = timed_build(timer, lambda: make_flex_attention_state(
-            positions, p.n, p.m, distance_bias, settings.max_distance, window, layout=layout))
+            positions, p.n, p.m, distance_bias, settings.max_distance, window_spec(window), layout=layout))
     facts.update(tile_facts(state))
-    facts["mask_ms"] = warm_median(timer, lambda: make_flex_attention_mask(positions, p.n, p.m, window, layout=layout),
+    facts["mask_ms"] = warm_median(timer, lambda: make_flex_attention_mask(positions, p.n, p.m, window_spec(window), layout=layout),
                                    settings)
     facts["mask_graphs"] = compiled_graphs() - graphs
 
@@ -289,7 +290,7 @@ def build_triton(settings, p: Problem, device, timer, window=None) -> Core:
     layout, positions = rows_for(p, window)
 
     def build():
-        return make_state(positions, p.n, p.m, p.table, settings.max_distance, window, layout=layout)
+        return make_state(positions, p.n, p.m, p.table, settings.max_distance, window_spec(window), layout=layout)
 
     facts = {}
     with phase("plan build"):

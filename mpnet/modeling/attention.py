@@ -121,14 +121,14 @@ class DenseAttentionState:
     score_mod: Callable | None = None  # the pattern's score mods on (B, H, n+2m, n+m) scores
 
 
-def make_dense_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
-                               document_ids=None, layer=0, layout=None):
+def make_dense_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
+                               layout=None):
     """Materialise mask and bias for every (row, key) pair from the rules in masks.py and patterns.py.
 
     pattern: a spec ('block:64,softcap:30') or parsed pattern; `window` is shorthand for window:N.
     document_ids: (B, n + 2m) like positions, or None. layer: the layer parity the state is for.
     """
-    pattern = as_pattern(pattern, window)
+    pattern = as_pattern(pattern)
     kv_len = n + m
     rows = torch.arange(n + 2 * m, device=positions.device)[None] if layout is None else layout
     q_idx, kv_idx = rows[:, :, None], rows[:, None, :kv_len]  # layout slots (see masks.natural_order)
@@ -194,9 +194,9 @@ make_flex_attention_mask = make_two_stream_block_masks
 BIAS_GRAD_REPLICAS = 128
 
 
-def make_flex_attention_state(positions, n, m, distance_bias, max_distance, window=None, *, pattern=None,
-                              document_ids=None, layer=0, layout=None):
-    pattern = as_pattern(pattern, window)
+def make_flex_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
+                              layout=None):
+    pattern = as_pattern(pattern)
     content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern,
                                                         document_ids=document_ids, layer=layer, layout=layout)
     query_offset = n + m

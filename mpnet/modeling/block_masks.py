@@ -313,8 +313,8 @@ def _fallback(positions, n, m, content_mod, query_mod):
     return content, query
 
 
-def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, document_ids=None, layer=0,
-                                layout=None, block_size=DEFAULT_BLOCK_SIZE):
+def make_two_stream_block_masks(positions, n, m, pattern=None, *, document_ids=None, layer=0, layout=None,
+                                block_size=DEFAULT_BLOCK_SIZE):
     """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
 
     The flex backend's masks (attention.make_flex_attention_mask is this function): positions (B, n + 2m) original
@@ -322,7 +322,7 @@ def make_two_stream_block_masks(positions, n, m, window=None, *, pattern=None, d
     the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
     On CUDA the tables are built by a CUDA graph captured at the first build of each shape.
     """
-    pattern = as_pattern(pattern, window)
+    pattern = as_pattern(pattern)
     content_mod, query_mod = two_stream_mask_mods(positions, n, m, pattern, document_ids, layer, layout)
     covered, window = summarised_window(pattern)
     if not covered:

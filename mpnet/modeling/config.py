@@ -8,7 +8,7 @@ from __future__ import annotations
 import transformers
 
 from ..errors import UserError
-from .patterns import parse_attention_pattern
+from .patterns import as_pattern, parse_attention_pattern
 
 
 ATTENTION_BACKEND_NAMES = ("dense", "flex", "triton")  # attention.ATTENTION_BACKENDS, by name
@@ -114,6 +114,12 @@ class MPNetConfig(transformers.MPNetConfig):
             self.attention_backend = "flex"
         elif self.attention_backend == "flex":
             self.attention_backend = "dense"
+
+    @property
+    def pattern(self):
+        """The attention pattern every backend applies: attention_pattern, intersected with the sliding
+        window when sliding_window_size is set. The one place the window folds into the pattern."""
+        return as_pattern(self.attention_pattern, self.sliding_window_size)
 
     @property
     def max_sequence_length(self) -> int:

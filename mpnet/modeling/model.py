@@ -17,7 +17,6 @@ from ..errors import UserError
 from .config import MPNetConfig
 from .masks import natural_order
 from .packing import document_starts, positions_within_documents
-from .patterns import as_pattern
 
 PADDING_IDX = 1  # HF/fairseq: position ids start at padding_idx + 1 = 2; padding gets padding_idx
 
@@ -92,7 +91,7 @@ class MPNetEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([MPNetLayer(config) for _ in range(config.num_hidden_layers)])
-        self.pattern = as_pattern(config.attention_pattern, config.sliding_window_size)
+        self.pattern = config.pattern
         # One (buckets x heads) table shared by all layers.
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 

@@ -265,6 +265,11 @@ def parse_attention_pattern(spec: str | None) -> AttentionPattern:
     return AttentionPattern(spec, tuple(masks), tuple(scores), alternates)
 
 
+def window_spec(size: int | None) -> str | None:
+    """A sliding window of `size` tokens written as the pattern it is ('window:SIZE'); None: no window."""
+    return None if size is None else f"window:{int(size)}"
+
+
 def as_pattern(pattern: str | AttentionPattern | None = None, window: int | None = None) -> AttentionPattern:
     """The pattern a backend applies: `pattern` (a spec or a parsed pattern), intersected with a
     sliding window when `window` (`sliding_window_size`, kept as shorthand for window:N) is set."""
@@ -272,5 +277,8 @@ def as_pattern(pattern: str | AttentionPattern | None = None, window: int | None
         if window is None:
             return pattern
         pattern = pattern.spec
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"an attention pattern is a spec string or an AttentionPattern, not {pattern!r} "
+                        "(a sliding window of W tokens is the pattern 'window:W', see window_spec)")
     parts = ([f"window:{int(window)}"] if window is not None else []) + ([pattern] if pattern else [])
     return parse_attention_pattern(",".join(parts))

@@ -80,10 +80,10 @@ def two_stream_codes(slots, n: int, m: int):
     return threshold, 2 * rank + mask.long()
 
 
-def supported_window(pattern: str | AttentionPattern | None = None, window: int | None = None) -> int | None:
+def supported_window(pattern: str | AttentionPattern | None = None) -> int | None:
     """The sliding window a pattern asks for (None: none). Anything beyond windows raises: the kernels
     implement the MPNet rules, padding, one window on original positions and document isolation."""
-    spec = as_pattern(pattern, window).spec
+    spec = as_pattern(pattern).spec
     sizes = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, *numbers = part.split(":")
@@ -450,10 +450,10 @@ class TritonAttentionState:
     kv_len: int
 
 
-def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, window=None, *, pattern=None,
-                                document_ids=None, layer=0, layout=None):
+def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, pattern=None, *, document_ids=None,
+                                layer=0, layout=None):
     """Like make_dense/flex_attention_state, but given the (buckets, heads) table itself."""
-    plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern, window),
+    plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern),
                                       document_ids=document_ids, layout=layout)
     return TritonAttentionState(plan, relative_bias_table, max_distance, n + m)
 

@@ -54,7 +54,7 @@ def test_every_cell_computes_the_dense_attention(streams):
         windowed = build_flex(s, p, CPU, Timer(CPU), window=8).forward()
         layout = natural_order(p.positions, p.n, p.m) if p.m else None
         positions = p.positions if layout is None else p.positions.gather(1, layout)
-        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, 8,
+        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, "window:8",
                                            layout=layout)
         reference = attention_module(RelativeMultiHeadAttention, s, CPU)(p.hidden, state)
     assert (windowed - reference).abs().max().item() <= 1e-5
@@ -81,6 +81,7 @@ from mpnet.bench.attention import (AttentionSettings, RelativeMultiHeadAttention
                                    build_triton, distance_bias_of, make_problem, rows_for)
 from mpnet.bench.harness import Timer
 from mpnet.modeling.attention import make_dense_attention_state
+from mpnet.modeling.patterns import window_spec
 cpu = torch.device("cpu")
 for streams in ("two", "one"):
     s = AttentionSettings(streams=streams, lengths=[40], tokens_per_batch=80, heads=2, head_dim=16, dtype="fp32",
@@ -90,7 +91,7 @@ for streams in ("two", "one"):
     dense_grad, p.table.grad = p.table.grad.clone(), None
     for window in (None, 8):
         layout, positions = rows_for(p, window)
-        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, window,
+        state = make_dense_attention_state(positions, p.n, p.m, distance_bias_of(s, p.table), s.max_distance, window_spec(window),
                                            layout=layout)
         with torch.no_grad():
             expected = attention_module(RelativeMultiHeadAttention, s, cpu)(p.hidden, state)

@@ -30,6 +30,7 @@ from mpnet.modeling import (
     two_stream_self_attention_factory,
 )
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_state
+from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.masks import relative_bias_by_distance
 
 TOL = 1e-5
@@ -177,8 +178,8 @@ def test_flex_score_mod_with_gradient_replicas_equals_dense(n, m, window):
     stacked = stacked_positions(positions, mask, n, m)
     hidden = torch.randn(2, n + 2 * m, config.hidden_size, generator=generator(6))
     with torch.no_grad():
-        a = dense_attn(hidden, make_dense_attention_state(stacked, n, m, distance_bias, 128, window))
-        b = flex_attn(hidden, make_flex_attention_state(stacked, n, m, distance_bias, 128, window))
+        a = dense_attn(hidden, make_dense_attention_state(stacked, n, m, distance_bias, 128, window_spec(window)))
+        b = flex_attn(hidden, make_flex_attention_state(stacked, n, m, distance_bias, 128, window_spec(window)))
     assert max_abs(a, b) <= TOL
 
 

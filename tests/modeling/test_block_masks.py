@@ -28,6 +28,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 from helpers import make_model, with_backend
 from mpnet.modeling import attention, block_masks
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask
+from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.block_masks import (make_two_stream_block_masks, summarised_window, tile_counts,
                                         two_stream_mask_mods)
 from mpnet.modeling.masks import natural_order
@@ -139,7 +140,7 @@ def build_both(case):
     positions, documents, layout = make_batch(case["seed"], case["batch"], case["n"], case["m"], case["pads"],
                                               case["documents"], case["natural"], case["pad_predicted"])
     n, m, size = case["n"], case["m"], case["block_size"]
-    content, query = make_two_stream_block_masks(positions, n, m, case["window"], document_ids=documents,
+    content, query = make_two_stream_block_masks(positions, n, m, window_spec(case["window"]), document_ids=documents,
                                                  layout=layout, block_size=size)
     batch = positions.shape[0]
     pairs = [(content, reference(content.mask_mod, batch, n + m, n + m, size))]
@@ -195,8 +196,8 @@ def test_same_mask_mods_as_the_attention_module():
     for seed, window, documents, natural in [(1, None, 0, False), (2, 5, 0, True), (3, None, 3, True), (4, 9, 2, True)]:
         n, m = 37, 9
         positions, docs, layout = make_batch(seed, 2, n, m, pads=6, documents=documents, natural=natural)
-        ours = make_two_stream_block_masks(positions, n, m, window, document_ids=docs, layout=layout)
-        theirs = make_flex_attention_mask(positions, n, m, window, document_ids=docs, layout=layout)
+        ours = make_two_stream_block_masks(positions, n, m, window_spec(window), document_ids=docs, layout=layout)
+        theirs = make_flex_attention_mask(positions, n, m, window_spec(window), document_ids=docs, layout=layout)
         for mine, old, q_len in zip(ours, theirs, (n + m, m)):
             assert torch.equal(create_mask(mine.mask_mod, 2, 1, q_len, n + m, device="cpu"),
                                create_mask(old.mask_mod, 2, 1, q_len, n + m, device="cpu"))
@@ -270,7 +271,7 @@ def test_other_patterns_fall_back_to_create_block_mask(spec):
 
 def test_tile_counts():
     # single stream, natural order, n = 512, window 64: three diagonals of 4 x 4 tiles
-    content, query = make_two_stream_block_masks(torch.arange(512)[None], 512, 0, 64)
+    content, query = make_two_stream_block_masks(torch.arange(512)[None], 512, 0, "window:64")
     assert query is None and tile_counts(content) == (10, 16)
     # the full two-stream masks at L = 512 (BlockMask.sparsity() reads -18% and -81% there)
     n, m = 444, 34
@@ -299,12 +300,12 @@ def test_building_never_waits_for_the_gpu(monkeypatch, graphs):
     device = torch.device("cuda")
     n, m = 300, 45
     positions, docs, layout = (t.to(device) for t in make_batch(21, 2, n, m, pads=20, documents=3, natural=True))
-    make_two_stream_block_masks(positions, n, m, 32, document_ids=docs, layout=layout)  # shape cached / captured
+    make_two_stream_block_masks(positions, n, m, "window:32", document_ids=docs, layout=layout)  # shape cached / captured
     make_two_stream_block_masks(positions, n, m)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        make_two_stream_block_masks(positions, n, m, 32, document_ids=docs, layout=layout)
+        make_two_stream_block_masks(positions, n, m, "window:32", document_ids=docs, layout=layout)
         make_two_stream_block_masks(positions, n, m)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -322,7 +323,7 @@ def test_graph_replays_give_the_eager_tables_and_leave_earlier_masks_alone(monke
         def build(batch, graphs):
             monkeypatch.setattr(block_masks, "USE_CUDA_GRAPHS", graphs)
             positions, docs, layout = batch
-            return make_two_stream_block_masks(positions, n, m, case["window"], document_ids=docs, layout=layout,
+            return make_two_stream_block_masks(positions, n, m, window_spec(case["window"]), document_ids=docs, layout=layout,
                                                block_size=size)
         replayed = [build(batch, True) for batch in batches]  # the first captures, the others replay
         for batch, masks in zip(batches, replayed):

@@ -141,7 +141,7 @@ def test_neighbourhood_is_the_window():
     assert within_radius is within_window
     positions = torch.arange(30)[None]
     a = make_dense_attention_state(positions, 30, 0, torch.zeros(2, 257), 128, pattern="neighbourhood:4").allowed
-    b = make_dense_attention_state(positions, 30, 0, torch.zeros(2, 257), 128, window=4).allowed
+    b = make_dense_attention_state(positions, 30, 0, torch.zeros(2, 257), 128, pattern="window:4").allowed
     assert torch.equal(a, b)
 
 
@@ -151,10 +151,10 @@ def test_sliding_window_size_means_window_and_intersects_a_pattern():
     def allowed(**kw):
         return make_dense_attention_state(positions, 40, 0, torch.zeros(2, 257), 128, **kw).allowed
 
-    assert torch.equal(allowed(window=5), allowed(pattern="window:5"))
-    assert torch.equal(allowed(window=5, pattern="block:8"), allowed(pattern="window:5") & allowed(pattern="block:8"))
     config = MPNetConfig.tiny(sliding_window_size=5, attention_pattern="block:8")
-    assert as_pattern(config.attention_pattern, config.sliding_window_size).spec == "window:5,block:8"
+    assert config.pattern.spec == "window:5,block:8"  # the config folds the window into the pattern, once
+    assert torch.equal(allowed(pattern=config.pattern), allowed(pattern="window:5") & allowed(pattern="block:8"))
+    assert MPNetConfig.tiny(sliding_window_size=5).pattern.spec == "window:5"
 
 
 def test_block_pattern_is_block_sparse_for_real():

@@ -29,6 +29,7 @@ import torch
 from helpers import generator, max_abs, pretraining_batch, rel_err, rule_visible, stacked_positions, tiny_config
 from mpnet.errors import UserError
 from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
+from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.masks import natural_order, relative_bias_by_distance, two_stream_visible
 from mpnet.modeling import triton_attention as T
 
@@ -58,7 +59,7 @@ def _interpreter_allowed(request, monkeypatch):
 def dense_attention(q, k, v, table, positions, n, m, window=None, document_ids=None, layout=None):
     """The dense backend's arithmetic (RelativeMultiHeadAttention.forward minus projections/dropout)."""
     distance_bias = relative_bias_by_distance(table, MAX_DISTANCE, table.shape[0])
-    state = make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, window,
+    state = make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, window_spec(window),
                                        document_ids=document_ids, layout=layout)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + state.bias
     scores = scores.masked_fill(~state.allowed, float("-inf"))
@@ -170,9 +171,9 @@ def test_codes_equal_two_stream_visible(permuted):
 
 
 def test_only_windows_are_supported():
-    assert T.supported_window(None, None) is None
-    assert T.supported_window("window:8", None) == 8
-    assert T.supported_window("window:8,neighbourhood:5", 20) == 5
+    assert T.supported_window(None) is None
+    assert T.supported_window("window:8") == 8
+    assert T.supported_window("window:20,window:8,neighbourhood:5") == 5
     for spec in ("block:4", "window:8,softcap:30", "alibi", "dilated:4:2"):
         with pytest.raises(T.UnsupportedTritonPattern) as info:
             T.supported_window(spec)
@@ -293,8 +294,8 @@ def test_module_matches_the_dense_module():
     table = torch.randn(BUCKETS, 2, generator=generator(12), requires_grad=True)
     weights = torch.randn(2, n + 2 * m, 32, generator=generator(13))
     distance_bias = relative_bias_by_distance(table, MAX_DISTANCE, BUCKETS)
-    a = dense(hidden, make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, 5))
-    b = ours(hidden, T.make_triton_attention_state(positions, n, m, table, MAX_DISTANCE, 5))
+    a = dense(hidden, make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, "window:5"))
+    b = ours(hidden, T.make_triton_attention_state(positions, n, m, table, MAX_DISTANCE, "window:5"))
     names = ["table"] + [name for name, _ in dense.named_parameters()]
     grads_a = torch.autograd.grad((a * weights).sum(), [table, *dense.parameters()])
     grads_b = torch.autograd.grad((b * weights).sum(), [table, *ours.parameters()])
