@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mpnet.bench.harness import Timer
+
 
 def linformer(q, k, v, E, Fp):
     """q, k, v: (B, H, n, d); E, Fp: (r, n). softmax(q (E k)^T / sqrt d) (F v)."""
@@ -48,25 +50,11 @@ def performer(q, k, v, features):
 
 
 def time_ms(fn, device, repeats=10):
+    """(median ms, peak GiB or None on CPU) by the benchmarks' own timer, after three warm-up runs."""
     for _ in range(3):
         fn()
-    if device.type != "cuda":
-        import time
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) / repeats * 1e3, None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    times, peak = Timer(device).measure(fn, repeats, max_seconds=60)
+    return sorted(times)[len(times) // 2], peak
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mpnet.bench.harness import Timer  # noqa: E402
 from mpnet.modeling import triton_attention as T  # noqa: E402
 from mpnet.modeling.masks import relative_bias_by_distance  # noqa: E402
 
@@ -41,17 +42,10 @@ SWEEP = {
 
 
 def median_ms(fn, warmup=3, reps=15):
+    """Median of `reps` runs after `warmup` ones, by the benchmarks' own timer (CUDA events, L2 flushed)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times, _ = Timer(torch.device("cuda")).measure(fn, reps, max_seconds=60)
     return statistics.median(times)
 
 
