@@ -7,8 +7,8 @@ content + query BlockMask pair with
 - summaries: mpnet.modeling.block_masks.make_two_stream_block_masks (on CUDA: a CUDA graph per shape,
   captured at its first build);
 - summaries-eager: the same, its kernels launched one by one (block_masks.USE_CUDA_GRAPHS = False);
-- eager: torch's create_block_mask on the same mask_mods, not compiled (MPNET_EAGER_BLOCK_MASK=1);
-- compiled: torch.compile(create_block_mask), what attention.py does on CUDA by default. Its first
+- eager: torch's create_block_mask on the same mask_mods, not compiled;
+- compiled: torch.compile(create_block_mask), what the flex backend used before the summaries. Its first
   build compiles (minutes at some shapes): it runs only when asked for with --builders.
 
 and prints, per builder: the first build (compilation and caches included), the median of later

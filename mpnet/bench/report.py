@@ -48,7 +48,7 @@ def environment(device: torch.device) -> dict:
         info["triton"] = "not installed"
     info["command"] = " ".join(["benchmark-mpnet"] + sys.argv[1:])
     settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MPNET_"))
-    if settings:  # the project's switches (e.g. MPNET_EAGER_BLOCK_MASK) change what is measured
+    if settings:  # the project's MPNET_* switches change what is measured
         info["environment variables"] = " ".join(settings)
     return info
 
