@@ -73,6 +73,9 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
     if not Path(data_dir).is_dir():
         raise UserError(f"data directory {data_dir} does not exist; pass the GLUE folder holding the task folders")
     device = resolve_device(device)
+    if device.type != "cuda" and any(b.name == "triton" for b in backends):
+        raise UserError("the triton backend runs on CUDA GPUs only, not even for evaluation; drop it from --backends "
+                        "on this machine")
     can_train_flex = device.type == "cuda"
     eval_only = not can_train_flex and any(b.name != "dense" for b in backends)
     note = CPU_NOTE.format(device=device.type.upper()) if eval_only else None
