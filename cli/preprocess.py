@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from mpnet_cli._common import command
 
@@ -70,6 +71,9 @@ def main(argv=None):
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
 
+    # The library logs a one-line summary for pretrain-mpnet's on-the-fly preprocessing; this command
+    # prints its own, fuller one below instead (one summary, not two).
+    logging.getLogger("mpnet.data.preprocess").setLevel(logging.WARNING)
     if args.from_fairseq:
         meta = _from_fairseq(args)
     elif not args.inputs:

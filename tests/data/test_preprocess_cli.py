@@ -71,6 +71,7 @@ def test_preprocess_writes_shards(runs):
     returncode, out, err = results["ok"]
     assert returncode == 0, err
     assert "Traceback" not in err and "wrote" in out
+    assert (out + err).count(" tokens, valid ") == 1, out + err  # the summary, printed once
     meta = json.loads((root / "shards" / "metadata.json").read_text())
     assert meta["num_documents"]["train"] + meta["num_documents"]["valid"] == 4
     assert meta["vocab_size"] == 30527 and (root / "shards" / "tokenizer" / "tokenizer.json").is_file()
