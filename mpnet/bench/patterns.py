@@ -39,6 +39,7 @@ from ..modeling.masks import is_real_token, relative_bias_by_distance
 from ..modeling.packing import positions_within_documents
 from ..modeling.patterns import AttentionPattern, BadAttentionPattern, parse_attention_pattern
 from .attention import attention_flops, tile_facts
+# The harness helpers every attention-call measurement uses (the same list as attention.py's cells).
 from .harness import (
     DTYPES,
     Timer,

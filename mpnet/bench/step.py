@@ -72,6 +72,7 @@ class StepSettings:
 
 @dataclass
 class FinetuneSettings:
+    # The step cell's knobs (same names, so one CLI flag sets both), with a classification step's defaults.
     seq_len: int = 128
     batch_size: int = 32
     models: list = field(default_factory=lambda: list(FINETUNE_MODELS))
