@@ -286,7 +286,7 @@ def write_markdown(doc_path, out_dir):
         "  `positions`; the appended two-stream entries take their predicted token's document). In `encode`",
         "  positions then restart at each run of equal ids. `mpnet.modeling.packing.pack` builds such rows",
         "  with a best-fit-decreasing packer; `PackedBatch.unpack` / `first_tokens` cut the outputs back.",
-        "  Packed rows give every example exactly the encoding it gets alone (tests/test_packing.py, <= 1e-5,",
+        "  Packed rows give every example exactly the encoding it gets alone (tests/modeling/test_packing.py, <= 1e-5,",
         "  both backends).",
         "- **alibi** uses the published slopes (Press et al.): 2^(-8(h+1)/H) for H a power of two, otherwise",
         "  the first 2^floor(log2 H) of those plus every other slope of the 2H series; computed from the head",
