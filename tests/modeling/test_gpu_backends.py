@@ -1,6 +1,6 @@
 """GPU: the compiled FlexAttention backend against the dense reference, forward AND backward.
 
-Run on a CUDA machine:  python -m pytest -m gpu tests/test_gpu_backends.py -x -q  (add -s to see the
+Run on a CUDA machine:  python -m pytest -m gpu tests/modeling/test_gpu_backends.py -x -q  (add -s to see the
 measured errors each test prints). Every test here is marked `gpu` (skipped without CUDA).
 
 Model: hidden 256, 4 heads (head_dim 64, the real kernel's tile shape), 2 layers, randomized weights;
