@@ -89,3 +89,18 @@ def poison_steps(monkeypatch, bad_steps, grad_accum: int = 1):
         return logits
 
     monkeypatch.setattr(MPNetForPretraining, "forward", forward)
+
+
+def assert_same_run(a_dir, b_dir, step: int):
+    """Two runs trained the same model: losses at every logged step (rel 1e-5) and the step-`step` checkpoint
+    (rtol 1e-4, atol 1e-5), e.g. two processes or two nodes against one process with gradient accumulation."""
+    import pytest
+
+    a, b = train_losses(a_dir), train_losses(b_dir)
+    assert sorted(a) == sorted(b) and a, (sorted(a), sorted(b))
+    for logged in a:
+        assert b[logged] == pytest.approx(a[logged], rel=1e-5), (logged, a[logged], b[logged])
+    one, two = weights(a_dir, step), weights(b_dir, step)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)

@@ -11,7 +11,6 @@ micro-batches of 64 tokens, a 2-step warmup to lr 3e-3 with clipping active (gra
 """
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from cli_support import call_main, cli_main
+from pretrain_support import embedded_prefix
 
 # Computed with the training code of commit 6c77d47 (CPU, torch 2.13, float32).
 GOLDEN_TRAIN_LOSS = {1: 10.305595397949219, 2: 10.289934158325195, 3: 10.119010925292969, 4: 10.070125579833984,
@@ -46,19 +46,10 @@ def golden_config(corpus: Path) -> dict:
     }
 
 
-def embedded_prefix(path: Path, size: int = 120_000) -> Path:
-    """The first `size` characters of the embedded corpus, cut at a document (blank-line) boundary."""
-    from mpnet.data import EMBEDDED_CORPUS
-
-    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as handle:
-        text = handle.read(size)
-    path.write_text(text.rsplit("\n\n", 1)[0] + "\n", encoding="utf-8")
-    return path
-
-
 def write_golden_config(folder: Path) -> Path:
     config = folder / "golden.yaml"
-    config.write_text(yaml.safe_dump(golden_config(embedded_prefix(folder / "austen-prefix.txt")), sort_keys=False))
+    corpus = embedded_prefix(folder / "austen-prefix.txt", size=120_000)
+    config.write_text(yaml.safe_dump(golden_config(corpus), sort_keys=False))
     return config
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from cli_support import cli_env
+from pretrain_support import assert_same_run, train_losses
 
 TINY = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
         "model.num_hidden_layers=2", "data.block_size=64", "training.batch_size=2", "logging.valid_every=5",
@@ -157,11 +157,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(output_dir):
-    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
 @pytest.mark.slow
 def test_two_nodes_over_c10d_equal_one_process_with_same_global_batch(shards, tmp_path):
     common = ["--data", shards, "--max-steps", 4, "--log-every", 1, "--save-every", 100, *TINY]
@@ -192,14 +187,5 @@ def test_two_nodes_over_c10d_equal_one_process_with_same_global_batch(shards, tm
     for launch, (_, stderr) in zip(launches, outputs):
         assert launch.returncode == 0, stderr[-3000:]
 
-    a, b = losses(single), losses(nodes)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], b[step])
-    from mpnet.modeling.checkpoint import read_state_dict
-
-    one = read_state_dict(single / "checkpoints" / "step-00000004")
-    two = read_state_dict(nodes / "checkpoints" / "step-00000004")
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    assert sorted(train_losses(single)) == [1, 2, 3, 4]
+    assert_same_run(single, nodes, step=4)

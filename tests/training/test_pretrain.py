@@ -4,8 +4,6 @@ real process is the point (SIGKILL, torchrun)."""
 from __future__ import annotations
 
 import gzip
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from cli_support import cli_env
-from pretrain_support import error_line, pretrain
+from pretrain_support import assert_same_run, error_line, pretrain, train_losses
 from mpnet.training.toolkit import lr_multiplier
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
@@ -48,11 +46,6 @@ def shards(corpus, tmp_path_factory):
     return out
 
 
-def losses(output_dir):
-    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
 def test_lr_schedule_warmup_then_linear_decay():
     assert lr_multiplier(0, 10, 110) == pytest.approx(0.1)
     assert lr_multiplier(9, 10, 110) == pytest.approx(1.0)
@@ -66,7 +59,7 @@ def test_pretrain_loss_falls_and_hf_loads_checkpoint(shards, tmp_path):
     code, stderr = pretrain("--output-dir", out, "--data", shards, "--max-steps", 60, "--log-every", 5,
                             "--save-every", 30, "optim.lr=3e-3", "optim.warmup_steps=5", *SMALL)
     assert code == 0, stderr[-2000:]
-    curve = losses(out)
+    curve = train_losses(out)
     first, last = curve[5], curve[60]
     assert last < 0.8 * first, curve
     ckpt = out / "checkpoints" / "step-00000060"
@@ -95,7 +88,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
               "logging.keep_last=10", "optim.warmup_steps=4", *SMALL]
     straight = tmp_path / "straight"
     assert pretrain("--output-dir", straight, *common)[0] == 0
-    reference = losses(straight)
+    reference = train_losses(straight)
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(interrupted),
@@ -115,7 +108,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path):
 
     code, stderr = pretrain("--output-dir", interrupted, "--resume", *common)
     assert code == 0, stderr[-2000:]
-    after = losses(interrupted)
+    after = train_losses(interrupted)
     for step in range(resumed_from + 1, 25):
         assert after[step] == pytest.approx(reference[step], rel=1e-5), (step, after[step], reference[step])
 
@@ -133,18 +126,7 @@ def test_two_processes_equal_one_process_with_same_global_batch(shards, tmp_path
                              *map(str, common), f"distributed.fsdp={wrapper == 'fsdp'}"],
                             capture_output=True, text=True, timeout=600, env=cli_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = losses(single), losses(double)
-    assert sorted(a) == sorted(b)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], b[step])
-    # The gathered checkpoint equals the single-process one (same data, same updates).
-    from mpnet.modeling.checkpoint import read_state_dict
-
-    one = read_state_dict(single / "checkpoints" / "step-00000006")
-    two = read_state_dict(double / "checkpoints" / "step-00000006")
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    assert_same_run(single, double, step=6)  # losses, and the gathered checkpoint equals the single-process one
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -257,7 +239,7 @@ def test_pretrain_with_document_isolation_runs(shards, tmp_path):
     code, stderr = pretrain("--output-dir", tmp_path / "iso", "--data", shards, "--max-steps", 3, "--log-every", 1,
                             "--save-every", 3, "data.document_isolation=true", *SMALL)
     assert code == 0, stderr[-2000:]
-    assert len(losses(tmp_path / "iso")) == 3
+    assert len(train_losses(tmp_path / "iso")) == 3
 
 
 def test_longer_position_table_from_a_512_position_checkpoint(tmp_path):
