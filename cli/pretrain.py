@@ -1,4 +1,4 @@
-"""pretrain-mpnet: pretrain (or continue pretraining) an MPNet encoder with the MPNet objective."""
+"""pretrain-mpnet: pretrain (or continue pretraining) an MPNet encoder with the MPNet objective (or MLM / PLM)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ EPILOG = """examples:
   pretrain-mpnet --config configs/mpnet-base.yaml --data corpus/ --output-dir runs/base --use-flex-attention
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/tiny --resume training.max_steps=2000
   pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/swin --attention-pattern swin:64,softcap:30
+  pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/plm --objective plm
   torchrun --nproc-per-node 2 -m mpnet_cli.pretrain --config configs/mpnet-base.yaml --output-dir runs/ddp
 
 Any config key can be overridden as SECTION.KEY=VALUE (sections: model, data, optim, training,
@@ -39,6 +40,10 @@ def build_parser():
                    help=f"log train metrics every N steps {default('logging.log_every', logging_.log_every)}")
     p.add_argument("--seed", type=int, metavar="S",
                    help=f"seed for init, data order, masking and dropout {default('training.seed', training.seed)}")
+    p.add_argument("--objective", choices=["mpnet", "mlm", "plm"],
+                   help="mpnet: masked and permuted LM (two streams, position compensation); mlm: BERT-style masked "
+                        "LM (one stream); plm: XLNet-style permuted LM (two streams, no position compensation); see "
+                        f"docs/objectives.md {default('training.objective', training.objective)}")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in OUTPUT; its run config is used and "
                         "conflicting settings are refused (docs/resume.md)")
@@ -63,7 +68,7 @@ def main(argv=None):
     args = parse_with_overrides(build_parser(), argv)
     flags = {
         "data": {"path": args.data},
-        "training": {"max_steps": args.max_steps, "seed": args.seed},
+        "training": {"max_steps": args.max_steps, "seed": args.seed, "objective": args.objective},
         "logging": {"save_every": args.save_every, "log_every": args.log_every,
                     "progress_bar": False if args.no_progress else None},
         "model": {"use_flex_attention": True if args.use_flex_attention else None,

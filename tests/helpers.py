@@ -194,6 +194,69 @@ def rule_mask(positions_row, n: int, m: int, window, rows: range, kv_len: int):
     return out
 
 
+def original_two_stream_masks(a: int, b: int, kind: str = "MPLM"):
+    """The original MPNet code's masks, transcribed block by block in pure Python (True = may attend).
+
+    microsoft/MPNet, pretraining/fairseq/models/masked_permutation_net.py, make_query_and_content_mask(
+    tensor, a, b, kind): a = n (the permuted tokens), b = m (the predicted ones). It builds 0/1 blocks
+    (ones, torch.triu / torch.tril with diagonal 0, 1 - X) and returns `.eq(0)`, True = hidden; these are
+    the 0/1 matrices before that step. Returns (content rows, query rows) as lists of lists of bools:
+    kind 'MPLM' (MPNet): content (a + b) x (a + b), query b x (a + b); kind 'PLM': content a x a,
+    query b x a. The original's compute_mlm passes no mask at all: every token sees every token.
+    """
+    def ones(rows, cols):
+        return [[1] * cols for _ in range(rows)]
+
+    def zeros(rows, cols):
+        return [[0] * cols for _ in range(rows)]
+
+    def triu(size):  # torch.triu(torch.ones(size, size), 0): 1 on and above the diagonal
+        return [[1 if j >= i else 0 for j in range(size)] for i in range(size)]
+
+    def tril(size):  # torch.tril(torch.ones(size, size), 0): 1 on and below the diagonal
+        return [[1 if j <= i else 0 for j in range(size)] for i in range(size)]
+
+    def one_minus(block):
+        return [[1 - x for x in row] for row in block]
+
+    def side_by_side(*blocks):  # torch.cat(..., dim=-1)
+        return [sum(rows, []) for rows in zip(*blocks)]
+
+    def stacked(*blocks):  # torch.cat(..., dim=0)
+        return [row for block in blocks for row in block]
+
+    if kind == "PLM":
+        query = side_by_side(ones(b, a - b), one_minus(triu(b)))
+        predicted_columns = stacked(zeros(a - b, b), tril(b))
+        content = side_by_side(ones(a, a - b), predicted_columns)
+    else:
+        query = side_by_side(ones(b, a - b), one_minus(triu(b)), triu(b))
+        predicted_columns = stacked(zeros(a - b, b), tril(b), zeros(b, b))
+        content = side_by_side(ones(a + b, a - b), predicted_columns, one_minus(predicted_columns))
+    as_bool = lambda block: [[bool(x) for x in row] for row in block]  # noqa: E731
+    return as_bool(content), as_bool(query)
+
+
+def original_rule_mask(positions_row, n: int, m: int, kind: str, window=None):
+    """The original's masks for one batch row of the stacked layout (content rows, then query rows; all
+    rows x content keys), with the project's additions: padding keys (position -1) never seen, and the
+    window on original positions. kind: 'MPLM', 'PLM' or 'MLM' (single stream, no mask)."""
+    if kind == "MLM":
+        rows = [[True] * n for _ in range(n)]
+    else:
+        content, query = original_two_stream_masks(n, m, kind)
+        rows = content + query
+    pos = [int(p) for p in positions_row]
+    out = torch.zeros(len(rows), len(rows[0]), dtype=torch.bool)
+    for q, row in enumerate(rows):
+        for k, visible in enumerate(row):
+            keep = visible and pos[k] >= 0
+            if keep and window is not None:
+                keep = abs(pos[q] - pos[k]) <= window
+            out[q, k] = keep
+    return out
+
+
 # --------------------------------------------------------------------------------- comparing
 
 

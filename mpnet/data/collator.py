@@ -1,5 +1,10 @@
 """The MPNet collator: permute each example, predict the last m tokens of the permuted order.
 
+The same batches serve the three objectives of the original MPNet code (docs/objectives.md): mpnet and
+mlm take them as described below; plm (permuted LM, XLNet-style) takes the same permutation and
+predicted tokens WITHOUT step 3, as the original's `--input-mode plm` collater does: its content stream
+holds every token as it is.
+
 For a batch padded to width n, m = round(pred_prob * n) (at least 1), one value for the whole batch. Per row:
 
 1. Order. Padding entries come first (they sit inside the non-predicted part whenever the row has at least m
@@ -31,12 +36,21 @@ import numpy as np
 import torch
 
 
+# Whether each objective's predicted tokens are corrupted 80/10/10 in the input (the names are those of
+# modeling.model.OBJECTIVES). The permutation draws come first, so every objective gets the same
+# permutation and predicted tokens for the same (seed, step, rank).
+CORRUPTS_PREDICTED = {"mpnet": True, "mlm": True, "plm": False}
+
+
 class MPNetCollator:
     def __init__(self, vocab_size, pad_token_id, mask_token_id, special_token_ids, pred_prob=0.15,
                  whole_word_mask=False, word_starts=None, seed=0, predict_special_tokens=True,
-                 document_separator_id=None):
+                 document_separator_id=None, objective="mpnet"):
         if not 0 < pred_prob < 1:
             raise ValueError(f"pred_prob must be in (0, 1), got {pred_prob}")
+        if objective not in CORRUPTS_PREDICTED:
+            raise ValueError(f"objective must be one of {', '.join(CORRUPTS_PREDICTED)}, got {objective!r}")
+        self.objective, self.corrupt = objective, CORRUPTS_PREDICTED[objective]
         if whole_word_mask and word_starts is None:
             raise ValueError("whole_word_mask needs word_starts (a bool array over the vocabulary)")
         self.vocab_size = int(vocab_size)
@@ -104,13 +118,13 @@ class MPNetCollator:
         predicted = ~torch.gather(held, 1, perm)[:, n - m :]
         targets[~predicted] = -100
 
-        # 80/10/10 on the predicted entries, all draws from the same generator.
-        u = torch.rand((B, m), generator=g)
-        random_ids = self.replacement_ids[torch.randint(len(self.replacement_ids), (B, m), generator=g)]
-        corrupted = targets.clone()
-        corrupted = torch.where(u < 0.8, torch.full_like(corrupted, self.mask_token_id), corrupted)
-        corrupted = torch.where((u >= 0.8) & (u < 0.9), random_ids, corrupted)
-        input_ids[:, n - m :] = torch.where(predicted, corrupted, input_ids[:, n - m :])
+        if self.corrupt:  # 80/10/10 on the predicted entries, all draws from the same generator.
+            u = torch.rand((B, m), generator=g)
+            random_ids = self.replacement_ids[torch.randint(len(self.replacement_ids), (B, m), generator=g)]
+            corrupted = targets.clone()
+            corrupted = torch.where(u < 0.8, torch.full_like(corrupted, self.mask_token_id), corrupted)
+            corrupted = torch.where((u >= 0.8) & (u < 0.9), random_ids, corrupted)
+            input_ids[:, n - m :] = torch.where(predicted, corrupted, input_ids[:, n - m :])
 
         batch = {"input_ids": input_ids, "positions": positions, "targets": targets, "pred_size": m,
                  "attention_mask": attention_mask}

@@ -11,7 +11,11 @@ prepares one attention "state" (masks and relative bias) with the backend's stat
 - flex (`make_flex_attention_state`): two BlockMasks (content n+m x n+m, query m x n+m) from
   `make_flex_attention_mask` and score_mods that gather the bias in-kernel from position lookups.
 
+The sizes are those of the MPNet layout; `streams="plm"` (the permuted-LM objective) drops the MASK
+section: content n x n, query m x n, rows n + m (`masks.stream_lengths`).
+
 Both compose the same rules: `two_stream_visible & is_real_token & pattern.visible` for the mask
+(`permuted_lm_visible` in place of the first for plm)
 (an attention pattern from patterns.py, the sliding window among them, plus document isolation
 when `document_ids` are given) and relative bias, then the pattern's score mods, for the scores.
 A pattern that alternates by layer (swin) gets one state per layer parity: two per forward, at most.
@@ -33,7 +37,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..errors import UserError
 from .block_masks import make_two_stream_block_masks
-from .masks import distance_index, is_real_token, relative_bias_by_distance, two_stream_visible
+from .masks import STREAM_RULES, distance_index, is_real_token, relative_bias_by_distance, stream_lengths
 from .patterns import as_pattern
 
 
@@ -122,22 +126,23 @@ class DenseAttentionState:
 
 
 def make_dense_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
-                               layout=None):
+                               layout=None, streams="mpnet"):
     """Materialise mask and bias for every (row, key) pair from the rules in masks.py and patterns.py.
 
     pattern: a spec ('block:64,softcap:30') or parsed pattern; `window` is shorthand for window:N.
     document_ids: (B, n + 2m) like positions, or None. layer: the layer parity the state is for.
+    streams: the two-stream layout, "mpnet" or "plm" (masks.STREAM_RULES).
     """
     pattern = as_pattern(pattern)
-    kv_len = n + m
-    rows = torch.arange(n + 2 * m, device=positions.device)[None] if layout is None else layout
+    kv_len, total_rows = stream_lengths(n, m, streams)
+    rows = torch.arange(total_rows, device=positions.device)[None] if layout is None else layout
     q_idx, kv_idx = rows[:, :, None], rows[:, None, :kv_len]  # layout slots (see masks.natural_order)
     q_pos = positions[:, :, None]
     kv_pos = positions[:, None, :kv_len]
     q_doc = kv_doc = None
     if document_ids is not None:
         q_doc, kv_doc = document_ids[:, :, None], document_ids[:, None, :kv_len]
-    allowed = (two_stream_visible(q_idx, kv_idx, n, m) & is_real_token(kv_pos)
+    allowed = (STREAM_RULES[streams](q_idx, kv_idx, n, m) & is_real_token(kv_pos)
                & pattern.visible(q_pos, kv_pos, layer, q_doc, kv_doc))
     score_mod = None
     if pattern.scores:
@@ -175,8 +180,8 @@ class RelativeMultiHeadAttention(_Projections):
 
 @dataclass
 class FlexAttentionState:
-    content_mask: BlockMask  # (n+m) x (n+m)
-    query_mask: BlockMask | None  # m x (n+m); None for single-stream encoding
+    content_mask: BlockMask  # (n+m) x (n+m); plm: n x n
+    query_mask: BlockMask | None  # m x (n+m), plm: m x n; None for single-stream encoding
     content_score_mod: object
     query_score_mod: object
     kv_len: int
@@ -195,11 +200,11 @@ BIAS_GRAD_REPLICAS = 128
 
 
 def make_flex_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
-                              layout=None):
+                              layout=None, streams="mpnet"):
     pattern = as_pattern(pattern)
-    content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern,
-                                                        document_ids=document_ids, layer=layer, layout=layout)
-    query_offset = n + m
+    content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern, document_ids=document_ids,
+                                                        layer=layer, layout=layout, streams=streams)
+    query_offset, _ = stream_lengths(n, m, streams)
     num_heads = distance_bias.shape[0]
     replicas = BIAS_GRAD_REPLICAS if distance_bias.requires_grad else 1
     bias = distance_bias[:, None, :].expand(-1, replicas, -1).contiguous()
@@ -212,7 +217,7 @@ def make_flex_attention_state(positions, n, m, distance_bias, max_distance, patt
     def query_score_mod(score, b, h, q_idx, kv_idx):
         return content_score_mod(score, b, h, q_idx + query_offset, kv_idx)
 
-    return FlexAttentionState(content_mask, query_mask, content_score_mod, query_score_mod, n + m)
+    return FlexAttentionState(content_mask, query_mask, content_score_mod, query_score_mod, query_offset)
 
 
 class FlexTwoStreamAttention(_Projections):

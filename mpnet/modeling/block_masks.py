@@ -21,7 +21,8 @@ Every rule is a comparison between a number of the query row and a number of the
 - two_stream_visible: each row has a threshold t (CTX and MASK rows 0, PRED of rank i: i + 1, QUERY of
   rank i: i); a CTX key is always visible, a PRED key of rank j iff j < t, a MASK key of rank j iff
   j >= t. Written as one comparison, key value v < row value u: v = -1 (CTX), j (PRED), -j (MASK);
-  u = t for CTX and PRED keys, 1 - t for MASK keys.
+  u = t for CTX and PRED keys, 1 - t for MASK keys. permuted_lm_visible (streams="plm") is the same
+  comparison on a layout without MASK entries: the same thresholds, no MASK rows or keys.
 - padding (is_real_token) depends on the key alone: padding keys belong to no tile summary, and a
   tile holding one cannot be FULL. Rows and keys past the end of the last tile are treated alike
   (create_block_mask pads the mask with False).
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from .masks import is_real_token, two_stream_visible
+from .masks import STREAM_RULES, is_real_token, stream_lengths
 from .patterns import AttentionPattern, as_pattern, parse_attention_pattern
 
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's sparse tile (its kernels' tiles divide it)
@@ -77,15 +78,17 @@ _NONE = 2**60  # the min of an empty group (and minus its max): larger than any 
 _WINDOW_NAMES = ("window", "neighbourhood", "neighborhood")
 
 
-def two_stream_mask_mods(positions, n, m, pattern: AttentionPattern, document_ids=None, layer=0, layout=None):
+def two_stream_mask_mods(positions, n, m, pattern: AttentionPattern, document_ids=None, layer=0, layout=None,
+                         streams="mpnet"):
     """The content-stream and query-stream mask_mods: the rules of masks.py and the pattern, per entry."""
-    query_offset = n + m  # query-stream row i is row n + m + i of the stacked layout
+    query_offset, _ = stream_lengths(n, m, streams)  # query-stream row i is row n + m + i (plm: n + i)
+    visible = STREAM_RULES[streams]
 
     def content_mask_mod(b, h, q_idx, kv_idx):
         kv_pos = positions[b, kv_idx]
         q_doc, kv_doc = (None, None) if document_ids is None else (document_ids[b, q_idx], document_ids[b, kv_idx])
         q_slot, kv_slot = (q_idx, kv_idx) if layout is None else (layout[b, q_idx], layout[b, kv_idx])
-        return (two_stream_visible(q_slot, kv_slot, n, m) & is_real_token(kv_pos)
+        return (visible(q_slot, kv_slot, n, m) & is_real_token(kv_pos)
                 & pattern.visible(positions[b, q_idx], kv_pos, layer, q_doc, kv_doc))
 
     def query_mask_mod(b, h, q_idx, kv_idx):
@@ -112,16 +115,18 @@ def summarised_window(pattern: AttentionPattern):
 
 
 @functools.lru_cache(maxsize=64)
-def _static_tables(n, m, q_block, kv_block, device):
+def _static_tables(n, m, q_block, kv_block, device, streams="mpnet"):
     """What depends on the shape only: per-slot kind / threshold / key value, and the rows of each tile.
 
     The query tiles of both masks are summarised in one pass: the content rows 0 .. n+m-1, then the
-    query rows n+m .. n+2m-1, each padded to whole tiles with row n+2m (the absent sentinel row).
+    query rows n+m .. n+2m-1, each padded to whole tiles with row n+2m (the absent sentinel row); for
+    plm the content rows 0 .. n-1, then the query rows n .. n+m-1 (no MASK slots).
     """
-    rows, kv_len, c = n + 2 * m, n + m, n - m
+    kv_len, rows = stream_lengths(n, m, streams)
+    c = n - m
     slot = torch.arange(rows)
-    kind = (slot >= c).long() + (slot >= n).long() + (slot >= n + m).long()  # 0 CTX 1 PRED 2 MASK 3 QUERY
-    rank = slot - torch.tensor([0, c, n, n + m])[kind]
+    kind = (slot >= c).long() + (slot >= n).long() + (slot >= kv_len).long()  # 0 CTX 1 PRED 2 MASK 3 QUERY
+    rank = slot - torch.tensor([0, c, n, kv_len])[kind]
     threshold = torch.where(kind == 1, rank + 1, torch.where(kind == 3, rank, 0))
     key_value = torch.where(kind == 0, -1, torch.where(kind == 1, rank, -rank))
     per_slot = torch.stack([kind, threshold, key_value], dim=-1)
@@ -172,15 +177,15 @@ def _ordered_tables(partial, full):
     return [*_ordered(labels), *_ordered(labels.transpose(-1, -2))]
 
 
-def _label_tables(positions, document_ids, layout, n, m, window, q_block, kv_block):
+def _label_tables(positions, document_ids, layout, n, m, window, q_block, kv_block, streams="mpnet"):
     """Every tile labelled from the summaries; the tables of the content mask, then of the query mask."""
     per_slot, q_rows, q_tile_complete, kv_rows, key_is_upper, content_tiles, query_tiles = _static_tables(
-        n, m, q_block, kv_block, positions.device)
+        n, m, q_block, kv_block, positions.device, streams)
     kind, threshold, key_value = (per_slot if layout is None else per_slot[layout]).unbind(-1)
     positions = positions.long()
     real = is_real_token(positions)
     row_group = torch.where(real, kind, _PADDING_ROW_GROUP)
-    key_group = torch.where(real, kind, _ABSENT)  # query rows are never keys: kv_rows stop at n + m
+    key_group = torch.where(real, kind, _ABSENT)  # query rows are never keys: kv_rows stop at the content
 
     # The pattern's rule as |g_q - g_k| <= reach (see the module docstring), or none.
     g, reach = None, window
@@ -268,19 +273,19 @@ GRAPH_CACHE_SIZE = 8  # shapes kept captured (each holds its intermediates: ~10-
 _GRAPHS: OrderedDict = OrderedDict()
 
 
-def _tables(positions, document_ids, layout, n, m, window, q_block, kv_block):
+def _tables(positions, document_ids, layout, n, m, window, q_block, kv_block, streams="mpnet"):
     inputs = [x for x in (positions, document_ids, layout) if x is not None]
 
     def compute(*given):
         given = iter(given)
         return _label_tables(next(given), next(given) if document_ids is not None else None,
-                             next(given) if layout is not None else None, n, m, window, q_block, kv_block)
+                             next(given) if layout is not None else None, n, m, window, q_block, kv_block, streams)
 
     device = positions.device
     if (not USE_CUDA_GRAPHS or device.type != "cuda" or torch.compiler.is_compiling()
             or torch.cuda.is_current_stream_capturing()):
         return compute(*inputs)
-    key = (device, n, m, window, q_block, kv_block, document_ids is not None, layout is not None,
+    key = (device, n, m, streams, window, q_block, kv_block, document_ids is not None, layout is not None,
            *((tuple(x.shape), x.dtype) for x in inputs))
     graphed = _GRAPHS.pop(key, None)
     if graphed is None:
@@ -302,34 +307,35 @@ def _block_mask(tables, mask_mod, q_len, kv_len, block_size):
     return block_mask
 
 
-def _fallback(positions, n, m, content_mod, query_mod):
+def _fallback(positions, n, m, content_mod, query_mod, streams="mpnet"):
     # Patterns the summaries do not cover (block, swin, dilated, global, prefix): torch's create_block_mask
     # evaluates the mask_mod on every entry, eagerly. Compiling it made later builds cheap but the first
     # build of each new shape took 5 s to minutes on an H200; eagerly a build costs 12-35 ms up to L = 8k
     # (83 ms and a 22 GiB transient at 32k), once per forward.
-    batch, kv_len, device = positions.shape[0], n + m, positions.device
+    batch, (kv_len, _), device = positions.shape[0], stream_lengths(n, m, streams), positions.device
     content = create_block_mask(content_mod, batch, None, kv_len, kv_len, device=device, _compile=False)
     query = create_block_mask(query_mod, batch, None, m, kv_len, device=device, _compile=False) if m else None
     return content, query
 
 
 def make_two_stream_block_masks(positions, n, m, pattern=None, *, document_ids=None, layer=0, layout=None,
-                                block_size=DEFAULT_BLOCK_SIZE):
+                                block_size=DEFAULT_BLOCK_SIZE, streams="mpnet"):
     """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
 
     The flex backend's masks (attention.make_flex_attention_mask is this function): positions (B, n + 2m) original
     positions (-1 padding), document_ids likewise or None, layout the rows' permuted-layout slots when
     the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
+    streams="plm": the permuted-LM layout (n x n and m x n, positions (B, n + m); masks.stream_lengths).
     On CUDA the tables are built by a CUDA graph captured at the first build of each shape.
     """
     pattern = as_pattern(pattern)
-    content_mod, query_mod = two_stream_mask_mods(positions, n, m, pattern, document_ids, layer, layout)
+    content_mod, query_mod = two_stream_mask_mods(positions, n, m, pattern, document_ids, layer, layout, streams)
     covered, window = summarised_window(pattern)
     if not covered:
-        return _fallback(positions, n, m, content_mod, query_mod)
+        return _fallback(positions, n, m, content_mod, query_mod, streams)
     q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    tables = _tables(positions, document_ids, layout, n, m, window, q_block, kv_block)
-    kv_len = n + m
+    tables = _tables(positions, document_ids, layout, n, m, window, q_block, kv_block, streams)
+    kv_len, _ = stream_lengths(n, m, streams)
     content = _block_mask(tables[:4], content_mod, kv_len, kv_len, (q_block, kv_block))
     query = _block_mask(tables[4:], query_mod, m, kv_len, (q_block, kv_block)) if m else None
     return content, query

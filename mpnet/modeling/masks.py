@@ -13,6 +13,14 @@ Two-stream layout (rows = queries, length n + 2m; keys/values = the first n + m 
 
 The PRED, MASK and QUERY entries have a rank 0..m-1: the order in which they are predicted.
 Single-stream encoding is the same layout with m = 0 (everything is context).
+
+The permuted-LM objective (plm, XLNet-style; docs/objectives.md) lays the streams out without the
+MASK section, so without position compensation (rows n + m, keys the first n):
+
+    [ CTX: n - m | PRED: m | QUERY: m ]
+      \_ content _/         query stream
+
+`STREAM_RULES` names the two layouts; with m = 0 both are single-stream encoding.
 """
 from __future__ import annotations
 
@@ -42,22 +50,54 @@ def two_stream_visible(q_idx, kv_idx, n: int, m: int):
     return k_ctx | (k_pred & sees_pred) | (k_mask & sees_mask)
 
 
-def natural_order(positions, n: int, m: int, document_ids=None):
+def permuted_lm_visible(q_idx, kv_idx, n: int, m: int):
+    """XLNet-style permuted-LM visibility for row q_idx in [0, n+m) and key kv_idx in [0, n): the
+    original MPNet code's kind='PLM' masks (make_query_and_content_mask), True = may attend.
+
+    - content CTX rows: all CTX, no PRED;
+    - content PRED row of rank i: all CTX, PRED j <= i;
+    - QUERY row of rank i: all CTX, PRED j < i.
+    No MASK entries: a prediction sees the positions of the context and of the tokens predicted
+    before it only (what MPNet's position compensation adds is the positions of the others).
+    """
+    c = n - m
+    k_pred = kv_idx >= c
+    k_rank = kv_idx - c
+    q_pred = (q_idx >= c) & (q_idx < n)
+    q_query = q_idx >= n
+    q_rank = torch.where(q_pred, q_idx - c, q_idx - n)
+    return ~k_pred | (q_pred & (k_rank <= q_rank)) | (q_query & (k_rank < q_rank))
+
+
+# The two-stream layouts by name: "mpnet" (content n + m, with the m appended <mask> entries) and
+# "plm" (content n). The backends take the name as `streams`.
+STREAM_RULES = {"mpnet": two_stream_visible, "plm": permuted_lm_visible}
+
+
+def stream_lengths(n: int, m: int, streams: str = "mpnet") -> tuple[int, int]:
+    """(content length = keys, all rows) of a layout: (n + m, n + 2m) for mpnet, (n, n + m) for plm."""
+    content = n + m if streams == "mpnet" else n
+    return content, content + m
+
+
+def natural_order(positions, n: int, m: int, document_ids=None, streams: str = "mpnet"):
     """Row order that keeps the stacked two-stream layout sorted by ORIGINAL position within each section.
 
-    positions: (B, n + 2m) of the permuted layout. Returns order (B, n + 2m): natural row r is
-    permuted row order[b, r]. Gathering rows by it makes a window or any position-local pattern
-    block-sparse (in permuted order it is scattered over almost every tile); the rules stay the same
-    function, evaluated on two_stream_visible(order[q], order[kv]). Content rows stay among the first
-    n + m, so keys/values are still the first n + m rows. Only worth it for sparse patterns: in natural
-    order the PRED columns are scattered, so without a window nearly every tile becomes partial.
+    positions: (B, n + 2m) of the permuted layout (plm: (B, n + m), `stream_lengths`). Returns order,
+    of the same shape: natural row r is permuted row order[b, r]. Gathering rows by it makes a window
+    or any position-local pattern block-sparse (in permuted order it is scattered over almost every
+    tile); the rules stay the same function, evaluated on two_stream_visible(order[q], order[kv]).
+    Content rows stay among the first n + m (plm: n), so keys/values are still the first rows. Only
+    worth it for sparse patterns: in natural order the PRED columns are scattered, so without a window
+    nearly every tile becomes partial.
     """
     key = positions
     if document_ids is not None:  # packed documents restart their positions: sort by (document, position)
         key = torch.where(positions >= 0, document_ids * (n + 1) + positions, -1)
     content = torch.argsort(key[:, :n], dim=1, stable=True)  # padding (-1) first
     predicted = torch.argsort(key[:, n:n + m], dim=1, stable=True)
-    return torch.cat([content, n + predicted, n + m + predicted], dim=1)
+    copies = 2 if streams == "mpnet" else 1  # the predicted entries appended: MASK and QUERY, or QUERY
+    return torch.cat([content] + [n + copy * m + predicted for copy in range(copies)], dim=1)
 
 
 def is_real_token(position):

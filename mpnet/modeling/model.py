@@ -15,10 +15,17 @@ from transformers.activations import ACT2FN
 from .attention import attention_backend, two_stream_self_attention_factory
 from ..errors import UserError
 from .config import MPNetConfig
-from .masks import natural_order
+from .masks import natural_order, stream_lengths
 from .packing import document_starts, positions_within_documents
 
 PADDING_IDX = 1  # HF/fairseq: position ids start at padding_idx + 1 = 2; padding gets padding_idx
+
+# The pretraining objectives of the original MPNet code (its `task_compute`; docs/objectives.md), by how
+# many copies of the predicted entries are appended to the n permuted tokens (each a <mask> at the
+# predicted token's position) and by the two-stream layout that masks them (masks.STREAM_RULES):
+# mpnet: MASK + QUERY, "mpnet"; plm: QUERY only, "plm"; mlm: none (single stream, m = 0 rows).
+# The logits are read at the last pred_size rows of the stacked layout in every case.
+OBJECTIVES = {"mpnet": (2, "mpnet"), "mlm": (0, "mpnet"), "plm": (1, "plm")}
 
 
 class SequenceTooLong(UserError):
@@ -95,15 +102,22 @@ class MPNetEncoder(nn.Module):
         # One (buckets x heads) table shared by all layers.
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 
-    def forward(self, hidden, positions, n: int, m: int, document_ids=None, layout=None):
-        """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream);
-        layout: each row's slot in that layout when the rows were put in natural order."""
+    def forward(self, hidden, positions, n: int, m: int, document_ids=None, layout=None, streams="mpnet"):
+        """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream;
+        streams="plm": (B, n + m, ...), the permuted-LM layout of masks.py); layout: each row's slot in
+        that layout when the rows were put in natural order."""
         cfg = self.config
         _, make_state = attention_backend(cfg.attention_backend)
+        rules = dict(pattern=self.pattern, document_ids=document_ids, layout=layout)
+        if streams != "mpnet":
+            if cfg.attention_backend == "triton":  # its kernels implement the MPNet layout only
+                raise UserError(f"the triton attention backend implements the MPNet two-stream layout only, not "
+                                f"'{streams}'; use the dense or flex backend for this objective")
+            rules["streams"] = streams
         # Masks and relative bias once per forward, shared by the layers (a pattern that alternates by
         # layer, swin, gets one state per layer parity: two at most).
         states = [make_state(positions, n, m, self.relative_attention_bias.weight, cfg.relative_attention_max_distance,
-                             pattern=self.pattern, document_ids=document_ids, layer=parity, layout=layout)
+                             layer=parity, **rules)
                   for parity in range(self.pattern.layer_variants)]
         for index, layer in enumerate(self.layer):
             hidden = layer(hidden, states[index % len(states)])
@@ -219,7 +233,8 @@ class _MPNetBase(nn.Module):
 
 
 class MPNetForPretraining(_MPNetBase):
-    """MPNet with its LM head: two-stream masked-and-permuted pretraining, single-stream MLM."""
+    """MPNet with its LM head: two-stream masked-and-permuted pretraining (or the MLM / PLM objectives),
+    single-stream MLM."""
 
     hf_architecture = "MPNetForMaskedLM"
 
@@ -232,7 +247,8 @@ class MPNetForPretraining(_MPNetBase):
     def tie_weights(self):
         self.lm_head.decoder.weight = self.mpnet.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, positions, pred_size: int, attention_mask=None, document_ids=None):
+    def forward(self, input_ids, positions, pred_size: int, attention_mask=None, document_ids=None,
+                objective: str = "mpnet"):
         """Two-stream MPNet: logits of the predicted tokens, (B, pred_size, vocab), in rank order.
 
         input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (already
@@ -241,36 +257,46 @@ class MPNetForPretraining(_MPNetBase):
         appended here, at the predicted tokens' positions (position compensation). document_ids (B, n),
         optional, permuted like positions: a token attends only within its document; the appended
         entries belong to their predicted token's document.
+
+        objective (OBJECTIVES, docs/objectives.md): "mpnet" as above; "mlm": one stream over the n tokens
+        (the predicted ones corrupted by the collator), logits at the predicted ones; "plm": the n tokens
+        uncorrupted as the content stream and one <mask> query per predicted token, no MASK entries.
         """
         batch, n = input_ids.shape
         m = int(pred_size)
         self._check_length(n)
-        if self.config.mask_token_id is None:
+        if objective not in OBJECTIVES:
+            raise UserError(f"unknown pretraining objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+        copies, streams = OBJECTIVES[objective]
+        if copies and self.config.mask_token_id is None:
             raise UserError(f"this model's config has no mask_token_id (its vocabulary has {self.config.vocab_size} "
                             "entries, not MPNet's 30527); set config.mask_token_id to its <mask> id for two-stream "
                             "pretraining")
         real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         positions = torch.where(real, positions, -1)
         predicted_positions = positions[:, n - m:]
-        masks = input_ids.new_full((batch, 2 * m), self.config.mask_token_id)
+        masks = input_ids.new_full((batch, copies * m), self.config.mask_token_id if copies else 0)
         all_ids = torch.cat([input_ids, masks], dim=1)
-        all_positions = torch.cat([positions, predicted_positions, predicted_positions], dim=1)
+        all_positions = torch.cat([positions] + [predicted_positions] * copies, dim=1)
         if document_ids is not None:
             predicted_documents = document_ids[:, n - m:]
-            document_ids = torch.cat([document_ids, predicted_documents, predicted_documents], dim=1)
+            document_ids = torch.cat([document_ids] + [predicted_documents] * copies, dim=1)
+        streams_m = m if copies else 0  # mlm: single-stream rows, every token context
         layout = None
         if self.mpnet.encoder.pattern.masks or document_ids is not None:  # sparse: natural order is block-sparse
-            layout = natural_order(all_positions, n, m, document_ids)
+            layout = natural_order(all_positions, n, streams_m, document_ids, streams)
             all_ids, all_positions = all_ids.gather(1, layout), all_positions.gather(1, layout)
             if document_ids is not None:
                 document_ids = document_ids.gather(1, layout)
         hidden = self.mpnet.embeddings(all_ids, all_positions)
-        hidden = self.mpnet.encoder(hidden, all_positions, n, m, document_ids, layout)
-        query = hidden[:, n + m:]
-        if layout is not None:  # back to rank order: natural query row j holds rank layout[j] - (n + m)
-            rank_to_row = torch.argsort(layout[:, n + m:], dim=1)
-            query = query.gather(1, rank_to_row[:, :, None].expand(-1, -1, query.shape[-1]))
-        return self.lm_head(query)
+        hidden = self.mpnet.encoder(hidden, all_positions, n, streams_m, document_ids, layout, streams)
+        first = stream_lengths(n, streams_m, streams)[1] - m  # the predictions: the last m slots of the layout
+        if layout is None:
+            predicted = hidden[:, first:]
+        else:  # back to rank order: slot first + r sits in the natural row where layout == first + r
+            rows = torch.argsort(layout, dim=1)[:, first:]
+            predicted = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.lm_head(predicted)
 
     def mlm_logits(self, input_ids, attention_mask=None):
         """Single-stream LM logits, (B, n, vocab): what HF's MPNetForMaskedLM computes."""

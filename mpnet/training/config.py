@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import UserError
 from ..modeling import MPNetConfig
+from ..modeling.model import OBJECTIVES
 from .toolkit import SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -311,9 +312,11 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model
     init_from: str | None = None  # continue pretraining from this HF MPNet directory
     max_nonfinite_steps: int = 20  # consecutive steps with a non-finite loss/grad norm (skipped) before stopping
+    objective: str = "mpnet"  # mpnet | mlm | plm: the original MPNet code's three objectives (docs/objectives.md)
 
     def __post_init__(self):
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")
+        check("training.objective", self.objective, self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
 
 
 @dataclass
@@ -350,6 +353,10 @@ class PretrainConfig:
         limit = model_config(self.model).max_sequence_length
         check("data.block_size", self.data.block_size, self.data.block_size <= limit,
               f"at most {limit}, the longest input model.max_position_embeddings allows (raise that to go longer)")
+        if self.training.objective != "mpnet" and self.model.get("attention_backend") == "triton":
+            raise UserError(f"training.objective={self.training.objective} does not run on the triton attention backend "
+                            "(its kernels implement the MPNet two-stream layout only); use --attention-backend dense "
+                            "or flex")
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

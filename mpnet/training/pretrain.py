@@ -1,5 +1,8 @@
 """The pretraining loop: data -> two-stream MPNet -> AdamW, with logging, validation and checkpoints.
 
+`training.objective` picks what the model computes from the same batches: mpnet (the default), mlm or
+plm (docs/objectives.md); the loss is the cross-entropy on the predicted tokens in every case.
+
 Read top to bottom: `prepare_data` (shards, blocks, collator), `build_model` (fresh, init_from or the
 checkpoint being resumed), then `Trainer`: `train_step` is one optimizer step (accumulated micro-batches,
 clipping, the non-finite guard, update) and `train` is the loop around it (log, validate, save).
@@ -21,6 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -102,7 +106,8 @@ def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
                              meta["special_token_ids"], pred_prob=cfg.data.pred_prob,
                              whole_word_mask=cfg.data.whole_word_mask, seed=cfg.training.seed,
                              word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None,
-                             document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None)
+                             document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None,
+                             objective=cfg.training.objective)
     valid = _validation_batches(valid_blocks, collator, cfg.training.batch_size, cfg.logging.valid_batches)
     return PretrainData(meta, Path(shard_dir), tokenizer, collator, train_blocks, valid)
 
@@ -225,8 +230,8 @@ class Trainer:
         n = cfg.data.block_size
         self.examples_per_step = cfg.training.batch_size * cfg.training.grad_accum * env.world_size
         self.metrics = MetricsLogger(output_dir, env.is_main, self.start_step,
-                                     flops_per_example=estimate_flops_per_example(model.config, n,
-                                                                                  round(cfg.data.pred_prob * n)),
+                                     flops_per_example=flops_per_example(model.config, cfg.training.objective, n,
+                                                                         round(cfg.data.pred_prob * n)),
                                      peak_tflops=peak_tflops_for(self.device))
 
     def _loader(self):
@@ -252,7 +257,8 @@ class Trainer:
             with dist_utils.maybe_no_sync(self.train_model, env, sync=last), \
                     toolkit.autocast(self.device, cfg.training.bf16):
                 logits = self.train_model(batch["input_ids"], batch["positions"], batch["pred_size"],
-                                          batch["attention_mask"], document_ids=batch.get("document_ids"))
+                                          batch["attention_mask"], document_ids=batch.get("document_ids"),
+                                          objective=cfg.training.objective)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
             (loss / cfg.training.grad_accum).backward()
             loss_sum = loss_sum + loss.detach()
@@ -294,7 +300,8 @@ class Trainer:
         return self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir))
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.data.valid_batches, self.device, self.cfg.training.bf16)
+        return evaluate(self.model, self.data.valid_batches, self.device, self.cfg.training.bf16,
+                        self.cfg.training.objective)
 
     def save(self, step: int):
         env, model = self.env, self.model
@@ -319,7 +326,7 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, bf16: bool = True) -> dict:
+def evaluate(model, batches, device, bf16: bool = True, objective: str = "mpnet") -> dict:
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -328,7 +335,7 @@ def evaluate(model, batches, device, bf16: bool = True) -> dict:
         batch = toolkit.to_device(batch, device)
         with toolkit.autocast(device, bf16):
             logits = model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"],
-                           document_ids=batch.get("document_ids"))
+                           document_ids=batch.get("document_ids"), objective=objective)
         targets = batch["targets"].flatten()
         loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         valid = targets != -100
@@ -336,6 +343,19 @@ def evaluate(model, batches, device, bf16: bool = True) -> dict:
         count += valid.sum()
     count = count.clamp(min=1)
     return {"valid/loss": (loss_sum / count).item(), "valid/accuracy": (correct / count).item()}
+
+
+def flops_per_example(config, objective: str, n: int, m: int) -> float:
+    """metrics.estimate_flops_per_example for each objective: mpnet is its two-stream shape (rows n + 2m,
+    keys n + m); plm has rows n + m and keys n, the shape it counts for (n - m, m); mlm is single-stream
+    (n, 0) plus the LM head on the m predicted rows, which is that formula with no layers at (0, m)."""
+    if objective == "mpnet":
+        return estimate_flops_per_example(config, n, m)
+    if objective == "plm":
+        return estimate_flops_per_example(config, n - m, m)
+    head_only = SimpleNamespace(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                num_hidden_layers=0, vocab_size=config.vocab_size)
+    return estimate_flops_per_example(config, n, 0) + estimate_flops_per_example(head_only, 0, m)
 
 
 def _checkpoint_bytes(model, tokenizer_dir: Path) -> int:
