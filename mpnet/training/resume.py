@@ -39,6 +39,7 @@ WHY = {
     "data": "the data position of a step is defined by the checkpoint's data settings",
     "training": "the global batch, the seed and the starting weights are the checkpoint's",
 }
+WHY_KEY = {("training", "objective"): "the run optimises the checkpoint's objective (docs/objectives.md)"}
 
 
 def run_config_of(checkpoint: Path) -> PretrainConfig:
@@ -87,10 +88,11 @@ def resume_config(cfg: PretrainConfig, requested: dict | None, checkpoint: Path,
         else:
             old = base[section][key]
         if not _same(value, old, path):
+            why = WHY_KEY.get(path, WHY.get(section, "it is fixed by the checkpoint"))
             raise UserError(
                 f"--resume: {section}.{key}={value!r} conflicts with the checkpoint's {old!r} ({checkpoint}): "
-                f"{WHY.get(section, 'it is fixed by the checkpoint')}. Drop it, or start a new run from the "
-                f"checkpoint's weights (training.init_from={checkpoint} and a new --output-dir); see docs/resume.md")
+                f"{why}. Drop it, or start a new run from the checkpoint's weights (training.init_from={checkpoint} and a "
+                f"new --output-dir); see docs/resume.md")
     resumed = build(PretrainConfig, base)
     if resumed.training.max_steps <= step:
         raise UserError(f"--resume: training.max_steps (--max-steps) is {resumed.training.max_steps}, at or below the "
