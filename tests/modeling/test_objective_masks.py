@@ -341,3 +341,44 @@ def test_unknown_objective_is_one_line():
     ids, positions, mask = pretraining_batch(generator(8), 8, 2, (0,))
     with pytest.raises(UserError, match="unknown pretraining objective 'mpnett'; choose one of mpnet, mlm, plm"):
         model(ids, positions, 2, mask, objective="mpnett")
+
+
+# ------------------------------------------------------------------------------ GPU: with gradients
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("objective", ["plm", "mlm"])
+def test_gpu_flex_trains_the_objective_as_dense_does(objective, window):
+    """CUDA only (FlexAttention's backward): output and every parameter gradient of flex against dense, in
+    true fp32, relative by norm <= 1e-4, the tolerance and its reasons of tests/modeling/test_gpu_backends.py
+    (k.bias gradients vanish in exact arithmetic and are left out, as there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from helpers import rel_err
+
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        dense = make_model(seed=47, sliding_window_size=window, hidden_size=256, num_attention_heads=4,
+                           intermediate_size=512)
+        flex = with_backend(dense, True)
+        n, m = 232, 35
+        ids, positions, mask = (t.cuda() for t in pretraining_batch(generator(n), n, m, (0, 31)))
+        cotangent = torch.randn(2, m, dense.config.vocab_size, generator=generator(99)).cuda()
+        results = []
+        for model in (dense.cuda().train(), flex.cuda().train()):
+            out = model(ids, positions, m, mask, objective=objective)
+            (out.float() * cotangent).sum().backward()
+            grads = {k: p.grad.float() for k, p in model.named_parameters() if p.grad is not None}
+            results.append((out.detach().float(), grads))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])
+    (out_d, grads_d), (out_f, grads_f) = results
+    assert rel_err(out_f, out_d) <= 1e-4
+    assert grads_d.keys() == grads_f.keys()
+    for name in grads_d:
+        if not name.endswith("attention.attn.k.bias"):
+            assert rel_err(grads_f[name], grads_d[name]) <= 1e-4, name
