@@ -36,8 +36,18 @@ DEVICE = "cuda"
 SWEEP = {
     "default": T.default_tiles(torch.bfloat16),
     "small": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
-    "dkdv16": T.KernelTiles(T.Tiles(128, 64, 8, 2), T.Tiles(16, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
-    "stages3": T.KernelTiles(T.Tiles(128, 64, 8, 3), T.Tiles(32, 128, 8, 3), T.Tiles(128, 64, 8, 3)),
+    "large": T.KernelTiles(T.Tiles(128, 64, 8, 2), T.Tiles(32, 128, 8, 2), T.Tiles(128, 64, 8, 2)),
+    "fwd64x64s3": T.KernelTiles(T.Tiles(64, 64, 4, 3), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "fwd64x128": T.KernelTiles(T.Tiles(64, 128, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "fwd128x64w4": T.KernelTiles(T.Tiles(128, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "fwd32x64": T.KernelTiles(T.Tiles(32, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "dkdv64x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(64, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "dkdv16x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(16, 64, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "dkdv32x64s3": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 3), T.Tiles(64, 32, 4, 2)),
+    "dkdv32x32": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 32, 4, 2), T.Tiles(64, 32, 4, 2)),
+    "dq64x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 64, 4, 2)),
+    "dq32x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(32, 64, 4, 2)),
+    "dq64x32s3": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 3)),
 }
 
 
@@ -170,8 +180,9 @@ def main():
             base = SWEEP["default"]
             configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
                                                         frozenset({"bias_gradient"}))
-            configs["no bias"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
-                                               frozenset({"bias"}))
+            for left_out in ({"bias"}, {"mask"}, {"bias", "mask"}):
+                configs["no " + " or ".join(sorted(left_out))] = T.KernelTiles(
+                    base.forward, base.key_gradients, base.query_gradients, frozenset(left_out))
         for name, tiles in configs.items():
             def cell(tiles=tiles, name=name):
                 forward, step = triton_steps(p, plan, tiles)

@@ -107,7 +107,10 @@ def _key_tile(start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS: tl.co
         kd = tl.load(k_doc + at, mask=col_ok, other=0)
     k_min = tl.reduce(tl.where(kp >= 0, kp, _FAR), 0, _MIN)
     k_max = tl.reduce(tl.where(kp >= 0, kp, -_FAR), 0, _MAX)
-    return offs_n, col_ok, rows, kp, kc, kd, k_min, k_max
+    # Every key a CTX key (code -2; PRED, MASK and padding codes are >= 0): the two-stream rules hide
+    # nothing in this tile, whatever the query rows, so the scores skip the rule mask.
+    rule_free = tl.reduce(kc, 0, _MAX) < 0
+    return offs_n, col_ok, rows, kp, kc, kd, k_min, k_max, rule_free
 
 
 @_kernel
@@ -147,26 +150,31 @@ def _gather_i32(pointers):
 
 
 @_kernel
-def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, bias,
-            window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
-            WITH_BIAS: tl.constexpr):
+def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, rule_free, bias,
+            bias_left, bias_right, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr,
+            HAS_DOCUMENTS: tl.constexpr, PARTS: tl.constexpr):
     """Scaled scores (log2 units) + relative bias, hidden pairs -inf. distance_lo/hi bound p_k - p_q
-    over the tile: a tile inside one saturated bucket adds a scalar instead of gathering."""
-    if not WITH_BIAS:  # timing only (Tiles.leave_out)
+    over the tile: a tile inside one saturated bucket adds a scalar (bias_left / bias_right, loaded once
+    per program: a scalar load inside the loop is a dependent global read every tile) instead of
+    gathering; rule_free: the tile's keys are all CTX keys, which every row sees."""
+    if PARTS & 1 == 0:  # timing only (Tiles.leave_out): no bias
         pass
     elif distance_lo >= SAT_RIGHT:
-        s = s + tl.load(bias + 2 * MAX_DISTANCE)
+        s = s + bias_right
     elif distance_hi <= -SAT_LEFT:
-        s = s + tl.load(bias)
+        s = s + bias_left
     else:
         index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
         s = s + _gather_f32(bias + index)
-    visible = ((k_code >> 1) < q_threshold) != ((k_code & 1) == 1)
+    if PARTS & 2 == 0:  # timing only: no mask
+        return s
+    if not rule_free:
+        s = tl.where(((k_code >> 1) < q_threshold) != ((k_code & 1) == 1), s, float("-inf"))
     if HAS_WINDOW:
-        visible = visible & (tl.abs(k_pos - q_pos) <= window)
+        s = tl.where(tl.abs(k_pos - q_pos) <= window, s, float("-inf"))
     if HAS_DOCUMENTS:
-        visible = visible & (q_doc == k_doc)
-    return tl.where(visible, s, float("-inf"))
+        s = tl.where(q_doc == k_doc, s, float("-inf"))
+    return s
 
 
 @_kernel
@@ -175,15 +183,17 @@ def _total(x):
 
 
 @_kernel
-def _bias_gradient(db, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                   BUCKETS: tl.constexpr):
-    """db (BUCKETS,) += the tile's dS summed per bucket: one sum for a saturated tile, else one masked
-    sum for each bucket that the tile's distance range [distance_lo, distance_hi] touches."""
+def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
+                   SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr):
+    """The tile's dS summed per bucket. A saturated tile adds dS to far_left or far_right, tile-shaped
+    accumulators summed once after the loop (an add per score instead of a block-wide reduction per
+    tile); any other tile adds one masked sum to db (BUCKETS,) for each bucket its distance range
+    [distance_lo, distance_hi] touches."""
     bucket_ids = tl.arange(0, BUCKETS)
     if distance_lo >= SAT_RIGHT:
-        db += tl.where(bucket_ids == tl.load(BUCKET + 2 * MAX_DISTANCE), _total(ds), 0.0)
+        far_right += ds
     elif distance_hi <= -SAT_LEFT:
-        db += tl.where(bucket_ids == tl.load(BUCKET), _total(ds), 0.0)
+        far_left += ds
     else:
         index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
         bucket = _gather_i32(BUCKET + index)
@@ -198,7 +208,7 @@ def _bias_gradient(db, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_D
         last = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first - 1)
         for j in range(first, last + 1):
             db += tl.where(bucket_ids == j, _total(tl.where(bucket == j, ds, 0.0)), 0.0)
-    return db
+    return db, far_left, far_right
 
 
 @_kernel
@@ -209,7 +219,7 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS,
                     H, LQ, LK, ND, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                     HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                    WITH_BIAS: tl.constexpr):
+                    PARTS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -219,18 +229,19 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS,
     key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
     key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
     bias = BIAS + h * ND
+    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
-        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
             start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
         k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
         v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
-                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
+                    k_min - q_max, k_max - q_min, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE,
+                    SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -242,53 +253,52 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS,
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees nothing outputs 0
     _store_rows(O, out, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # +inf: p = 0 in backward
-    tl.store(LSE + bh * LQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh * LQ + rows, lse, mask=row_ok)  # by row: the backward kernels visit rows in their own order
 
 
 @_kernel
-def _delta_kernel(O, DO, DELTA, q_rows, stride_ob, stride_oh, stride_ol, stride_gb, stride_gh, stride_gl,
+def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ol, stride_gb, stride_gh, stride_gl,
                   H, LQ, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """delta = rowsum(dO * O) in float32, in visiting order: the softmax backward's per-row term."""
+    """delta = rowsum(dO * O) in float32, by row: the softmax backward's per-row term."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < LQ
-    rows = tl.load(q_rows + b * LQ + offs_m, mask=row_ok, other=0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
     o = _load_rows(O, b, h, stride_ob, stride_oh, stride_ol, rows, row_ok, HEAD_DIM).to(tl.float32)
     do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM).to(tl.float32)
-    tl.store(DELTA + bh * LQ + offs_m, tl.reduce(o * do, 1, _SUM), mask=row_ok)
+    tl.store(DELTA + bh * LQ + rows, tl.reduce(o * do, 1, _SUM), mask=row_ok)
 
 
 @_kernel
-def _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row, delta_row, bias,
-                   BUCKET, q_rows, q_pos, q_threshold, q_doc, stride_qb, stride_qh, stride_ql,
-                   stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                   BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                   WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
+def _key_tile_step(dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, rule_free,
+                   Q, DO, lse_row, delta_row, bias, bias_left, bias_right, BUCKET, q_rows, q_pos, q_threshold,
+                   q_doc, stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale, window,
+                   MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
     """One query tile's share of a key tile's dK, dV and bias gradient (scores transposed: keys x rows)."""
     offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
         start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
     q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
     do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
-    lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(lse_row + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
     distance_lo = k_min - q_max
     distance_hi = k_max - q_min
     s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     s = _scores(s, qp[None, :], qt[None, :], qd[None, :], kp[:, None], kc[:, None], kd[:, None],
-                distance_lo, distance_hi, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS,
-                WITH_BIAS)
+                distance_lo, distance_hi, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE, SAT_LEFT,
+                SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
     p = tl.math.exp2(s - lse[None, :])
     dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds = p * (dp - delta[None, :])
     dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
     if WITH_BIAS_GRADIENT:
-        db = _bias_gradient(db, ds, qp[None, :], kp[:, None], distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
-                            SAT_LEFT, SAT_RIGHT, BUCKETS)
-    return dk, dv, db
+        db, far_left, far_right = _bias_gradient(db, far_left, far_right, ds, qp[None, :], kp[:, None], distance_lo,
+                                                 distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS)
+    return dk, dv, db, far_left, far_right
 
 
 @_kernel
@@ -299,14 +309,15 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
                           stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
                           stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
                           H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                          BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                          BUCKET_LEFT, BUCKET_RIGHT, BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_DOCUMENTS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PRECISION: tl.constexpr, WITH_BIAS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
+                          PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
     """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+    offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
         tl.program_id(0) * BLOCK_N, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
     k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
     v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
@@ -315,9 +326,12 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
     lse_row = LSE + bh * LQ
     delta_row = DELTA + bh * LQ
     bias = BIAS + h * ND
+    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     db = tl.full([BUCKETS], 0.0, tl.float32)
+    far_left = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    far_right = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     # Two runs of query tiles: those holding the real rows that may see these keys, then the padding
     # rows (visited last; position -1 puts them outside the real rows' ranges), for a tile with a real
     # key, from the first tile the first run did not visit. One loop over both keeps one copy of the body.
@@ -328,13 +342,18 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB,
     padding_tiles = tl.where(k_max >= 0, tl.maximum((LQ - padding_start + BLOCK_M - 1) // BLOCK_M, 0), 0)
     for tile in range(0, main_tiles + padding_tiles):
         start_m = tl.where(tile < main_tiles, first + tile * BLOCK_M, padding_start + (tile - main_tiles) * BLOCK_M)
-        dk, dv, db = _key_tile_step(dk, dv, db, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, Q, DO, lse_row,
-                                    delta_row, bias, BUCKET, q_rows, q_pos, q_threshold, q_doc,
-                                    stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale,
-                                    window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS,
-                                    BLOCK_M, HEAD_DIM, PRECISION, WITH_BIAS, WITH_BIAS_GRADIENT)
+        dk, dv, db, far_left, far_right = _key_tile_step(
+            dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, rule_free, Q, DO,
+            lse_row, delta_row, bias, bias_left, bias_right, BUCKET, q_rows, q_pos, q_threshold, q_doc,
+            stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE,
+            SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS, BLOCK_M, HEAD_DIM, PRECISION, PARTS,
+            WITH_BIAS_GRADIENT)
     _store_rows(DK, dk * sm_scale, b, h, stride_dkb, stride_dkh, stride_dkl, krows, col_ok, HEAD_DIM)
     _store_rows(DV, dv, b, h, stride_dvb, stride_dvh, stride_dvl, krows, col_ok, HEAD_DIM)
+    if WITH_BIAS_GRADIENT:
+        bucket_ids = tl.arange(0, BUCKETS)
+        db += tl.where(bucket_ids == BUCKET_LEFT, _total(far_left), 0.0)
+        db += tl.where(bucket_ids == BUCKET_RIGHT, _total(far_right), 0.0)
     slot = bh * tl.num_programs(0) + tl.program_id(0)
     tl.store(DB + slot * BUCKETS + tl.arange(0, BUCKETS), db)
 
@@ -348,7 +367,7 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
                             H, LQ, LK, ND, qk_scale, sm_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
                             HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                            WITH_BIAS: tl.constexpr):
+                            PARTS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -356,23 +375,24 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS,
         tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
     q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
     do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
-    lse = tl.load(LSE + bh * LQ + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * LQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
     key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
     key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
     bias = BIAS + h * ND
+    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     # The key-tile visit and score recomputation of the forward kernel, kept inline in both: a shared
     # helper would return the tile's k, v and scores, and Triton inlines it anyway (same code, more calls).
     for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
-        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max = _key_tile(
+        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
             start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
         k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
         v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
-                    k_min - q_max, k_max - q_min, bias, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
-                    HAS_WINDOW, HAS_DOCUMENTS, WITH_BIAS)
+                    k_min - q_max, k_max - q_min, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE,
+                    SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

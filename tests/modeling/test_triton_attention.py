@@ -188,17 +188,43 @@ def test_saturation_distance_is_where_the_last_bucket_starts():
     assert buckets[MAX_DISTANCE - 90] != buckets[MAX_DISTANCE - 91] == buckets[0]
 
 
-def test_plan_visits_rows_sorted_by_position_padding_last():
-    (_, _, _, _), positions, _, _ = two_stream_case(40, 8, (0, 7), 1, 16, seed=1)
-    plan = T.make_triton_attention_plan(positions, 40, 8)
-    for b in range(2):
-        pos = plan.q_pos[b].long()
-        real = int(plan.q_real[b])
-        assert torch.equal(pos, positions[b, plan.q_rows[b].long()])
+@pytest.mark.parametrize("window", [None, 6])
+def test_plan_visit_order(window):
+    """The dK/dV order, and the forward order with a window: rows in position order, padding last. The
+    forward order without a window: rows grouped by what the rules let them see (keys CTX | MASK |
+    PRED, queries threshold 0 | the others), each group in position order, padding last. Every row's
+    key range [lo, hi) and every key's row range hold every pair the rules allow (brute force over the
+    rules' own visibility)."""
+    n, m = 40, 8
+    (_, _, _, _), positions, _, _ = two_stream_case(n, m, (0, 7), 1, 16, seed=1)
+    plan = T.make_triton_attention_plan(positions, n, m, window=window)
+    threshold, code = T.two_stream_codes(torch.arange(n + 2 * m), n, m)
+    kind = torch.where(code < 0, 0, torch.where(code % 2 == 1, 1, 2))
+    for b, visit in ((b, visit) for b in range(2) for visit in (plan.forward, plan.keys)):
+        grouped = window is None and visit is plan.forward
+        pos = visit.q_pos[b].long()
+        real, q_rows, k_rows = int(plan.q_real[b]), visit.q_rows[b].long(), visit.k_rows[b].long()
+        assert torch.equal(pos, positions[b, q_rows])
         assert (pos[:real] >= 0).all() and (pos[real:] < 0).all()
-        assert (pos[:real].diff() >= 0).all()
-        assert sorted(plan.q_rows[b].tolist()) == list(range(56))
-        assert sorted(plan.k_rows[b].tolist()) == list(range(48))
+        assert sorted(q_rows.tolist()) == list(range(n + 2 * m)) and sorted(k_rows.tolist()) == list(range(n + m))
+        k_pos = positions[b, k_rows]
+        k_real = int((k_pos >= 0).sum())
+        assert (k_pos[:k_real] >= 0).all() and (k_pos[k_real:] < 0).all()
+        q_key = (threshold[q_rows[:real]] > 0).long() if grouped else torch.zeros(real, dtype=torch.long)
+        k_key = kind[k_rows[:k_real]] if grouped else torch.zeros(k_real, dtype=torch.long)
+        for group_key, order in ((q_key, pos[:real]), (k_key, k_pos[:k_real])):
+            assert (group_key.diff() >= 0).all()
+            for g in group_key.unique():
+                assert (order[group_key == g].diff() >= 0).all()
+        for i in range(real):
+            for j in range(k_real):
+                row, key = int(q_rows[i]), int(k_rows[j])
+                seen = rule_visible(row, key, n, m) and (
+                    window is None or abs(int(positions[b, row]) - int(positions[b, key])) <= window)
+                if seen and visit is plan.forward:
+                    assert visit.q_key_lo[b, i] <= j < visit.q_key_hi[b, i], (b, i, j)
+                if seen and visit is plan.keys:
+                    assert visit.k_query_lo[b, j] <= i < visit.k_query_hi[b, j], (b, i, j)
 
 
 # ----------------------------------------------------------------------------- CPU (interpreter)
@@ -220,6 +246,19 @@ def test_several_heads_and_tiles_with_window_and_padding_tail():
     tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
     ours, reference = compare(inputs, positions, 40, 8, window=4, tiles=tiles)
     assert_close(ours, reference, FP32_REL, "16x16 tiles, w=4, 2 heads")
+
+
+@interpreted
+@pytest.mark.parametrize("spread", [1, 12])
+def test_small_tiles_without_window_skip_and_trim_exactly(spread):
+    """16-row tiles without a window: CTX-only key tiles skip the rule mask and the threshold-0 query
+    tiles stop before the PRED keys; padding in both streams. spread 12: positions 12 apart, so most
+    tiles lie in a saturated bucket (scalar bias; the dK/dV kernel's far accumulators)."""
+    inputs, positions, _, _ = two_stream_case(40, 8, (0, 13), heads=2, head_dim=16, seed=14)
+    positions = torch.where(positions >= 0, positions * spread, positions)
+    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    ours, reference = compare(inputs, positions, 40, 8, tiles=tiles)
+    assert_close(ours, reference, FP32_REL, f"16x16 tiles, no window, 2 heads, positions x{spread}")
 
 
 @interpreted
