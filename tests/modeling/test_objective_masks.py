@@ -162,11 +162,13 @@ def _check_block_mask(block_mask, expected, label, exact_empty):
     q_tiles, kv_tiles = math.ceil(q_len / bq), math.ceil(kv_len / bk)
     partial = torch.zeros(batch, q_tiles, kv_tiles, dtype=torch.bool)
     full = torch.zeros_like(partial)
-    for b in range(batch):
-        for qt in range(q_tiles):
-            partial[b, qt, block_mask.kv_indices[b, 0, qt, :block_mask.kv_num_blocks[b, 0, qt]].long()] = True
-            if block_mask.full_kv_num_blocks is not None:
-                full[b, qt, block_mask.full_kv_indices[b, 0, qt, :block_mask.full_kv_num_blocks[b, 0, qt]].long()] = True
+    tables = [(partial, block_mask.kv_num_blocks, block_mask.kv_indices)]
+    if block_mask.full_kv_num_blocks is not None:
+        tables.append((full, block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+    for labels, counts, indices in tables:
+        for b in range(batch):
+            for qt in range(q_tiles):
+                labels[b, qt, indices[b, 0, qt, :counts[b, 0, qt]].long()] = True
     assert not (partial & full).any(), label
     for b in range(batch):
         for qt in range(q_tiles):
