@@ -51,7 +51,8 @@ def test_settings_are_checked():
 def test_cli_quick_cpu_writes_the_report(benchmark_main, tmp_path, capsys):
     out = tmp_path / "packing"
     code, err = call_main(benchmark_main, "packing", "--device", "cpu", "--quick", "--examples-per-step", 4,
-                          "--batches", 1, "--max-length", 32, "--max-seconds", 0.1, "--output-dir", out)
+                          "--batches", 1, "--max-length", 32, "--max-seconds", 0.1, "--data", "embedded",
+                          "--output-dir", out)
     assert code == 0, err
     printed = capsys.readouterr().out
     assert "FORWARD ONLY" in printed and "| variant" in printed and "embedded corpus" in printed
