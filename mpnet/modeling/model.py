@@ -110,9 +110,6 @@ class MPNetEncoder(nn.Module):
         _, make_state = attention_backend(cfg.attention_backend)
         rules = dict(pattern=self.pattern, document_ids=document_ids, layout=layout)
         if streams != "mpnet":
-            if cfg.attention_backend == "triton":  # its kernels implement the MPNet layout only
-                raise UserError(f"the triton attention backend implements the MPNet two-stream layout only, not "
-                                f"'{streams}'; use the dense or flex backend for this objective")
             rules["streams"] = streams
         # Masks and relative bias once per forward, shared by the layers (a pattern that alternates by
         # layer, swin, gets one state per layer parity: two at most).

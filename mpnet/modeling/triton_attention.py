@@ -53,7 +53,7 @@ import torch
 
 from ..errors import UserError
 from .attention import _Projections
-from .masks import relative_position_bucket
+from .masks import relative_position_bucket, stream_lengths
 from .patterns import AttentionPattern, as_pattern
 from .triton_kernels import (FAR, HIDDEN_CODE, INTERPRET, LOG2E, _delta_kernel, _forward_kernel, _key_gradients_kernel,
                              _query_gradients_kernel, triton)
@@ -69,8 +69,10 @@ class UnsupportedTritonPattern(UserError):
 # --------------------------------------------------------------------------- the rules as integers
 
 
-def two_stream_codes(slots, n: int, m: int):
-    """Per-row integers equivalent to `masks.two_stream_visible` for rows in layout `slots`.
+def two_stream_codes(slots, n: int, m: int, streams: str = "mpnet"):
+    """Per-row integers equivalent to `masks.two_stream_visible` (streams "mpnet") or
+    `masks.permuted_lm_visible` ("plm": the same rules without the MASK section, QUERY rows right after
+    the n content rows) for rows in layout `slots`.
 
     Returns (threshold, code): threshold for every row as a query, code for every row as a key, with
     two_stream_visible(q, k) == ((code[k] >> 1) < threshold[q]) != (code[k] & 1 == 1).
@@ -81,9 +83,10 @@ def two_stream_codes(slots, n: int, m: int):
     """
     c = n - m
     pred = (slots >= c) & (slots < n)
-    mask = (slots >= n) & (slots < n + m)
-    query = slots >= n + m
-    threshold = torch.where(pred, slots - c + 1, torch.where(query, slots - n - m, 0))
+    query_start = n + m if streams == "mpnet" else n
+    mask = (slots >= n) & (slots < query_start)
+    query = slots >= query_start
+    threshold = torch.where(pred, slots - c + 1, torch.where(query, slots - query_start, 0))
     rank = torch.where(pred, slots - c, torch.where(mask, slots - n, -1))
     return threshold, 2 * rank + mask.long()
 
@@ -169,14 +172,16 @@ def _int32(x):
 
 
 def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None = None, document_ids=None,
-                               layout=None, query_rows: slice | None = None) -> TritonAttentionPlan:
+                               layout=None, query_rows: slice | None = None, streams: str = "mpnet"
+                               ) -> TritonAttentionPlan:
     """Everything the kernels need about one batch, built once per forward and shared by the layers.
 
     positions: (B, n + 2m) original positions of the rows (-1 = padding: never attended as a key);
     layout: the rows' slots in the permuted two-stream layout when the rows are in natural order
     (masks.natural_order), else None; document_ids: (B, n + 2m) or None (attention within a document);
     window: |p_q - p_k| <= window on original positions, or None. query_rows: the rows that will be
-    the queries (default all n + 2m); the keys are always the first n + m rows.
+    the queries (default all n + 2m); the keys are always the first n + m rows. streams="plm": the
+    permuted-LM layout instead (n + m rows, the first n the keys; masks.stream_lengths).
 
     Rows are visited by (document, position), padding last. Without a window or documents nothing
     needs one position order across kinds, and the forward and dQ kernels visit rows in groups by what
@@ -190,10 +195,11 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
     """
     batch, length = positions.shape
     device = positions.device
-    if length != n + 2 * m or not 0 <= m <= n:
-        raise UserError(f"positions have {length} rows; the two-stream layout has n + 2m = {n + 2 * m} (n={n}, m={m})")
+    kv_len, total = stream_lengths(n, m, streams)
+    if length != total or not 0 <= m <= n:
+        raise UserError(f"positions have {length} rows; the {streams} layout has {total} (n={n}, m={m})")
     slots = torch.arange(length, device=device).expand(batch, -1) if layout is None else layout.long()
-    threshold, code = two_stream_codes(slots, n, m)
+    threshold, code = two_stream_codes(slots, n, m, streams)
     positions = positions.long()
     real = positions >= 0
     # Sort value: (document, position) for real rows, padding last. Positions restart per document.
@@ -211,7 +217,6 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
     rows = torch.arange(length, device=device)
     if query_rows is not None:
         rows = rows[query_rows]
-    kv_len = n + m
     q_real = real[:, rows].sum(1)
     k_real = real[:, :kv_len].sum(1, keepdim=True)
 
@@ -436,8 +441,8 @@ class _TritonAttentionFunction(torch.autograd.Function):
         _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
             q, k, v, grad_out, dq, lse, delta, bias, *plan.forward.query_vectors(), plan.forward.q_key_lo,
             plan.forward.q_key_hi, *plan.forward.key_vectors(), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *grad_out.stride()[:3], *dq.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            num_warps=t.num_warps, num_stages=t.num_stages, **common, **_left_out(tiles))
+            *grad_out.stride()[:3], *dq.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common, **_left_out(tiles))
         grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
         return dq, dk, dv, grad_table.to(ctx.table_dtype), None, None, None, None
 
@@ -506,11 +511,11 @@ class TritonAttentionState:
 
 
 def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, pattern=None, *, document_ids=None,
-                                layer=0, layout=None):
+                                layer=0, layout=None, streams="mpnet"):
     """Like make_dense/flex_attention_state, but given the (buckets, heads) table itself."""
     plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern),
-                                      document_ids=document_ids, layout=layout)
-    return TritonAttentionState(plan, relative_bias_table, max_distance, n + m)
+                                      document_ids=document_ids, layout=layout, streams=streams)
+    return TritonAttentionState(plan, relative_bias_table, max_distance, stream_lengths(n, m, streams)[0])
 
 
 class TritonTwoStreamAttention(_Projections):

@@ -353,10 +353,6 @@ class PretrainConfig:
         limit = model_config(self.model).max_sequence_length
         check("data.block_size", self.data.block_size, self.data.block_size <= limit,
               f"at most {limit}, the longest input model.max_position_embeddings allows (raise that to go longer)")
-        if self.training.objective != "mpnet" and self.model.get("attention_backend") == "triton":
-            raise UserError(f"training.objective={self.training.objective} does not run on the triton attention backend "
-                            "(its kernels implement the MPNet two-stream layout only); use --attention-backend dense "
-                            "or flex")
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

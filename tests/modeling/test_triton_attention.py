@@ -30,7 +30,7 @@ from helpers import generator, max_abs, pretraining_batch, rel_err, rule_visible
 from mpnet.errors import UserError
 from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
 from mpnet.modeling.patterns import window_spec
-from mpnet.modeling.masks import natural_order, relative_bias_by_distance, two_stream_visible
+from mpnet.modeling.masks import natural_order, permuted_lm_visible, relative_bias_by_distance, two_stream_visible
 from mpnet.modeling import triton_attention as T
 
 MAX_DISTANCE = 128
@@ -56,11 +56,11 @@ def _interpreter_allowed(request, monkeypatch):
 # ------------------------------------------------------------------------------------- oracle
 
 
-def dense_attention(q, k, v, table, positions, n, m, window=None, document_ids=None, layout=None):
+def dense_attention(q, k, v, table, positions, n, m, window=None, document_ids=None, layout=None, streams="mpnet"):
     """The dense backend's arithmetic (RelativeMultiHeadAttention.forward minus projections/dropout)."""
     distance_bias = relative_bias_by_distance(table, MAX_DISTANCE, table.shape[0])
     state = make_dense_attention_state(positions, n, m, distance_bias, MAX_DISTANCE, window_spec(window),
-                                       document_ids=document_ids, layout=layout)
+                                       document_ids=document_ids, layout=layout, streams=streams)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + state.bias
     scores = scores.masked_fill(~state.allowed, float("-inf"))
     probs = torch.where(state.allowed.any(-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
@@ -125,20 +125,30 @@ def _cotangent(inputs, seed):
     return cotangent.to(inputs[0].device, inputs[0].dtype)
 
 
-def triton_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7):
-    plan = T.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout)
+def triton_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7,
+               streams="mpnet"):
+    plan = T.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout,
+                                        streams=streams)
     return run(lambda q, k, v, t: T.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
                                                                 tiles=tiles), inputs, _cotangent(inputs, seed))
 
 
-def dense_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, seed=7):
-    return run(lambda q, k, v, t: dense_attention(q, k, v, t, positions, n, m, window, document_ids, layout),
-               inputs, _cotangent(inputs, seed))
+def dense_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, seed=7, streams="mpnet"):
+    return run(lambda q, k, v, t: dense_attention(q, k, v, t, positions, n, m, window, document_ids, layout,
+                                                  streams), inputs, _cotangent(inputs, seed))
 
 
-def compare(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None):
-    return (triton_run(inputs, positions, n, m, window, document_ids, layout, tiles),
-            dense_run(inputs, positions, n, m, window, document_ids, layout))
+def compare(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, streams="mpnet"):
+    return (triton_run(inputs, positions, n, m, window, document_ids, layout, tiles, streams=streams),
+            dense_run(inputs, positions, n, m, window, document_ids, layout, streams=streams))
+
+
+def permuted_lm_case(n, m, pads, heads, head_dim, seed):
+    """The plm layout of a two-stream case: its n content rows and its m query rows (no MASK section);
+    keys and values are the n content rows."""
+    (q, k, v, table), positions, _, _ = two_stream_case(n, m, pads, heads, head_dim, seed)
+    keep = torch.cat([torch.arange(n), torch.arange(n + m, n + 2 * m)])
+    return [q[:, :, keep], k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), table], positions[:, keep]
 
 
 def assert_close(ours, reference, tolerance, label):
@@ -227,6 +237,17 @@ def test_plan_visit_order(window):
                     assert visit.k_query_lo[b, j] <= i < visit.k_query_hi[b, j], (b, i, j)
 
 
+def test_codes_equal_permuted_lm_visible():
+    """The plm layout (n content rows, then m QUERY rows; keys the content rows), every pair, against
+    masks.permuted_lm_visible, rows permuted."""
+    n, m = 11, 4
+    slots = torch.cat([torch.randperm(n, generator=generator(5)), n + torch.randperm(m, generator=generator(6))])
+    threshold, code = T.two_stream_codes(slots, n, m, streams="plm")
+    key_code = code[:n]
+    codes_say = ((key_code[None] >> 1) < threshold[:, None]) != ((key_code[None] & 1) == 1)
+    assert torch.equal(codes_say, permuted_lm_visible(slots[:, None], slots[None, :n], n, m))
+
+
 # ----------------------------------------------------------------------------- CPU (interpreter)
 
 
@@ -259,6 +280,17 @@ def test_small_tiles_without_window_skip_and_trim_exactly(spread):
     tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
     ours, reference = compare(inputs, positions, 40, 8, tiles=tiles)
     assert_close(ours, reference, FP32_REL, f"16x16 tiles, no window, 2 heads, positions x{spread}")
+
+
+@interpreted
+@pytest.mark.parametrize("window", [None, 6])
+def test_permuted_lm_layout_matches_dense(window):
+    """The plm objective's layout (XLNet-style: no MASK rows, no position compensation), padding, 16-row
+    tiles, with and without a window: output and every gradient equal the dense backend's."""
+    inputs, positions = permuted_lm_case(40, 8, (0, 9), heads=2, head_dim=16, seed=15)
+    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    ours, reference = compare(inputs, positions, 40, 8, window=window, tiles=tiles, streams="plm")
+    assert_close(ours, reference, FP32_REL, f"plm layout w={window}")
 
 
 @interpreted
@@ -344,6 +376,36 @@ def test_module_matches_the_dense_module():
             assert gb.norm() <= 1e-4 * grads_b[names.index("k.weight")].norm()
         else:
             assert rel_err(gb, ga) <= FP32_REL, name
+
+
+@interpreted
+@pytest.mark.parametrize("objective", ["mpnet", "mlm", "plm"])
+def test_pretraining_model_matches_dense_for_every_objective(objective):
+    """MPNetForPretraining with the triton backend against the dense one, same weights: the logits of
+    the predicted tokens and every parameter gradient, for each objective (plm: its own layout; mlm:
+    the single stream), one padded row."""
+    from mpnet.modeling.model import MPNetForPretraining
+
+    config = tiny_config(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)
+    torch.manual_seed(0)
+    dense = MPNetForPretraining(config).eval()
+    ours = MPNetForPretraining(tiny_config(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                           attention_backend="triton")).eval()
+    ours.load_state_dict(dense.state_dict())
+    n, m = 24, 4
+    input_ids, positions, mask = pretraining_batch(generator(16), n, m, (0, 5))
+    weights = torch.randn(2, m, config.vocab_size, generator=generator(17))
+    results = []
+    for model in (dense, ours):
+        logits = model(input_ids, positions, m, attention_mask=mask, objective=objective)
+        grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()), allow_unused=True)
+        results.append((logits, grads))
+    (a, grads_a), (b, grads_b) = results
+    assert rel_err(b, a) <= FP32_REL, "logits"
+    for (name, _), ga, gb in zip(dense.named_parameters(), grads_a, grads_b):
+        if ga is None or name.endswith("attn.k.bias"):  # k.bias: zero up to rounding (shift-invariant softmax)
+            continue
+        assert rel_err(gb, ga) <= FP32_REL, name
 
 
 @interpreted

@@ -1,6 +1,6 @@
 """`pretrain-mpnet --objective mpnet|mlm|plm` (docs/objectives.md): each trains a few CPU steps and
 checkpoints; the objective is part of the run (config.yaml, resume continues it exactly, a different one
-is refused in one line); a typo, or mlm/plm on the triton backend, is one line before any work; the three
+is refused in one line); a typo is one line before any work; the three
 objectives get the same examples, permutations and predicted tokens (plm uncorrupted); the FLOP count
 behind MFU is what each objective's forward + backward computes (torch's FlopCounterMode).
 """
@@ -80,10 +80,6 @@ def test_an_mpnet_run_refuses_to_resume_as_plm(prefix_shards, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--objective", "plmm"], "argument --objective: invalid choice: 'plmm'"),
     (["training.objective=MLM "], "config key 'training.objective' got 'MLM'; it must be one of mpnet, mlm, plm"),
-    (["--objective", "plm", "--attention-backend", "triton"],
-     "training.objective=plm does not run on the triton attention backend"),
-    (["--objective", "mlm", "model.attention_backend=triton"],
-     "training.objective=mlm does not run on the triton attention backend"),
 ])
 def test_bad_objective_settings_are_one_line_before_any_work(prefix_shards, tmp_path, args, fragment):
     out = tmp_path / "run"
