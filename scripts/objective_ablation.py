@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-tiny.yaml", help="pretraining config")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining examples per step (default 32)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--attention-backend", choices=["dense", "flex"], default="dense", help="for pretraining")
+    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense", help="for pretraining")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of the timed run behind --minutes-per-objective")
     p.add_argument("--sentiment-dir", type=Path, default=REPO / "data" / "sentiment")
     p.add_argument("--finetune-seeds", default="1,2", help="comma-separated fine-tuning seeds (default 1,2)")
