@@ -40,17 +40,27 @@ import torch
 # modeling.model.OBJECTIVES). The permutation draws come first, so every objective gets the same
 # permutation and predicted tokens for the same (seed, step, rank).
 CORRUPTS_PREDICTED = {"mpnet": True, "mlm": True, "plm": False}
+# Where the mpnet objective's corrupted tokens go (data.corrupted_input). "content": into the predicted
+# tokens' content-stream entries, the appended entries plain <mask> (the layout this project was
+# specified with). "appended": the original MPNet code's (MaskedDataset.collater, input_mode 'mpnet'):
+# the content stream keeps the real predicted tokens, so a query of rank i sees the earlier predicted
+# tokens themselves, and the corrupted tokens are the inputs of both appended sections.
+CORRUPTED_INPUTS = ("content", "appended")
 
 
 class MPNetCollator:
     def __init__(self, vocab_size, pad_token_id, mask_token_id, special_token_ids, pred_prob=0.15,
                  whole_word_mask=False, word_starts=None, seed=0, predict_special_tokens=True,
-                 document_separator_id=None, objective="mpnet"):
+                 document_separator_id=None, objective="mpnet", corrupted_input="content"):
         if not 0 < pred_prob < 1:
             raise ValueError(f"pred_prob must be in (0, 1), got {pred_prob}")
         if objective not in CORRUPTS_PREDICTED:
             raise ValueError(f"objective must be one of {', '.join(CORRUPTS_PREDICTED)}, got {objective!r}")
         self.objective, self.corrupt = objective, CORRUPTS_PREDICTED[objective]
+        if corrupted_input not in CORRUPTED_INPUTS or (corrupted_input == "appended" and objective != "mpnet"):
+            raise ValueError(f"corrupted_input must be one of {', '.join(CORRUPTED_INPUTS)} ('appended' for the "
+                             f"mpnet objective only), got {corrupted_input!r} with objective {objective!r}")
+        self.corrupted_input = corrupted_input
         if whole_word_mask and word_starts is None:
             raise ValueError("whole_word_mask needs word_starts (a bool array over the vocabulary)")
         self.vocab_size = int(vocab_size)
@@ -124,10 +134,15 @@ class MPNetCollator:
             corrupted = targets.clone()
             corrupted = torch.where(u < 0.8, torch.full_like(corrupted, self.mask_token_id), corrupted)
             corrupted = torch.where((u >= 0.8) & (u < 0.9), random_ids, corrupted)
-            input_ids[:, n - m :] = torch.where(predicted, corrupted, input_ids[:, n - m :])
+            if self.corrupted_input == "content":
+                input_ids[:, n - m :] = torch.where(predicted, corrupted, input_ids[:, n - m :])
+            else:  # not-predicted (padding) entries of the predicted part get a plain <mask>
+                appended_ids = torch.where(predicted, corrupted, torch.full_like(corrupted, self.mask_token_id))
 
         batch = {"input_ids": input_ids, "positions": positions, "targets": targets, "pred_size": m,
                  "attention_mask": attention_mask}
+        if self.corrupt and self.corrupted_input == "appended":
+            batch["appended_ids"] = appended_ids
         if self.document_separator_id is not None:
             batch["document_ids"] = torch.gather(document, 1, perm)
         return batch

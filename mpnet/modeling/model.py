@@ -245,7 +245,7 @@ class MPNetForPretraining(_MPNetBase):
         self.lm_head.decoder.weight = self.mpnet.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, positions, pred_size: int, attention_mask=None, document_ids=None,
-                objective: str = "mpnet"):
+                objective: str = "mpnet", appended_ids=None):
         """Two-stream MPNet: logits of the predicted tokens, (B, pred_size, vocab), in rank order.
 
         input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (already
@@ -258,6 +258,8 @@ class MPNetForPretraining(_MPNetBase):
         objective (OBJECTIVES, docs/objectives.md): "mpnet" as above; "mlm": one stream over the n tokens
         (the predicted ones corrupted by the collator), logits at the predicted ones; "plm": the n tokens
         uncorrupted as the content stream and one <mask> query per predicted token, no MASK entries.
+        appended_ids: (B, pred_size) inputs of both appended sections (MASK entries and queries) instead of
+        <mask>, mpnet only: the original MPNet code's layout (collator corrupted_input="appended").
         """
         batch, n = input_ids.shape
         m = int(pred_size)
@@ -272,7 +274,13 @@ class MPNetForPretraining(_MPNetBase):
         real = input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask.bool()
         positions = torch.where(real, positions, -1)
         predicted_positions = positions[:, n - m:]
-        masks = input_ids.new_full((batch, copies * m), self.config.mask_token_id if copies else 0)
+        if appended_ids is not None:  # the original's layout: corrupted tokens in both appended sections
+            if copies != 2 or appended_ids.shape != (batch, m):
+                raise UserError(f"appended_ids ({tuple(appended_ids.shape)}) are the mpnet objective's (B, pred_size) "
+                                f"inputs of the appended entries; got objective {objective!r}, pred_size {m}")
+            masks = appended_ids.repeat(1, 2)
+        else:
+            masks = input_ids.new_full((batch, copies * m), self.config.mask_token_id if copies else 0)
         all_ids = torch.cat([input_ids, masks], dim=1)
         all_positions = torch.cat([positions] + [predicted_positions] * copies, dim=1)
         if document_ids is not None:

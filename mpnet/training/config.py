@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import UserError
 from ..modeling import MPNetConfig
+from ..data.collator import CORRUPTED_INPUTS
 from ..modeling.model import OBJECTIVES
 from .toolkit import SCHEDULES
 
@@ -269,9 +270,15 @@ class DataConfig:
     document_isolation: bool = False  # attention never crosses the </s> between documents; positions restart
     valid_fraction: float = 0.02
     num_workers: int = 0  # DataLoader workers building batches (0: in the training process)
+    # mpnet objective: where the 80/10/10-corrupted predicted tokens go. content: their content-stream
+    # entries (appended entries plain <mask>); appended: the original MPNet code's layout, real tokens in
+    # the content stream and the corrupted ones as the inputs of both appended sections (docs/objectives.md)
+    corrupted_input: str = "content"
 
     def __post_init__(self):
         positive("data", self, "block_size")
+        check("data.corrupted_input", self.corrupted_input, self.corrupted_input in CORRUPTED_INPUTS,
+              f"one of {', '.join(CORRUPTED_INPUTS)}")
         check("data.pred_prob", self.pred_prob, 0 < self.pred_prob < 1, "a fraction in (0, 1)")
         check("data.valid_fraction", self.valid_fraction, 0 <= self.valid_fraction < 1, "a fraction in [0, 1)")
         check("data.num_workers", self.num_workers, self.num_workers >= 0, "0 or more")
@@ -353,6 +360,9 @@ class PretrainConfig:
         limit = model_config(self.model).max_sequence_length
         check("data.block_size", self.data.block_size, self.data.block_size <= limit,
               f"at most {limit}, the longest input model.max_position_embeddings allows (raise that to go longer)")
+        if self.data.corrupted_input == "appended" and self.training.objective != "mpnet":
+            raise UserError(f"data.corrupted_input=appended is a layout of the mpnet objective; "
+                            f"training.objective={self.training.objective} has no appended corrupted entries")
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

@@ -107,7 +107,7 @@ def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
                              whole_word_mask=cfg.data.whole_word_mask, seed=cfg.training.seed,
                              word_starts=word_starts(tokenizer) if cfg.data.whole_word_mask else None,
                              document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None,
-                             objective=cfg.training.objective)
+                             objective=cfg.training.objective, corrupted_input=cfg.data.corrupted_input)
     valid = _validation_batches(valid_blocks, collator, cfg.training.batch_size, cfg.logging.valid_batches)
     return PretrainData(meta, Path(shard_dir), tokenizer, collator, train_blocks, valid)
 
@@ -258,7 +258,7 @@ class Trainer:
                     toolkit.autocast(self.device, cfg.training.bf16):
                 logits = self.train_model(batch["input_ids"], batch["positions"], batch["pred_size"],
                                           batch["attention_mask"], document_ids=batch.get("document_ids"),
-                                          objective=cfg.training.objective)
+                                          objective=cfg.training.objective, appended_ids=batch.get("appended_ids"))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
             (loss / cfg.training.grad_accum).backward()
             loss_sum = loss_sum + loss.detach()
@@ -335,7 +335,8 @@ def evaluate(model, batches, device, bf16: bool = True, objective: str = "mpnet"
         batch = toolkit.to_device(batch, device)
         with toolkit.autocast(device, bf16):
             logits = model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"],
-                           document_ids=batch.get("document_ids"), objective=objective)
+                           document_ids=batch.get("document_ids"), objective=objective,
+                           appended_ids=batch.get("appended_ids"))
         targets = batch["targets"].flatten()
         loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum")
         valid = targets != -100
