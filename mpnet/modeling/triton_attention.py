@@ -274,7 +274,7 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
 
     by_position, q_rows, k_rows, q_sorted, k_sorted = order(value[:, rows], value[:, :kv_len])
     query_ranges(by_position, k_rows, q_sorted, k_sorted)
-    if window is not None or documents is not None:
+    if window is not None or documents is not None or m == 0:  # m = 0: every row CTX, one group, one order
         finish_key_ranges(by_position, q_rows, *key_ranges(q_rows, q_sorted, k_sorted))
         forward = by_position
     else:
