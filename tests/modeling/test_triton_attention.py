@@ -509,6 +509,18 @@ def test_gpu_bf16_error_is_no_worse_than_dense_bf16(name):
 
 @pytest.mark.gpu
 @compiled
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_fp32_permuted_lm_layout_matches_dense(window):
+    """The plm objective's layout, compiled kernels with the default tiles, fp32, output and gradients."""
+    inputs, positions = permuted_lm_case(512, 77, (0, 131), heads=4, head_dim=64, seed=22)
+    inputs, positions = [x.cuda() for x in inputs], positions.cuda()
+    with ieee_fp32():
+        ours, reference = compare(inputs, positions, 512, 77, window=window, streams="plm")
+    assert_close(ours, reference, GPU_FP32_REL, f"GPU fp32 plm w={window}")
+
+
+@pytest.mark.gpu
+@compiled
 def test_gpu_cpu_tensors_are_refused():
     (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
     with pytest.raises(T.TritonAttentionUnavailable):
