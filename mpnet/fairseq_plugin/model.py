@@ -25,9 +25,9 @@ class MPNetModelConfig(FairseqDataclass):
 
 @register_model("mpnet_project", dataclass=MPNetModelConfig)
 class MPNetFairseqModel(BaseFairseqModel):
-    def __init__(self, model: MPNetForPretraining):
+    def __init__(self, model: MPNetForPretraining, objective: str = "mpnet"):
         super().__init__()
-        self.model = model
+        self.model, self.objective = model, objective
 
     @classmethod
     def build_model(cls, cfg, task):
@@ -39,10 +39,11 @@ class MPNetFairseqModel(BaseFairseqModel):
             max_position_embeddings=cfg.max_positions + 2, pad_token_id=d.pad(), bos_token_id=d.bos(),
             eos_token_id=d.eos(), mask_token_id=task.mask_idx, use_flex_attention=cfg.use_flex_attention,
             sliding_window_size=cfg.sliding_window_size)
-        return cls(MPNetForPretraining(config))
+        return cls(MPNetForPretraining(config), objective=str(task.cfg.input_mode))
 
-    def forward(self, input_ids, positions, pred_size, attention_mask=None):
-        return self.model(input_ids, positions, pred_size, attention_mask)
+    def forward(self, input_ids, positions, pred_size, attention_mask=None, appended_ids=None):
+        return self.model(input_ids, positions, pred_size, attention_mask, objective=self.objective,
+                          appended_ids=appended_ids)
 
     def max_positions(self):
         return self.model.config.max_sequence_length

@@ -14,6 +14,8 @@ from omegaconf import II, MISSING
 from mpnet.data.collator import MPNetCollator
 
 BREAK_MODES = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
+INPUT_MODES = ChoiceEnum(["mpnet", "mlm", "plm"])  # the original task's --input-mode = training.objective
+CORRUPTED_INPUTS = ChoiceEnum(["content", "appended"])  # data.corrupted_input
 
 
 @dataclass
@@ -22,6 +24,11 @@ class MaskedPermutationLMConfig(FairseqDataclass):
     sample_break_mode: BREAK_MODES = field(default="complete", metadata={"help": "as the original MPNet task"})
     tokens_per_sample: int = field(default=512, metadata={"help": "block length, <s> included"})
     pred_prob: float = field(default=0.15, metadata={"help": "fraction of each block that is predicted"})
+    input_mode: INPUT_MODES = field(default="mpnet", metadata={
+        "help": "the objective, as the original task's --input-mode: mpnet, mlm or plm (docs/objectives.md)"})
+    corrupted_input: CORRUPTED_INPUTS = field(default="content", metadata={
+        "help": "mpnet only: 'appended' is the original code's inputs (real predicted tokens in the content stream, "
+                "the corrupted ones appended); 'content' this project's default"})
     seed: int = II("common.seed")
 
 
@@ -58,9 +65,9 @@ class PermutedBlocks(FairseqDataset):
         batch = self.collator([s["source"].numpy() for s in samples], step=self.epoch * len(self) + int(ids.min()),
                               rank=0)
         target = batch["targets"].masked_fill(batch["targets"] == -100, self.pad_idx)  # the criterion's ignore index
+        inputs = ("input_ids", "positions", "pred_size", "attention_mask", "appended_ids")
         return {"id": ids, "nsentences": len(samples), "ntokens": int((target != self.pad_idx).sum()),
-                "net_input": {k: batch[k] for k in ("input_ids", "positions", "pred_size", "attention_mask")},
-                "target": target}
+                "net_input": {k: batch[k] for k in inputs if k in batch}, "target": target}
 
 
 @register_task("masked_permutation_lm", dataclass=MaskedPermutationLMConfig)
@@ -79,7 +86,10 @@ class MaskedPermutationLMTask(FairseqTask):
         d = self.dictionary
         specials = [d.bos(), d.pad(), d.eos(), d.unk(), self.mask_idx] + [
             i for i, s in enumerate(d.symbols) if s.startswith("madeupword")]
-        return MPNetCollator(len(d), d.pad(), self.mask_idx, specials, pred_prob=self.cfg.pred_prob, seed=self.cfg.seed)
+        if str(self.cfg.corrupted_input) == "appended" and str(self.cfg.input_mode) != "mpnet":
+            raise ValueError(f"--corrupted-input appended is a layout of --input-mode mpnet, not {self.cfg.input_mode}")
+        return MPNetCollator(len(d), d.pad(), self.mask_idx, specials, pred_prob=self.cfg.pred_prob, seed=self.cfg.seed,
+                             objective=str(self.cfg.input_mode), corrupted_input=str(self.cfg.corrupted_input))
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
