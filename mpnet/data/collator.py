@@ -128,6 +128,7 @@ class MPNetCollator:
         predicted = ~torch.gather(held, 1, perm)[:, n - m :]
         targets[~predicted] = -100
 
+        appended_ids = None
         if self.corrupt:  # 80/10/10 on the predicted entries, all draws from the same generator.
             u = torch.rand((B, m), generator=g)
             random_ids = self.replacement_ids[torch.randint(len(self.replacement_ids), (B, m), generator=g)]
@@ -141,7 +142,7 @@ class MPNetCollator:
 
         batch = {"input_ids": input_ids, "positions": positions, "targets": targets, "pred_size": m,
                  "attention_mask": attention_mask}
-        if self.corrupt and self.corrupted_input == "appended":
+        if appended_ids is not None:
             batch["appended_ids"] = appended_ids
         if self.document_separator_id is not None:
             batch["document_ids"] = torch.gather(document, 1, perm)

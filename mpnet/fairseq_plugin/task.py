@@ -11,11 +11,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
-from mpnet.data.collator import MPNetCollator
+from mpnet.data.collator import CORRUPTED_INPUTS, MPNetCollator
+from mpnet.modeling.model import OBJECTIVES
 
 BREAK_MODES = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
-INPUT_MODES = ChoiceEnum(["mpnet", "mlm", "plm"])  # the original task's --input-mode = training.objective
-CORRUPTED_INPUTS = ChoiceEnum(["content", "appended"])  # data.corrupted_input
+INPUT_MODES = ChoiceEnum(list(OBJECTIVES))  # the original task's --input-mode = training.objective
+CORRUPTED_INPUT = ChoiceEnum(list(CORRUPTED_INPUTS))  # data.corrupted_input
 
 
 @dataclass
@@ -26,7 +27,7 @@ class MaskedPermutationLMConfig(FairseqDataclass):
     pred_prob: float = field(default=0.15, metadata={"help": "fraction of each block that is predicted"})
     input_mode: INPUT_MODES = field(default="mpnet", metadata={
         "help": "the objective, as the original task's --input-mode: mpnet, mlm or plm (docs/objectives.md)"})
-    corrupted_input: CORRUPTED_INPUTS = field(default="content", metadata={
+    corrupted_input: CORRUPTED_INPUT = field(default="content", metadata={
         "help": "mpnet only: 'appended' is the original code's inputs (real predicted tokens in the content stream, "
                 "the corrupted ones appended); 'content' this project's default"})
     seed: int = II("common.seed")
@@ -86,8 +87,6 @@ class MaskedPermutationLMTask(FairseqTask):
         d = self.dictionary
         specials = [d.bos(), d.pad(), d.eos(), d.unk(), self.mask_idx] + [
             i for i, s in enumerate(d.symbols) if s.startswith("madeupword")]
-        if str(self.cfg.corrupted_input) == "appended" and str(self.cfg.input_mode) != "mpnet":
-            raise ValueError(f"--corrupted-input appended is a layout of --input-mode mpnet, not {self.cfg.input_mode}")
         return MPNetCollator(len(d), d.pad(), self.mask_idx, specials, pred_prob=self.cfg.pred_prob, seed=self.cfg.seed,
                              objective=str(self.cfg.input_mode), corrupted_input=str(self.cfg.corrupted_input))
 

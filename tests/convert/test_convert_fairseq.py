@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -482,24 +483,31 @@ def test_bad_inputs_of_the_writer_and_the_reader_are_one_line(tmp_path):
 # ----------------------------------------------- the fairseq-train plugin (skipped without the fairseq extra)
 
 
+FAIRSEQ_DATA_BIN = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq" / "data-bin"
+
+
+def fairseq_train_command(save_dir, layers, *extra):
+    """fairseq-train with the plugin on the committed data-bin: a 32-wide model of `layers` layers on the CPU."""
+    import sys
+
+    import mpnet.fairseq_plugin as plugin
+
+    return [sys.executable, "-m", "fairseq_cli.train", str(FAIRSEQ_DATA_BIN), "--user-dir",
+            str(Path(plugin.__file__).parent), "--task", "masked_permutation_lm", "--arch", "mpnet_base",
+            "--criterion", "cross_entropy", "--encoder-layers", str(layers), "--encoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--tokens-per-sample", "32",
+            "--batch-size", "4", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--save-dir", str(save_dir),
+            "--log-format", "simple", "--log-interval", "1", "--seed", "1", *extra]
+
+
 @pytest.mark.parametrize("mode", [["--input-mode", "mlm"], ["--input-mode", "plm"],
                                   ["--input-mode", "mpnet", "--corrupted-input", "appended"]])
 def test_fairseq_train_runs_the_original_input_modes(tmp_path, mode):
     """The original task's --input-mode (and the original's mpnet inputs) under fairseq-train: 2 CPU updates."""
     pytest.importorskip("fairseq.models")
     import subprocess
-    import sys
-    from pathlib import Path
 
-    import mpnet.fairseq_plugin as plugin
-
-    data_bin = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq" / "data-bin"
-    command = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(Path(plugin.__file__).parent),
-               "--task", "masked_permutation_lm", "--arch", "mpnet_base", "--criterion", "cross_entropy",
-               "--encoder-layers", "1", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-               "--encoder-attention-heads", "2", "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam",
-               "--lr", "1e-3", "--cpu", "--save-dir", str(tmp_path / "ckpt"), "--log-format", "simple",
-               "--log-interval", "1", "--no-save", "--seed", "1", "--max-update", "2", *mode]
+    command = fairseq_train_command(tmp_path / "ckpt", 1, "--no-save", "--max-update", "2", *mode)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "num_updates=2" in result.stderr + result.stdout
@@ -510,15 +518,10 @@ def test_the_plugin_wires_the_input_mode_into_batches_and_model(mode, corrupted)
     """In process: the task's collator and the model get the mode; the model's logits are those of
     MPNetForPretraining with that objective on the same batch."""
     pytest.importorskip("fairseq.models")
-    from pathlib import Path
-
-    import torch
-
     from mpnet.fairseq_plugin.model import MPNetFairseqModel, MPNetModelConfig
     from mpnet.fairseq_plugin.task import MaskedPermutationLMConfig, MaskedPermutationLMTask
 
-    data_bin = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq" / "data-bin"
-    cfg = MaskedPermutationLMConfig(data=str(data_bin), tokens_per_sample=32, input_mode=mode, corrupted_input=corrupted,
+    cfg = MaskedPermutationLMConfig(data=str(FAIRSEQ_DATA_BIN), tokens_per_sample=32, input_mode=mode, corrupted_input=corrupted,
                                     seed=1)
     task = MaskedPermutationLMTask.setup_task(cfg)
     task.load_dataset("train")
@@ -543,18 +546,9 @@ def test_fairseq_train_with_the_plugin_and_its_checkpoint_converts_back(tmp_path
     data-bin (3 CPU updates, then 2 more resumed from its checkpoint), and convert-mpnet reads the result."""
     pytest.importorskip("fairseq.models")
     import subprocess
-    import sys
-    from pathlib import Path
 
-    import mpnet.fairseq_plugin as plugin
-
-    data_bin = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq" / "data-bin"
-    command = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(Path(plugin.__file__).parent),
-               "--task", "masked_permutation_lm", "--arch", "mpnet_base", "--criterion", "cross_entropy",
-               "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-               "--encoder-attention-heads", "2", "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam",
-               "--lr", "1e-3", "--cpu", "--save-dir", str(tmp_path / "ckpt"), "--log-format", "simple",
-               "--log-interval", "1", "--no-epoch-checkpoints", "--seed", "1"]
+    data_bin = FAIRSEQ_DATA_BIN
+    command = fairseq_train_command(tmp_path / "ckpt", 2, "--no-epoch-checkpoints")
     for updates in (3, 5):
         result = subprocess.run(command + ["--max-update", str(updates)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
