@@ -26,7 +26,8 @@ from mpnet.bench.attention import ATTENTION_BACKENDS, SINGLE_STREAM_LENGTHS, Att
 from mpnet.bench.harness import open_device, run_benchmarks
 from mpnet.bench.packing import PackingSettings, run_packing
 from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
-from mpnet.bench.step import FINETUNE_MODELS, STEP_BACKENDS, FinetuneSettings, StepSettings, run_finetune, run_step
+from mpnet.bench.step import (FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
+                              run_step)
 
 from . import benchmark_packing
 from ._common import OneLineErrorParser, command, int_list, name_list
@@ -46,6 +47,8 @@ QUICK = {
                      warmup=1, repeats=3, max_seconds=1.0),
     "packing": benchmark_packing.QUICK,
 }
+# `all` on a GPU also runs the fastest backend compiled, beside its compiled reference (target 3 and 6).
+ALL_ALSO_COMPILE = ["bert", "transformers", "triton"]
 # What every section takes from the command line, whichever subcommand runs it.
 COMMON = {"device", "dtype", "seed", "warmup", "repeats", "max_seconds", "flex_kernel_options"}
 
@@ -115,7 +118,7 @@ def attention_args(parser, streams=True):
                    help="the dense module's attention dropout (default 0.1, as in training; flex has none)")
 
 
-def step_args(parser, flag):
+def step_args(parser, flag, also_compile=STEP_MODELS):
     g = parser.add_argument_group("step")
     g.add_argument("--seq-len", type=int, default=None, help="sequence length (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
@@ -123,11 +126,14 @@ def step_args(parser, flag):
                    help=f"MPNet attention backend(s), a subset of {','.join(STEP_BACKENDS)} (default all on GPU, "
                         "dense on CPU)")
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
-    model_args(g)
+    model_args(g, also_compile)
 
 
-def model_args(g):
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the models")
+def model_args(g, also_compile=STEP_MODELS):
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile every model")
+    g.add_argument("--also-compile", type=name_list(also_compile), default=None, metavar="NAMES",
+                   help=f"run these cells once more under torch.compile, rows '+compile' (a subset of "
+                        f"{','.join(also_compile)}; default none, and {','.join(ALL_ALSO_COMPILE)} in `all` on a GPU)")
     g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--profile", action="store_true", default=None,
@@ -140,7 +146,7 @@ def finetune_args(parser, own=True):
         g.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 128)")
         g.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
         g.add_argument("--num-labels", type=int, default=None, help="classes (default 2)")
-        model_args(g)
+        model_args(g, FINETUNE_MODELS)
     g.add_argument("--models" if own else "--finetune-models", dest="finetune_models", type=name_list(FINETUNE_MODELS),
                    default=None, help=f"a subset of {','.join(FINETUNE_MODELS)} (default all on GPU, "
                                       "transformers,dense on CPU)")
@@ -172,7 +178,7 @@ def build_parser():
                    help=f"subset of {','.join(SECTIONS)} (default {','.join(ALL_SECTIONS)}; patterns and packing "
                         "run with their own defaults)")
     attention_args(p, streams=False)
-    step_args(p, "--step-backend")
+    step_args(p, "--step-backend", also_compile=tuple(dict.fromkeys(STEP_MODELS + FINETUNE_MODELS)))
     finetune_args(p, own=False)
     common_args(p)
     p = sub.add_parser("attention", help="attention backends: time and memory against sequence length")
@@ -229,9 +235,18 @@ def attention_plan(args, device, streams, owned=True) -> list:
     return plan
 
 
+def also_compile(args, device, choices) -> list:
+    """--also-compile's names that this section knows; in `all` on a GPU without the flag, ALL_ALSO_COMPILE."""
+    chosen = args.also_compile
+    if chosen is None:
+        chosen = ALL_ALSO_COMPILE if args.what == "all" and device.type == "cuda" else []
+    return [name for name in chosen if name in choices]
+
+
 def step_plan(args, device) -> list:
     backends = args.step_backends or (list(STEP_BACKENDS) if device.type == "cuda" else ["dense"])
     return [(run_step, settings_from(StepSettings, args, QUICK["step"], backends=backends, bert=not args.no_bert,
+                                     also_compile=also_compile(args, device, STEP_MODELS),
                                      **device_fields(args, device)))]
 
 
@@ -239,6 +254,7 @@ def finetune_plan(args, device, owned=True) -> list:
     names = None if owned else COMMON | {"compile", "peak_tflops", "model", "profile"}
     models = args.finetune_models or (list(FINETUNE_MODELS) if device.type == "cuda" else ["transformers", "dense"])
     return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,
+                                         also_compile=also_compile(args, device, FINETUNE_MODELS),
                                          **device_fields(args, device)))]
 
 

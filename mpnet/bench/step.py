@@ -40,6 +40,7 @@ from .report import Section, fmt, github_table, ok, tflops_text, time_text
 
 STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
 FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS
+STEP_MODELS = ("bert",) + STEP_BACKENDS  # what `also_compile` may name in the step section
 GPU_ONLY = ("flex", "triton")  # no backward on CPU (triton: only in Triton's interpreter)
 MODEL_SIZES = ("base", "tiny")
 # AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
@@ -52,7 +53,10 @@ class StepSettings:
     seq_len: int = 512
     batch_size: int = 32
     backends: list = field(default_factory=lambda: list(STEP_BACKENDS))
-    compile: bool = False
+    compile: bool = False  # torch.compile every cell
+    # Cells (bert and/or backends) run once more under torch.compile, after the others: rows "+compile",
+    # each compared with the compiled BERT when that ran.
+    also_compile: list = field(default_factory=list)
     peak_tflops: float = 989.0  # H100/H200 SXM dense bf16 (datasheet)
     dtype: str = "bf16"
     device: str | None = None
@@ -68,6 +72,7 @@ class StepSettings:
 
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
+        check_also_compile(self.also_compile, STEP_MODELS)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class FinetuneSettings:
     models: list = field(default_factory=lambda: list(FINETUNE_MODELS))
     num_labels: int = 2
     compile: bool = False
+    also_compile: list = field(default_factory=list)  # models run once more under torch.compile (as for the step)
     peak_tflops: float = 989.0
     dtype: str = "bf16"
     device: str | None = None
@@ -92,6 +98,7 @@ class FinetuneSettings:
 
     def validate(self, device: torch.device):
         check_common(self, device, self.models, FINETUNE_MODELS, "--models")
+        check_also_compile(self.also_compile, FINETUNE_MODELS)
         if self.num_labels < 1:
             raise UserError("--num-labels must be >= 1")
 
@@ -114,6 +121,18 @@ def check_common(settings, device, chosen, choices, flag):
     if device.type != "cuda" and gpu_only:
         raise UserError(f"the {' and '.join(gpu_only)} step needs a CUDA GPU (FlexAttention has no backward on CPU, "
                         f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
+
+
+def check_also_compile(chosen, choices):
+    unknown = [name for name in chosen if name not in choices]
+    if unknown:
+        raise UserError(f"unknown --also-compile {unknown}; pick from {', '.join(choices)}")
+
+
+def compile_plan(names, compiled_too, every: bool) -> list:
+    """(name, compiled) in run order: every name as asked (all compiled with `every`), then the
+    `compiled_too` ones again compiled, in `names` order (so BERT / transformers come first)."""
+    return [(name, every) for name in names] + [(name, True) for name in names if name in compiled_too and not every]
 
 
 # -------------------------------------------------------------------------------------------- FLOPs
@@ -147,7 +166,7 @@ def backend_name(model) -> str:
     return f"{type(model.mpnet.encoder.layer[0].attention.attn).__name__} ({model.config.attention_backend})"
 
 
-def pretraining_step(settings: StepSettings, backend: str, device):
+def pretraining_step(settings: StepSettings, backend: str, device, compiled: bool = False):
     """(model, loss_fn, flops, what): mpnet two-stream pretraining on random tokens, one random
     permutation per sequence, no padding, the m predicted tokens corrupted to <mask>."""
     from ..modeling.model import MPNetForPretraining
@@ -162,7 +181,7 @@ def pretraining_step(settings: StepSettings, backend: str, device):
     ids[:, n - m:] = config.mask_token_id
     positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
     ids, targets, positions = ids.to(device), targets.to(device), positions.to(device)
-    forward = torch.compile(model) if settings.compile else model
+    forward = torch.compile(model) if compiled else model
 
     def loss_fn():
         logits = forward(ids, positions, m)
@@ -171,7 +190,7 @@ def pretraining_step(settings: StepSettings, backend: str, device):
     return model, loss_fn, batch * estimate_flops_per_example(config, n, m), backend_name(model)
 
 
-def bert_step(settings: StepSettings, device):
+def bert_step(settings: StepSettings, device, compiled: bool = False):
     """HF BertForMaskedLM with SDPA, 15% of the tokens predicted, loss from the model (its MLM head runs
     on every row: what a user of that class pays), no attention_mask (no padding: SDPA runs unmasked)."""
     import transformers
@@ -189,12 +208,12 @@ def bert_step(settings: StepSettings, device):
     labels.scatter_(1, chosen, ids.gather(1, chosen))
     ids.scatter_(1, chosen, 103)  # [MASK]
     ids, labels = ids.to(device), labels.to(device)
-    forward = torch.compile(model) if settings.compile else model
+    forward = torch.compile(model) if compiled else model
     what = f"HF BertForMaskedLM, attn_implementation={model.config._attn_implementation}"
     return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
 
 
-def finetune_step(settings: FinetuneSettings, which: str, device):
+def finetune_step(settings: FinetuneSettings, which: str, device, compiled: bool = False):
     """(model, loss_fn, flops, what): sequence classification on random tokens, no padding, random labels."""
     import transformers
 
@@ -210,12 +229,12 @@ def finetune_step(settings: FinetuneSettings, which: str, device):
     torch.manual_seed(settings.seed)
     if which == "transformers":  # our config is a transformers.MPNetConfig: the same model, HF's code
         model = transformers.MPNetForSequenceClassification(config).to(device).train()
-        forward = torch.compile(model) if settings.compile else model
+        forward = torch.compile(model) if compiled else model
         logits = lambda: forward(input_ids=ids, attention_mask=mask).logits  # noqa: E731
         what = f"transformers MPNetForSequenceClassification ({model.config._attn_implementation} attention)"
     else:
         model = MPNetForSequenceClassification(config).to(device).train()
-        forward = torch.compile(model) if settings.compile else model
+        forward = torch.compile(model) if compiled else model
         logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
         what = f"ours, {backend_name(model)}"
     loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731
@@ -310,59 +329,69 @@ def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
 # -------------------------------------------------------------------------------------------- cells
 
 
-def measure_pretraining(settings: StepSettings, which: str, device, timer) -> dict:
+def measure_pretraining(settings: StepSettings, which: str, compiled: bool, device, timer) -> dict:
     with phase("build"):
-        model, loss_fn, flops, what = (bert_step(settings, device) if which == "bert"
-                                       else pretraining_step(settings, which, device))
+        model, loss_fn, flops, what = (bert_step(settings, device, compiled) if which == "bert"
+                                       else pretraining_step(settings, which, device, compiled))
     result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, device, timer)
     result["attention"] = what
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
 
 
-def measure_finetune(settings: FinetuneSettings, which: str, device, timer) -> dict:
+def measure_finetune(settings: FinetuneSettings, which: str, compiled: bool, device, timer) -> dict:
     with phase("build"):
-        model, loss_fn, flops, what = finetune_step(settings, which, device)
+        model, loss_fn, flops, what = finetune_step(settings, which, device, compiled)
     result = time_training_step(settings, model, loss_fn, FINETUNING_ADAMW, device, timer)
     result["attention"] = what
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
 
 
-def relative_to(section: Section, key: str, metric: str, label: str, measure):
-    """measure() plus `metric` relative to the section's `key` cell when that one ran: step time over
-    BERT's (below 1 = faster than BERT), or examples/s over transformers' (above 1 = faster)."""
+def relative_to(section: Section, keys: list, metric: str, label: str, measure):
+    """measure() plus `metric` relative to the first of the section's `keys` cells that ran: step time
+    over BERT's (below 1 = faster than BERT), or examples/s over transformers' (above 1 = faster)."""
     def measured():
         result = measure()
-        reference = next((c for c in section.cells if c["key"] == key and ok(c)), None)
-        if reference is not None:
-            result["relative"] = [result[metric] / reference[metric], label]
+        for key in keys:
+            reference = next((c for c in section.cells if c["key"] == key and ok(c)), None)
+            if reference is not None:
+                compiled = " (compiled)" if reference["compile"] else ""
+                result["relative"] = [result[metric] / reference[metric], label + compiled]
+                break
         return result
     return measured
 
 
+def references(reference: str, compiled: bool) -> list:
+    """The reference cells of a (compiled) cell, best match first: compiled with compiled, else eager."""
+    return [reference + "+compile", reference] if compiled else [reference]
+
+
 def run_step(session, settings: StepSettings, deadline=None) -> Section:
-    """BERT first (the reference of every ratio), then MPNet with each backend."""
+    """BERT first (the reference of every ratio), then MPNet with each backend, then the `also_compile` cells."""
     device = session.device
     settings.validate(device)
     section = Section("step", f"Pretraining step ({settings.model} models, {settings.dtype})", settings,
                       render_step, tables=step_tables)
     session.open(section)
     configure_dynamo()
-    plan = (["bert"] if settings.bert else []) + list(settings.backends)
+    names = (["bert"] if settings.bert else []) + list(settings.backends)
     with flex_kernel_options(settings.flex_kernel_options):
-        for which in plan:
+        for which, compiled in compile_plan(names, settings.also_compile, settings.compile):
             torch._dynamo.reset()
             model, backend = ("BERT", "sdpa") if which == "bert" else ("MPNet", which)
-            cell = {"key": which if which == "bert" else f"mpnet-{which}", "name": f"{model}-{settings.model:<6} {backend:<6}",
+            key = (which if which == "bert" else f"mpnet-{which}") + ("+compile" if compiled else "")
+            cell = {"key": key, "name": f"{model}-{settings.model:<6} {backend:<6}" + (" +compile" if compiled else ""),
                     "model": f"{model}-{settings.model}", "backend": backend, "batch": settings.batch_size,
-                    "seq_len": settings.seq_len, "m": pred_size(settings.seq_len), "compile": settings.compile}
-            measure = functools.partial(measure_pretraining, settings, which, device, session.timer)
-            session.measure(section, cell, relative_to(section, "bert", "ms", "BERT step time", measure), deadline)
+                    "seq_len": settings.seq_len, "m": pred_size(settings.seq_len), "compile": compiled}
+            measure = functools.partial(measure_pretraining, settings, which, compiled, device, session.timer)
+            session.measure(section, cell, relative_to(section, references("bert", compiled), "ms", "BERT step time",
+                                                       measure), deadline)
     session.finish(section)
     return section
 
 
 def run_finetune(session, settings: FinetuneSettings, deadline=None) -> Section:
-    """transformers' model first (the reference), then ours with each backend."""
+    """transformers' model first (the reference), then ours with each backend, then the `also_compile` ones."""
     device = session.device
     settings.validate(device)
     section = Section("finetune", f"Fine-tuning step: sequence classification ({settings.model} models, "
@@ -370,12 +399,15 @@ def run_finetune(session, settings: FinetuneSettings, deadline=None) -> Section:
     session.open(section)
     configure_dynamo()
     with flex_kernel_options(settings.flex_kernel_options):
-        for which in settings.models:
+        for which, compiled in compile_plan(settings.models, settings.also_compile, settings.compile):
             torch._dynamo.reset()
-            cell = {"key": which, "name": f"{'transformers' if which == 'transformers' else 'ours ' + which:<14}",
-                    "model": which, "batch": settings.batch_size, "seq_len": settings.seq_len, "compile": settings.compile}
-            measure = functools.partial(measure_finetune, settings, which, device, session.timer)
-            session.measure(section, cell, relative_to(section, "transformers", "examples_per_s", "transformers examples/s", measure), deadline)
+            suffix = "+compile" if compiled else ""
+            name = "transformers" if which == "transformers" else "ours " + which
+            cell = {"key": which + suffix, "name": f"{name:<14}" + (" +compile" if compiled else ""), "model": which,
+                    "batch": settings.batch_size, "seq_len": settings.seq_len, "compile": compiled}
+            measure = functools.partial(measure_finetune, settings, which, compiled, device, session.timer)
+            session.measure(section, cell, relative_to(section, references("transformers", compiled), "examples_per_s",
+                                                       "transformers examples/s", measure), deadline)
     session.finish(section)
     return section
 
@@ -450,9 +482,16 @@ def flops_line(settings, rest: str) -> str:
             "(--peak-tflops; 989 = H100/H200 SXM dense bf16).")
 
 
+def compile_line(reference: str) -> str:
+    return (f"- \"+compile\": the same cell with the model under `torch.compile` (default mode; the triton backend's "
+            f"kernels are opaque torch.library ops in the graph), its ratio taken against the compiled {reference} "
+            f"cell when that ran, else the eager one; \"first step s\" includes the compile.")
+
+
 def render_step(section: Section) -> list:
     s = section.settings
-    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.",
+    compiled = [compile_line("BERT")] if s.compile or s.also_compile else []
+    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.", *compiled,
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
             f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
@@ -468,8 +507,9 @@ def render_step(section: Section) -> list:
 
 def render_finetune(section: Section) -> list:
     s = section.settings
+    compiled = [compile_line("transformers")] if s.compile or s.also_compile else []
     return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
-            "fine-tuning defaults).",
+            "fine-tuning defaults).", *compiled,
             f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "
             f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
             "path), and ours with each attention backend (flex and triton apply no attention dropout). Random "

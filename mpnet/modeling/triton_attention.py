@@ -355,6 +355,9 @@ class KernelTiles:
     leave_out: frozenset = frozenset()
 
 
+LEAVE_OUT_PARTS = ("bias", "bias_gradient", "mask")  # what KernelTiles.leave_out may name
+
+
 def default_tiles(dtype: torch.dtype) -> KernelTiles:
     if INTERPRET:  # numpy: small tiles keep the test shapes' padding small
         tiles = Tiles(32, 32)
@@ -377,13 +380,12 @@ def _bucket_slots(num_buckets: int) -> int:
     return 1 << max(num_buckets - 1, 1).bit_length()
 
 
-def _common(plan, buckets, heads, q, k, scale, bias):
+def _common(settings, buckets, heads, q, k, bias):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = scale * LOG2E
-    return dict(H=heads, LQ=plan.query_len, LK=plan.key_len, ND=bias.shape[1], window=plan.window or 0,
+    return dict(H=heads, LQ=q.shape[2], LK=k.shape[2], ND=bias.shape[1], window=settings.window,
                 MAX_DISTANCE=buckets.max_distance, SAT_LEFT=buckets.saturated_left,
-                SAT_RIGHT=buckets.saturated_right, HAS_WINDOW=plan.window is not None,
-                HAS_DOCUMENTS=plan.has_documents, HEAD_DIM=q.shape[-1], PRECISION=precision), qk_scale
+                SAT_RIGHT=buckets.saturated_right, HAS_WINDOW=settings.has_window,
+                HAS_DOCUMENTS=settings.has_documents, HEAD_DIM=q.shape[-1], PRECISION=precision)
 
 
 def _left_out(tiles, gradient=False):
@@ -394,57 +396,163 @@ def _left_out(tiles, gradient=False):
     return flags
 
 
+# The launchers read the plan as two flat tensor lists (the order the kernels take them), so that the
+# same code serves the eager autograd.Function and the torch.library op that torch.compile sees.
+def _forward_vectors(plan: TritonAttentionPlan) -> list:
+    """What the forward and dQ kernels read: the forward order's query vectors, key ranges, key vectors."""
+    f = plan.forward
+    return [*f.query_vectors(), f.q_key_lo, f.q_key_hi, *f.key_vectors()]
+
+
+def _key_vectors(plan: TritonAttentionPlan) -> list:
+    """What the dK/dV kernel reads: the keys order's query vectors, q_real, key vectors, query ranges."""
+    k = plan.keys
+    return [*k.query_vectors(), plan.q_real, *k.key_vectors(), k.k_query_lo, k.k_query_hi]
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """The launchers' scalars: what the plan, the bias table and the tiles fix besides tensors."""
+
+    window: int
+    has_window: bool
+    has_documents: bool
+    num_buckets: int
+    max_distance: int
+    scale: float
+    tiles: KernelTiles
+
+    def numbers(self) -> list:
+        """Flat ints for the torch.library op's schema (and `from_numbers` back)."""
+        t = self.tiles
+        tiles = [x for k in (t.forward, t.key_gradients, t.query_gradients)
+                 for x in (k.block_m, k.block_n, k.num_warps, k.num_stages)]
+        left_out = sum(1 << i for i, part in enumerate(LEAVE_OUT_PARTS) if part in t.leave_out)
+        return [self.window, int(self.has_window), int(self.has_documents), self.num_buckets, self.max_distance,
+                left_out, *tiles]
+
+    @classmethod
+    def from_numbers(cls, numbers, scale):
+        window, has_window, has_documents, num_buckets, max_distance, left_out, *tiles = (int(x) for x in numbers)
+        kernels = [Tiles(*tiles[i:i + 4]) for i in range(0, 12, 4)]
+        leave_out = frozenset(part for i, part in enumerate(LEAVE_OUT_PARTS) if left_out >> i & 1)
+        return cls(window, bool(has_window), bool(has_documents), num_buckets, max_distance, scale,
+                   KernelTiles(*kernels, leave_out=leave_out))
+
+
+
+def _launch_forward(q, k, v, table, forward_vectors, settings: LaunchSettings):
+    """(out, lse): the forward kernel over the plan's forward order."""
+    batch, heads, q_len, _ = q.shape
+    buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
+    bias = buckets.log2_bias_by_index(table)
+    out = torch.empty_like(q)  # keeps the (B, L, H, D) memory of the projections' head views
+    lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+    t = settings.tiles.forward
+    _forward_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
+        q, k, v, out, lse, bias, *forward_vectors,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], qk_scale=settings.scale * LOG2E,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        **_common(settings, buckets, heads, q, k, bias), **_left_out(settings.tiles))
+    return out, lse
+
+
+def _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors, settings: LaunchSettings):
+    """(dq, dk, dv, grad_table): the delta, dK/dV (with the bias gradient per bucket) and dQ kernels."""
+    batch, heads, q_len, head_dim = q.shape
+    tiles, scale = settings.tiles, settings.scale
+    buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
+    bias = buckets.log2_bias_by_index(table)
+    common, qk_scale = _common(settings, buckets, heads, q, k, bias), scale * LOG2E
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    delta = torch.empty_like(lse)
+    _delta_kernel[(_cdiv(q_len, 64), batch * heads)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H=heads, LQ=q_len,
+        BLOCK_M=64, HEAD_DIM=head_dim)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    t = tiles.key_gradients
+    key_tiles = _cdiv(k.shape[2], t.block_n)
+    slots = _bucket_slots(buckets.num_buckets)
+    db = torch.empty(batch * heads * key_tiles, slots, device=q.device, dtype=torch.float32)
+    _key_gradients_kernel[(key_tiles, batch * heads)](
+        q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db, *key_vectors,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], qk_scale=qk_scale, sm_scale=scale, BUCKET_LEFT=buckets.bucket_left,
+        BUCKET_RIGHT=buckets.bucket_right, BUCKETS=slots, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+        **_left_out(tiles, gradient=True))
+    t = tiles.query_gradients
+    _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
+        q, k, v, grad_out, dq, lse, delta, bias, *forward_vectors, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3], qk_scale=qk_scale, sm_scale=scale,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
+        **_left_out(tiles))
+    grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
+    return dq, dk, dv, grad_table.to(table.dtype).contiguous()  # the table's layout, as the fake op says
+
+
 class _TritonAttentionFunction(torch.autograd.Function):
+    """The eager path: an autograd.Function costs less host time per call than a torch.library op."""
+
     @staticmethod
-    def forward(ctx, q, k, v, table, plan, buckets, scale, tiles):
-        batch, heads, q_len, _ = q.shape
-        bias = buckets.log2_bias_by_index(table)
-        out = torch.empty_like(q)  # keeps the (B, L, H, D) memory of the projections' head views
-        lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
-        common, qk_scale = _common(plan, buckets, heads, q, k, scale, bias)
-        t = tiles.forward
-        _forward_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
-            q, k, v, out, lse, bias, *plan.forward.query_vectors(), plan.forward.q_key_lo, plan.forward.q_key_hi,
-            *plan.forward.key_vectors(),
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], qk_scale=qk_scale,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
-            **_left_out(tiles))
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.plan, ctx.buckets, ctx.scale, ctx.tiles, ctx.table_dtype = plan, buckets, scale, tiles, table.dtype
+    def forward(ctx, q, k, v, table, forward_vectors, key_vectors, settings):
+        out, lse = _launch_forward(q, k, v, table, forward_vectors, settings)
+        ctx.save_for_backward(q, k, v, out, lse, table)
+        ctx.vectors, ctx.settings = (forward_vectors, key_vectors), settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        plan, buckets, tiles = ctx.plan, ctx.buckets, ctx.tiles
-        batch, heads, q_len, head_dim = q.shape
-        common, qk_scale = _common(plan, buckets, heads, q, k, ctx.scale, bias)
-        delta = torch.empty_like(lse)
-        _delta_kernel[(_cdiv(q_len, 64), batch * heads)](
-            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H=heads, LQ=q_len,
-            BLOCK_M=64, HEAD_DIM=head_dim)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        t = tiles.key_gradients
-        key_tiles = _cdiv(plan.key_len, t.block_n)
-        slots = _bucket_slots(buckets.num_buckets)
-        db = torch.empty(batch * heads * key_tiles, slots, device=q.device, dtype=torch.float32)
-        _key_gradients_kernel[(key_tiles, batch * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db,
-            *plan.keys.query_vectors(), plan.q_real, *plan.keys.key_vectors(), plan.keys.k_query_lo,
-            plan.keys.k_query_hi,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
-            *dv.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BUCKET_LEFT=buckets.bucket_left,
-            BUCKET_RIGHT=buckets.bucket_right, BUCKETS=slots, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
-            **_left_out(tiles, gradient=True))
-        t = tiles.query_gradients
-        _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
-            q, k, v, grad_out, dq, lse, delta, bias, *plan.forward.query_vectors(), plan.forward.q_key_lo,
-            plan.forward.q_key_hi, *plan.forward.key_vectors(), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *grad_out.stride()[:3], *dq.stride()[:3], qk_scale=qk_scale, sm_scale=ctx.scale, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common, **_left_out(tiles))
-        grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
-        return dq, dk, dv, grad_table.to(ctx.table_dtype), None, None, None, None
+        q, k, v, out, lse, table = ctx.saved_tensors
+        grads = _launch_backward(q, k, v, out, lse, table, grad_out, *ctx.vectors, ctx.settings)
+        return *grads, None, None, None
+
+
+# The compiled path: torch.compile cannot trace into Triton launches that read a plan object, so under
+# torch.compile the same launchers run as two opaque torch.library ops with a flat schema (tensors, ints
+# and the scale), their shapes told to the compiler by the fake implementations below.
+@torch.library.custom_op("mpnet::triton_attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          forward_vectors: list[torch.Tensor], key_vectors: list[torch.Tensor], numbers: list[int],
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); key_vectors are not read here, only kept for the backward."""
+    return _launch_forward(q, k, v, table, forward_vectors, LaunchSettings.from_numbers(numbers, scale))
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, table, forward_vectors, key_vectors, numbers, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("mpnet::triton_attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           table: torch.Tensor, grad_out: torch.Tensor, forward_vectors: list[torch.Tensor],
+                           key_vectors: list[torch.Tensor], numbers: list[int], scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors,
+                            LaunchSettings.from_numbers(numbers, scale))
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors, numbers, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, table, forward_vectors, key_vectors, numbers, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, table, *forward_vectors, *key_vectors)
+    ctx.split, ctx.numbers, ctx.scale = len(forward_vectors), numbers, scale
+
+
+def _op_backward(ctx, grad_out, grad_lse):  # grad_lse: lse is internal, never used outside
+    q, k, v, out, lse, table, *vectors = ctx.saved_tensors
+    dq, dk, dv, grad_table = _attention_backward_op(q, k, v, out, lse, table, grad_out, vectors[:ctx.split],
+                                                    vectors[ctx.split:], ctx.numbers, ctx.scale)
+    no_grads = [None] * ctx.split, [None] * (len(vectors) - ctx.split)  # the index vectors: one None each
+    return dq, dk, dv, grad_table, *no_grads, None, None
+
+
+_attention_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _check_can_run(*tensors):
@@ -493,10 +601,15 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
     if relative_bias_table.dim() != 2 or relative_bias_table.shape[1] != heads:
         raise UserError(f"the relative bias table should be (num_buckets, {heads}), "
                         f"got {tuple(relative_bias_table.shape)}")
-    buckets = bucket_layout(relative_bias_table.shape[0], max_distance, q.device)
     scale = head_dim ** -0.5 if scale is None else scale
-    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, plan, buckets, scale,
-                                          tiles or default_tiles(q.dtype))
+    settings = LaunchSettings(plan.window or 0, plan.window is not None, plan.has_documents,
+                              relative_bias_table.shape[0], max_distance, scale, tiles or default_tiles(q.dtype))
+    forward_vectors, key_vectors = _forward_vectors(plan), _key_vectors(plan)
+    if torch.compiler.is_compiling():
+        out, _ = _attention_forward_op(q, k, v, relative_bias_table, forward_vectors, key_vectors,
+                                       settings.numbers(), scale)
+        return out
+    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, forward_vectors, key_vectors, settings)
 
 
 # ---------------------------------------------------------------------- the backend's module interface

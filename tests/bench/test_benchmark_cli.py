@@ -88,6 +88,7 @@ def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
     (["--device", "cpu", "--dtype", "bf16"], "--dtype fp32"),
     (["--device", "gpu"], "unknown device"),
     (["--device", "cpu", "--resume"], "--resume needs --output-dir"),
+    (["step", "--device", "cpu", "--also-compile", "transformers"], "--also-compile"),
 ])
 def test_bad_input_is_one_line(benchmark_main, args, needle):
     code, err = call_main(benchmark_main, *args)
@@ -109,3 +110,15 @@ def test_subcommand_may_come_after_the_options():
     assert with_subcommand(["--device", "cpu", "step", "--quick"]) == ["step", "--device", "cpu", "--quick"]
     assert with_subcommand(["step", "--device", "cpu"]) == ["step", "--device", "cpu"]
     assert with_subcommand(["--help"]) == ["--help"]
+
+
+def test_also_compile_runs_the_named_cells_again_after_the_others():
+    """The order the step and fine-tuning sections run their cells in: every cell as asked, then the
+    --also-compile ones compiled, references first (each compiled cell is compared with them)."""
+    from mpnet.bench.step import compile_plan, references
+
+    assert compile_plan(["bert", "dense", "triton"], ["triton", "bert"], every=False) == [
+        ("bert", False), ("dense", False), ("triton", False), ("bert", True), ("triton", True)]
+    assert compile_plan(["bert", "dense"], ["dense"], every=True) == [("bert", True), ("dense", True)]
+    assert references("bert", compiled=True) == ["bert+compile", "bert"]
+    assert references("transformers", compiled=False) == ["transformers"]

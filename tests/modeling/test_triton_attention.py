@@ -408,6 +408,60 @@ def test_pretraining_model_matches_dense_for_every_objective(objective):
         assert rel_err(gb, ga) <= FP32_REL, name
 
 
+def _pretraining_gradients(model, forward, seed=16, n=24, m=4, window=None):
+    """Logits and every parameter gradient of one padded pretraining batch through `forward`."""
+    input_ids, positions, mask = pretraining_batch(generator(seed), n, m, (0, 5))
+    weights = torch.randn(2, m, model.config.vocab_size, generator=generator(seed + 1), device=input_ids.device)
+    device = next(model.parameters()).device
+    logits = forward(input_ids.to(device), positions.to(device), m, attention_mask=mask.to(device))
+    grads = torch.autograd.grad((logits * weights.to(device)).sum(), list(model.parameters()), allow_unused=True)
+    return logits.detach(), grads
+
+
+def _assert_same_training_function(model, a, b, tolerance):
+    (logits_a, grads_a), (logits_b, grads_b) = a, b
+    assert rel_err(logits_b, logits_a) <= tolerance, "logits"
+    for (name, _), ga, gb in zip(model.named_parameters(), grads_a, grads_b):
+        if ga is None or name.endswith("attn.k.bias"):  # k.bias: zero up to rounding (shift-invariant softmax)
+            continue
+        assert rel_err(gb, ga) <= tolerance, name
+
+
+@interpreted
+def test_the_compiled_path_ops_pass_opcheck():
+    """The torch.library ops that torch.compile sees: schema, fake (meta) shapes and strides, autograd
+    registration, each checked by torch.library.opcheck on a real call (a window and padding)."""
+    (q, k, v, table), positions, _, _ = two_stream_case(20, 4, (0, 3), heads=1, head_dim=16, seed=3)
+    plan = T.make_triton_attention_plan(positions, 20, 4, window=9)
+    settings = T.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, T.default_tiles(q.dtype))
+    vectors = T._forward_vectors(plan), T._key_vectors(plan)
+    q, k, v, table = (x.requires_grad_(True) for x in (q, k, v, table))
+    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, *vectors, settings.numbers(), 0.25))
+    with torch.no_grad():
+        out, lse = T._attention_forward_op(q, k, v, table, *vectors, settings.numbers(), 0.25)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(T._attention_backward_op, (q.detach(), k.detach(), v.detach(), out, lse, table.detach(),
+                                                     grad_out, *vectors, settings.numbers(), 0.25))
+    assert T.LaunchSettings.from_numbers(settings.numbers(), 0.25) == settings
+
+
+@interpreted
+def test_pretraining_model_compiles_to_one_graph_equal_to_eager():
+    """torch.compile(fullgraph=True) of the whole pretraining model with the triton backend: no graph
+    break (the plan is traced, the kernels are the opaque ops), and the compiled forward and backward
+    compute what the eager model computes (aot_eager: the graph dynamo and AOTAutograd build, without
+    code generation; inductor's code runs in the GPU test below)."""
+    from mpnet.modeling.model import MPNetForPretraining
+
+    torch.manual_seed(0)
+    model = MPNetForPretraining(tiny_config(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                            attention_backend="triton")).eval()
+    eager = _pretraining_gradients(model, model)
+    torch._dynamo.reset()
+    compiled = _pretraining_gradients(model, torch.compile(model, backend="aot_eager", fullgraph=True))
+    _assert_same_training_function(model, eager, compiled, 1e-6)
+
+
 @interpreted
 def test_query_rows_subset_matches_dense():
     """A plan for the query stream alone (rows n + m ..): its outputs are those rows of the full call."""
@@ -517,6 +571,23 @@ def test_gpu_fp32_permuted_lm_layout_matches_dense(window):
     with ieee_fp32():
         ours, reference = compare(inputs, positions, 512, 77, window=window, streams="plm")
     assert_close(ours, reference, GPU_FP32_REL, f"GPU fp32 plm w={window}")
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_inductor_compiled_model_equals_eager():
+    """training.compile=true with the triton backend: the inductor-compiled pretraining model (base
+    head size 64, n = 256) gives the eager model's logits and parameter gradients, fp32."""
+    from mpnet.modeling.model import MPNetForPretraining
+
+    torch.manual_seed(0)
+    model = MPNetForPretraining(tiny_config(hidden_size=128, num_attention_heads=2, num_hidden_layers=2,
+                                            attention_backend="triton")).cuda().eval()
+    with ieee_fp32():
+        eager = _pretraining_gradients(model, model, n=256, m=38)
+        torch._dynamo.reset()
+        compiled = _pretraining_gradients(model, torch.compile(model, fullgraph=True), n=256, m=38)
+    _assert_same_training_function(model, eager, compiled, GPU_FP32_REL)
 
 
 @pytest.mark.gpu
