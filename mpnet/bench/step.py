@@ -293,9 +293,15 @@ KERNEL_FAMILIES = (
     ("reductions / index (incl. bias gather)", ("reduce", "index", "embedding", "gather", "scatter", "sort")),
 )
 OTHER_KERNELS = "other (elementwise, norms, copies)"
+# The triton backend's kernels (mpnet/modeling/triton_kernels.py): Triton names a kernel after its
+# function, so these match whole names only.
+TRITON_ATTENTION_KERNELS = ("triton attention (fwd+bwd)",
+                            {"_forward_kernel", "_key_gradients_kernel", "_query_gradients_kernel", "_delta_kernel"})
 
 
 def kernel_family(name: str) -> str:
+    if name in TRITON_ATTENTION_KERNELS[1]:
+        return TRITON_ATTENTION_KERNELS[0]
     lowered = name.lower()
     return next((family for family, needles in KERNEL_FAMILIES if any(n in lowered for n in needles)), OTHER_KERNELS)
 
