@@ -122,3 +122,14 @@ def test_also_compile_runs_the_named_cells_again_after_the_others():
     assert compile_plan(["bert", "dense"], ["dense"], every=True) == [("bert", True), ("dense", True)]
     assert references("bert", compiled=True) == ["bert+compile", "bert"]
     assert references("transformers", compiled=False) == ["transformers"]
+
+
+def test_profile_families_name_each_attention_backend():
+    """The step profile's families: the triton backend's kernels by their whole names (a kernel of
+    another library whose name merely contains one of them stays in its own family)."""
+    from mpnet.bench.step import kernel_family
+
+    assert kernel_family("_key_gradients_kernel") == "triton attention (fwd+bwd)"
+    assert kernel_family("triton_tem_fused_flex_attention_backward_2") == "flex attention (fwd+bwd)"
+    assert kernel_family("fmha_cutlassB_f16_aligned_64x64_k64_sm80_forward_kernel") == "SDPA flash attention"
+    assert kernel_family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul (GEMM)"
