@@ -33,6 +33,7 @@ def build_parser():
     for flag, kind in [("--lr", float), ("--batch-size", int), ("--epochs", int), ("--max-length", int),
                        ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:
         p.add_argument(flag, type=kind, help="override the recipe")
+    p.add_argument("--compile", action="store_true", help="torch.compile each training forward (training.compile)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP + " (sections: task, training)")
@@ -47,6 +48,7 @@ def main(argv=None):
     flags = {"training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                           "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
                           "max_eval_examples": args.max_eval_examples,
+                          "compile": True if args.compile else None,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
     compare(args.checkpoint, [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),

@@ -180,6 +180,7 @@ class Run:
     """What one fine-tuning run holds while it trains."""
 
     model: torch.nn.Module
+    train_forward: torch.nn.Module  # the model, or the model under torch.compile (training.compile)
     tokenizer: object
     task: Task
     prepared: PreparedData
@@ -263,10 +264,13 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     total_steps = steps_per_epoch * t.epochs
     optimizer = adamw(model, t.lr, t.betas, t.eps, t.weight_decay, device)
     scheduler = lr_scheduler(optimizer, round(t.warmup_ratio * total_steps), total_steps)
-    log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s",
+    log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s%s",
              checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device,
-             f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "")
-    return Run(model, tokenizer, task, prepared, batching, optimizer, scheduler, device, output_dir, steps_per_epoch)
+             f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "",
+             ", compiled (the first steps of each new width compile)" if t.compile else "")
+    train_forward = torch.compile(model) if t.compile else model
+    return Run(model, train_forward, tokenizer, task, prepared, batching, optimizer, scheduler, device, output_dir,
+               steps_per_epoch)
 
 
 def _results_header(run: Run, checkpoint, data_dir, config, backend) -> dict:
@@ -303,7 +307,7 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         labels = torch.from_numpy(train.labels[idx])
         real_tokens, positions = real_tokens + real, positions + computed
         with autocast(run.device, t.bf16):
-            logits = run.model(**to_device(inputs, run.device))
+            logits = run.train_forward(**to_device(inputs, run.device))
         loss = _loss(logits, labels.to(run.device), run.task.is_regression)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -182,3 +182,25 @@ def test_an_existing_run_or_a_training_checkpoint_is_never_overwritten(workspace
         code, err = call_main(main, *common, "--output-dir", target, "--overwrite")
         assert_one_line_error_text(code, err, "holds a training checkpoint")
     assert sorted(p.name for p in (pretraining / "checkpoints" / "step-00000010").iterdir()) == ["training_state"]
+
+
+def test_compiled_training_forward_trains_the_same_model(workspace, tmp_path, monkeypatch):
+    """training.compile=true (finetune-mpnet --compile) runs the training forward through torch.compile
+    and trains what the eager run trains: the same losses and dev scores (the graph dynamo and
+    AOTAutograd build, run without code generation: aot_eager keeps this test in seconds on a CPU)."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_for_test(model, **kwargs):
+        calls.append(type(model).__name__)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    root, ckpt = workspace
+    eager = finetune(ckpt, root / "glue", quick_config("sst2", seed=4), tmp_path / "eager")
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    torch._dynamo.reset()
+    compiled = finetune(ckpt, root / "glue", quick_config("sst2", seed=4, compile=True), tmp_path / "compiled")
+    assert calls == ["MPNetForSequenceClassification"]
+    assert compiled["config"]["training"]["compile"] is True
+    assert compiled["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
+    assert compiled["best"]["score"] == eager["best"]["score"]
