@@ -26,7 +26,7 @@ from mpnet.bench.attention import ATTENTION_BACKENDS, SINGLE_STREAM_LENGTHS, Att
 from mpnet.bench.harness import open_device, run_benchmarks
 from mpnet.bench.packing import PackingSettings, run_packing
 from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
-from mpnet.bench.step import (FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
+from mpnet.bench.step import (COMPILE_MODES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
                               run_step)
 
 from . import benchmark_packing
@@ -134,6 +134,8 @@ def model_args(g, also_compile=STEP_MODELS):
     g.add_argument("--also-compile", type=name_list(also_compile), default=None, metavar="NAMES",
                    help=f"run these cells once more under torch.compile, rows '+compile' (a subset of "
                         f"{','.join(also_compile)}; default none, and {','.join(ALL_ALSO_COMPILE)} in `all` on a GPU)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile's mode for the compiled cells (default: default; reduce-overhead adds CUDA graphs)")
     g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--profile", action="store_true", default=None,
@@ -251,7 +253,7 @@ def step_plan(args, device) -> list:
 
 
 def finetune_plan(args, device, owned=True) -> list:
-    names = None if owned else COMMON | {"compile", "peak_tflops", "model", "profile"}
+    names = None if owned else COMMON | {"compile", "compile_mode", "peak_tflops", "model", "profile"}
     models = args.finetune_models or (list(FINETUNE_MODELS) if device.type == "cuda" else ["transformers", "dense"])
     return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,
                                          also_compile=also_compile(args, device, FINETUNE_MODELS),

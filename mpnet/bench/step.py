@@ -57,6 +57,7 @@ class StepSettings:
     # Cells (bert and/or backends) run once more under torch.compile, after the others: rows "+compile",
     # each compared with the compiled BERT when that ran.
     also_compile: list = field(default_factory=list)
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     peak_tflops: float = 989.0  # H100/H200 SXM dense bf16 (datasheet)
     dtype: str = "bf16"
     device: str | None = None
@@ -72,7 +73,7 @@ class StepSettings:
 
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
-        check_also_compile(self.also_compile, STEP_MODELS)
+        check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class FinetuneSettings:
     num_labels: int = 2
     compile: bool = False
     also_compile: list = field(default_factory=list)  # models run once more under torch.compile (as for the step)
+    compile_mode: str = "default"
     peak_tflops: float = 989.0
     dtype: str = "bf16"
     device: str | None = None
@@ -98,7 +100,7 @@ class FinetuneSettings:
 
     def validate(self, device: torch.device):
         check_common(self, device, self.models, FINETUNE_MODELS, "--models")
-        check_also_compile(self.also_compile, FINETUNE_MODELS)
+        check_also_compile(self.also_compile, FINETUNE_MODELS, self.compile_mode)
         if self.num_labels < 1:
             raise UserError("--num-labels must be >= 1")
 
@@ -123,7 +125,18 @@ def check_common(settings, device, chosen, choices, flag):
                         f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
 
 
-def check_also_compile(chosen, choices):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compiled_model(model, settings):
+    """The model under torch.compile in the settings' mode ("reduce-overhead": CUDA graphs, which take
+    away the host's launch overhead that bounds fine-tuning-sized steps)."""
+    return torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode)
+
+
+def check_also_compile(chosen, choices, mode="default"):
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown --compile-mode '{mode}'; pick from {', '.join(COMPILE_MODES)}")
     unknown = [name for name in chosen if name not in choices]
     if unknown:
         raise UserError(f"unknown --also-compile {unknown}; pick from {', '.join(choices)}")
@@ -181,7 +194,7 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
     ids[:, n - m:] = config.mask_token_id
     positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
     ids, targets, positions = ids.to(device), targets.to(device), positions.to(device)
-    forward = torch.compile(model) if compiled else model
+    forward = compiled_model(model, settings) if compiled else model
 
     def loss_fn():
         logits = forward(ids, positions, m)
@@ -208,7 +221,7 @@ def bert_step(settings: StepSettings, device, compiled: bool = False):
     labels.scatter_(1, chosen, ids.gather(1, chosen))
     ids.scatter_(1, chosen, 103)  # [MASK]
     ids, labels = ids.to(device), labels.to(device)
-    forward = torch.compile(model) if compiled else model
+    forward = compiled_model(model, settings) if compiled else model
     what = f"HF BertForMaskedLM, attn_implementation={model.config._attn_implementation}"
     return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
 
@@ -229,12 +242,12 @@ def finetune_step(settings: FinetuneSettings, which: str, device, compiled: bool
     torch.manual_seed(settings.seed)
     if which == "transformers":  # our config is a transformers.MPNetConfig: the same model, HF's code
         model = transformers.MPNetForSequenceClassification(config).to(device).train()
-        forward = torch.compile(model) if compiled else model
+        forward = compiled_model(model, settings) if compiled else model
         logits = lambda: forward(input_ids=ids, attention_mask=mask).logits  # noqa: E731
         what = f"transformers MPNetForSequenceClassification ({model.config._attn_implementation} attention)"
     else:
         model = MPNetForSequenceClassification(config).to(device).train()
-        forward = torch.compile(model) if compiled else model
+        forward = compiled_model(model, settings) if compiled else model
         logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
         what = f"ours, {backend_name(model)}"
     loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731
@@ -251,6 +264,9 @@ def time_training_step(settings, model, loss_fn, optimizer_args: dict, device, t
     losses = []
 
     def step():
+        # A new step for CUDA graphs (compile mode reduce-overhead): the previous replay's outputs may be
+        # overwritten from here on; nothing else happens in the other modes.
+        torch.compiler.cudagraph_mark_step_begin()
         with phase("forward"), autocast(device, settings.dtype == "bf16"):
             loss = loss_fn()
         with phase("backward"):
@@ -258,7 +274,7 @@ def time_training_step(settings, model, loss_fn, optimizer_args: dict, device, t
         with phase("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # a clone: a CUDA-graph output is overwritten by the next replay
 
     result = time_runs(timer, step, settings.warmup - 1, settings.repeats, settings.max_seconds)
     last = float(losses[-1])
@@ -488,15 +504,15 @@ def flops_line(settings, rest: str) -> str:
             "(--peak-tflops; 989 = H100/H200 SXM dense bf16).")
 
 
-def compile_line(reference: str) -> str:
-    return (f"- \"+compile\": the same cell with the model under `torch.compile` (default mode; the triton backend's "
+def compile_line(reference: str, mode: str) -> str:
+    return (f"- \"+compile\": the same cell with the model under `torch.compile` (mode {mode}; the triton backend's "
             f"kernels are opaque torch.library ops in the graph), its ratio taken against the compiled {reference} "
             f"cell when that ran, else the eager one; \"first step s\" includes the compile.")
 
 
 def render_step(section: Section) -> list:
     s = section.settings
-    compiled = [compile_line("BERT")] if s.compile or s.also_compile else []
+    compiled = [compile_line("BERT", s.compile_mode)] if s.compile or s.also_compile else []
     return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.", *compiled,
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
@@ -513,7 +529,7 @@ def render_step(section: Section) -> list:
 
 def render_finetune(section: Section) -> list:
     s = section.settings
-    compiled = [compile_line("transformers")] if s.compile or s.also_compile else []
+    compiled = [compile_line("transformers", s.compile_mode)] if s.compile or s.also_compile else []
     return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
             "fine-tuning defaults).", *compiled,
             f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "

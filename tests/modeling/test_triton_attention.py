@@ -463,6 +463,37 @@ def test_pretraining_model_compiles_to_one_graph_equal_to_eager():
 
 
 @interpreted
+def test_compiled_classifier_follows_new_widths_with_one_dynamic_graph():
+    """Fine-tuning batches change width (dynamic padding): under torch.compile the second width makes
+    dynamo trace the model with a symbolic length, through the plan and the ops' fake shapes. Every
+    width still computes what the eager model computes (logits and parameter gradients), padded rows
+    included."""
+    from mpnet.modeling.model import MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MPNetForSequenceClassification(tiny_config(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                                       attention_backend="triton", num_labels=3)).eval()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for width, seed in ((20, 30), (28, 31), (36, 32)):
+        gen = generator(seed)
+        ids = torch.randint(5, 30, (2, width), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, width - 7:] = 0
+        results = []
+        for forward in (model, compiled):
+            logits = forward(ids, attention_mask=mask)
+            grads = torch.autograd.grad((logits * torch.arange(1.0, 4.0)).sum(), list(model.parameters()),
+                                        allow_unused=True)
+            results.append((logits.detach(), grads))
+        _assert_same_training_function(model, *results, 1e-6)
+    assert counter.frame_count == 2  # the first width, then one graph with a symbolic width for the others
+
+
+@interpreted
 def test_query_rows_subset_matches_dense():
     """A plan for the query stream alone (rows n + m ..): its outputs are those rows of the full call."""
     n, m = 40, 8
