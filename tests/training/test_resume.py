@@ -153,3 +153,32 @@ def test_a_model_vocab_size_that_is_not_the_datas(prefix_shards, tmp_path):
     line = error_line(*run(tmp_path / "a", prefix_shards, "--max-steps", 1, "model.vocab_size=500",
                            "model.mask_token_id=499"))
     assert "vocabulary mismatch: model.vocab_size has 500 tokens" in line and "drop model.vocab_size" in line, line
+
+
+def test_compiled_training_follows_the_eager_run_and_resumes(prefix_shards, tmp_path, monkeypatch):
+    """training.compile=true: the training model runs through torch.compile and the losses are the eager
+    run's; a compiled run resumes (the checkpoint holds the model's own parameter names, not the compiled
+    wrapper's) and a change of training.compile on --resume is allowed. torch.compile goes through
+    aot_eager here (the graph dynamo and AOTAutograd build, without code generation: seconds on a CPU)."""
+    import torch
+
+    real_compile = torch.compile
+    compiled_models = []
+
+    def compile_for_test(model, **kwargs):
+        compiled_models.append(type(model).__name__)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    code, stderr = run(tmp_path / "eager", prefix_shards, "--max-steps", 4)
+    assert code == 0, stderr
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    torch._dynamo.reset()
+    code, stderr = run(tmp_path / "compiled", prefix_shards, "--max-steps", 2, "--save-every", 2,
+                       "training.compile=true")
+    assert code == 0, stderr
+    code, stderr = run(tmp_path / "compiled", prefix_shards, "--max-steps", 4, "--resume", "training.compile=false")
+    assert code == 0, stderr
+    assert compiled_models == ["MPNetForPretraining"]  # the first run only: the resumed one is eager
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    assert compiled == pytest.approx(eager, rel=1e-5)
