@@ -12,7 +12,8 @@ EPILOG = """examples:
   compare-mpnet-backends --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --tasks sst2 --data-dir data/sentiment \\
       --config configs/glue/sentiment.yaml --backends dense,flex,flex:32 --seeds 1 --output-dir runs/compare-cpu
 
-Backends: dense, flex, flex:W (FlexAttention + sliding window of W tokens), dense:W. On a CUDA GPU every
+Backends: dense, flex, flex:W (FlexAttention + sliding window of W tokens), dense:W, triton, triton:W
+(CUDA only). On a CUDA GPU every
 backend is fine-tuned; on CPU FlexAttention cannot train, so the task is fine-tuned once with dense and
 that model is evaluated under each backend (the output says so).
 Writes OUTPUT/comparison.md, OUTPUT/comparison.png, OUTPUT/comparison.json and OUTPUT/runs/."""
@@ -25,7 +26,7 @@ def build_parser():
     p.add_argument("--tasks", required=True, type=text_list, help="comma-separated GLUE tasks, e.g. sst2,rte")
     p.add_argument("--data-dir", type=Path, required=True, help="folder holding the task folders (glue_data)")
     p.add_argument("--backends", default="dense,flex", type=text_list,
-                   help="comma-separated: dense, flex, flex:W (default: dense,flex)")
+                   help="comma-separated: dense, flex, triton, each optionally :W (default: dense,flex)")
     p.add_argument("--seeds", default=[1], type=int_list, help="comma-separated seeds (default: 1)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--config", type=Path, help="YAML recipe for every task (default: configs/glue/TASK.yaml)")
