@@ -268,3 +268,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the norm-wise relative error."""
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def assert_mask_mod_matches(block_mask, expected, label, reference="the rules"):
+    """The BlockMask's shape and its stored mask_mod, evaluated at every (b, q, kv) entry
+    (create_mask), against the expected (B, Lq, Lkv) boolean mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    batch, q_len, kv_len = expected.shape
+    assert tuple(block_mask.shape) == (batch, 1, q_len, kv_len), label
+    dense = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device="cpu")[:, 0]
+    mismatch = (dense != expected).nonzero().tolist()
+    assert not mismatch, f"{label}: mask_mod differs from {reference} at (b, q, kv) {mismatch[:5]}"

@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_mask
 
-from helpers import generator, kind_and_rank, pretraining_batch, rule_mask, rule_visible, stacked_positions
+from helpers import (assert_mask_mod_matches, generator, kind_and_rank, pretraining_batch, rule_mask, rule_visible,
+                     stacked_positions)
 from mpnet.modeling import make_flex_attention_mask
 from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.attention import make_dense_attention_state
@@ -121,10 +121,7 @@ def _block_tables(block_mask):
 def _check_block_mask(block_mask, expected, label):
     """Per entry through the stored mask_mod, then the block tables against those entries."""
     batch, q_len, kv_len = expected.shape
-    assert tuple(block_mask.shape) == (batch, 1, q_len, kv_len), label
-    dense = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device="cpu")[:, 0]
-    mismatch = (dense != expected).nonzero().tolist()
-    assert not mismatch, f"{label}: mask_mod differs from the rules at (b, q, kv) {mismatch[:5]}"
+    assert_mask_mod_matches(block_mask, expected, label)
 
     bq, bk = block_mask.BLOCK_SIZE
     partial, full = _block_tables(block_mask)

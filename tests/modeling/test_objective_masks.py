@@ -19,10 +19,9 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_mask
 
-from helpers import (generator, make_model, max_abs, original_rule_mask, original_two_stream_masks, other_id,
-                     pretraining_batch, with_backend)
+from helpers import (assert_mask_mod_matches, generator, make_model, max_abs, original_rule_mask,
+                     original_two_stream_masks, other_id, pretraining_batch, with_backend)
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask
 from mpnet.modeling.masks import natural_order, permuted_lm_visible, stream_lengths, two_stream_visible
 from mpnet.modeling.model import OBJECTIVES
@@ -154,10 +153,7 @@ def _check_block_mask(block_mask, expected, label, exact_empty):
     """Per entry through the stored mask_mod; then the tables: a tile holding a visible entry is never
     skipped, FULL iff the whole (complete) tile is visible, and without a window EMPTY iff nothing is."""
     batch, q_len, kv_len = expected.shape
-    assert tuple(block_mask.shape) == (batch, 1, q_len, kv_len), label
-    dense = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device="cpu")[:, 0]
-    mismatch = (dense != expected).nonzero().tolist()
-    assert not mismatch, f"{label}: mask_mod differs from the original at (b, q, kv) {mismatch[:5]}"
+    assert_mask_mod_matches(block_mask, expected, label, reference="the original")
     bq, bk = block_mask.BLOCK_SIZE
     q_tiles, kv_tiles = math.ceil(q_len / bq), math.ceil(kv_len / bk)
     partial = torch.zeros(batch, q_tiles, kv_tiles, dtype=torch.bool)
