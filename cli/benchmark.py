@@ -116,6 +116,9 @@ def attention_args(parser, streams=True):
                    help="include the q/k/v/o projections (default: attention core only)")
     g.add_argument("--attention-dropout", type=float, default=None,
                    help="the dense module's attention dropout (default 0.1, as in training; flex has none)")
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="also time SDPA, flex and triton cells as CUDA-graph replays: GPU time without the host's "
+                        "launch time, a column and a ratio table of their own (CUDA only; default off)")
 
 
 def step_args(parser, flag, also_compile=STEP_MODELS):

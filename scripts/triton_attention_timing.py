@@ -1,7 +1,7 @@
 """Time the Triton attention backend against SDPA flash (no bias) and the flex backend, on one CUDA GPU.
 
     PYTHONPATH=. python scripts/triton_attention_timing.py --out DIR [--lengths 512,2048,8192]
-        [--single-lengths 128,512] [--sweep] [--leave-out] [--window 256] [--flex-lengths 512] [--budget-s 400]
+        [--single-lengths 128,512] [--sweep] [--leave-out] [--variants] [--window 256] [--flex-lengths 512] [--budget-s 400]
 
 Problems as in the project's benchmark: 16k tokens per batch (B = 16384 // L), 12 heads x 64, bf16,
 random permutations; the two-stream pair is n = L content rows plus m = round(0.15 n) predicted tokens:
@@ -57,6 +57,23 @@ def median_ms(fn, warmup=3, reps=15):
         fn()
     times, _ = Timer(torch.device("cuda")).measure(fn, reps, max_seconds=60)
     return statistics.median(times)
+
+
+def kernel_ms(fn, reps=5):
+    """Mean GPU time per call of each Triton kernel of `fn` (torch.profiler), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.key_averages():
+        if event.key.startswith("_") and "kernel" in event.key:
+            totals[event.key.strip("_")] = round(event.device_time_total / 1000 / reps, 3)
+    return totals
 
 
 def two_stream_problem(length, seed=0):
@@ -131,6 +148,22 @@ def flex_step(p, window=None):
     return step
 
 
+def extra_configs(args):
+    """The --leave-out and --variants configurations beside the default tiles."""
+    base, configs = SWEEP["default"], {}
+    if args.leave_out:
+        configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
+                                                    frozenset({"bias_gradient"}))
+        for left_out in ({"bias"}, {"mask"}, {"bias", "mask"}):
+            configs["no " + " or ".join(sorted(left_out))] = T.KernelTiles(
+                base.forward, base.key_gradients, base.query_gradients, frozenset(left_out))
+    if args.variants:
+        for names in [(name,) for name in T.VARIANTS] + [tuple(T.VARIANTS)]:
+            configs[" + ".join(names)] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
+                                                       variants=frozenset(names))
+    return configs
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -138,6 +171,7 @@ def main():
     parser.add_argument("--single-lengths", default="128,512")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--leave-out", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="time each of triton_attention.VARIANTS too")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--flex-lengths", default="")
     parser.add_argument("--reps", type=int, default=15)
@@ -176,13 +210,8 @@ def main():
         plan_ms = median_ms(lambda: T.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)
         flash = median_ms(flash_step(p), reps=args.reps)
         configs = dict(SWEEP) if args.sweep and length <= 2048 else {"default": SWEEP["default"]}
-        if args.leave_out and length <= 2048:
-            base = SWEEP["default"]
-            configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
-                                                        frozenset({"bias_gradient"}))
-            for left_out in ({"bias"}, {"mask"}, {"bias", "mask"}):
-                configs["no " + " or ".join(sorted(left_out))] = T.KernelTiles(
-                    base.forward, base.key_gradients, base.query_gradients, frozenset(left_out))
+        if length <= 2048:
+            configs.update(extra_configs(args))
         for name, tiles in configs.items():
             def cell(tiles=tiles, name=name):
                 forward, step = triton_steps(p, plan, tiles)
@@ -196,7 +225,8 @@ def main():
                 fwd = median_ms(forward, reps=args.reps)
                 record(kind="pair", L=length, B=p["batch"], m=p["m"], config=name, triton_ms=round(total, 3),
                        triton_fwd_ms=round(fwd, 3), flash_ms=round(flash, 3), ratio=round(total / flash, 2),
-                       peak_gib=round(peak, 2), plan_ms=round(plan_ms, 3), first_call_s=round(compile_s, 1))
+                       peak_gib=round(peak, 2), plan_ms=round(plan_ms, 3), first_call_s=round(compile_s, 1),
+                       kernels_ms=kernel_ms(step))
             guarded(f"pair L={length} {name}", cell)
         del p, plan
         torch.cuda.empty_cache()
@@ -206,13 +236,15 @@ def main():
         plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
         flash = median_ms(flash_step(p), reps=args.reps)
 
-        def cell(p=p, plan=plan, flash=flash, length=length):
-            forward, step = triton_steps(p, plan, SWEEP["default"])
-            total = median_ms(step, reps=args.reps)
-            fwd = median_ms(forward, reps=args.reps)
-            record(kind="single", L=length, B=p["batch"], config="default", triton_ms=round(total, 3),
-                   triton_fwd_ms=round(fwd, 3), flash_ms=round(flash, 3), ratio=round(total / flash, 2))
-        guarded(f"single L={length}", cell)
+        for name, tiles in {"default": SWEEP["default"], **extra_configs(args)}.items():
+            def cell(p=p, plan=plan, flash=flash, length=length, tiles=tiles, name=name):
+                forward, step = triton_steps(p, plan, tiles)
+                total = median_ms(step, reps=args.reps)
+                fwd = median_ms(forward, reps=args.reps)
+                record(kind="single", L=length, B=p["batch"], config=name, triton_ms=round(total, 3),
+                       triton_fwd_ms=round(fwd, 3), flash_ms=round(flash, 3), ratio=round(total / flash, 2),
+                       kernels_ms=kernel_ms(step))
+            guarded(f"single L={length} {name}", cell)
 
     if args.window:
         def window_cell():

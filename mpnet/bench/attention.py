@@ -78,6 +78,8 @@ WINDOWED = {"flex-window": "flex", "triton-window": "triton"}  # one cell per --
 # The cheap and the compiled cells first; the dense ones are the likeliest to run out of memory.
 RUN_ORDER = {"sdpa": 0, "sdpa-bias": 1, "dense-once": 3, "dense": 4}
 SINGLE_STREAM_LENGTHS = [128, 512]
+# --cuda-graphs: the cells also timed as a CUDA-graph replay (the SDPA ceiling and the fast backends).
+GRAPHED_BACKENDS = ("sdpa", "flex", "flex-window", "triton", "triton-window")
 STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
 
 
@@ -104,6 +106,7 @@ class AttentionSettings:
     max_distance: int = 128
     seed: int = 0
     flex_kernel_options: dict | None = None  # override of the project's flex kernel options (experiments)
+    cuda_graphs: bool = False  # also time GRAPHED_BACKENDS' fwd+bwd replayed as one CUDA graph (no host time)
 
     def validate(self, device: torch.device):
         check_kernel_options(self.flex_kernel_options)
@@ -346,8 +349,11 @@ def measure_attention(settings: AttentionSettings, p: Problem, key: str, window,
     with phase("build"):
         core = builder(settings, p, device, timer)
     result = dict(core.facts)
-    result.update(time_runs(timer, make_run(core, p, settings, device), settings.warmup - 1, settings.repeats,
-                            settings.max_seconds, check=core.check if settings.backward else None))
+    run = make_run(core, p, settings, device)
+    result.update(time_runs(timer, run, settings.warmup - 1, settings.repeats, settings.max_seconds,
+                            check=core.check if settings.backward else None))
+    if settings.cuda_graphs and device.type == "cuda" and key in GRAPHED_BACKENDS:
+        result.update(graph_timing(run, settings, timer))
     if core.extra is not None:
         layer = {k: result[k] for k in ("ms", "p20_ms", "p80_ms")}
         result.update(core.extra())
@@ -356,6 +362,27 @@ def measure_attention(settings: AttentionSettings, p: Problem, key: str, window,
         if result["build_peak_gib"] is not None:
             result["peak_gib"] = max(result["peak_gib"], result["build_peak_gib"])
     return result
+
+
+def graph_timing(run, settings: AttentionSettings, timer) -> dict:
+    """The same run captured once as a CUDA graph and timed as replays: the GPU time of its kernels with no
+    host work between them (what training gets with CUDA graphs, `--compile-mode reduce-overhead`). A
+    capture that fails is reported in the cell, which keeps its eager time."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # capture needs its warm-up on a side stream
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        result = time_runs(timer, graph.replay, settings.warmup - 1, settings.repeats, settings.max_seconds)
+        del graph
+        return {"graph_ms": result["ms"], "graph_p20_ms": result["p20_ms"], "graph_p80_ms": result["p80_ms"]}
+    except Exception as error:  # noqa: BLE001 - the eager figure stands; the reason goes in the report
+        return {"graph_status": f"capture failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"}
 
 
 def cell_plan(settings: AttentionSettings, p: Problem, key: str, label: str, window) -> dict:
@@ -419,11 +446,20 @@ def measure_length(session, section: Section, settings: AttentionSettings, lengt
 # ------------------------------------------------------------------------------------------ reports
 
 
+def graph_text(cell: dict) -> str:
+    if "graph_ms" in cell:
+        return f"{cell['graph_ms']:.3f} [{cell['graph_p20_ms']:.3f}, {cell['graph_p80_ms']:.3f}]"
+    return cell.get("graph_status", "")
+
+
 def main_table(section: Section) -> list:
+    graphs = section.settings.cuda_graphs
     rows = [[c["L"], c["B"], c["m"], f"{c['q_rows']}x{c['kv_len']}", c["label"]] + cell_columns(c)
+            + ([graph_text(c)] if graphs else [])
             + [f"{c['layer_ms']:.3f} + {c['build_ms']:.2f} / {section.settings.layers}" if "layer_ms" in c else ""]
             for c in section.cells]
-    headers = ["L", "B", "m", "rows x keys", "backend"] + CELL_HEADERS + ["sdpa-bias: layer ms + build ms / layers"]
+    headers = (["L", "B", "m", "rows x keys", "backend"] + CELL_HEADERS + (["CUDA graph ms [p20, p80]"] if graphs else [])
+               + ["sdpa-bias: layer ms + build ms / layers"])
     return [github_table(rows, headers)]
 
 
@@ -449,6 +485,15 @@ def ratio_tables(section: Section) -> list:
            "`*`: dense did not run at this length; the row is relative to the first backend that did.", ""]
     if vs_sdpa:
         out += ["### Time relative to SDPA flash without bias (lower is better)", "", github_table(vs_sdpa, headers), ""]
+    graphed = [v for v in variants if v[0] in GRAPHED_BACKENDS]
+    rows = []
+    for length, row in by_length.items():
+        ms = {k: c["graph_ms"] for k, c in row.items() if "graph_ms" in c}
+        if "sdpa" in ms:
+            rows.append([length] + [ratio_text(ms[k] / ms["sdpa"]) if k in ms else "" for k, _, _ in graphed])
+    if rows:
+        out += ["### Time relative to SDPA flash, both as CUDA-graph replays (GPU time, no host launch time; "
+                "lower is better)", "", github_table(rows, ["L"] + [label for _, label, _ in graphed]), ""]
     return out
 
 

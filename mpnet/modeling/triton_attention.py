@@ -60,7 +60,7 @@ import torch
 
 from ..errors import UserError
 from .attention import _Projections
-from .masks import relative_position_bucket, stream_lengths
+from .masks import relative_bias_by_distance, relative_position_bucket, stream_lengths
 from .patterns import AttentionPattern, as_pattern
 from .triton_kernels import (FAR, HIDDEN_CODE, INTERPRET, LOG2E, _delta_kernel, _forward_kernel, _key_gradients_kernel,
                              _query_gradients_kernel, triton)
@@ -141,11 +141,11 @@ class VisitOrder:
     k_query_lo: torch.Tensor | None = None
     k_query_hi: torch.Tensor | None = None
 
-    def query_vectors(self):
-        return self.q_rows, self.q_pos, self.q_threshold, self.q_doc
+    def query_vectors(self):  # q_doc / k_doc may be (B, 1) zeros when there are no documents
+        return self.q_rows, self.q_pos, self.q_threshold, self.q_doc.expand_as(self.q_rows)
 
     def key_vectors(self):
-        return self.k_rows, self.k_pos, self.k_code, self.k_doc
+        return self.k_rows, self.k_pos, self.k_code, self.k_doc.expand_as(self.k_rows)
 
 
 @dataclass
@@ -164,6 +164,13 @@ class TritonAttentionPlan:
     q_real: torch.Tensor
     window: int | None
     has_documents: bool
+    forward_packed: torch.Tensor | None = None  # what the forward and dQ kernels read: pack_forward_order
+    keys_packed: torch.Tensor | None = None  # what the dK/dV kernel reads: pack_keys_order
+
+    def __post_init__(self):
+        if self.forward_packed is None:
+            self.forward_packed = pack_forward_order(self.forward)
+            self.keys_packed = pack_keys_order(self.keys, self.q_real)
 
     @property
     def query_len(self) -> int:
@@ -176,6 +183,22 @@ class TritonAttentionPlan:
 
 def _int32(x):
     return x.to(torch.int32).contiguous()
+
+
+# One tensor per kernel, because a Triton launch costs host time per argument (triton_kernels._forward_plan
+# and _keys_plan read these layouts back).
+def pack_forward_order(visit: VisitOrder) -> torch.Tensor:
+    """Flat int32: q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi (each B x LQ), then k_rows,
+    k_pos, k_code, k_doc (each B x LK)."""
+    queries = torch.stack([*visit.query_vectors(), visit.q_key_lo, visit.q_key_hi])
+    return torch.cat([queries.flatten(), torch.stack(visit.key_vectors()).flatten()])
+
+
+def pack_keys_order(visit: VisitOrder, q_real: torch.Tensor) -> torch.Tensor:
+    """Flat int32: q_rows, q_pos, q_threshold, q_doc (each B x LQ), q_real (B), then k_rows, k_pos, k_code,
+    k_doc, k_query_lo, k_query_hi (each B x LK)."""
+    keys = torch.stack([*visit.key_vectors(), visit.k_query_lo, visit.k_query_hi])
+    return torch.cat([torch.stack(visit.query_vectors()).flatten(), q_real, keys.flatten()])
 
 
 def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None = None, document_ids=None,
@@ -309,6 +332,7 @@ class BucketLayout:
     """
 
     bucket_of_index: torch.Tensor
+    index: torch.Tensor  # bucket_of_index as int64, for indexing the table
     num_buckets: int
     max_distance: int
     saturated_left: int
@@ -317,8 +341,18 @@ class BucketLayout:
     bucket_right: int  # the bucket of every distance >= saturated_right
 
     def log2_bias_by_index(self, table):
-        """(buckets, heads) table -> (heads, 2D + 1) float32 bias times log2(e), for the kernels' exp2."""
-        return (table.detach().float()[self.bucket_of_index.long()].t() * LOG2E).contiguous()
+        """(buckets, heads) table -> (heads, 2D + 1) float32 bias times log2(e), for the kernels' exp2.
+        Two small kernels (index_select writes its (heads, 2D + 1) result contiguous); built once per
+        forward for all layers (`make_triton_attention_state`)."""
+        return table.detach().t().float().index_select(1, self.index).mul_(LOG2E)
+
+
+def log2_bias_by_index(table, max_distance: int):
+    """`BucketLayout.log2_bias_by_index` of the table's layout; under torch.compile the same values from
+    the buckets' formula traced into the graph (the cached layout is host-side Python)."""
+    if torch.compiler.is_compiling():
+        return (relative_bias_by_distance(table.detach().float(), max_distance, table.shape[0]) * LOG2E).contiguous()
+    return bucket_layout(table.shape[0], max_distance, table.device).log2_bias_by_index(table)
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,7 +368,7 @@ def bucket_layout(num_buckets: int, max_distance: int, device: torch.device) -> 
 
     left = buckets[:max_distance + 1].flip(0)  # d = 0, -1, ..., -D
     right = buckets[max_distance:]  # d = 0, 1, ..., D
-    return BucketLayout(buckets.to(torch.int32).to(device), num_buckets, max_distance,
+    return BucketLayout(buckets.to(torch.int32).to(device), buckets.long().to(device), num_buckets, max_distance,
                         saturated(left.tolist()), saturated(right.tolist()), int(buckets[0]), int(buckets[-1]))
 
 
@@ -403,18 +437,14 @@ def _left_out(tiles, gradient=False):
     return flags
 
 
-# The launchers read the plan as two flat tensor lists (the order the kernels take them), so that the
-# same code serves the eager autograd.Function and the torch.library op that torch.compile sees.
-def _forward_vectors(plan: TritonAttentionPlan) -> list:
-    """What the forward and dQ kernels read: the forward order's query vectors, key ranges, key vectors."""
-    f = plan.forward
-    return [*f.query_vectors(), f.q_key_lo, f.q_key_hi, *f.key_vectors()]
+# The launchers read the plan as two packed tensors, so that the same code serves the eager
+# autograd.Function and the torch.library op that torch.compile sees.
+def _forward_vectors(plan: TritonAttentionPlan) -> torch.Tensor:
+    return plan.forward_packed
 
 
-def _key_vectors(plan: TritonAttentionPlan) -> list:
-    """What the dK/dV kernel reads: the keys order's query vectors, q_real, key vectors, query ranges."""
-    k = plan.keys
-    return [*k.query_vectors(), plan.q_real, *k.key_vectors(), k.k_query_lo, k.k_query_hi]
+def _key_vectors(plan: TritonAttentionPlan) -> torch.Tensor:
+    return plan.keys_packed
 
 
 @dataclass(frozen=True)
@@ -448,28 +478,27 @@ class LaunchSettings:
 
 
 
-def _launch_forward(q, k, v, table, forward_vectors, settings: LaunchSettings):
-    """(out, lse): the forward kernel over the plan's forward order."""
+def _launch_forward(q, k, v, bias, forward_vectors, settings: LaunchSettings):
+    """(out, lse): the forward kernel over the plan's forward order; bias from `log2_bias_by_index`."""
     batch, heads, q_len, _ = q.shape
     buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
-    bias = buckets.log2_bias_by_index(table)
     out = torch.empty_like(q)  # keeps the (B, L, H, D) memory of the projections' head views
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     t = settings.tiles.forward
     _forward_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
-        q, k, v, out, lse, bias, *forward_vectors,
+        q, k, v, out, lse, bias, forward_vectors,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], qk_scale=settings.scale * LOG2E,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         **_common(settings, buckets, heads, q, k, bias), **_left_out(settings.tiles))
     return out, lse
 
 
-def _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors, settings: LaunchSettings):
+def _launch_backward(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors,
+                     settings: LaunchSettings):
     """(dq, dk, dv, grad_table): the delta, dK/dV (with the bias gradient per bucket) and dQ kernels."""
     batch, heads, q_len, head_dim = q.shape
     tiles, scale = settings.tiles, settings.scale
     buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
-    bias = buckets.log2_bias_by_index(table)
     common, qk_scale = _common(settings, buckets, heads, q, k, bias), scale * LOG2E
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     delta = torch.empty_like(lse)
@@ -480,9 +509,9 @@ def _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_ve
     t = tiles.key_gradients
     key_tiles = _cdiv(k.shape[2], t.block_n)
     slots = _bucket_slots(buckets.num_buckets)
-    db = torch.empty(batch * heads * key_tiles, slots, device=q.device, dtype=torch.float32)
+    db = torch.empty(batch * key_tiles, slots, heads, device=q.device, dtype=torch.float32)
     _key_gradients_kernel[(key_tiles, batch * heads)](
-        q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db, *key_vectors,
+        q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db, key_vectors,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], qk_scale=qk_scale, sm_scale=scale, BUCKET_LEFT=buckets.bucket_left,
         BUCKET_RIGHT=buckets.bucket_right, BUCKETS=slots, BLOCK_M=t.block_m,
@@ -490,29 +519,29 @@ def _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_ve
         **_left_out(tiles, gradient=True))
     t = tiles.query_gradients
     _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
-        q, k, v, grad_out, dq, lse, delta, bias, *forward_vectors, *q.stride()[:3], *k.stride()[:3],
+        q, k, v, grad_out, dq, lse, delta, bias, forward_vectors, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3], qk_scale=qk_scale, sm_scale=scale,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         **_left_out(tiles))
-    grad_table = db.view(batch, heads, key_tiles, slots).sum((0, 2))[:, :buckets.num_buckets].t()
-    return dq, dk, dv, grad_table.to(table.dtype).contiguous()  # the table's layout, as the fake op says
+    grad_table = db.sum(0)[:buckets.num_buckets]  # (buckets, heads), contiguous: the table's layout
+    return dq, dk, dv, grad_table.to(table.dtype)
 
 
 class _TritonAttentionFunction(torch.autograd.Function):
     """The eager path: an autograd.Function costs less host time per call than a torch.library op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, forward_vectors, key_vectors, settings):
-        out, lse = _launch_forward(q, k, v, table, forward_vectors, settings)
-        ctx.save_for_backward(q, k, v, out, lse, table)
+    def forward(ctx, q, k, v, table, bias, forward_vectors, key_vectors, settings):
+        out, lse = _launch_forward(q, k, v, bias, forward_vectors, settings)
+        ctx.save_for_backward(q, k, v, out, lse, table, bias)
         ctx.vectors, ctx.settings = (forward_vectors, key_vectors), settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, table = ctx.saved_tensors
-        grads = _launch_backward(q, k, v, out, lse, table, grad_out, *ctx.vectors, ctx.settings)
-        return *grads, None, None, None
+        q, k, v, out, lse, table, bias = ctx.saved_tensors
+        grads = _launch_backward(q, k, v, out, lse, table, bias, grad_out, *ctx.vectors, ctx.settings)
+        return *grads, None, None, None, None
 
 
 # The compiled path: torch.compile cannot trace into Triton launches that read a plan object, so under
@@ -520,43 +549,42 @@ class _TritonAttentionFunction(torch.autograd.Function):
 # and the scale), their shapes told to the compiler by the fake implementations below.
 @torch.library.custom_op("mpnet::triton_attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                          forward_vectors: list[torch.Tensor], key_vectors: list[torch.Tensor], numbers: list[int],
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse); key_vectors are not read here, only kept for the backward."""
-    return _launch_forward(q, k, v, table, forward_vectors, LaunchSettings.from_numbers(numbers, scale))
+                          bias: torch.Tensor, forward_vectors: torch.Tensor, key_vectors: torch.Tensor,
+                          numbers: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); the table (bias is its by-index view) and key_vectors are only kept for the backward."""
+    return _launch_forward(q, k, v, bias, forward_vectors, LaunchSettings.from_numbers(numbers, scale))
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, table, forward_vectors, key_vectors, numbers, scale):
+def _(q, k, v, table, bias, forward_vectors, key_vectors, numbers, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("mpnet::triton_attention_backward", mutates_args=())
 def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           table: torch.Tensor, grad_out: torch.Tensor, forward_vectors: list[torch.Tensor],
-                           key_vectors: list[torch.Tensor], numbers: list[int], scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors,
+                           table: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor,
+                           forward_vectors: torch.Tensor, key_vectors: torch.Tensor, numbers: list[int],
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors,
                             LaunchSettings.from_numbers(numbers, scale))
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, out, lse, table, grad_out, forward_vectors, key_vectors, numbers, scale):
+def _(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors, numbers, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, table, forward_vectors, key_vectors, numbers, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, table, *forward_vectors, *key_vectors)
-    ctx.split, ctx.numbers, ctx.scale = len(forward_vectors), numbers, scale
+    q, k, v, table, bias, forward_vectors, key_vectors, numbers, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, table, bias, forward_vectors, key_vectors)
+    ctx.numbers, ctx.scale = numbers, scale
 
 
 def _op_backward(ctx, grad_out, grad_lse):  # grad_lse: lse is internal, never used outside
-    q, k, v, out, lse, table, *vectors = ctx.saved_tensors
-    dq, dk, dv, grad_table = _attention_backward_op(q, k, v, out, lse, table, grad_out, vectors[:ctx.split],
-                                                    vectors[ctx.split:], ctx.numbers, ctx.scale)
-    no_grads = [None] * ctx.split, [None] * (len(vectors) - ctx.split)  # the index vectors: one None each
-    return dq, dk, dv, grad_table, *no_grads, None, None
+    q, k, v, out, lse, table, bias, forward_vectors, key_vectors = ctx.saved_tensors
+    dq, dk, dv, grad_table = _attention_backward_op(q, k, v, out, lse, table, bias, grad_out, forward_vectors,
+                                                    key_vectors, ctx.numbers, ctx.scale)
+    return dq, dk, dv, grad_table, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -583,14 +611,16 @@ def _check_can_run(*tensors):
 
 
 def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttentionPlan, *, max_distance: int = 128,
-                                scale: float | None = None, tiles: KernelTiles | None = None):
+                                scale: float | None = None, tiles: KernelTiles | None = None,
+                                bias_by_index: torch.Tensor | None = None):
     """MPNet attention of the plan's query rows over the content stream, with gradients.
 
     q: (B, H, Lq, D) for the rows the plan was built for (default all n + 2m); k, v: (B, H, n + m, D)
     from the content stream; all bf16, fp16 or fp32, D a power of two from 16 to 256;
     relative_bias_table: (num_buckets, H), the encoder's `relative_attention_bias.weight`;
-    max_distance: the buckets' saturation distance (config.relative_attention_max_distance).
-    Returns (B, H, Lq, D) like q. Equals the dense reference without attention-probability dropout.
+    max_distance: the buckets' saturation distance (config.relative_attention_max_distance);
+    bias_by_index: `log2_bias_by_index(relative_bias_table, max_distance)` when the caller has it
+    (the state builds it once for all layers), else built here. Returns (B, H, Lq, D) like q. Equals the dense reference without attention-probability dropout.
     """
     _check_can_run(q, k, v, relative_bias_table, plan.q_real)
     batch, heads, q_len, head_dim = q.shape
@@ -612,11 +642,14 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
     settings = LaunchSettings(plan.window or 0, plan.window is not None, plan.has_documents,
                               relative_bias_table.shape[0], max_distance, scale, tiles or default_tiles(q.dtype))
     forward_vectors, key_vectors = _forward_vectors(plan), _key_vectors(plan)
+    if bias_by_index is None:
+        bias_by_index = log2_bias_by_index(relative_bias_table, max_distance)
     if torch.compiler.is_compiling():
-        out, _ = _attention_forward_op(q, k, v, relative_bias_table, forward_vectors, key_vectors,
+        out, _ = _attention_forward_op(q, k, v, relative_bias_table, bias_by_index, forward_vectors, key_vectors,
                                        settings.numbers(), scale)
         return out
-    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, forward_vectors, key_vectors, settings)
+    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, bias_by_index, forward_vectors, key_vectors,
+                                          settings)
 
 
 # ---------------------------------------------------------------------- the backend's module interface
@@ -628,6 +661,7 @@ class TritonAttentionState:
     relative_bias_table: torch.Tensor  # (num_buckets, heads)
     max_distance: int
     kv_len: int
+    bias_by_index: torch.Tensor  # the table as the kernels read it, built once per forward for every layer
 
 
 def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, pattern=None, *, document_ids=None,
@@ -635,7 +669,8 @@ def make_triton_attention_state(positions, n, m, relative_bias_table, max_distan
     """Like make_dense/flex_attention_state, but given the (buckets, heads) table itself."""
     plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern),
                                       document_ids=document_ids, layout=layout, streams=streams)
-    return TritonAttentionState(plan, relative_bias_table, max_distance, stream_lengths(n, m, streams)[0])
+    return TritonAttentionState(plan, relative_bias_table, max_distance, stream_lengths(n, m, streams)[0],
+                                log2_bias_by_index(relative_bias_table, max_distance))
 
 
 class TritonTwoStreamAttention(_Projections):
@@ -645,5 +680,5 @@ class TritonTwoStreamAttention(_Projections):
     def forward(self, hidden, state: TritonAttentionState):
         q, k, v = self.project(hidden, state.kv_len)
         context = triton_two_stream_attention(q, k, v, state.relative_bias_table, state.plan,
-                                              max_distance=state.max_distance)
+                                              max_distance=state.max_distance, bias_by_index=state.bias_by_index)
         return self.merge(context)

@@ -117,3 +117,26 @@ def test_triton_cell_computes_the_dense_attention_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "triton cells ok" in out.stdout, (out.returncode, out.stderr[-3000:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_cuda_graph_replay_computes_what_the_eager_run_computes(backend):
+    """--cuda-graphs times a cell's fwd+bwd as a CUDA-graph replay; the replay must do the same work: the
+    table's gradient (triton) or the input's (sdpa) after one replay equals the eager run's."""
+    from mpnet.bench.attention import BUILDERS, build_triton, graph_timing, make_run
+
+    cuda = torch.device("cuda")
+    s = AttentionSettings(streams="two", lengths=[256], tokens_per_batch=1024, heads=4, head_dim=64, dtype="bf16",
+                          device="cuda", backward=True, repeats=3, warmup=2, max_seconds=1.0, cuda_graphs=True)
+    p = make_problem(s, 256, cuda)
+    core = (build_triton if backend == "triton" else BUILDERS[backend])(s, p, cuda, Timer(cuda))
+    leaf = p.table if backend == "triton" else p.hidden
+    run = make_run(core, p, s, cuda)
+    run()
+    eager = leaf.grad.clone()
+    timing = graph_timing(run, s, Timer(cuda))
+    assert timing.get("graph_ms", 0) > 0, timing
+    # the last replay's gradient: the triton kernels are deterministic (no atomics); flash's dq is not
+    exact = dict(rtol=0, atol=0) if backend == "triton" else {}
+    torch.testing.assert_close(leaf.grad, eager, **exact)

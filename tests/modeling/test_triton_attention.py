@@ -198,6 +198,16 @@ def test_saturation_distance_is_where_the_last_bucket_starts():
     assert buckets[MAX_DISTANCE - 90] != buckets[MAX_DISTANCE - 91] == buckets[0]
 
 
+def test_bias_by_index_is_the_table_read_by_distance():
+    """What the kernels read: (heads, 2D + 1) contiguous, entry [h, d + D] = table[bucket(d), h] * log2(e)."""
+    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE, torch.device("cpu"))
+    table = torch.randn(BUCKETS, 3, generator=generator(5))
+    bias = layout.log2_bias_by_index(table)
+    assert bias.shape == (3, 2 * MAX_DISTANCE + 1) and bias.is_contiguous() and bias.dtype == torch.float32
+    for index, bucket in enumerate(layout.bucket_of_index.tolist()):
+        assert torch.equal(bias[:, index], table[bucket] * T.LOG2E)
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_plan_visit_order(window):
     """The dK/dV order, and the forward order with a window: rows in position order, padding last. The
@@ -436,12 +446,13 @@ def test_the_compiled_path_ops_pass_opcheck():
     settings = T.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, T.default_tiles(q.dtype))
     vectors = T._forward_vectors(plan), T._key_vectors(plan)
     q, k, v, table = (x.requires_grad_(True) for x in (q, k, v, table))
-    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, *vectors, settings.numbers(), 0.25))
+    bias = T.bucket_layout(BUCKETS, MAX_DISTANCE, q.device).log2_bias_by_index(table)
+    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, bias, *vectors, settings.numbers(), 0.25))
     with torch.no_grad():
-        out, lse = T._attention_forward_op(q, k, v, table, *vectors, settings.numbers(), 0.25)
+        out, lse = T._attention_forward_op(q, k, v, table, bias, *vectors, settings.numbers(), 0.25)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(T._attention_backward_op, (q.detach(), k.detach(), v.detach(), out, lse, table.detach(),
-                                                     grad_out, *vectors, settings.numbers(), 0.25))
+                                                     bias, grad_out, *vectors, settings.numbers(), 0.25))
     assert T.LaunchSettings.from_numbers(settings.numbers(), 0.25) == settings
 
 
