@@ -1,7 +1,7 @@
 """Time the Triton attention backend against SDPA flash (no bias) and the flex backend, on one CUDA GPU.
 
     PYTHONPATH=. python scripts/triton_attention_timing.py --out DIR [--lengths 512,2048,8192]
-        [--single-lengths 128,512] [--sweep] [--leave-out] [--variants] [--window 256] [--flex-lengths 512] [--budget-s 400]
+        [--single-lengths 128,512] [--sweep] [--leave-out] [--window 256] [--flex-lengths 512] [--budget-s 400]
 
 Problems as in the project's benchmark: 16k tokens per batch (B = 16384 // L), 12 heads x 64, bf16,
 random permutations; the two-stream pair is n = L content rows plus m = round(0.15 n) predicted tokens:
@@ -149,7 +149,7 @@ def flex_step(p, window=None):
 
 
 def extra_configs(args):
-    """The --leave-out and --variants configurations beside the default tiles."""
+    """The --leave-out configurations beside the default tiles."""
     base, configs = SWEEP["default"], {}
     if args.leave_out:
         configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
@@ -157,10 +157,6 @@ def extra_configs(args):
         for left_out in ({"bias"}, {"mask"}, {"bias", "mask"}):
             configs["no " + " or ".join(sorted(left_out))] = T.KernelTiles(
                 base.forward, base.key_gradients, base.query_gradients, frozenset(left_out))
-    if args.variants:
-        for names in [(name,) for name in T.VARIANTS] + [tuple(T.VARIANTS)]:
-            configs[" + ".join(names)] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
-                                                       variants=frozenset(names))
     return configs
 
 
@@ -171,7 +167,6 @@ def main():
     parser.add_argument("--single-lengths", default="128,512")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--leave-out", action="store_true")
-    parser.add_argument("--variants", action="store_true", help="time each of triton_attention.VARIANTS too")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--flex-lengths", default="")
     parser.add_argument("--reps", type=int, default=15)
