@@ -78,8 +78,14 @@ WINDOWED = {"flex-window": "flex", "triton-window": "triton"}  # one cell per --
 # The cheap and the compiled cells first; the dense ones are the likeliest to run out of memory.
 RUN_ORDER = {"sdpa": 0, "sdpa-bias": 1, "dense-once": 3, "dense": 4}
 SINGLE_STREAM_LENGTHS = [128, 512]
-# --cuda-graphs: the cells also timed as a CUDA-graph replay (the SDPA ceiling and the fast backends).
-GRAPHED_BACKENDS = ("sdpa", "flex", "flex-window", "triton", "triton-window")
+# --cuda-graphs: the cells also timed as a CUDA-graph replay (the SDPA ceiling and the fast backends,
+# with and without a window).
+GRAPHED_BACKENDS = ("sdpa", "flex", "triton")
+
+
+def graphed(key: str) -> bool:
+    """Whether --cuda-graphs times this cell (key as in attention_variants: "triton", "triton-w256", ...)."""
+    return key.split("-w")[0] in GRAPHED_BACKENDS
 STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
 
 
@@ -352,7 +358,7 @@ def measure_attention(settings: AttentionSettings, p: Problem, key: str, window,
     run = make_run(core, p, settings, device)
     result.update(time_runs(timer, run, settings.warmup - 1, settings.repeats, settings.max_seconds,
                             check=core.check if settings.backward else None))
-    if settings.cuda_graphs and device.type == "cuda" and key in GRAPHED_BACKENDS:
+    if settings.cuda_graphs and device.type == "cuda" and graphed(key):
         result.update(graph_timing(run, settings, timer))
     if core.extra is not None:
         layer = {k: result[k] for k in ("ms", "p20_ms", "p80_ms")}
@@ -485,15 +491,15 @@ def ratio_tables(section: Section) -> list:
            "`*`: dense did not run at this length; the row is relative to the first backend that did.", ""]
     if vs_sdpa:
         out += ["### Time relative to SDPA flash without bias (lower is better)", "", github_table(vs_sdpa, headers), ""]
-    graphed = [v for v in variants if v[0] in GRAPHED_BACKENDS]
+    graphed_variants = [v for v in variants if graphed(v[0])]
     rows = []
     for length, row in by_length.items():
         ms = {k: c["graph_ms"] for k, c in row.items() if "graph_ms" in c}
         if "sdpa" in ms:
-            rows.append([length] + [ratio_text(ms[k] / ms["sdpa"]) if k in ms else "" for k, _, _ in graphed])
+            rows.append([length] + [ratio_text(ms[k] / ms["sdpa"]) if k in ms else "" for k, _, _ in graphed_variants])
     if rows:
         out += ["### Time relative to SDPA flash, both as CUDA-graph replays (GPU time, no host launch time; "
-                "lower is better)", "", github_table(rows, ["L"] + [label for _, label, _ in graphed]), ""]
+                "lower is better)", "", github_table(rows, ["L"] + [label for _, label, _ in graphed_variants]), ""]
     return out
 
 

@@ -140,3 +140,10 @@ def test_cuda_graph_replay_computes_what_the_eager_run_computes(backend):
     # the last replay's gradient: the triton kernels are deterministic (no atomics); flash's dq is not
     exact = dict(rtol=0, atol=0) if backend == "triton" else {}
     torch.testing.assert_close(leaf.grad, eager, **exact)
+
+
+def test_cuda_graphs_time_the_sdpa_flex_and_triton_cells_with_and_without_a_window():
+    from mpnet.bench.attention import attention_variants, graphed
+
+    keys = [key for key, _, _ in attention_variants(AttentionSettings(windows=[256]))]
+    assert [key for key in keys if graphed(key)] == ["sdpa", "flex", "flex-w256", "triton", "triton-w256"]
