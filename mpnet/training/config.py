@@ -408,9 +408,9 @@ class FinetuneTrainingConfig:
     pack_rows_multiple: int | None = None
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     # torch.compile the training forward (evaluation stays eager). Each padded width is a shape; after
-    # the second one dynamo compiles one graph for all widths. On an H200 the mpnet-base step at 32 x 128
-    # with the triton backend went from 65.0 to 43.6 ms (docs/bench/benchmark.md): eager steps are
-    # host-bound at fine-tuning sizes, compiled ones launch far fewer kernels.
+    # the second one dynamo compiles one graph for all widths. Eager steps are host-bound at fine-tuning
+    # sizes (an H200 mpnet-base step at 32 x 128: 60.0 ms for 11.9 ms of GPU kernels, docs/benchmarks.md);
+    # compiled ones launch far fewer kernels.
     compile: bool = False
     # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
     # comparisons with identical regularisation set it to 0.
