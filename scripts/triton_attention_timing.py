@@ -1,7 +1,7 @@
 """Time the Triton attention backend against SDPA flash (no bias) and the flex backend, on one CUDA GPU.
 
     PYTHONPATH=. python scripts/triton_attention_timing.py --out DIR [--lengths 512,2048,8192]
-        [--single-lengths 128,512] [--sweep] [--leave-out] [--window 256] [--flex-lengths 512] [--budget-s 400]
+        [--single-lengths 128,512] [--sweep] [--leave-out] [--host] [--window 256] [--flex-lengths 512] [--budget-s 400]
 
 Problems as in the project's benchmark: 16k tokens per batch (B = 16384 // L), 12 heads x 64, bf16,
 random permutations; the two-stream pair is n = L content rows plus m = round(0.15 n) predicted tokens:
@@ -9,7 +9,8 @@ n + 2m query rows over n + m keys, in one call. Timed: forward + backward (dq, d
 learnable (32, heads) bias table's gradient), CUDA events, median of --reps runs after warm-up.
 SDPA flash runs the same q, k, v shapes without bias or mask (the ceiling). --sweep tries a few tile
 settings, --leave-out prices the bias and its gradient (timing only: results then wrong), --flex-lengths
-times the flex backend's two calls (it compiles for about a minute per shape). Writes triton_timing.json
+times the flex backend's two calls (it compiles for about a minute per shape), --host the host time of
+an eager call and of empty Triton launches (what a launch costs per argument). Writes triton_timing.json
 and triton_timing.md under --out and prints the table; sections past --budget-s are skipped.
 """
 from __future__ import annotations
@@ -76,9 +77,48 @@ def kernel_ms(fn, reps=5):
     return totals
 
 
-def two_stream_problem(length, seed=0):
+def host_us(fn, reps=200):
+    """Host time per call in microseconds: `reps` calls without waiting for the GPU (a problem small
+    enough that the GPU keeps up, so the host's own launch time is what is measured)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def launch_costs() -> dict:
+    """Host us per eager call on a small pair (4 x 128 tokens, 12 heads): triton fwd, fwd + bwd, SDPA flash
+    fwd + bwd, and empty Triton kernels with 2 and 36 arguments (a launch's cost per argument)."""
+    p = two_stream_problem(128, batch=4)
+    plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"])
+    bias = T.log2_bias_by_index(p["table"], 128)
+    forward, step = triton_steps(p, plan, SWEEP["default"], bias)
+    flash = flash_step(p)
+
+    @T.triton.jit
+    def two(X, n):
+        pass
+
+    @T.triton.jit
+    def wide(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14, A15, i0, i1, i2, i3, i4, i5, i6, i7,
+             i8, i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19):
+        pass
+
+    tensors = [torch.empty(16, device=DEVICE) for _ in range(16)]
+    ints = [7 * (i + 1) for i in range(20)]
+    return {"triton fwd": host_us(forward), "triton fwd+bwd": host_us(step), "sdpa flash fwd+bwd": host_us(flash),
+            "empty kernel, 2 arguments": host_us(lambda: two[(1,)](tensors[0], 16)),
+            "empty kernel, 36 arguments": host_us(lambda: wide[(1,)](*tensors, *ints))}
+
+
+def two_stream_problem(length, seed=0, batch=None):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    batch, n = TOKENS // length, length
+    batch, n = batch or TOKENS // length, length
     m = round(0.15 * n)
     perm = torch.stack([torch.randperm(n, device=DEVICE, generator=gen) for _ in range(batch)])
     positions = torch.cat([perm, perm[:, n - m:], perm[:, n - m:]], 1)
@@ -113,13 +153,14 @@ def flash_step(p):
     return step
 
 
-def triton_steps(p, plan, tiles):
+def triton_steps(p, plan, tiles, bias=None):
+    """bias: the by-index bias table when given (as the model's state passes it), else built per call."""
     def forward():
         with torch.no_grad():
-            T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles)
+            T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles, bias_by_index=bias)
 
     def step():
-        out = T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles)
+        out = T.triton_two_stream_attention(p["q"], p["k"], p["v"], p["table"], plan, tiles=tiles, bias_by_index=bias)
         torch.autograd.grad(out, (p["q"], p["k"], p["v"], p["table"]), p["g"])
     return forward, step
 
@@ -171,6 +212,7 @@ def main():
     parser.add_argument("--flex-lengths", default="")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--budget-s", type=float, default=400)
+    parser.add_argument("--host", action="store_true", help="host us per eager call (launch_costs) first")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +239,9 @@ def main():
             print(f"FAILED {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             return None
 
+    if args.host:
+        costs = {name: round(us, 1) for name, us in launch_costs().items()}
+        record(kind="host us per call", L=128, **costs)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for length in lengths:
         p = two_stream_problem(length)

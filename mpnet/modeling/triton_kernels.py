@@ -217,7 +217,8 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
 
 
 # The plan's vectors reach the kernels as ONE int32 tensor (triton_attention.pack_visit_order): a Triton
-# launch costs ~1.4 us of host time per argument on the H200 host (36 arguments: 68 us; 2: 17 us).
+# launch costs host time per argument (on the H200's host an empty kernel: 17 us with 2 arguments, 28-68 us
+# with 36; scripts/triton_attention_timing.py --host).
 @_kernel
 def _forward_plan(PLAN, H: tl.constexpr, LQ, LK):
     """The forward order's vectors: six of B x LQ (rows, positions, thresholds, documents, key range),
