@@ -125,6 +125,8 @@ class AttentionSettings:
         unknown = [b for b in self.backends if b not in ATTENTION_BACKENDS]
         if unknown or not self.backends:
             raise UserError(f"unknown attention backend(s) {unknown or '(none)'}; pick from {', '.join(ATTENTION_BACKENDS)}")
+        if self.cuda_graphs and device.type != "cuda":
+            raise UserError("--cuda-graphs times CUDA-graph replays: it needs a CUDA device (drop it on CPU)")
         if set(WINDOWED) & set(self.backends) and not self.windows:
             raise UserError("backends flex-window and triton-window need --windows (e.g. 256,1024)")
         check_counts(self, "heads", "head_dim", "layers")

@@ -89,6 +89,7 @@ def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
     (["--device", "gpu"], "unknown device"),
     (["--device", "cpu", "--resume"], "--resume needs --output-dir"),
     (["step", "--device", "cpu", "--also-compile", "transformers"], "--also-compile"),
+    (["attention", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
 ])
 def test_bad_input_is_one_line(benchmark_main, args, needle):
     code, err = call_main(benchmark_main, *args)
