@@ -51,6 +51,10 @@ def build_parser():
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the training forward (training.compile; the fastest fine-tuning on a GPU "
                             "with --attention-backend triton: docs/benchmarks.md)")
+    train.add_argument("--compile-mode", metavar="MODE",
+                       help="torch.compile mode, implies --compile (training.compile_mode; default: default): "
+                            "reduce-overhead replays CUDA graphs, no host launch time between kernels (one graph "
+                            "per padded width; docs/finetune.md)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     task = p.add_argument_group("task / data")
     task.add_argument("--max-length", type=int, help="tokens per example (truncate beyond)")
@@ -73,7 +77,9 @@ def config_from_args(args):
                      "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
                      "max_eval_examples": args.max_eval_examples,
                      "pack": True if getattr(args, "pack", False) else None,
-                     "compile": True if getattr(args, "compile", False) else None,
+                     "compile": True if getattr(args, "compile", False) or getattr(args, "compile_mode", None)
+                     else None,
+                     "compile_mode": getattr(args, "compile_mode", None),
                      "progress_bar": False if args.no_progress else None},
         "task": {"max_length": args.max_length, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column,

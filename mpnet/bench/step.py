@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
-from ..training.toolkit import adamw, autocast
+from ..training.toolkit import COMPILE_MODES, adamw, autocast, compile_model
 from .harness import (
     check_counts,
     check_dtype,
@@ -125,13 +125,10 @@ def check_common(settings, device, chosen, choices, flag):
                         f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def compiled_model(model, settings):
     """The model under torch.compile in the settings' mode ("reduce-overhead": CUDA graphs, which take
     away the host's launch overhead that bounds fine-tuning-sized steps)."""
-    return torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode)
+    return compile_model(model, settings.compile_mode)
 
 
 def check_also_compile(chosen, choices, mode="default"):

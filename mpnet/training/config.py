@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..modeling import MPNetConfig
 from ..data.collator import CORRUPTED_INPUTS
 from ..modeling.model import OBJECTIVES
-from .toolkit import SCHEDULES
+from .toolkit import COMPILE_MODES, CUDA_GRAPH_MODES, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,16 @@ class OptimConfig:
         check("optim.end_lr", self.end_lr, 0 <= self.end_lr <= self.lr, "between 0 and optim.lr")
 
 
+def check_compile_mode(compile: bool, mode: str, grad_accum: int = 1):
+    check("training.compile_mode", mode, mode in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}")
+    if mode != "default" and not compile:
+        raise UserError(f"training.compile_mode={mode} takes effect with training.compile=true; set both")
+    if mode in CUDA_GRAPH_MODES and grad_accum > 1:
+        raise UserError(f"training.compile_mode={mode} replays CUDA graphs, whose outputs (the gradients too) "
+                        f"the next micro-batch overwrites: it needs training.grad_accum=1 (got {grad_accum}); "
+                        f"raise training.batch_size instead, or use compile_mode=default")
+
+
 @dataclass
 class TrainingConfig:
     max_steps: int = 1000
@@ -317,6 +327,9 @@ class TrainingConfig:
     seed: int = 0
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     compile: bool = False  # torch.compile the model
+    # its torch.compile mode: default, reduce-overhead / max-autotune (CUDA graphs; grad_accum 1, one
+    # process), max-autotune-no-cudagraphs (toolkit.COMPILE_MODES)
+    compile_mode: str = "default"
     init_from: str | None = None  # continue pretraining from this HF MPNet directory
     max_nonfinite_steps: int = 20  # consecutive steps with a non-finite loss/grad norm (skipped) before stopping
     objective: str = "mpnet"  # mpnet | mlm | plm: the original MPNet code's three objectives (docs/objectives.md)
@@ -324,6 +337,7 @@ class TrainingConfig:
     def __post_init__(self):
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")
         check("training.objective", self.objective, self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
+        check_compile_mode(self.compile, self.compile_mode, self.grad_accum)
 
 
 @dataclass
@@ -412,6 +426,7 @@ class FinetuneTrainingConfig:
     # sizes (an H200 mpnet-base step at 32 x 128: 60.0 ms for 11.9 ms of GPU kernels, docs/benchmarks.md);
     # compiled ones launch far fewer kernels.
     compile: bool = False
+    compile_mode: str = "default"  # as training.compile_mode of pretraining (CUDA graphs: one per padded width)
     # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
     # comparisons with identical regularisation set it to 0.
     attention_dropout: float | None = None
@@ -421,6 +436,7 @@ class FinetuneTrainingConfig:
     def __post_init__(self):
         positive("training", self, "lr", "batch_size", "eval_batch_size", "epochs", "pad_to_multiple_of",
                  "log_every", "max_train_examples", "max_eval_examples", "pack_rows_multiple")
+        check_compile_mode(self.compile, self.compile_mode)
         check("training.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "a fraction in [0, 1)")
         if self.attention_dropout is not None:
             check("training.attention_dropout", self.attention_dropout, 0 <= self.attention_dropout < 1,

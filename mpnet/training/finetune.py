@@ -35,8 +35,9 @@ from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .metrics import ScalarLog
-from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, lr_scheduler, resolve_device, save_model_atomic,
-                      seed_everything, synchronize, to_device, versions, write_json_atomic)
+from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, compile_model, lr_scheduler, mark_step,
+                      resolve_device, save_model_atomic, seed_everything, synchronize, to_device, versions,
+                      write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s%s",
              checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device,
              f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "",
-             ", compiled (the first steps of each new width compile)" if t.compile else "")
-    train_forward = torch.compile(model) if t.compile else model
+             f", compiled ({t.compile_mode} mode; the first steps of each new width compile)" if t.compile else "")
+    train_forward = compile_model(model, t.compile_mode) if t.compile else model
     return Run(model, train_forward, tokenizer, task, prepared, batching, optimizer, scheduler, device, output_dir,
                steps_per_epoch)
 
@@ -306,6 +307,8 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         inputs, real, computed = run.batching.inputs(train, idx)
         labels = torch.from_numpy(train.labels[idx])
         real_tokens, positions = real_tokens + real, positions + computed
+        if t.compile:
+            mark_step(t.compile_mode)
         with autocast(run.device, t.bf16):
             logits = run.train_forward(**to_device(inputs, run.device))
         loss = _loss(logits, labels.to(run.device), run.task.is_regression)

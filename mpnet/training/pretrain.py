@@ -218,7 +218,10 @@ class Trainer:
                 group["lr"] = base * rule(self.start_step)
             toolkit.set_rng_state(state["rng"][env.rank % len(state["rng"])], self.device)
         if cfg.training.compile:
-            self.train_model = torch.compile(self.train_model)
+            if cfg.training.compile_mode in toolkit.CUDA_GRAPH_MODES and env.world_size > 1:
+                raise UserError(f"training.compile_mode={cfg.training.compile_mode} (CUDA graphs) runs in one "
+                                f"process; with {env.world_size} use compile_mode=default")
+            self.train_model = toolkit.compile_model(self.train_model, cfg.training.compile_mode)
         self.run_config = to_dict(cfg)
         if env.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +252,8 @@ class Trainer:
         norm before clipping and whether the step was finite (device tensors on CUDA: no host sync here)."""
         cfg, env = self.cfg, self.env
         loss_sum = 0.0
+        if cfg.training.compile:
+            toolkit.mark_step(cfg.training.compile_mode)
         for accum in range(cfg.training.grad_accum):
             batch = toolkit.to_device(next(self.batches), self.device)
             # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -204,3 +205,32 @@ def test_compiled_training_forward_trains_the_same_model(workspace, tmp_path, mo
     assert compiled["config"]["training"]["compile"] is True
     assert compiled["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
     assert compiled["best"]["score"] == eager["best"]["score"]
+
+
+def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(workspace, tmp_path, monkeypatch):
+    """finetune-mpnet --compile-mode reduce-overhead (it implies --compile): torch.compile gets the mode and
+    each training step starts with cudagraph_mark_step_begin; on a CPU (no graphs, aot_eager here) the
+    losses are the eager run's."""
+    from mpnet_cli.finetune import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--checkpoint", "c", "--task", "sst2", "--data-dir", "d",
+                                      "--compile-mode", "reduce-overhead"])
+    training = config_from_args(args).training
+    assert (training.compile, training.compile_mode) == (True, "reduce-overhead")
+    real_compile = torch.compile
+    modes, marks = [], []
+
+    def compile_for_test(model, mode=None, **kwargs):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    root, ckpt = workspace
+    eager = finetune(ckpt, root / "glue", quick_config("sst2", seed=4), tmp_path / "eager")
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    compiled = finetune(ckpt, root / "glue", quick_config("sst2", seed=4, compile=True, compile_mode="reduce-overhead"),
+                        tmp_path / "graphs")
+    steps = len(compiled["epochs"]) * math.ceil(32 / QUICK["batch_size"])
+    assert modes == ["reduce-overhead"] and len(marks) == steps
+    assert compiled["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
