@@ -552,7 +552,12 @@ def method_lines(settings: AttentionSettings) -> list:
             "keys x head_dim" + (" forward, x3.5 with the backward" if settings.backward else ", forward only")
             + ", the same for every backend; tiles = 128 x 128 tiles flex computes of all tiles on the padded "
             "grid (both streams), eff. TFLOP/s = FLOPs x that share / time. peak GiB = max_memory_allocated over "
-            "one run. Dynamo: recompile limits 64, a hit is a FAIL, torch._dynamo.reset() between lengths.", ""]
+            "one run. Dynamo: recompile limits 64, a hit is a FAIL, torch._dynamo.reset() between lengths."] + (
+               ["- CUDA graph ms (--cuda-graphs): the SDPA, flex and triton cells' run (forward + backward, leaves' "
+                "gradients reset) captured once as a CUDA graph after two warm-up runs on a side stream, then timed "
+                "as replays like the eager runs: the GPU time of the kernels with no host launch time between them "
+                "(what training gets with CUDA graphs); a failed capture is reported in the cell."]
+               if settings.cuda_graphs else []) + [""]
 
 
 def render(section: Section) -> list:

@@ -147,3 +147,10 @@ def test_cuda_graphs_time_the_sdpa_flex_and_triton_cells_with_and_without_a_wind
 
     keys = [key for key, _, _ in attention_variants(AttentionSettings(windows=[256]))]
     assert [key for key in keys if graphed(key)] == ["sdpa", "flex", "flex-w256", "triton", "triton-w256"]
+
+
+def test_the_method_says_how_graph_replays_are_timed_when_they_are():
+    from mpnet.bench.attention import method_lines
+
+    assert any("CUDA graph ms" in line for line in method_lines(AttentionSettings(cuda_graphs=True)))
+    assert not any("CUDA graph ms" in line for line in method_lines(AttentionSettings()))
