@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpnet.bench.harness import Timer  # noqa: E402
+from mpnet.bench.step import kernel_ms_per_call  # noqa: E402
 from mpnet.modeling import triton_attention as T  # noqa: E402
 from mpnet.modeling.masks import relative_bias_by_distance  # noqa: E402
 
@@ -61,20 +62,10 @@ def median_ms(fn, warmup=3, reps=15):
 
 
 def kernel_ms(fn, reps=5):
-    """Mean GPU time per call of each Triton kernel of `fn` (torch.profiler), by kernel name."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """GPU ms per call of each of the backend's Triton kernels in `fn`, by kernel name (one warm call first)."""
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    totals = {}
-    for event in prof.key_averages():
-        if event.key.startswith("_") and "kernel" in event.key:
-            totals[event.key.strip("_")] = round(event.device_time_total / 1000 / reps, 3)
-    return totals
+    return {name.strip("_"): round(ms, 3) for name, ms in kernel_ms_per_call(fn, reps).items()
+            if name.startswith("_") and "kernel" in name}
 
 
 def host_us(fn, reps=200):

@@ -319,15 +319,14 @@ def kernel_family(name: str) -> str:
     return next((family for family, needles in KERNEL_FAMILIES if any(n in lowered for n in needles)), OTHER_KERNELS)
 
 
-def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
-    """GPU kernel time per step by family and the top kernels, from torch.profiler over `steps` steps:
-    the evidence of where a step's time goes (which is what a missed target must be explained by)."""
+def kernel_ms_per_call(fn, calls: int = 3) -> dict:
+    """{CUDA kernel name: GPU ms per call of fn}, from torch.profiler over `calls` calls."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
     kernels = {}
     for event in prof.key_averages():
@@ -336,7 +335,14 @@ def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
         micros = getattr(event, "self_device_time_total", None)
         micros = event.self_cuda_time_total if micros is None else micros
         if micros > 0:
-            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / steps
+            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / calls
+    return kernels
+
+
+def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
+    """GPU kernel time per step by family and the top kernels, from torch.profiler over `steps` steps:
+    the evidence of where a step's time goes (which is what a missed target must be explained by)."""
+    kernels = kernel_ms_per_call(step, steps)
     families = {}
     for name, ms in kernels.items():
         families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
