@@ -36,7 +36,8 @@ n, m, layout, window, document ids; shared by all layers), then call `triton_two
 v, relative_bias_table, plan)` per layer. Eager calls are host-bound at fine-tuning sizes, so the host
 work per call is kept small: the plan's vectors reach each kernel packed into one tensor, the scalars a
 model fixes are compile-time constants (a Triton launch costs host time per argument: on the H200's
-host an empty kernel took 17 us with 2 arguments, 28-68 us with 36), and the state builds the kernels' view of the bias table once for all layers. `make_triton_attention_state` / `TritonTwoStreamAttention`
+host an empty kernel took 17 us with 2 arguments, 28-68 us with 36), and the state builds the kernels'
+view of the bias table once for all layers. `make_triton_attention_state` / `TritonTwoStreamAttention`
 mirror the dense and flex backends' interfaces (attention.ATTENTION_BACKENDS registers them as
 "triton"), except that the state takes the (buckets, heads) table itself rather than
 `relative_bias_by_distance(table)`: the gradient is reduced per bucket, which the per-distance view
@@ -57,7 +58,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -167,13 +168,12 @@ class TritonAttentionPlan:
     q_real: torch.Tensor
     window: int | None
     has_documents: bool
-    forward_packed: torch.Tensor | None = None  # what the forward and dQ kernels read: pack_forward_order
-    keys_packed: torch.Tensor | None = None  # what the dK/dV kernel reads: pack_keys_order
+    forward_packed: torch.Tensor = field(init=False)  # what the forward and dQ kernels read
+    keys_packed: torch.Tensor = field(init=False)  # what the dK/dV kernel reads
 
     def __post_init__(self):
-        if self.forward_packed is None:
-            self.forward_packed = pack_forward_order(self.forward)
-            self.keys_packed = pack_keys_order(self.keys, self.q_real)
+        self.forward_packed = pack_forward_order(self.forward)
+        self.keys_packed = pack_keys_order(self.keys, self.q_real)
 
     @property
     def query_len(self) -> int:
@@ -440,16 +440,6 @@ def _left_out(tiles, gradient=False):
     return flags
 
 
-# The launchers read the plan as two packed tensors, so that the same code serves the eager
-# autograd.Function and the torch.library op that torch.compile sees.
-def _forward_vectors(plan: TritonAttentionPlan) -> torch.Tensor:
-    return plan.forward_packed
-
-
-def _key_vectors(plan: TritonAttentionPlan) -> torch.Tensor:
-    return plan.keys_packed
-
-
 @dataclass(frozen=True)
 class LaunchSettings:
     """The launchers' scalars: what the plan, the bias table and the tiles fix besides tensors."""
@@ -644,7 +634,7 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
     scale = head_dim ** -0.5 if scale is None else scale
     settings = LaunchSettings(plan.window or 0, plan.window is not None, plan.has_documents,
                               relative_bias_table.shape[0], max_distance, scale, tiles or default_tiles(q.dtype))
-    forward_vectors, key_vectors = _forward_vectors(plan), _key_vectors(plan)
+    forward_vectors, key_vectors = plan.forward_packed, plan.keys_packed  # as the kernels read the plan
     if bias_by_index is None:
         bias_by_index = log2_bias_by_index(relative_bias_table, max_distance)
     if torch.compiler.is_compiling():

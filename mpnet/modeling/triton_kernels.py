@@ -183,6 +183,13 @@ def _total(x):
 
 
 @_kernel
+def _add_row_sums(db, ds, bucket, bucket_ids, j):
+    """db (BLOCK_N, BUCKETS) plus, in column j, each key row's sum of dS over the pairs in bucket j."""
+    row_sums = tl.reduce(tl.where(bucket == j, ds, 0.0), 1, _SUM)
+    return db + tl.where(bucket_ids[None, :] == j, row_sums[:, None], 0.0)
+
+
+@_kernel
 def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
                    SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr):
     """The tile's dS summed per bucket. A saturated tile adds dS to far_left or far_right, tile-shaped
@@ -206,26 +213,25 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
         first = tl.load(BUCKET + tl.minimum(hi, 0) + MAX_DISTANCE)
         last = tl.where(lo <= 0, tl.load(BUCKET + lo + MAX_DISTANCE), first - 1)
         for j in range(first, last + 1):
-            row_sums = tl.reduce(tl.where(bucket == j, ds, 0.0), 1, _SUM)
-            db += tl.where(bucket_ids[None, :] == j, row_sums[:, None], 0.0)
+            db = _add_row_sums(db, ds, bucket, bucket_ids, j)
         first = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
         last = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first - 1)
         for j in range(first, last + 1):
-            row_sums = tl.reduce(tl.where(bucket == j, ds, 0.0), 1, _SUM)
-            db += tl.where(bucket_ids[None, :] == j, row_sums[:, None], 0.0)
+            db = _add_row_sums(db, ds, bucket, bucket_ids, j)
     return db, far_left, far_right
 
 
-# The plan's vectors reach the kernels as ONE int32 tensor (triton_attention.pack_visit_order): a Triton
-# launch costs host time per argument (on the H200's host an empty kernel: 17 us with 2 arguments, 28-68 us
-# with 36; scripts/triton_attention_timing.py --host).
+# The plan's vectors reach the kernels as ONE int32 tensor (triton_attention.pack_forward_order and
+# pack_keys_order): a Triton launch costs host time per argument (on the H200's host an empty kernel: 17 us
+# with 2 arguments, 28-68 us with 36; scripts/triton_attention_timing.py --host).
 @_kernel
 def _forward_plan(PLAN, H: tl.constexpr, LQ, LK):
     """The forward order's vectors: six of B x LQ (rows, positions, thresholds, documents, key range),
     then four of B x LK (rows, positions, codes, documents)."""
-    bq = (tl.num_programs(1) // H).to(tl.int64) * LQ
+    batch = (tl.num_programs(1) // H).to(tl.int64)
+    bq = batch * LQ
+    bk = batch * LK
     keys = PLAN + 6 * bq
-    bk = (tl.num_programs(1) // H).to(tl.int64) * LK
     return (PLAN, PLAN + bq, PLAN + 2 * bq, PLAN + 3 * bq, PLAN + 4 * bq, PLAN + 5 * bq,
             keys, keys + bk, keys + 2 * bk, keys + 3 * bk)
 

@@ -444,7 +444,7 @@ def test_the_compiled_path_ops_pass_opcheck():
     (q, k, v, table), positions, _, _ = two_stream_case(20, 4, (0, 3), heads=1, head_dim=16, seed=3)
     plan = T.make_triton_attention_plan(positions, 20, 4, window=9)
     settings = T.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, T.default_tiles(q.dtype))
-    vectors = T._forward_vectors(plan), T._key_vectors(plan)
+    vectors = plan.forward_packed, plan.keys_packed
     q, k, v, table = (x.requires_grad_(True) for x in (q, k, v, table))
     bias = T.bucket_layout(BUCKETS, MAX_DISTANCE, q.device).log2_bias_by_index(table)
     torch.library.opcheck(T._attention_forward_op, (q, k, v, table, bias, *vectors, settings.numbers(), 0.25))
