@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
-from ..training.toolkit import COMPILE_MODES, adamw, autocast, compile_model
+from ..training.toolkit import COMPILE_MODES, adamw, autocast, compile_model, mark_step
 from .harness import (
     check_counts,
     check_dtype,
@@ -261,9 +261,7 @@ def time_training_step(settings, model, loss_fn, optimizer_args: dict, device, t
     losses = []
 
     def step():
-        # A new step for CUDA graphs (compile mode reduce-overhead): the previous replay's outputs may be
-        # overwritten from here on; nothing else happens in the other modes.
-        torch.compiler.cudagraph_mark_step_begin()
+        mark_step(settings.compile_mode)  # CUDA graphs: the previous replay's outputs may be overwritten
         with phase("forward"), autocast(device, settings.dtype == "bf16"):
             loss = loss_fn()
         with phase("backward"):

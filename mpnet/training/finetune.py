@@ -307,8 +307,7 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         inputs, real, computed = run.batching.inputs(train, idx)
         labels = torch.from_numpy(train.labels[idx])
         real_tokens, positions = real_tokens + real, positions + computed
-        if t.compile:
-            mark_step(t.compile_mode)
+        mark_step(t.compile_mode)  # CUDA graphs only (the mode is "default" uncompiled)
         with autocast(run.device, t.bf16):
             logits = run.train_forward(**to_device(inputs, run.device))
         loss = _loss(logits, labels.to(run.device), run.task.is_regression)

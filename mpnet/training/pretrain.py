@@ -252,8 +252,7 @@ class Trainer:
         norm before clipping and whether the step was finite (device tensors on CUDA: no host sync here)."""
         cfg, env = self.cfg, self.env
         loss_sum = 0.0
-        if cfg.training.compile:
-            toolkit.mark_step(cfg.training.compile_mode)
+        toolkit.mark_step(cfg.training.compile_mode)  # CUDA graphs only (the mode is "default" uncompiled)
         for accum in range(cfg.training.grad_accum):
             batch = toolkit.to_device(next(self.batches), self.device)
             # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.
