@@ -64,7 +64,7 @@ import torch
 
 from ..errors import UserError
 from .attention import _Projections
-from .masks import relative_bias_by_distance, relative_position_bucket, stream_lengths
+from .masks import relative_position_bucket, stream_lengths
 from .patterns import AttentionPattern, as_pattern
 from .triton_kernels import (FAR, HIDDEN_CODE, INTERPRET, LOG2E, _delta_kernel, _forward_kernel, _key_gradients_kernel,
                              _query_gradients_kernel, triton)
@@ -329,13 +329,13 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
 @dataclass(frozen=True)
 class BucketLayout:
     """The relative-bias buckets read by distance: index = clamp(p_k - p_q, -D, D) + D, D = max_distance.
+    Host-side (CPU tensors, Python ints): what the launchers read as compile-time constants.
 
     bucket_of_index: (2D + 1,) int32; saturated_left / saturated_right: the smallest |distance| from
     which every farther distance on that side is in the same (last) bucket (91 at 32 buckets / 128).
     """
 
     bucket_of_index: torch.Tensor
-    index: torch.Tensor  # bucket_of_index as int64, for indexing the table
     num_buckets: int
     max_distance: int
     saturated_left: int
@@ -343,23 +343,9 @@ class BucketLayout:
     bucket_left: int  # the bucket of every distance <= -saturated_left
     bucket_right: int  # the bucket of every distance >= saturated_right
 
-    def log2_bias_by_index(self, table):
-        """(buckets, heads) table -> (heads, 2D + 1) float32 bias times log2(e), for the kernels' exp2.
-        Two small kernels (index_select writes its (heads, 2D + 1) result contiguous); built once per
-        forward for all layers (`make_triton_attention_state`)."""
-        return table.detach().t().float().index_select(1, self.index).mul_(LOG2E)
-
-
-def log2_bias_by_index(table, max_distance: int):
-    """`BucketLayout.log2_bias_by_index` of the table's layout; under torch.compile the same values from
-    the buckets' formula traced into the graph (the cached layout is host-side Python)."""
-    if torch.compiler.is_compiling():
-        return (relative_bias_by_distance(table.detach().float(), max_distance, table.shape[0]) * LOG2E).contiguous()
-    return bucket_layout(table.shape[0], max_distance, table.device).log2_bias_by_index(table)
-
 
 @functools.lru_cache(maxsize=None)
-def bucket_layout(num_buckets: int, max_distance: int, device: torch.device) -> BucketLayout:
+def bucket_layout(num_buckets: int, max_distance: int) -> BucketLayout:
     distance = torch.arange(-max_distance, max_distance + 1)
     buckets = relative_position_bucket(distance, num_buckets, max_distance)
 
@@ -371,8 +357,46 @@ def bucket_layout(num_buckets: int, max_distance: int, device: torch.device) -> 
 
     left = buckets[:max_distance + 1].flip(0)  # d = 0, -1, ..., -D
     right = buckets[max_distance:]  # d = 0, 1, ..., D
-    return BucketLayout(buckets.to(torch.int32).to(device), buckets.long().to(device), num_buckets, max_distance,
-                        saturated(left.tolist()), saturated(right.tolist()), int(buckets[0]), int(buckets[-1]))
+    return BucketLayout(buckets.to(torch.int32), num_buckets, max_distance, saturated(left.tolist()),
+                        saturated(right.tolist()), int(buckets[0]), int(buckets[-1]))
+
+
+def _bucket_tables(num_buckets: int, max_distance: int, device) -> torch.Tensor:
+    distance = torch.arange(-max_distance, max_distance + 1, device=device)
+    bucket = relative_position_bucket(distance, num_buckets, max_distance)
+    slots = _bucket_slots(num_buckets)
+    first = torch.full((slots,), FAR, device=device).scatter_reduce(0, bucket, distance, "amin")
+    last = torch.full((slots,), -FAR, device=device).scatter_reduce(0, bucket, distance, "amax")
+    ids = torch.arange(slots, device=device)
+    first = torch.where(ids == bucket[0], -FAR, first)  # the saturated buckets hold every farther distance
+    last = torch.where(ids == bucket[-1], FAR, last)
+    return torch.cat([bucket, first, last]).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_tables_on(num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    return _bucket_tables(num_buckets, max_distance, "cpu").to(device)
+
+
+def bucket_tables(num_buckets: int, max_distance: int, device) -> torch.Tensor:
+    """The dK/dV kernel's bucket tables, one int32 tensor: the bucket of each distance index (2D + 1),
+    then the first and the last distance of each bucket (a power of two of slots each; unused slots
+    empty, the two saturated buckets open-ended at -/+ FAR). Eager: a cached copy on `device`. Under
+    torch.compile: computed in the graph, never a cached tensor: one first made while inductor warms up
+    or records a CUDA graph (training.compile_mode=reduce-overhead) lives in the graph's memory pool,
+    which CUDA graph trees refuse ("tensors in the cudagraph pool not tracked as outputs", seen on the
+    H200 when the first call of a run was the compiled one)."""
+    if torch.compiler.is_compiling():
+        return _bucket_tables(num_buckets, max_distance, device)
+    return _bucket_tables_on(num_buckets, max_distance, torch.device(device))
+
+
+def log2_bias_by_index(table, max_distance: int):
+    """(buckets, heads) table -> (heads, 2D + 1) float32 bias times log2(e), for the kernels' exp2: entry
+    [h, d + D] = table[bucket(d), h], D = max_distance. Built once per forward for all
+    layers (`make_triton_attention_state`): two small kernels (index_select writes its result contiguous)."""
+    index = bucket_tables(table.shape[0], max_distance, table.device)[:2 * max_distance + 1]  # int32 works
+    return table.detach().t().float().index_select(1, index).mul_(LOG2E)
 
 
 # ------------------------------------------------------------------------------------- launching
@@ -474,7 +498,7 @@ class LaunchSettings:
 def _launch_forward(q, k, v, bias, forward_vectors, settings: LaunchSettings):
     """(out, lse): the forward kernel over the plan's forward order; bias from `log2_bias_by_index`."""
     batch, heads, q_len, _ = q.shape
-    buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
+    buckets = bucket_layout(settings.num_buckets, settings.max_distance)
     out = torch.empty_like(q)  # keeps the (B, L, H, D) memory of the projections' head views
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     t = settings.tiles.forward
@@ -486,12 +510,13 @@ def _launch_forward(q, k, v, bias, forward_vectors, settings: LaunchSettings):
     return out, lse
 
 
-def _launch_backward(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors,
+def _launch_backward(q, k, v, out, lse, table, bias, bucket, grad_out, forward_vectors, key_vectors,
                      settings: LaunchSettings):
-    """(dq, dk, dv, grad_table): the delta, dK/dV (with the bias gradient per bucket) and dQ kernels."""
+    """(dq, dk, dv, grad_table): the delta, dK/dV (with the bias gradient per bucket) and dQ kernels;
+    bucket from `bucket_tables`."""
     batch, heads, q_len, head_dim = q.shape
     tiles, scale = settings.tiles, settings.scale
-    buckets = bucket_layout(settings.num_buckets, settings.max_distance, q.device)
+    buckets = bucket_layout(settings.num_buckets, settings.max_distance)
     common, qk_scale = _common(settings, buckets, heads, q, k, bias), scale * LOG2E
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     delta = torch.empty_like(lse)
@@ -504,12 +529,12 @@ def _launch_backward(q, k, v, out, lse, table, bias, grad_out, forward_vectors, 
     slots = _bucket_slots(buckets.num_buckets)
     db = torch.empty(batch * key_tiles, slots, heads, device=q.device, dtype=torch.float32)
     _key_gradients_kernel[(key_tiles, batch * heads)](
-        q, k, v, grad_out, dk, dv, lse, delta, bias, buckets.bucket_of_index, db, key_vectors,
+        q, k, v, grad_out, dk, dv, lse, delta, bias, bucket, db, key_vectors,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], qk_scale=qk_scale, sm_scale=scale, BUCKET_LEFT=buckets.bucket_left,
         BUCKET_RIGHT=buckets.bucket_right, BUCKETS=slots, BLOCK_M=t.block_m,
         BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common,
-        **_left_out(tiles, gradient=True))
+        NATURAL=q_len == k.shape[2], **_left_out(tiles, gradient=True))
     t = tiles.query_gradients
     _query_gradients_kernel[(_cdiv(q_len, t.block_m), batch * heads)](
         q, k, v, grad_out, dq, lse, delta, bias, forward_vectors, *q.stride()[:3], *k.stride()[:3],
@@ -524,17 +549,17 @@ class _TritonAttentionFunction(torch.autograd.Function):
     """The eager path: an autograd.Function costs less host time per call than a torch.library op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, bias, forward_vectors, key_vectors, settings):
+    def forward(ctx, q, k, v, table, bias, bucket, forward_vectors, key_vectors, settings):
         out, lse = _launch_forward(q, k, v, bias, forward_vectors, settings)
-        ctx.save_for_backward(q, k, v, out, lse, table, bias)
+        ctx.save_for_backward(q, k, v, out, lse, table, bias, bucket)
         ctx.vectors, ctx.settings = (forward_vectors, key_vectors), settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, table, bias = ctx.saved_tensors
-        grads = _launch_backward(q, k, v, out, lse, table, bias, grad_out, *ctx.vectors, ctx.settings)
-        return *grads, None, None, None, None
+        q, k, v, out, lse, table, bias, bucket = ctx.saved_tensors
+        grads = _launch_backward(q, k, v, out, lse, table, bias, bucket, grad_out, *ctx.vectors, ctx.settings)
+        return *grads, None, None, None, None, None
 
 
 # The compiled path: torch.compile cannot trace into Triton launches that read a plan object, so under
@@ -542,42 +567,44 @@ class _TritonAttentionFunction(torch.autograd.Function):
 # and the scale), their shapes told to the compiler by the fake implementations below.
 @torch.library.custom_op("mpnet::triton_attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                          bias: torch.Tensor, forward_vectors: torch.Tensor, key_vectors: torch.Tensor,
-                          numbers: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse); the table (bias is its by-index view) and key_vectors are only kept for the backward."""
+                          bias: torch.Tensor, bucket: torch.Tensor, forward_vectors: torch.Tensor,
+                          key_vectors: torch.Tensor, numbers: list[int], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); the table (bias is its by-index view), bucket and key_vectors are only kept for the
+    backward."""
     return _launch_forward(q, k, v, bias, forward_vectors, LaunchSettings.from_numbers(numbers, scale))
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, table, bias, forward_vectors, key_vectors, numbers, scale):
+def _(q, k, v, table, bias, bucket, forward_vectors, key_vectors, numbers, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("mpnet::triton_attention_backward", mutates_args=())
 def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           table: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor,
+                           table: torch.Tensor, bias: torch.Tensor, bucket: torch.Tensor, grad_out: torch.Tensor,
                            forward_vectors: torch.Tensor, key_vectors: torch.Tensor, numbers: list[int],
                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors,
+    return _launch_backward(q, k, v, out, lse, table, bias, bucket, grad_out, forward_vectors, key_vectors,
                             LaunchSettings.from_numbers(numbers, scale))
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, out, lse, table, bias, grad_out, forward_vectors, key_vectors, numbers, scale):
+def _(q, k, v, out, lse, table, bias, bucket, grad_out, forward_vectors, key_vectors, numbers, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, table, bias, forward_vectors, key_vectors, numbers, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, table, bias, forward_vectors, key_vectors)
+    q, k, v, table, bias, bucket, forward_vectors, key_vectors, numbers, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, table, bias, bucket, forward_vectors, key_vectors)
     ctx.numbers, ctx.scale = numbers, scale
 
 
 def _op_backward(ctx, grad_out, grad_lse):  # grad_lse: lse is internal, never used outside
-    q, k, v, out, lse, table, bias, forward_vectors, key_vectors = ctx.saved_tensors
-    dq, dk, dv, grad_table = _attention_backward_op(q, k, v, out, lse, table, bias, grad_out, forward_vectors,
-                                                    key_vectors, ctx.numbers, ctx.scale)
-    return dq, dk, dv, grad_table, None, None, None, None, None
+    q, k, v, out, lse, table, bias, bucket, forward_vectors, key_vectors = ctx.saved_tensors
+    dq, dk, dv, grad_table = _attention_backward_op(q, k, v, out, lse, table, bias, bucket, grad_out,
+                                                    forward_vectors, key_vectors, ctx.numbers, ctx.scale)
+    return dq, dk, dv, grad_table, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -605,7 +632,7 @@ def _check_can_run(*tensors):
 
 def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttentionPlan, *, max_distance: int = 128,
                                 scale: float | None = None, tiles: KernelTiles | None = None,
-                                bias_by_index: torch.Tensor | None = None):
+                                bias_by_index: torch.Tensor | None = None, buckets: torch.Tensor | None = None):
     """MPNet attention of the plan's query rows over the content stream, with gradients.
 
     q: (B, H, Lq, D) for the rows the plan was built for (default all n + 2m); k, v: (B, H, n + m, D)
@@ -613,7 +640,9 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
     relative_bias_table: (num_buckets, H), the encoder's `relative_attention_bias.weight`;
     max_distance: the buckets' saturation distance (config.relative_attention_max_distance);
     bias_by_index: `log2_bias_by_index(relative_bias_table, max_distance)` when the caller has it
-    (the state builds it once for all layers), else built here. Returns (B, H, Lq, D) like q. Equals the dense reference without attention-probability dropout.
+    (the state builds it once for all layers), else built here; buckets: `bucket_tables(num_buckets,
+    max_distance, device)`, likewise.
+    Returns (B, H, Lq, D) like q. Equals the dense reference without attention-probability dropout.
     """
     _check_can_run(q, k, v, relative_bias_table, plan.q_real)
     batch, heads, q_len, head_dim = q.shape
@@ -637,12 +666,14 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
     forward_vectors, key_vectors = plan.forward_packed, plan.keys_packed  # as the kernels read the plan
     if bias_by_index is None:
         bias_by_index = log2_bias_by_index(relative_bias_table, max_distance)
+    if buckets is None:
+        buckets = bucket_tables(relative_bias_table.shape[0], max_distance, q.device)
     if torch.compiler.is_compiling():
-        out, _ = _attention_forward_op(q, k, v, relative_bias_table, bias_by_index, forward_vectors, key_vectors,
-                                       settings.numbers(), scale)
+        out, _ = _attention_forward_op(q, k, v, relative_bias_table, bias_by_index, buckets, forward_vectors,
+                                       key_vectors, settings.numbers(), scale)
         return out
-    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, bias_by_index, forward_vectors, key_vectors,
-                                          settings)
+    return _TritonAttentionFunction.apply(q, k, v, relative_bias_table, bias_by_index, buckets, forward_vectors,
+                                          key_vectors, settings)
 
 
 # ---------------------------------------------------------------------- the backend's module interface
@@ -655,6 +686,7 @@ class TritonAttentionState:
     max_distance: int
     kv_len: int
     bias_by_index: torch.Tensor  # the table as the kernels read it, built once per forward for every layer
+    buckets: torch.Tensor  # bucket_tables: the buckets by distance and their ranges, likewise
 
 
 def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, pattern=None, *, document_ids=None,
@@ -663,7 +695,8 @@ def make_triton_attention_state(positions, n, m, relative_bias_table, max_distan
     plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern),
                                       document_ids=document_ids, layout=layout, streams=streams)
     return TritonAttentionState(plan, relative_bias_table, max_distance, stream_lengths(n, m, streams)[0],
-                                log2_bias_by_index(relative_bias_table, max_distance))
+                                log2_bias_by_index(relative_bias_table, max_distance),
+                                bucket_tables(relative_bias_table.shape[0], max_distance, positions.device))
 
 
 class TritonTwoStreamAttention(_Projections):
@@ -673,5 +706,6 @@ class TritonTwoStreamAttention(_Projections):
     def forward(self, hidden, state: TritonAttentionState):
         q, k, v = self.project(hidden, state.kv_len)
         context = triton_two_stream_attention(q, k, v, state.relative_bias_table, state.plan,
-                                              max_distance=state.max_distance, bias_by_index=state.bias_by_index)
+                                              max_distance=state.max_distance, bias_by_index=state.bias_by_index,
+                                              buckets=state.buckets)
         return self.merge(context)

@@ -56,6 +56,7 @@ HIDDEN_CODE = 2 * HIDDEN_RANK
 FAR = 1 << 30  # "no position" in tile ranges (larger than any distance); also "no row" in row ranges
 _HIDDEN_CODE = tl.constexpr(HIDDEN_CODE)  # the same numbers, as the kernels may read them
 _FAR = tl.constexpr(FAR)
+PREFIX_FROM = tl.constexpr(11)  # see _bias_gradient
 _INTERPRETED = tl.constexpr(INTERPRET)
 # Reductions go through tl.reduce with the standard library's own combine functions rather than
 # tl.sum/max/min: those are @jit functions made when triton was imported, and one made without
@@ -128,25 +129,29 @@ def _store_rows(X, value, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM
 
 
 @_kernel
-def _gather_f32(pointers):
-    """Elementwise load of a float32 table entry per pointer (a gather from an L1-resident table).
+def _gather_f32(table, index):
+    """Elementwise load of table[index] for a float32 table (a gather from an L1-resident table).
 
     Compiled, it is the load instruction itself as inline PTX, so the result stays in the layout of
     the scores it is added to: a tl.load gather gets a memory-friendly layout of its own, and the
     conversions back (through shared memory) took registers and time (seen in the compiled IR: three
-    copies of the score tile and two conversions per bucket of the bias gradient)."""
+    copies of the score tile and two conversions per bucket of the bias gradient). The address is
+    formed inside the asm from the 32-bit index and the table's address: a tile of 64-bit pointers
+    held two registers per score and made the forward kernel spill."""
     if _INTERPRETED:
-        return tl.load(pointers)
-    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [pointers], dtype=tl.float32,
-                                     is_pure=True, pack=1)
+        return tl.load(table + index)
+    address = tl.zeros_like(index).to(tl.int64) + table.to(tl.int64, bitcast=True)  # one splat register
+    return tl.inline_asm_elementwise("{ .reg .u64 a; mad.wide.s32 a, $1, 4, $2; ld.global.nc.f32 $0, [a]; }",
+                                     "=f,r,l", [index, address], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @_kernel
-def _gather_i32(pointers):
+def _gather_i32(table, index):
     if _INTERPRETED:
-        return tl.load(pointers)
-    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [pointers], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+        return tl.load(table + index)
+    address = tl.zeros_like(index).to(tl.int64) + table.to(tl.int64, bitcast=True)
+    return tl.inline_asm_elementwise("{ .reg .u64 a; mad.wide.s32 a, $1, 4, $2; ld.global.nc.b32 $0, [a]; }",
+                                     "=r,r,l", [index, address], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @_kernel
@@ -156,8 +161,17 @@ def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, dis
     """Scaled scores (log2 units) + relative bias, hidden pairs -inf. distance_lo/hi bound p_k - p_q
     over the tile: a tile inside one saturated bucket adds a scalar (bias_left / bias_right, loaded once
     per program: a scalar load inside the loop is a dependent global read every tile) instead of
-    gathering; rule_free: the tile's keys are all CTX keys, which every row sees."""
-    if PARTS & 1 == 0:  # timing only (Tiles.leave_out): no bias
+    gathering; rule_free: the tile's keys are all CTX keys, which every row sees. The masks go first and
+    the bias after (-inf + bias = -inf): the other way round the gather's indices and values were live
+    beside the masks' operands, and the forward kernel spilled (H200: 255 registers, 60 spilled)."""
+    if PARTS & 2 != 0:  # timing only (Tiles.leave_out): without it, no mask
+        if not rule_free:
+            s = tl.where(((k_code >> 1) < q_threshold) != ((k_code & 1) == 1), s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(tl.abs(k_pos - q_pos) <= window, s, float("-inf"))
+        if HAS_DOCUMENTS:
+            s = tl.where(q_doc == k_doc, s, float("-inf"))
+    if PARTS & 1 == 0:  # timing only: no bias
         pass
     elif distance_lo >= SAT_RIGHT:
         s = s + bias_right
@@ -165,15 +179,7 @@ def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, dis
         s = s + bias_left
     else:
         index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
-        s = s + _gather_f32(bias + index)
-    if PARTS & 2 == 0:  # timing only: no mask
-        return s
-    if not rule_free:
-        s = tl.where(((k_code >> 1) < q_threshold) != ((k_code & 1) == 1), s, float("-inf"))
-    if HAS_WINDOW:
-        s = tl.where(tl.abs(k_pos - q_pos) <= window, s, float("-inf"))
-    if HAS_DOCUMENTS:
-        s = tl.where(q_doc == k_doc, s, float("-inf"))
+        s = s + _gather_f32(bias, index)
     return s
 
 
@@ -190,34 +196,61 @@ def _add_row_sums(db, ds, bucket, bucket_ids, j):
 
 
 @_kernel
+def _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, BLOCK_N: tl.constexpr,
+                                    BLOCK_M: tl.constexpr):
+    """`_bias_gradient` of a tile whose key row r and query column c are at positions start_n + r and
+    start_m + c (offset = start_n - start_m): in row r the pairs of bucket j, distances [first_j, last_j],
+    are the CONTIGUOUS columns [offset + r - last_j, offset + r - first_j], so their sum is a difference
+    of two prefix sums of the row. One scan and two gathers per tile replace a masked pass over the tile
+    per bucket (a tile near the diagonal touches ~25 of the 32)."""
+    prefix = tl.associative_scan(ds, 1, _SUM)  # inclusive, along the query columns
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    first = tl.maximum(offset + rows - bucket_last[None, :], 0)  # (BLOCK_N, BUCKETS) column ranges
+    last = tl.minimum(offset + rows - bucket_first[None, :], BLOCK_M - 1)
+    through_last = tl.gather(prefix, tl.maximum(last, 0), 1)
+    before_first = tl.gather(prefix, tl.minimum(tl.maximum(first - 1, 0), BLOCK_M - 1), 1)
+    sums = through_last - tl.where(first > 0, before_first, 0.0)
+    return db + tl.where(first <= last, sums, 0.0)
+
+
+@_kernel
 def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
-                   SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr):
+                   SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr, natural, offset, bucket_first, bucket_last,
+                   NATURAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """The tile's dS summed per bucket. A saturated tile adds dS to far_left or far_right, tile-shaped
     accumulators summed once after the loop (an add per score instead of a block-wide reduction per
     tile); any other tile adds, for each bucket its distance range [distance_lo, distance_hi] touches,
     that bucket's masked row sums to db (BLOCK_N, BUCKETS), reduced over the key rows once after the
     loop: a row sum stays inside a warp, a whole-tile sum per bucket crossed warps through shared memory
     (H200, scripts/triton_attention_timing.py: dK/dV kernel 1.007 -> 0.906 ms on the L = 512 pair,
-    0.606 -> 0.526 ms on the L = 512 single stream)."""
+    0.606 -> 0.526 ms on the L = 512 single stream). A tile in natural order (NATURAL: the kernel may
+    meet one; `natural`: this one is) touching more than PREFIX_FROM buckets takes
+    `_bias_gradient_in_natural_order` instead."""
     bucket_ids = tl.arange(0, BUCKETS)
     if distance_lo >= SAT_RIGHT:
         far_right += ds
     elif distance_hi <= -SAT_LEFT:
         far_left += ds
     else:
-        index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
-        bucket = _gather_i32(BUCKET + index)
         lo = tl.minimum(tl.maximum(distance_lo, -MAX_DISTANCE), MAX_DISTANCE)
         hi = tl.minimum(tl.maximum(distance_hi, -MAX_DISTANCE), MAX_DISTANCE)
         # Left of the query (d <= 0) the bucket grows with |d|, and so it does right of it (d >= 1).
-        first = tl.load(BUCKET + tl.minimum(hi, 0) + MAX_DISTANCE)
-        last = tl.where(lo <= 0, tl.load(BUCKET + lo + MAX_DISTANCE), first - 1)
-        for j in range(first, last + 1):
-            db = _add_row_sums(db, ds, bucket, bucket_ids, j)
-        first = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
-        last = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first - 1)
-        for j in range(first, last + 1):
-            db = _add_row_sums(db, ds, bucket, bucket_ids, j)
+        first_left = tl.load(BUCKET + tl.minimum(hi, 0) + MAX_DISTANCE)
+        last_left = tl.where(lo <= 0, tl.load(BUCKET + lo + MAX_DISTANCE), first_left - 1)
+        first_right = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
+        last_right = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first_right - 1)
+        by_prefix = False
+        if NATURAL:  # the prefix sums cost about 11 masked passes (H200, L = 128 single stream)
+            by_prefix = natural & (last_left - first_left + last_right - first_right + 2 > PREFIX_FROM)
+        if by_prefix:
+            db = _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, BLOCK_N, BLOCK_M)
+        else:
+            index = tl.minimum(tl.maximum(k_pos - q_pos, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+            bucket = _gather_i32(BUCKET, index)
+            for j in range(first_left, last_left + 1):
+                db = _add_row_sums(db, ds, bucket, bucket_ids, j)
+            for j in range(first_right, last_right + 1):
+                db = _add_row_sums(db, ds, bucket, bucket_ids, j)
     return db, far_left, far_right
 
 
@@ -314,7 +347,8 @@ def _key_tile_step(dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc,
                    q_doc, stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale, window,
                    MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
+                   PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr,
+                   start_n, keys_natural, bucket_first, bucket_last, NATURAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile's share of a key tile's dK, dV and bias gradient (scores transposed: keys x rows)."""
     offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
         start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
@@ -334,8 +368,13 @@ def _key_tile_step(dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc,
     ds = p * (dp - delta[None, :])
     dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
     if WITH_BIAS_GRADIENT:
+        natural = keys_natural
+        if NATURAL:  # the query rows at positions start_m, start_m + 1, ... (padding rows are not)
+            natural = keys_natural & (tl.reduce(tl.where(row_ok & (qp != offs_m), 1, 0), 0, _MAX) == 0)
         db, far_left, far_right = _bias_gradient(db, far_left, far_right, ds, qp[None, :], kp[:, None], distance_lo,
-                                                 distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS)
+                                                 distance_hi, BUCKET, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, BUCKETS,
+                                                 natural, start_n - start_m, bucket_first, bucket_last, NATURAL,
+                                                 BLOCK_N, BLOCK_M)
     return dk, dv, db, far_left, far_right
 
 
@@ -350,8 +389,11 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB, PLA
                           BUCKET_RIGHT: tl.constexpr, BUCKETS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                           HAS_DOCUMENTS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr):
-    """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics)."""
+                          PRECISION: tl.constexpr, PARTS: tl.constexpr, WITH_BIAS_GRADIENT: tl.constexpr,
+                          NATURAL: tl.constexpr):
+    """dK, dV of one key tile and its bias-gradient partial sums (one slot per program, no atomics).
+    BUCKET: the bucket of each distance index (ND), then each bucket's first and last distance (BUCKETS
+    each; unused slots empty, the saturated buckets open-ended)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -372,6 +414,14 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB, PLA
     db = tl.full([BLOCK_N, BUCKETS], 0.0, tl.float32)  # per key row and bucket: see _bias_gradient
     far_left = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     far_right = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    start_n = tl.program_id(0) * BLOCK_N
+    keys_natural = False
+    bucket_first = tl.arange(0, BUCKETS)  # read only where NATURAL
+    bucket_last = bucket_first
+    if NATURAL:  # the real keys at positions start_n, start_n + 1, ... (padding keys see nobody: dS = 0)
+        keys_natural = tl.reduce(tl.where((kp >= 0) & (kp != offs_n), 1, 0), 0, _MAX) == 0
+        bucket_first = tl.load(BUCKET + ND + tl.arange(0, BUCKETS))
+        bucket_last = tl.load(BUCKET + ND + BUCKETS + tl.arange(0, BUCKETS))
     # Two runs of query tiles: those holding the real rows that may see these keys, then the padding
     # rows (visited last; position -1 puts them outside the real rows' ranges), for a tile with a real
     # key, from the first tile the first run did not visit. One loop over both keeps one copy of the body.
@@ -387,7 +437,7 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB, PLA
             lse_row, delta_row, bias, bias_left, bias_right, BUCKET, q_rows, q_pos, q_threshold, q_doc,
             stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale, window, MAX_DISTANCE,
             SAT_LEFT, SAT_RIGHT, BUCKETS, HAS_WINDOW, HAS_DOCUMENTS, BLOCK_M, HEAD_DIM, PRECISION, PARTS,
-            WITH_BIAS_GRADIENT)
+            WITH_BIAS_GRADIENT, start_n, keys_natural, bucket_first, bucket_last, NATURAL, BLOCK_N)
     _store_rows(DK, dk * sm_scale, b, h, stride_dkb, stride_dkh, stride_dkl, krows, col_ok, HEAD_DIM)
     _store_rows(DV, dv, b, h, stride_dvb, stride_dvh, stride_dvl, krows, col_ok, HEAD_DIM)
     db = tl.reduce(db, 0, _SUM)

@@ -30,7 +30,8 @@ from helpers import generator, max_abs, pretraining_batch, rel_err, rule_visible
 from mpnet.errors import UserError
 from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
 from mpnet.modeling.patterns import window_spec
-from mpnet.modeling.masks import natural_order, permuted_lm_visible, relative_bias_by_distance, two_stream_visible
+from mpnet.modeling.masks import (natural_order, permuted_lm_visible, relative_bias_by_distance, relative_position_bucket,
+                                 two_stream_visible)
 from mpnet.modeling import triton_attention as T
 
 MAX_DISTANCE = 128
@@ -191,7 +192,7 @@ def test_only_windows_are_supported():
 
 
 def test_saturation_distance_is_where_the_last_bucket_starts():
-    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE, torch.device("cpu"))
+    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE)
     assert (layout.saturated_left, layout.saturated_right) == (91, 91)
     buckets = layout.bucket_of_index.tolist()
     assert buckets[MAX_DISTANCE + 90] != buckets[MAX_DISTANCE + 91] == buckets[-1]
@@ -199,13 +200,32 @@ def test_saturation_distance_is_where_the_last_bucket_starts():
 
 
 def test_bias_by_index_is_the_table_read_by_distance():
-    """What the kernels read: (heads, 2D + 1) contiguous, entry [h, d + D] = table[bucket(d), h] * log2(e)."""
-    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE, torch.device("cpu"))
+    """What the kernels read: (heads, 2D + 1) contiguous, entry [h, d + D] = table[bucket(d), h] * log2(e)
+    for every d in [-D, D]."""
+    reach = MAX_DISTANCE
     table = torch.randn(BUCKETS, 3, generator=generator(5))
-    bias = layout.log2_bias_by_index(table)
-    assert bias.shape == (3, 2 * MAX_DISTANCE + 1) and bias.is_contiguous() and bias.dtype == torch.float32
-    for index, bucket in enumerate(layout.bucket_of_index.tolist()):
+    bias = T.log2_bias_by_index(table, MAX_DISTANCE)
+    assert bias.shape == (3, 2 * reach + 1) and bias.is_contiguous() and bias.dtype == torch.float32
+    buckets = relative_position_bucket(torch.arange(-reach, reach + 1), BUCKETS, MAX_DISTANCE)
+    for index, bucket in enumerate(buckets.tolist()):
         assert torch.equal(bias[:, index], table[bucket] * T.LOG2E)
+
+
+def test_bucket_tables_give_each_bucket_its_distances():
+    """What the dK/dV kernel reads: the bucket of each distance index, then each bucket's first and last
+    distance: every distance in [-3D, 3D] lies in its bucket's range and in no other (unused slots empty,
+    the saturated buckets open-ended), against relative_position_bucket itself."""
+    tables = T.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu").long()
+    reach = MAX_DISTANCE
+    count = 2 * reach + 1
+    slots = (len(tables) - count) // 2
+    first, last = tables[count:count + slots], tables[count + slots:]
+    distance = torch.arange(-3 * reach, 3 * reach + 1)
+    bucket = relative_position_bucket(distance, BUCKETS, MAX_DISTANCE)
+    inside = (first[None, :] <= distance[:, None]) & (distance[:, None] <= last[None, :])
+    assert torch.equal(inside, bucket[:, None] == torch.arange(slots)[None, :])
+    assert torch.equal(tables[:count], relative_position_bucket(torch.arange(-reach, reach + 1), BUCKETS,
+                                                                MAX_DISTANCE))
 
 
 @pytest.mark.parametrize("window", [None, 6])
@@ -329,11 +349,27 @@ def test_single_stream_with_padding_matches_dense():
 
 
 @interpreted
-def test_long_distances_use_the_saturated_buckets():
-    """Positions spread over 0..600 (single stream, sorted): most tiles lie wholly beyond distance 91
-    and take the scalar path, forward and backward; the table gradient must still match."""
+def test_single_stream_window_and_documents_match_dense():
+    """The single stream's natural-order tiles (the bias gradient from prefix sums, the dK/dV kernel's
+    NATURAL path) beside tiles that are not in natural order: a window, and documents (positions restart
+    at each document, so later tiles are not at their row indices)."""
+    inputs, positions = single_stream_case(80, (80, 57), heads=1, head_dim=16, seed=12)
+    ours, reference = compare(inputs, positions, 80, 0, window=9)
+    assert_close(ours, reference, FP32_REL, "single stream, window 9")
+    document_ids = (torch.arange(80) >= 45).long()[None].repeat(2, 1)
+    restarted = torch.where(positions >= 0, torch.arange(80) - 45 * document_ids, -1)
+    ours, reference = compare(inputs, restarted, 80, 0, document_ids=document_ids)
+    assert_close(ours, reference, FP32_REL, "single stream, documents")
+
+
+@interpreted
+@pytest.mark.parametrize("spread", [10, 40])
+def test_long_distances_use_the_saturated_buckets(spread):
+    """Positions spread over 0..630 or 0..2520 (single stream, sorted): most tiles lie wholly beyond
+    distance 91 and take the scalar path, forward and backward (the nearer tiles read the tables by
+    distance clamped at D = 128). The table gradient must still match."""
     inputs, _ = single_stream_case(64, (64, 64), heads=1, head_dim=16, seed=8)
-    positions = (torch.arange(64) * 10)[None].repeat(2, 1)
+    positions = (torch.arange(64) * spread)[None].repeat(2, 1)
     ours, reference = compare(inputs, positions, 64, 0)
     assert_close(ours, reference, FP32_REL, "spread positions")
 
@@ -446,13 +482,14 @@ def test_the_compiled_path_ops_pass_opcheck():
     settings = T.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, T.default_tiles(q.dtype))
     vectors = plan.forward_packed, plan.keys_packed
     q, k, v, table = (x.requires_grad_(True) for x in (q, k, v, table))
-    bias = T.bucket_layout(BUCKETS, MAX_DISTANCE, q.device).log2_bias_by_index(table)
-    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, bias, *vectors, settings.numbers(), 0.25))
+    bias = T.log2_bias_by_index(table, MAX_DISTANCE)
+    buckets = T.bucket_tables(BUCKETS, MAX_DISTANCE, q.device)
+    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25))
     with torch.no_grad():
-        out, lse = T._attention_forward_op(q, k, v, table, bias, *vectors, settings.numbers(), 0.25)
+        out, lse = T._attention_forward_op(q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(T._attention_backward_op, (q.detach(), k.detach(), v.detach(), out, lse, table.detach(),
-                                                     bias, grad_out, *vectors, settings.numbers(), 0.25))
+                                                     bias, buckets, grad_out, *vectors, settings.numbers(), 0.25))
     assert T.LaunchSettings.from_numbers(settings.numbers(), 0.25) == settings
 
 
