@@ -47,8 +47,8 @@ Under torch.compile (`training.compile=true`, `finetune-mpnet --compile`) the pl
 model and the kernels appear in the graph as two opaque torch.library ops,
 `mpnet::triton_attention_forward` / `_backward`, with fake implementations for their shapes and their
 autograd registered; eager calls use an autograd.Function over the same launchers (less host time per
-call). On the H200 the compiled mpnet-base pretraining step took 60.9 ms against 69.7 ms eager, and
-52.2 ms compiled with CUDA graphs (docs/benchmarks.md).
+call). On the H200 the compiled mpnet-base pretraining step took 49.6 ms with CUDA graphs against
+77.3 ms eager (docs/bench/benchmark.md).
 
 Kernels run compiled on CUDA. Without a GPU, and with TRITON_INTERPRET=1 set, they run in Triton's
 interpreter on CPU tensors: exact, very slow, meant for tests at small shapes (without the variable a

@@ -309,9 +309,10 @@ class OptimConfig:
         check("optim.end_lr", self.end_lr, 0 <= self.end_lr <= self.lr, "between 0 and optim.lr")
 
 
-def check_compile_mode(compile: bool, mode: str, grad_accum: int = 1):
+def check_compile_mode(compile: bool | str, mode: str, grad_accum: int = 1):
+    check("training.compile", compile, isinstance(compile, bool) or compile == "auto", "true, false or auto")
     check("training.compile_mode", mode, mode in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}")
-    if mode != "default" and not compile:
+    if mode != "default" and compile is False:
         raise UserError(f"training.compile_mode={mode} takes effect with training.compile=true; set both")
     if mode in CUDA_GRAPH_MODES and grad_accum > 1:
         raise UserError(f"training.compile_mode={mode} replays CUDA graphs, whose outputs (the gradients too) "
@@ -326,7 +327,9 @@ class TrainingConfig:
     grad_accum: int = 1
     seed: int = 0
     bf16: bool = True  # autocast on CUDA; ignored on CPU
-    compile: bool = False  # torch.compile the model
+    # torch.compile the model: true, false, or auto (compiled when training on CUDA in one process:
+    # toolkit.compiles; the tiny and base configs say auto)
+    compile: bool | str = False
     # its torch.compile mode: default, reduce-overhead / max-autotune (CUDA graphs; grad_accum 1, one
     # process), max-autotune-no-cudagraphs (toolkit.COMPILE_MODES)
     compile_mode: str = "default"

@@ -217,11 +217,15 @@ class Trainer:
                                          self.scheduler.lr_lambdas):
                 group["lr"] = base * rule(self.start_step)
             toolkit.set_rng_state(state["rng"][env.rank % len(state["rng"])], self.device)
-        if cfg.training.compile:
+        # The mode the steps run in: "default" when not compiled (training.compile=auto on a CPU)
+        self.compile_mode = "default"
+        if toolkit.compiles(cfg.training.compile, self.device, env.world_size):
             if cfg.training.compile_mode in toolkit.CUDA_GRAPH_MODES and env.world_size > 1:
                 raise UserError(f"training.compile_mode={cfg.training.compile_mode} (CUDA graphs) runs in one "
                                 f"process; with {env.world_size} use compile_mode=default")
-            self.train_model = toolkit.compile_model(self.train_model, cfg.training.compile_mode)
+            self.compile_mode = cfg.training.compile_mode
+            self.train_model = toolkit.compile_model(self.train_model, self.compile_mode)
+            log.info("torch.compile: the training model (mode %s; the first steps compile)", self.compile_mode)
         self.run_config = to_dict(cfg)
         if env.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +256,7 @@ class Trainer:
         norm before clipping and whether the step was finite (device tensors on CUDA: no host sync here)."""
         cfg, env = self.cfg, self.env
         loss_sum = 0.0
-        toolkit.mark_step(cfg.training.compile_mode)  # CUDA graphs only (the mode is "default" uncompiled)
+        toolkit.mark_step(self.compile_mode)  # CUDA graphs only
         for accum in range(cfg.training.grad_accum):
             batch = toolkit.to_device(next(self.batches), self.device)
             # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.

@@ -211,7 +211,29 @@ def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(prefi
     assert train_losses(tmp_path / "graphs") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
 
 
+def test_compile_auto_compiles_on_cuda_in_one_process_only(prefix_shards, tmp_path, monkeypatch):
+    """training.compile=auto (configs/mpnet-base.yaml): compiled on CUDA in one process, the case that was
+    measured; here on a CPU the run stays eager (no torch.compile call, no CUDA-graph step marks even with
+    compile_mode=reduce-overhead) and config.yaml keeps "auto"."""
+    import torch
+
+    from mpnet.training import toolkit
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert toolkit.compiles("auto", cuda, 1) and not toolkit.compiles("auto", cuda, 2)
+    assert not toolkit.compiles("auto", cpu, 1) and toolkit.compiles(True, cpu, 1) and not toolkit.compiles(False, cuda)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: calls.append("compile"))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append("mark"))
+    code, stderr = run(tmp_path / "auto", prefix_shards, "--max-steps", 2, "training.compile=auto",
+                       "training.compile_mode=reduce-overhead")
+    assert code == 0, stderr
+    assert calls == []
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["training"]
+    assert (saved["compile"], saved["compile_mode"]) == ("auto", "reduce-overhead")
+
+
 @pytest.mark.parametrize("settings, needle", [
+    (["training.compile=maybe"], "true, false or auto"),
     (["training.compile=true", "training.compile_mode=fast"], "one of default, reduce-overhead"),
     (["training.compile_mode=reduce-overhead"], "training.compile=true"),
     (["training.compile=true", "training.compile_mode=reduce-overhead", "training.grad_accum=2"],
