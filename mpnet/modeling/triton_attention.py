@@ -19,9 +19,11 @@ kernels, and its gradient is atomic adds onto a tiny table). Three things make i
    they are). A tile then covers ~BLOCK neighbouring positions, so (a) a tile whose distances are all
    >= 91 (or all <= -91, at 32 buckets / 128) lies in ONE saturated bucket: its bias is a scalar and its
    bias gradient one sum; (b) the other tiles read the bias from a (heads, 257) table by distance and
-   reduce their gradient over only the few buckets their distance range touches; (c) a window or
-   documents hide whole tiles: each row's first and last visible key is found once per batch
-   (`searchsorted`) and the loops run over those tiles only.
+   reduce their gradient over only the few buckets their distance range touches (in the single stream,
+   where a tile's rows are often at consecutive positions, one bucket's pairs in a row are contiguous
+   columns: a near tile sums them as differences of prefix sums); (c) a window or documents hide whole
+   tiles: each row's first and last visible key is found once per batch (`searchsorted`) and the loops
+   run over those tiles only.
 3. The bias gradient needs no atomics: each dK/dV program sums its buckets in registers and writes them
    to its own slot; the slots are summed by torch (deterministic).
 
