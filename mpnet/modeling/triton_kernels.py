@@ -240,7 +240,8 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
         first_right = tl.load(BUCKET + tl.maximum(lo, 1) + MAX_DISTANCE)
         last_right = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first_right - 1)
         by_prefix = False
-        if NATURAL:  # the prefix sums cost about 11 masked passes (H200, L = 128 single stream)
+        if NATURAL:  # the prefix sums cost about 11 masked passes (H200, L = 128 single stream: ~20 buckets
+            # per tile, dK/dV 0.277 -> 0.207 ms with them, 0.13 ms without any bias gradient)
             by_prefix = natural & (last_left - first_left + last_right - first_right + 2 > PREFIX_FROM)
         if by_prefix:
             db = _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, BLOCK_N, BLOCK_M)
