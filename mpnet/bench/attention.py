@@ -86,6 +86,8 @@ GRAPHED_BACKENDS = ("sdpa", "flex", "triton")
 def graphed(key: str) -> bool:
     """Whether --cuda-graphs times this cell (key as in attention_variants: "triton", "triton-w256", ...)."""
     return key.split("-w")[0] in GRAPHED_BACKENDS
+
+
 STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
 
 

@@ -125,12 +125,6 @@ def check_common(settings, device, chosen, choices, flag):
                         f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
 
 
-def compiled_model(model, settings):
-    """The model under torch.compile in the settings' mode ("reduce-overhead": CUDA graphs, which take
-    away the host's launch overhead that bounds fine-tuning-sized steps)."""
-    return compile_model(model, settings.compile_mode)
-
-
 def check_also_compile(chosen, choices, mode="default"):
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown --compile-mode '{mode}'; pick from {', '.join(COMPILE_MODES)}")
@@ -191,7 +185,7 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
     ids[:, n - m:] = config.mask_token_id
     positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
     ids, targets, positions = ids.to(device), targets.to(device), positions.to(device)
-    forward = compiled_model(model, settings) if compiled else model
+    forward = compile_model(model, settings.compile_mode) if compiled else model
 
     def loss_fn():
         logits = forward(ids, positions, m)
@@ -218,7 +212,7 @@ def bert_step(settings: StepSettings, device, compiled: bool = False):
     labels.scatter_(1, chosen, ids.gather(1, chosen))
     ids.scatter_(1, chosen, 103)  # [MASK]
     ids, labels = ids.to(device), labels.to(device)
-    forward = compiled_model(model, settings) if compiled else model
+    forward = compile_model(model, settings.compile_mode) if compiled else model
     what = f"HF BertForMaskedLM, attn_implementation={model.config._attn_implementation}"
     return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
 
@@ -239,12 +233,12 @@ def finetune_step(settings: FinetuneSettings, which: str, device, compiled: bool
     torch.manual_seed(settings.seed)
     if which == "transformers":  # our config is a transformers.MPNetConfig: the same model, HF's code
         model = transformers.MPNetForSequenceClassification(config).to(device).train()
-        forward = compiled_model(model, settings) if compiled else model
+        forward = compile_model(model, settings.compile_mode) if compiled else model
         logits = lambda: forward(input_ids=ids, attention_mask=mask).logits  # noqa: E731
         what = f"transformers MPNetForSequenceClassification ({model.config._attn_implementation} attention)"
     else:
         model = MPNetForSequenceClassification(config).to(device).train()
-        forward = compiled_model(model, settings) if compiled else model
+        forward = compile_model(model, settings.compile_mode) if compiled else model
         logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
         what = f"ours, {backend_name(model)}"
     loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731

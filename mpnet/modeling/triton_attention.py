@@ -348,8 +348,7 @@ class BucketLayout:
 
 @functools.lru_cache(maxsize=None)
 def bucket_layout(num_buckets: int, max_distance: int) -> BucketLayout:
-    distance = torch.arange(-max_distance, max_distance + 1)
-    buckets = relative_position_bucket(distance, num_buckets, max_distance)
+    buckets = _bucket_tables(num_buckets, max_distance, "cpu")[:2 * max_distance + 1]
 
     def saturated(side):  # side: the bucket values from |d| = 0 outwards
         far, first = side[-1], len(side) - 1
@@ -359,7 +358,7 @@ def bucket_layout(num_buckets: int, max_distance: int) -> BucketLayout:
 
     left = buckets[:max_distance + 1].flip(0)  # d = 0, -1, ..., -D
     right = buckets[max_distance:]  # d = 0, 1, ..., D
-    return BucketLayout(buckets.to(torch.int32), num_buckets, max_distance, saturated(left.tolist()),
+    return BucketLayout(buckets, num_buckets, max_distance, saturated(left.tolist()),
                         saturated(right.tolist()), int(buckets[0]), int(buckets[-1]))
 
 

@@ -328,7 +328,7 @@ class TrainingConfig:
     seed: int = 0
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     # torch.compile the model: true, false, or auto (compiled when training on CUDA in one process:
-    # toolkit.compiles; the tiny and base configs say auto)
+    # toolkit.compiles; configs/mpnet-base.yaml says auto)
     compile: bool | str = False
     # its torch.compile mode: default, reduce-overhead / max-autotune (CUDA graphs; grad_accum 1, one
     # process), max-autotune-no-cudagraphs (toolkit.COMPILE_MODES)
