@@ -94,8 +94,11 @@ def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots")
                         "process, e.g. '{\"num_stages\": 1}' (default: the project's own)")
 
 
-def attention_args(parser, streams=True):
+def attention_args(parser, streams=True, profile=True):
     g = parser.add_argument_group("attention")
+    if profile:  # `all` has the step's --profile, which covers these cells too
+        g.add_argument("--profile", action="store_true", default=None,
+                       help="also break the SDPA flash and triton cells down by GPU kernel (torch.profiler; CUDA only)")
     g.add_argument("--lengths", type=int_list, default=None,
                    help="two-stream sequence lengths (default 512,1024,2048,4096,8192)")
     g.add_argument("--single-lengths", type=int_list, default=None,
@@ -142,7 +145,8 @@ def model_args(g, also_compile=STEP_MODELS):
     g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--profile", action="store_true", default=None,
-                   help="also break each model's step down by GPU kernel family (torch.profiler; CUDA only)")
+                   help="also break each model's step down by GPU kernel family, and in `all` the SDPA flash and "
+                        "triton attention cells by kernel (torch.profiler; CUDA only)")
 
 
 def finetune_args(parser, own=True):
@@ -182,7 +186,7 @@ def build_parser():
     p.add_argument("--sections", type=name_list(SECTIONS), default=None,
                    help=f"subset of {','.join(SECTIONS)} (default {','.join(ALL_SECTIONS)}; patterns and packing "
                         "run with their own defaults)")
-    attention_args(p, streams=False)
+    attention_args(p, streams=False, profile=False)
     step_args(p, "--step-backend", also_compile=tuple(dict.fromkeys(STEP_MODELS + FINETUNE_MODELS)))
     finetune_args(p, own=False)
     common_args(p)
@@ -226,7 +230,7 @@ def device_fields(args, device) -> dict:
 
 
 def attention_plan(args, device, streams, owned=True) -> list:
-    names = None if owned else COMMON
+    names = None if owned else COMMON | {"profile"}
     fixed = dict(device_fields(args, device), backward=device.type == "cuda" and not getattr(args, "forward_only", False))
     plan = []
     if "two" in streams:

@@ -8,9 +8,10 @@ random permutations; the two-stream pair is n = L content rows plus m = round(0.
 n + 2m query rows over n + m keys, in one call. Timed: forward + backward (dq, dk, dv and the
 learnable (32, heads) bias table's gradient), CUDA events, median of --reps runs after warm-up.
 SDPA flash runs the same q, k, v shapes without bias or mask (the ceiling). --sweep tries a few tile
-settings, --leave-out prices the bias and its gradient (timing only: results then wrong), --flex-lengths
+settings (for the single stream one kernel's at a time), --leave-out prices the bias and its gradient (timing only: results then wrong), --flex-lengths
 times the flex backend's two calls (it compiles for about a minute per shape), --host the host time of
-an eager call and of empty Triton launches (what a launch costs per argument). Writes triton_timing.json
+an eager call and of empty Triton launches (what a launch costs per argument), and a cProfile of an eager
+single-stream call (host_profile.txt). Writes triton_timing.json
 and triton_timing.md under --out and prints the table; sections past --budget-s are skipped.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpnet.bench.harness import Timer  # noqa: E402
-from mpnet.bench.step import kernel_ms_per_call  # noqa: E402
+from mpnet.bench.harness import kernel_ms_per_call  # noqa: E402
 from mpnet.modeling import triton_attention as T  # noqa: E402
 from mpnet.modeling.masks import relative_bias_by_distance  # noqa: E402
 
@@ -50,6 +51,36 @@ SWEEP = {
     "dq64x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 64, 4, 2)),
     "dq32x64": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(32, 64, 4, 2)),
     "dq64x32s3": T.KernelTiles(T.Tiles(64, 64, 4, 2), T.Tiles(32, 64, 4, 2), T.Tiles(64, 32, 4, 3)),
+}
+
+
+def _one_kernel_changed(forward=None, key_gradients=None, query_gradients=None):
+    base = T.default_tiles(torch.bfloat16, single_stream=True)
+    return T.KernelTiles(T.Tiles(*forward) if forward else base.forward,
+                         T.Tiles(*key_gradients) if key_gradients else base.key_gradients,
+                         T.Tiles(*query_gradients) if query_gradients else base.query_gradients)
+
+
+# The single stream's --sweep: one kernel's tiles changed at a time (block_m, block_n, warps, stages), so that
+# each kernel's best can be read from kernels_ms.
+SINGLE_SWEEP = {
+    "single default": T.default_tiles(torch.bfloat16, single_stream=True),
+    "fwd64x64": _one_kernel_changed(forward=(64, 64, 4, 2)),
+    "fwd128x64w8": _one_kernel_changed(forward=(128, 64, 8, 2)),
+    "fwd128x128w8": _one_kernel_changed(forward=(128, 128, 8, 2)),
+    "fwd64x128s3": _one_kernel_changed(forward=(64, 128, 4, 3)),
+    "dkdv64x64": _one_kernel_changed(key_gradients=(64, 64, 4, 2)),
+    "dkdv64x32": _one_kernel_changed(key_gradients=(64, 32, 4, 2)),
+    "dkdv16x64": _one_kernel_changed(key_gradients=(16, 64, 4, 2)),
+    "dkdv32x128w8": _one_kernel_changed(key_gradients=(32, 128, 8, 2)),
+    "dkdv64x128w8": _one_kernel_changed(key_gradients=(64, 128, 8, 2)),
+    "dkdv32x64s2": _one_kernel_changed(key_gradients=(32, 64, 4, 2)),
+    "dkdv32x64s4": _one_kernel_changed(key_gradients=(32, 64, 4, 4)),
+    "dkdv32x128w8s3": _one_kernel_changed(key_gradients=(32, 128, 8, 3)),
+    "dq64x64": _one_kernel_changed(query_gradients=(64, 64, 4, 2)),
+    "dq32x64": _one_kernel_changed(query_gradients=(32, 64, 4, 2)),
+    "dq128x64w8": _one_kernel_changed(query_gradients=(128, 64, 8, 2)),
+    "dq128x32w8": _one_kernel_changed(query_gradients=(128, 32, 8, 3)),
 }
 
 
@@ -102,9 +133,41 @@ def launch_costs() -> dict:
 
     tensors = [torch.empty(16, device=DEVICE) for _ in range(16)]
     ints = [7 * (i + 1) for i in range(20)]
+    single = single_problem(128, batch=4)
+    single_plan = T.make_triton_attention_plan(single["positions"], single["n"], 0)
+    _, single_step = triton_steps(single, single_plan, None, T.log2_bias_by_index(single["table"], 128))
     return {"triton fwd": host_us(forward), "triton fwd+bwd": host_us(step), "sdpa flash fwd+bwd": host_us(flash),
+            "triton single fwd+bwd": host_us(single_step), "sdpa flash single fwd+bwd": host_us(flash_step(single)),
             "empty kernel, 2 arguments": host_us(lambda: two[(1,)](tensors[0], 16)),
             "empty kernel, 36 arguments": host_us(lambda: wide[(1,)](*tensors, *ints))}
+
+
+def host_profile(path, reps=300) -> None:
+    """Where an eager single-stream fwd + bwd spends its host time (4 x 128 tokens): cProfile's top
+    functions by own time, written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    p = single_problem(128, batch=4)
+    plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
+    _, step = triton_steps(p, plan, None, T.log2_bias_by_index(p["table"], 128))
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"{reps} eager single-stream fwd + bwd calls (4 x 128 tokens), by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    text.write("\nby cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(30)
+    Path(path).write_text(text.getvalue())
 
 
 def two_stream_problem(length, seed=0, batch=None):
@@ -123,9 +186,9 @@ def two_stream_problem(length, seed=0, batch=None):
     return dict(batch=batch, n=n, m=m, positions=positions, q=q, k=k, v=v, g=cotangent, table=table)
 
 
-def single_problem(length, seed=0):
+def single_problem(length, seed=0, batch=None):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    batch = TOKENS // length
+    batch = batch or TOKENS // length
     positions = torch.arange(length, device=DEVICE)[None].repeat(batch, 1)
 
     def rand(grad=True):
@@ -180,9 +243,9 @@ def flex_step(p, window=None):
     return step
 
 
-def extra_configs(args):
+def extra_configs(args, single_stream=False):
     """The --leave-out configurations beside the default tiles."""
-    base, configs = SWEEP["default"], {}
+    base, configs = T.default_tiles(torch.bfloat16, single_stream), {}
     if args.leave_out:
         configs["no bias gradient"] = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients,
                                                     frozenset({"bias_gradient"}))
@@ -192,12 +255,22 @@ def extra_configs(args):
     return configs
 
 
+def named_configs(names: str) -> dict:
+    known = {**SWEEP, **SINGLE_SWEEP}
+    unknown = [name for name in names.split(",") if name not in known]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    return {name: known[name] for name in names.split(",")}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--single-lengths", default="128,512")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--configs", default="", help="named tile settings of SWEEP / SINGLE_SWEEP to time "
+                        "(comma-separated) instead of the default or --sweep ones")
     parser.add_argument("--leave-out", action="store_true")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--flex-lengths", default="")
@@ -233,6 +306,7 @@ def main():
     if args.host:
         costs = {name: round(us, 1) for name, us in launch_costs().items()}
         record(kind="host us per call", L=128, **costs)
+        host_profile(out / "host_profile.txt")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for length in lengths:
         p = two_stream_problem(length)
@@ -241,6 +315,8 @@ def main():
         plan_ms = median_ms(lambda: T.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)
         flash = median_ms(flash_step(p), reps=args.reps)
         configs = dict(SWEEP) if args.sweep and length <= 2048 else {"default": SWEEP["default"]}
+        if args.configs:
+            configs = named_configs(args.configs)
         if length <= 2048:
             configs.update(extra_configs(args))
         for name, tiles in configs.items():
@@ -267,7 +343,10 @@ def main():
         plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
         flash = median_ms(flash_step(p), reps=args.reps)
 
-        for name, tiles in {"default": SWEEP["default"], **extra_configs(args)}.items():
+        configs = dict(SINGLE_SWEEP) if args.sweep else {"single default": SINGLE_SWEEP["single default"]}
+        if args.configs:
+            configs = named_configs(args.configs)
+        for name, tiles in {**configs, **extra_configs(args, single_stream=True)}.items():
             def cell(p=p, plan=plan, flash=flash, length=length, tiles=tiles, name=name):
                 forward, step = triton_steps(p, plan, tiles)
                 total = median_ms(step, reps=args.reps)

@@ -1,6 +1,7 @@
 """Registers and spills of the Triton backend's kernels, compiled for a GPU without one (no GPU needed).
 
     python scripts/triton_kernel_registers.py [--arch 90] [--leave-out bias,mask] [--natural]
+        [--forward M,N,WARPS,STAGES] [--key-gradients ...] [--query-gradients ...]
 
 Compiles the forward, dK/dV and dQ kernels as the launchers do for a bf16 problem with 12 heads x 64 and
 the 32-bucket table (the same compile-time constants, tiles and launch options; pointers and strides
@@ -38,13 +39,16 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16
             "PLAN": "*i32"}
 
 
-def launch_constants(leave_out: frozenset, natural: bool) -> dict:
-    """kernel name -> (compile-time constants, Tiles), as _launch_forward / _launch_backward pass them."""
+def launch_constants(leave_out: frozenset, natural: bool, tiles: dict | None = None) -> dict:
+    """kernel name -> (compile-time constants, Tiles), as _launch_forward / _launch_backward pass them;
+    tiles: KernelTiles field -> Tiles replacing the default's."""
     q = torch.empty(1, HEADS, 512, HEAD_DIM, dtype=torch.bfloat16, device="meta")
     bias = torch.empty(HEADS, 2 * MAX_DISTANCE + 1, device="meta")
     buckets = T.bucket_layout(BUCKETS, MAX_DISTANCE)
-    base = T.default_tiles(torch.bfloat16)
-    tiles = T.KernelTiles(base.forward, base.key_gradients, base.query_gradients, leave_out=leave_out)
+    base = T.default_tiles(torch.bfloat16, single_stream=natural)
+    chosen = {"forward": base.forward, "key_gradients": base.key_gradients, "query_gradients": base.query_gradients,
+              **(tiles or {})}
+    tiles = T.KernelTiles(**chosen, leave_out=leave_out)
     settings = T.LaunchSettings(0, False, False, BUCKETS, MAX_DISTANCE, HEAD_DIM ** -0.5, tiles)
     common = T._common(settings, buckets, HEADS, q, q, bias)
     scales = dict(qk_scale=settings.scale * T.LOG2E, sm_scale=settings.scale)
@@ -85,11 +89,22 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--leave-out", default="", help=f"parts to leave out, timing only: {', '.join(T.LEAVE_OUT_PARTS)}")
     parser.add_argument("--natural", action="store_true", help="the dK/dV kernel's single-stream variant")
+    for kernel in ("forward", "key-gradients", "query-gradients"):
+        parser.add_argument(f"--{kernel}", metavar="M,N,WARPS,STAGES", default=None,
+                            help=f"the {kernel} kernel's tiles instead of the default ones")
     args = parser.parse_args(argv)
+    tiles = {}
+    for field in ("forward", "key_gradients", "query_gradients"):
+        value = getattr(args, field)
+        if value is not None:
+            try:
+                tiles[field] = T.Tiles(*(int(x) for x in value.split(",")))
+            except (TypeError, ValueError):
+                parser.error(f"--{field.replace('_', '-')} takes four integers M,N,WARPS,STAGES; got {value}")
     leave_out = frozenset(part for part in args.leave_out.split(",") if part)
     if not leave_out <= set(T.LEAVE_OUT_PARTS):
         parser.error(f"--leave-out takes {', '.join(T.LEAVE_OUT_PARTS)}; got {args.leave_out}")
-    for name, (constants, tiles) in launch_constants(leave_out, args.natural).items():
+    for name, (constants, tiles) in launch_constants(leave_out, args.natural, tiles).items():
         print(f"{name} ({tiles.block_m}x{tiles.block_n}, {tiles.num_warps} warps, {tiles.num_stages} stages): "
               f"{ptxas_report(getattr(K, name), constants, tiles, args.arch)}")
 

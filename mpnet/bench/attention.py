@@ -61,6 +61,7 @@ from .harness import (
     configure_dynamo,
     flex_kernel_options,
     free_memory,
+    kernel_ms_per_call,
     on_cuda,
     phase,
     time_runs,
@@ -81,6 +82,7 @@ SINGLE_STREAM_LENGTHS = [128, 512]
 # --cuda-graphs: the cells also timed as a CUDA-graph replay (the SDPA ceiling and the fast backends,
 # with and without a window).
 GRAPHED_BACKENDS = ("sdpa", "flex", "triton")
+PROFILED_BACKENDS = ("sdpa", "triton")  # --profile: SDPA flash's kernels beside the triton backend's
 
 
 def graphed(key: str) -> bool:
@@ -115,6 +117,7 @@ class AttentionSettings:
     seed: int = 0
     flex_kernel_options: dict | None = None  # override of the project's flex kernel options (experiments)
     cuda_graphs: bool = False  # also time GRAPHED_BACKENDS' fwd+bwd replayed as one CUDA graph (no host time)
+    profile: bool = False  # break PROFILED_BACKENDS' runs down by GPU kernel (torch.profiler; CUDA only)
 
     def validate(self, device: torch.device):
         check_kernel_options(self.flex_kernel_options)
@@ -364,6 +367,10 @@ def measure_attention(settings: AttentionSettings, p: Problem, key: str, window,
                             check=core.check if settings.backward else None))
     if settings.cuda_graphs and device.type == "cuda" and graphed(key):
         result.update(graph_timing(run, settings, timer))
+    if settings.profile and device.type == "cuda" and key in PROFILED_BACKENDS:
+        kernels = kernel_ms_per_call(run)
+        result["kernels"] = sorted(([name[:80], ms] for name, ms in kernels.items()), key=lambda item: -item[1])[:6]
+        result["kernel_ms"] = sum(kernels.values())
     if core.extra is not None:
         layer = {k: result[k] for k in ("ms", "p20_ms", "p80_ms")}
         result.update(core.extra())
@@ -507,6 +514,17 @@ def ratio_tables(section: Section) -> list:
     return out
 
 
+def kernel_lines(section: Section) -> list:
+    """Markdown: --profile's GPU kernels per run of the SDPA flash and triton cells, the evidence of where
+    the triton backend's time goes against flash's."""
+    rows = [[c["L"], c["label"], f"{c['kernel_ms']:.3f}", f"{c['ms']:.3f}",
+             "; ".join(f"`{name}` {ms:.3f}" for name, ms in c["kernels"])] for c in section.cells if "kernels" in c]
+    if not rows:
+        return []
+    return ["### Where the time goes (--profile: torch.profiler, GPU ms per run, mean of 3 runs; the six "
+            "largest kernels)", "", github_table(rows, ["L", "backend", "GPU kernels ms", "timed ms", "kernels"]), ""]
+
+
 def printed_tables(section: Section) -> list:
     return main_table(section) + [""] + ratio_tables(section)
 
@@ -567,7 +585,8 @@ def render(section: Section) -> list:
             + (["**flex kernel_options overridden by the benchmark** (`--flex-kernel-options`): "
                 f"`{section.settings.flex_kernel_options}`; the project's flex backend passes its own.", ""]
                if section.settings.flex_kernel_options else [])
-            + ["### Time, throughput, memory", ""] + main_table(section) + [""] + ratio_tables(section))
+            + ["### Time, throughput, memory", ""] + main_table(section) + [""] + ratio_tables(section)
+            + kernel_lines(section))
 
 
 def plot_attention(section: Section, out_dir: Path) -> list:

@@ -418,3 +418,23 @@ def run_benchmarks(plan, device: torch.device, out_dir=None, stem: str = "benchm
     if report.dir is not None:
         log("\nwrote " + ", ".join(str(path) for path in report.files()))
     return report
+
+
+def kernel_ms_per_call(fn, calls: int = 3) -> dict:
+    """{CUDA kernel name: GPU ms per call of fn}, from torch.profiler over `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        micros = getattr(event, "self_device_time_total", None)
+        micros = event.self_cuda_time_total if micros is None else micros
+        if micros > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / calls
+    return kernels

@@ -31,6 +31,7 @@ from .harness import (
     check_kernel_options,
     configure_dynamo,
     flex_kernel_options,
+    kernel_ms_per_call,
     phase,
     time_runs,
     timer_text,
@@ -309,26 +310,6 @@ def kernel_family(name: str) -> str:
         return TRITON_ATTENTION_KERNELS[0]
     lowered = name.lower()
     return next((family for family, needles in KERNEL_FAMILIES if any(n in lowered for n in needles)), OTHER_KERNELS)
-
-
-def kernel_ms_per_call(fn, calls: int = 3) -> dict:
-    """{CUDA kernel name: GPU ms per call of fn}, from torch.profiler over `calls` calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = {}
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        micros = getattr(event, "self_device_time_total", None)
-        micros = event.self_cuda_time_total if micros is None else micros
-        if micros > 0:
-            kernels[event.key] = kernels.get(event.key, 0.0) + micros / 1e3 / calls
-    return kernels
 
 
 def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:

@@ -427,7 +427,8 @@ class KernelTiles:
 LEAVE_OUT_PARTS = ("bias", "bias_gradient", "mask")  # what KernelTiles.leave_out may name
 
 
-def default_tiles(dtype: torch.dtype) -> KernelTiles:
+def default_tiles(dtype: torch.dtype, single_stream: bool = False) -> KernelTiles:
+    """single_stream: the queries are the keys' rows (LQ == LK: fine-tuning, inference)."""
     if INTERPRET:  # numpy: small tiles keep the test shapes' padding small
         tiles = Tiles(32, 32)
         return KernelTiles(tiles, tiles, tiles)
@@ -438,7 +439,10 @@ def default_tiles(dtype: torch.dtype) -> KernelTiles:
     # 128x64) by 1.3x on the L=512 and 2048 pairs: more programs in flight, and the bias gather and the
     # masks are elementwise work that a larger tile does not amortise. Forward 64x128 was 0.48 / 1.30 ms
     # against 0.63 / 1.61 for 64x64 (L=512 / 2048); dQ with 3 stages 0.06 / 0.07 ms faster than 2.
-    return KernelTiles(Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 3))
+    # The single stream's dK/dV (its NATURAL variant) gains from a third stage where the pair's loses
+    # (--sweep / --configs default,dkdv32x64s3: single 128 0.203 -> 0.193 ms, single 512 0.470 -> 0.439;
+    # pair 512 0.80 -> 0.90, pair 2048 1.92 -> 2.33); its other kernels' best tiles are the pair's.
+    return KernelTiles(Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 3 if single_stream else 2), Tiles(64, 32, 4, 3))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -663,7 +667,8 @@ def triton_two_stream_attention(q, k, v, relative_bias_table, plan: TritonAttent
                         f"got {tuple(relative_bias_table.shape)}")
     scale = head_dim ** -0.5 if scale is None else scale
     settings = LaunchSettings(plan.window or 0, plan.window is not None, plan.has_documents,
-                              relative_bias_table.shape[0], max_distance, scale, tiles or default_tiles(q.dtype))
+                              relative_bias_table.shape[0], max_distance, scale,
+                              tiles or default_tiles(q.dtype, single_stream=q_len == k.shape[2]))
     forward_vectors, key_vectors = plan.forward_packed, plan.keys_packed  # as the kernels read the plan
     if bias_by_index is None:
         bias_by_index = log2_bias_by_index(relative_bias_table, max_distance)

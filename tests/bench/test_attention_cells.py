@@ -142,6 +142,25 @@ def test_cuda_graph_replay_computes_what_the_eager_run_computes(backend):
     torch.testing.assert_close(leaf.grad, eager, **exact)
 
 
+@pytest.mark.gpu
+def test_profile_names_the_triton_backends_kernels_and_their_gpu_time():
+    """--profile: the triton cell lists its own kernels with their GPU ms per run, and the report shows them
+    (the evidence of where its time goes against SDPA flash's)."""
+    from types import SimpleNamespace
+
+    from mpnet.bench.attention import kernel_lines, measure_attention
+
+    cuda = torch.device("cuda")
+    s = AttentionSettings(streams="one", lengths=[128], tokens_per_batch=1024, heads=4, head_dim=64, dtype="bf16",
+                          device="cuda", backward=True, repeats=3, warmup=2, max_seconds=1.0, profile=True)
+    cell = measure_attention(s, make_problem(s, 128, cuda), "triton", None, cuda, Timer(cuda))
+    names = {name for name, ms in cell["kernels"] if ms > 0}
+    assert {"_forward_kernel", "_key_gradients_kernel", "_query_gradients_kernel"} <= names, cell["kernels"]
+    assert 0 < sum(ms for _, ms in cell["kernels"]) <= cell["kernel_ms"] + 1e-9
+    text = "\n".join(kernel_lines(SimpleNamespace(cells=[dict(cell, L=128, label="triton")])))
+    assert "`_key_gradients_kernel`" in text and "Where the time goes" in text
+
+
 def test_cuda_graphs_time_the_sdpa_flex_and_triton_cells_with_and_without_a_window():
     from mpnet.bench.attention import attention_variants, graphed
 
