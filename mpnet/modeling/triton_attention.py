@@ -49,8 +49,8 @@ Under torch.compile (`training.compile=true`, `finetune-mpnet --compile`) the pl
 model and the kernels appear in the graph as two opaque torch.library ops,
 `mpnet::triton_attention_forward` / `_backward`, with fake implementations for their shapes and their
 autograd registered; eager calls use an autograd.Function over the same launchers (less host time per
-call). On the H200 the compiled mpnet-base pretraining step took 49.6 ms with CUDA graphs against
-77.3 ms eager (docs/bench/benchmark.md).
+call). On the H200 the compiled mpnet-base pretraining step took 49.4 ms with CUDA graphs against
+79.9 ms eager (docs/bench/benchmark.md).
 
 Kernels run compiled on CUDA. Without a GPU, and with TRITON_INTERPRET=1 set, they run in Triton's
 interpreter on CPU tensors: exact, very slow, meant for tests at small shapes (without the variable a
