@@ -37,8 +37,8 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 # torch.compile's modes. "reduce-overhead" and "max-autotune" replay CUDA graphs: no host launch time
-# between the kernels (on an H200, in the trainer, mpnet-base 32 x 512 with the triton backend: 23.6% MFU
-# in the default mode, 24.2% with CUDA graphs; docs/benchmarks.md). A replay overwrites the
+# between the kernels (on an H200, in the trainer, mpnet-base 32 x 512 with the triton backend: 25.4% MFU
+# in the default mode, 25.6% with CUDA graphs; docs/benchmarks.md). A replay overwrites the
 # previous one's outputs, so a training loop marks each step, and gradients accumulated over micro-batches
 # would be overwritten: the training configs allow CUDA graphs with grad_accum 1 only.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -52,8 +52,8 @@ def compile_model(model, mode: str = "default"):
 
 def compiles(setting: bool | str, device: torch.device, world_size: int = 1) -> bool:
     """Whether training.compile = setting compiles here: "auto" compiles on CUDA in one process, the case
-    measured (H200, mpnet-base 32 x 512, triton backend, in the trainer: 19.1% MFU eager, 23.6% compiled,
-    24.2% with CUDA graphs; docs/benchmarks.md); several processes and the CPU stay eager unless asked."""
+    measured (H200, mpnet-base 32 x 512, triton backend, in the trainer: 19.9% MFU eager, 25.4% compiled,
+    25.6% with CUDA graphs; docs/benchmarks.md); several processes and the CPU stay eager unless asked."""
     if setting == "auto":
         return device.type == "cuda" and world_size == 1
     return bool(setting)
