@@ -161,6 +161,22 @@ def test_profile_names_the_triton_backends_kernels_and_their_gpu_time():
     assert "`_key_gradients_kernel`" in text and "Where the time goes" in text
 
 
+def test_the_report_lists_profiled_kernels_only_for_cells_that_have_them():
+    """--profile's table: one row per profiled cell with its GPU total, its timed ms and its kernels in
+    the order given (largest first); no table at all when nothing was profiled (CPU, or no --profile)."""
+    from types import SimpleNamespace
+
+    from mpnet.bench.attention import kernel_lines
+
+    profiled = dict(L=128, label="triton", ms=1.5, kernel_ms=0.41,
+                    kernels=[["_key_gradients_kernel", 0.193], ["_forward_kernel", 0.08]])
+    lines = kernel_lines(SimpleNamespace(cells=[profiled, dict(L=128, label="flex", ms=2.9)]))
+    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| 128")]
+    assert len(rows) == 1 and "0.410" in rows[0] and "1.500" in rows[0], lines
+    assert rows[0].index("_key_gradients_kernel") < rows[0].index("_forward_kernel")
+    assert kernel_lines(SimpleNamespace(cells=[dict(L=128, label="flex", ms=2.9)])) == []
+
+
 def test_cuda_graphs_time_the_sdpa_flex_and_triton_cells_with_and_without_a_window():
     from mpnet.bench.attention import attention_variants, graphed
 
