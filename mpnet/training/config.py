@@ -426,9 +426,9 @@ class FinetuneTrainingConfig:
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     # torch.compile the training forward (evaluation stays eager). Each padded width is a shape; after
     # the second one dynamo compiles one graph for all widths. Eager steps are host-bound at fine-tuning
-    # sizes (an H200 mpnet-base step at 32 x 128: 60.0 ms for 11.9 ms of GPU kernels, docs/benchmarks.md);
-    # compiled ones launch far fewer kernels.
-    compile: bool = False
+    # sizes (an H200 mpnet-base step at 32 x 128: 50.2 ms for 11.5 ms of GPU kernels, docs/benchmarks.md);
+    # compiled ones launch far fewer kernels. true, false or auto (compiled on CUDA: toolkit.compiles).
+    compile: bool | str = False
     compile_mode: str = "default"  # as training.compile_mode of pretraining (CUDA graphs: one per padded width)
     # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
     # comparisons with identical regularisation set it to 0.

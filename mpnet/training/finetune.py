@@ -35,8 +35,8 @@ from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .metrics import ScalarLog
-from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, compile_model, lr_scheduler, mark_step,
-                      resolve_device, save_model_atomic, seed_everything, synchronize, to_device, versions,
+from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, compile_model, compiles, lr_scheduler,
+                      mark_step, resolve_device, save_model_atomic, seed_everything, synchronize, to_device, versions,
                       write_json_atomic)
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ class Run:
     device: torch.device
     output_dir: Path
     steps_per_epoch: int
+    compile_mode: str = "default"  # the mode the training steps run in ("default" when not compiled)
     step: int = 0
 
 
@@ -265,13 +266,14 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     total_steps = steps_per_epoch * t.epochs
     optimizer = adamw(model, t.lr, t.betas, t.eps, t.weight_decay, device)
     scheduler = lr_scheduler(optimizer, round(t.warmup_ratio * total_steps), total_steps)
+    compiled = compiles(t.compile, device)
     log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s%s",
              checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device,
              f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "",
-             f", compiled ({t.compile_mode} mode; the first steps of each new width compile)" if t.compile else "")
-    train_forward = compile_model(model, t.compile_mode) if t.compile else model
+             f", compiled ({t.compile_mode} mode; the first steps of each new width compile)" if compiled else "")
+    train_forward = compile_model(model, t.compile_mode) if compiled else model
     return Run(model, train_forward, tokenizer, task, prepared, batching, optimizer, scheduler, device, output_dir,
-               steps_per_epoch)
+               steps_per_epoch, t.compile_mode if compiled else "default")
 
 
 def _results_header(run: Run, checkpoint, data_dir, config, backend) -> dict:
@@ -307,7 +309,7 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         inputs, real, computed = run.batching.inputs(train, idx)
         labels = torch.from_numpy(train.labels[idx])
         real_tokens, positions = real_tokens + real, positions + computed
-        mark_step(t.compile_mode)  # CUDA graphs only (the mode is "default" uncompiled)
+        mark_step(run.compile_mode)  # CUDA graphs only
         with autocast(run.device, t.bf16):
             logits = run.train_forward(**to_device(inputs, run.device))
         loss = _loss(logits, labels.to(run.device), run.task.is_regression)

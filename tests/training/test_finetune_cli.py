@@ -234,3 +234,17 @@ def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(works
     steps = len(compiled["epochs"]) * math.ceil(32 / QUICK["batch_size"])
     assert modes == ["reduce-overhead"] and len(marks) == steps
     assert compiled["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
+
+
+def test_compile_auto_stays_eager_on_a_cpu(workspace, tmp_path, monkeypatch):
+    """training.compile=auto means the same in fine-tuning as in pretraining (toolkit.compiles): on a CPU
+    no torch.compile call and no step marks, even with a CUDA-graph mode named; config.json keeps "auto"."""
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    root, ckpt = workspace
+    config = quick_config("sst2", seed=4, compile="auto", compile_mode="reduce-overhead")
+    result = finetune(ckpt, root / "glue", config, tmp_path / "auto")
+    assert calls == [] and marks == [] and result["best"]["score"] is not None
+    saved = json.loads((tmp_path / "auto" / "config.json").read_text())["training"]
+    assert (saved["compile"], saved["compile_mode"]) == ("auto", "reduce-overhead")
