@@ -331,13 +331,12 @@ def make_triton_attention_plan(positions, n: int, m: int, *, window: int | None 
 @dataclass(frozen=True)
 class BucketLayout:
     """The relative-bias buckets read by distance: index = clamp(p_k - p_q, -D, D) + D, D = max_distance.
-    Host-side (CPU tensors, Python ints): what the launchers read as compile-time constants.
+    Host-side Python ints: what the launchers pass as compile-time constants.
 
-    bucket_of_index: (2D + 1,) int32; saturated_left / saturated_right: the smallest |distance| from
-    which every farther distance on that side is in the same (last) bucket (91 at 32 buckets / 128).
+    saturated_left / saturated_right: the smallest |distance| from which every farther distance on
+    that side is in the same (last) bucket (91 at 32 buckets / 128).
     """
 
-    bucket_of_index: torch.Tensor
     num_buckets: int
     max_distance: int
     saturated_left: int
@@ -358,7 +357,7 @@ def bucket_layout(num_buckets: int, max_distance: int) -> BucketLayout:
 
     left = buckets[:max_distance + 1].flip(0)  # d = 0, -1, ..., -D
     right = buckets[max_distance:]  # d = 0, 1, ..., D
-    return BucketLayout(buckets, num_buckets, max_distance, saturated(left.tolist()),
+    return BucketLayout(num_buckets, max_distance, saturated(left.tolist()),
                         saturated(right.tolist()), int(buckets[0]), int(buckets[-1]))
 
 

@@ -194,7 +194,7 @@ def test_only_windows_are_supported():
 def test_saturation_distance_is_where_the_last_bucket_starts():
     layout = T.bucket_layout(BUCKETS, MAX_DISTANCE)
     assert (layout.saturated_left, layout.saturated_right) == (91, 91)
-    buckets = layout.bucket_of_index.tolist()
+    buckets = T.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu")[:2 * MAX_DISTANCE + 1].tolist()
     assert buckets[MAX_DISTANCE + 90] != buckets[MAX_DISTANCE + 91] == buckets[-1]
     assert buckets[MAX_DISTANCE - 90] != buckets[MAX_DISTANCE - 91] == buckets[0]
 
