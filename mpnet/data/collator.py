@@ -13,8 +13,9 @@ For a batch padded to width n, m = round(pred_prob * n) (at least 1), one value 
    order; the boundary between context and predicted part may split one word.
 2. Predicted part: the last m entries, rank 0..m-1 in permuted order. targets[b, r] is the original id of the
    rank-r entry, -100 where that entry is padding (only when a row has fewer than m real tokens).
-3. Corruption of predicted real tokens in the content stream: 80% <mask>, 10% a random id drawn uniformly from
-   the non-special ids, 10% unchanged.
+3. Corruption of the predicted real tokens: 80% <mask>, 10% a random id drawn uniformly from the non-special
+   ids, 10% unchanged. mpnet puts the corrupted tokens where `corrupted_input` says (default "appended": the
+   inputs of the appended entries, the original MPNet code's layout); mlm in place of the predicted tokens.
 
 Special tokens (<s>, </s>) are permuted and predicted like any other token, as in the original MPNet; pass
 predict_special_tokens=False to keep them in the context part instead (they are then ordered right after the
@@ -40,27 +41,28 @@ import torch
 # modeling.model.OBJECTIVES). The permutation draws come first, so every objective gets the same
 # permutation and predicted tokens for the same (seed, step, rank).
 CORRUPTS_PREDICTED = {"mpnet": True, "mlm": True, "plm": False}
-# Where the mpnet objective's corrupted tokens go (data.corrupted_input). "content": into the predicted
-# tokens' content-stream entries, the appended entries plain <mask> (the layout this project was
-# specified with). "appended": the original MPNet code's (MaskedDataset.collater, input_mode 'mpnet'):
-# the content stream keeps the real predicted tokens, so a query of rank i sees the earlier predicted
-# tokens themselves, and the corrupted tokens are the inputs of both appended sections.
-CORRUPTED_INPUTS = ("content", "appended")
+# Where the mpnet objective's corrupted tokens go (data.corrupted_input; mlm and plm ignore it).
+# "appended" (the default): the original MPNet code's (MaskedDataset.collater, input_mode 'mpnet'): the
+# content stream keeps the real predicted tokens, so a query of rank i sees the earlier predicted tokens
+# themselves, and the corrupted tokens are the inputs of both appended sections (a query reads its own).
+# "content": into the predicted tokens' content-stream entries, the appended entries plain <mask> (the
+# layout this project was first specified with): a query never reads its own corrupted input, only the
+# later queries do, and it learns much more slowly (docs/objectives.md, docs/bench/dynamics.md).
+CORRUPTED_INPUTS = ("appended", "content")
 
 
 class MPNetCollator:
     def __init__(self, vocab_size, pad_token_id, mask_token_id, special_token_ids, pred_prob=0.15,
                  whole_word_mask=False, word_starts=None, seed=0, predict_special_tokens=True,
-                 document_separator_id=None, objective="mpnet", corrupted_input="content"):
+                 document_separator_id=None, objective="mpnet", corrupted_input="appended"):
         if not 0 < pred_prob < 1:
             raise ValueError(f"pred_prob must be in (0, 1), got {pred_prob}")
         if objective not in CORRUPTS_PREDICTED:
             raise ValueError(f"objective must be one of {', '.join(CORRUPTS_PREDICTED)}, got {objective!r}")
         self.objective, self.corrupt = objective, CORRUPTS_PREDICTED[objective]
-        if corrupted_input not in CORRUPTED_INPUTS or (corrupted_input == "appended" and objective != "mpnet"):
-            raise ValueError(f"corrupted_input must be one of {', '.join(CORRUPTED_INPUTS)} ('appended' for the "
-                             f"mpnet objective only), got {corrupted_input!r} with objective {objective!r}")
-        self.corrupted_input = corrupted_input
+        if corrupted_input not in CORRUPTED_INPUTS:
+            raise ValueError(f"corrupted_input must be one of {', '.join(CORRUPTED_INPUTS)}, got {corrupted_input!r}")
+        self.corrupted_input = corrupted_input if objective == "mpnet" else "content"  # mlm: in place; plm: none
         if whole_word_mask and word_starts is None:
             raise ValueError("whole_word_mask needs word_starts (a bool array over the vocabulary)")
         self.vocab_size = int(vocab_size)

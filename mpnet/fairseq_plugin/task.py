@@ -27,9 +27,9 @@ class MaskedPermutationLMConfig(FairseqDataclass):
     pred_prob: float = field(default=0.15, metadata={"help": "fraction of each block that is predicted"})
     input_mode: INPUT_MODES = field(default="mpnet", metadata={
         "help": "the objective, as the original task's --input-mode: mpnet, mlm or plm (docs/objectives.md)"})
-    corrupted_input: CORRUPTED_INPUT = field(default="content", metadata={
-        "help": "mpnet only: 'appended' is the original code's inputs (real predicted tokens in the content stream, "
-                "the corrupted ones appended); 'content' this project's default"})
+    corrupted_input: CORRUPTED_INPUT = field(default="appended", metadata={
+        "help": "mpnet only: 'appended' (default) is the original code's inputs (real predicted tokens in the content "
+                "stream, the corrupted ones appended); 'content' the corrupted ones in the content stream"})
     seed: int = II("common.seed")
 
 

@@ -270,10 +270,11 @@ class DataConfig:
     document_isolation: bool = False  # attention never crosses the </s> between documents; positions restart
     valid_fraction: float = 0.02
     num_workers: int = 0  # DataLoader workers building batches (0: in the training process)
-    # mpnet objective: where the 80/10/10-corrupted predicted tokens go. content: their content-stream
-    # entries (appended entries plain <mask>); appended: the original MPNet code's layout, real tokens in
-    # the content stream and the corrupted ones as the inputs of both appended sections (docs/objectives.md)
-    corrupted_input: str = "content"
+    # mpnet objective: where the 80/10/10-corrupted predicted tokens go. appended: the original MPNet code's
+    # layout, real tokens in the content stream and the corrupted ones as the inputs of both appended
+    # sections; content: their content-stream entries, appended entries plain <mask>, which sits at the
+    # unigram level ~1,000 steps longer (docs/objectives.md). mlm and plm ignore it.
+    corrupted_input: str = "appended"
 
     def __post_init__(self):
         positive("data", self, "block_size")
@@ -377,9 +378,6 @@ class PretrainConfig:
         limit = model_config(self.model).max_sequence_length
         check("data.block_size", self.data.block_size, self.data.block_size <= limit,
               f"at most {limit}, the longest input model.max_position_embeddings allows (raise that to go longer)")
-        if self.data.corrupted_input == "appended" and self.training.objective != "mpnet":
-            raise UserError(f"data.corrupted_input=appended is a layout of the mpnet objective; "
-                            f"training.objective={self.training.objective} has no appended corrupted entries")
 
 
 # -------------------------------------------------------------------------------------- fine-tuning

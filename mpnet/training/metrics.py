@@ -151,13 +151,17 @@ class MetricsLogger:
     def log_valid(self, step, values, env):
         row = {"step": step, **values}
         self._write(row)
-        self.note(f"step {step}: valid loss {values['valid/loss']:.4f}, accuracy {values['valid/accuracy']:.3f}")
+        fill = values.get("valid/fill_mask_accuracy")
+        self.note(f"step {step}: valid loss {values['valid/loss']:.4f}, accuracy {values['valid/accuracy']:.3f}"
+                  + (f", fill-mask accuracy {fill:.3f}" if fill is not None else ""))
 
     def note(self, message):
         if self.is_main:
             tqdm.write(message)
 
-    def summary(self, output_dir, checkpoints) -> dict:
+    def summary(self, output_dir, checkpoints, fill_mask=()) -> dict:
+        """The run's summary (summary.json, and printed); `fill_mask`: (sentence, top answers) of the final
+        model (evaluation.fill_mask)."""
         rows = [r for r in self.history if "train/loss" in r]
         train = [r for r in rows if r["train/loss"] is not None]  # intervals with at least one finite step
         valid = [r for r in self.history if "valid/loss" in r]
@@ -167,6 +171,8 @@ class MetricsLogger:
                   "last_train_loss": train[-1]["train/loss"] if train else None,
                   "valid_loss": valid[-1]["valid/loss"] if valid else None,
                   "valid_accuracy": valid[-1]["valid/accuracy"] if valid else None,
+                  "valid_fill_mask_accuracy": valid[-1].get("valid/fill_mask_accuracy") if valid else None,
+                  "fill_mask": [{"sentence": s, "answers": a} for s, a in fill_mask],
                   "tokens_per_s": train[-1]["perf/tokens_per_s"] if train else None,
                   "checkpoint": str(checkpoints[-1][1]) if checkpoints else None,
                   "wall_time_s": time.perf_counter() - self.start_time}
@@ -176,13 +182,15 @@ class MetricsLogger:
                 f"steps              {result['steps']}",
                 f"train loss         {result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}" if train else "",
                 f"valid loss / acc   {result['valid_loss']:.4f} / {result['valid_accuracy']:.3f}" if valid else "",
+                f"fill-mask acc      {result['valid_fill_mask_accuracy']:.3f} (one stream, 15% <mask>)"
+                if result["valid_fill_mask_accuracy"] is not None else "",
                 f"skipped steps      {result['skipped_steps']} (non-finite loss or gradient)" if result["skipped_steps"] else "",
                 f"tokens/s (last)    {result['tokens_per_s']:,.0f}" if train else "",
                 f"wall time          {result['wall_time_s']:.0f} s",
                 f"checkpoint         {result['checkpoint']}",
                 f"metrics            {self.jsonl}",
                 f"tensorboard        tensorboard --logdir {self.output_dir / 'tensorboard'}",
-            ]
+            ] + [f"fill-mask          {s.replace('<mask>', '___')}  ->  {' | '.join(a)}" for s, a in fill_mask]
             width = max(len(line) for line in lines)
             print("\n" + "=" * width + "\n" + "\n".join(line for line in lines if line) + "\n" + "=" * width)
             (Path(output_dir) / "summary.json").write_text(json.dumps(result, indent=2))

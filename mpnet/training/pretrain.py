@@ -41,6 +41,7 @@ from . import toolkit
 from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_checkpoints, load_training_state,
                             no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
+from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
 from .resume import resume_config
 from .safety import NonFiniteError, NonFiniteGuard, OutputDirLock, all_finite, quiet_disk_errors_in_threads
@@ -87,6 +88,7 @@ class PretrainData:
     collator: object
     train_blocks: object
     valid_batches: list
+    fill_mask_batches: list  # natural-order blocks with <mask>: the one-stream figure of every run (evaluation.py)
 
 
 def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
@@ -109,7 +111,9 @@ def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
                              document_separator_id=meta["eos_token_id"] if cfg.data.document_isolation else None,
                              objective=cfg.training.objective, corrupted_input=cfg.data.corrupted_input)
     valid = _validation_batches(valid_blocks, collator, cfg.training.batch_size, cfg.logging.valid_batches)
-    return PretrainData(meta, Path(shard_dir), tokenizer, collator, train_blocks, valid)
+    fill = fill_mask_batches(valid_blocks, meta["mask_token_id"], meta["special_token_ids"], meta["pad_token_id"],
+                             cfg.training.batch_size, cfg.logging.valid_batches, cfg.data.pred_prob)
+    return PretrainData(meta, Path(shard_dir), tokenizer, collator, train_blocks, valid, fill)
 
 
 def _validation_batches(blocks, collator, batch_size, count):
@@ -305,11 +309,13 @@ class Trainer:
             if save_now:
                 self.save(done)
         bar.close()
-        return self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir))
+        # FSDP shards the weights: a forward on one rank alone would wait for the others
+        answers = fill_mask(self.model, self.data.tokenizer) if self.env.is_main and not self.env.fsdp else []
+        return self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir), fill_mask=answers)
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.data.valid_batches, self.device, self.cfg.training.bf16,
-                        self.cfg.training.objective)
+                        self.cfg.training.objective, fill_batches=self.data.fill_mask_batches)
 
     def save(self, step: int):
         env, model = self.env, self.model
@@ -331,27 +337,6 @@ class Trainer:
                                    self.cfg.logging.keep_last, needed_bytes=self.checkpoint_bytes)
             self.metrics.note(f"saved {path}")
         dist_utils.barrier(env)
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, bf16: bool = True, objective: str = "mpnet") -> dict:
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
-    for batch in batches:
-        batch = toolkit.to_device(batch, device)
-        with toolkit.autocast(device, bf16):
-            logits = model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"],
-                           document_ids=batch.get("document_ids"), objective=objective,
-                           appended_ids=batch.get("appended_ids"))
-        targets = batch["targets"].flatten()
-        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum")
-        valid = targets != -100
-        correct += (logits.argmax(-1).flatten() == targets)[valid].sum()
-        count += valid.sum()
-    count = count.clamp(min=1)
-    return {"valid/loss": (loss_sum / count).item(), "valid/accuracy": (correct / count).item()}
 
 
 def flops_per_example(config, objective: str, n: int, m: int) -> float:
@@ -399,6 +384,10 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
     the settings given explicitly (config file, overrides, flags; None: all of `cfg`), and one that conflicts
     with the checkpoint is refused. Returns the summary (also in summary.json)."""
     output_dir = Path(output_dir)
+    asked_layout = ((requested or {}).get("data") or {}).get("corrupted_input")
+    if asked_layout is not None and cfg.training.objective != "mpnet":
+        raise UserError(f"data.corrupted_input={asked_layout} is a layout of the mpnet objective; "
+                        f"training.objective={cfg.training.objective} has no appended corrupted entries")
     env = dist_utils.setup()
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)

@@ -39,6 +39,9 @@ WHY = {
     "data": "the data position of a step is defined by the checkpoint's data settings",
     "training": "the global batch, the seed and the starting weights are the checkpoint's",
 }
+# Runs whose run config predates data.corrupted_input trained the "content" layout, the default until the
+# original MPNet code's "appended" replaced it: resuming them keeps "content".
+LAYOUT_BEFORE_THE_KEY = "content"
 WHY_KEY = {("training", "objective"): "the run optimises the checkpoint's objective (docs/objectives.md)"}
 
 
@@ -46,8 +49,11 @@ def run_config_of(checkpoint: Path) -> PretrainConfig:
     file = Path(checkpoint) / STATE_FILE.parent / "run_config.yaml"
     if not file.is_file():
         raise UserError(f"{checkpoint} has no {file.name}; it was not written by pretrain-mpnet and cannot be resumed")
+    saved = yaml.safe_load(file.read_text()) or {}
+    if isinstance(saved.get("data"), dict):  # written before the key existed: the layout it trained with
+        saved["data"].setdefault("corrupted_input", LAYOUT_BEFORE_THE_KEY)
     try:
-        return build(PretrainConfig, yaml.safe_load(file.read_text()) or {})
+        return build(PretrainConfig, saved)
     except UserError as err:
         raise UserError(f"{file} is not a valid run config ({err}); it cannot be resumed") from None
 

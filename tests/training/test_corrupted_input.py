@@ -1,21 +1,26 @@
 """`data.corrupted_input` (docs/objectives.md): where the mpnet objective's 80/10/10-corrupted tokens go.
 
-"content" (the default): the predicted tokens' content-stream entries, plain <mask> appended. "appended":
-the original MPNet code's layout (MaskedDataset.collater, input_mode 'mpnet'): the content stream keeps
-the real predicted tokens and both appended sections (MASK entries and queries) carry the corrupted ones.
+"appended" (the default): the original MPNet code's layout (MaskedDataset.collater, input_mode 'mpnet'): the
+content stream keeps the real predicted tokens and both appended sections (MASK entries and queries) carry the
+corrupted ones. "content": the predicted tokens' content-stream entries, plain <mask> appended.
 Checked: both modes draw the same permutation, targets and corruption for the same (seed, step, rank);
 the model's appended inputs go to both appended sections (an all-<mask> appended_ids is the default
-forward exactly, and a query's output depends on its own appended input); a run trains; bad values,
-another objective and a changed value on resume are one line.
+forward exactly, and a query's output depends on its own appended input); with "content" a query never
+reads its own corrupted input (why its own-task accuracy has no copy share, docs/bench/dynamics.md); the
+validation accuracy split counts exactly the <mask>-input targets; a run trains; a resumed run keeps the
+layout it recorded (an old run without the key is "content"); bad values, another objective and a changed
+value on resume are one line.
 """
 from __future__ import annotations
 
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from helpers import MASK_ID, PAD_ID, VOCAB, generator, pretraining_batch, tiny_config
 from mpnet.data.collator import MPNetCollator
@@ -48,10 +53,12 @@ def test_both_modes_draw_the_same_batch_and_place_the_corruption_differently():
     assert (corrupted == MASK_ID).any() and (corrupted != MASK_ID).any()
 
 
-def test_appended_is_for_the_mpnet_objective_only():
-    with pytest.raises(ValueError, match="mpnet objective only"):
-        collate("appended", objective="plm")
-    with pytest.raises(ValueError, match="one of content, appended"):
+def test_other_objectives_ignore_the_layout_and_bad_values_are_refused():
+    for objective in ("plm", "mlm"):
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                   for a, b in zip(collate("appended", objective).values(), collate("content", objective).values()))
+        assert "appended_ids" not in collate("appended", objective)
+    with pytest.raises(ValueError, match="one of appended, content"):
         collate("both")
 
 
@@ -104,18 +111,84 @@ def run(out, shards, *extra):
 
 def test_an_appended_run_trains_and_resume_keeps_the_layout(prefix_shards, tmp_path):
     out = tmp_path / "run"
-    code, stderr = run(out, prefix_shards, "--max-steps", 2, "--save-every", 2, "data.corrupted_input=appended")
+    code, stderr = run(out, prefix_shards, "--max-steps", 2, "--save-every", 2)  # appended: the default
     assert code == 0, stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["corrupted_input"] == "appended"
     losses = train_losses(out)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
-    default = tmp_path / "default"
-    assert run(default, prefix_shards, "--max-steps", 2)[0] == 0
-    assert train_losses(default) != losses  # the layout changes what is computed
+    content = tmp_path / "content"
+    assert run(content, prefix_shards, "--max-steps", 2, "--save-every", 2, "data.corrupted_input=content")[0] == 0
+    assert train_losses(content) != losses  # the layout changes what is computed
     resumable = tmp_path / "resumable"
     shutil.copytree(out, resumable)
     line = error_line(*run(resumable, prefix_shards, "--resume", "--max-steps", 4, "data.corrupted_input=content"))
     assert "data.corrupted_input='content' conflicts" in line
     assert checkpoint_steps(resumable) == [2]
+
+
+def test_resume_keeps_the_recorded_content_layout_and_old_runs_are_content(prefix_shards, tmp_path):
+    """A run that recorded content resumes as content under the new default; a run config written before the
+    key existed (that run trained content) resumes as content too, and its config.yaml then says so."""
+    content = tmp_path / "content"
+    assert run(content, prefix_shards, "--max-steps", 2, "--save-every", 2, "data.corrupted_input=content")[0] == 0
+    whole = tmp_path / "whole"
+    assert run(whole, prefix_shards, "--max-steps", 4, "--save-every", 2, "data.corrupted_input=content")[0] == 0
+    old = tmp_path / "old"
+    shutil.copytree(content, old)
+    saved = next((old / "checkpoints").glob("step-*")) / "training_state" / "run_config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["data"]["corrupted_input"]
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
+    for folder in (content, old):
+        code, stderr = run(folder, prefix_shards, "--resume", "--max-steps", 4, "--save-every", 2)
+        assert code == 0, stderr
+        assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["corrupted_input"] == "content"
+        assert train_losses(folder) == train_losses(whole), folder.name  # exactly the content run continued
+
+
+def test_a_content_query_never_reads_its_own_corrupted_input(model):
+    """The mechanism behind the content layout's missing copy share: the query of rank i reads the content
+    entries of ranks < i only, so replacing the corrupted input of rank j changes no query of rank <= j."""
+    n, m = 24, 4
+    input_ids, positions, mask = pretraining_batch(generator(4), n, m, (0,))
+    with torch.no_grad():
+        before = model(input_ids, positions, m, attention_mask=mask)
+        for j in range(m):
+            changed = input_ids.clone()
+            changed[0, n - m + j] = 7
+            delta = (model(input_ids=changed, positions=positions, pred_size=m, attention_mask=mask) - before).abs()
+            delta = delta.amax(-1)[0]
+            assert (delta[: j + 1] == 0).all(), f"query <= {j} reads the content entry of rank {j}: {delta.tolist()}"
+            if j < m - 1:
+                assert delta[j + 1:].max() > 1e-6, "the later queries read it"
+
+
+def test_masked_accuracy_counts_only_the_mask_input_targets():
+    """valid/masked_accuracy, brute force: a model that answers every predicted token with its corrupted input
+    scores exactly the unchanged share on valid/accuracy and 0 on the <mask>-input tokens, in both layouts."""
+    from mpnet.training.evaluation import evaluate
+
+    class Copier(torch.nn.Module):
+        config = SimpleNamespace(mask_token_id=MASK_ID)
+
+        def forward(self, input_ids, positions, pred_size, attention_mask=None, document_ids=None, objective="mpnet",
+                    appended_ids=None):
+            inputs = appended_ids if appended_ids is not None else input_ids[:, input_ids.shape[1] - pred_size:]
+            return torch.nn.functional.one_hot(inputs, VOCAB).float()
+
+    for layout in ("appended", "content"):
+        batches = [collate(layout, step=s) for s in range(4)]
+        values = evaluate(Copier(), batches, torch.device("cpu"), bf16=False)
+        unchanged = sum(int(((b["targets"] != -100) & (collate_inputs(b) == b["targets"])).sum()) for b in batches)
+        predicted = sum(int((b["targets"] != -100).sum()) for b in batches)
+        assert 0 < unchanged < predicted
+        assert values["valid/accuracy"] == pytest.approx(unchanged / predicted, abs=1e-6), layout
+        assert values["valid/masked_accuracy"] == 0.0, layout
+
+
+def collate_inputs(batch):
+    n, m = batch["input_ids"].shape[1], batch["pred_size"]
+    return batch["appended_ids"] if "appended_ids" in batch else batch["input_ids"][:, n - m:]
 
 
 @pytest.mark.parametrize("args,fragment", [
