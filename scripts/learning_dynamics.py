@@ -38,7 +38,10 @@ from objective_ablation import REPO, git_commit, run_command, shown
 PROG = "learning_dynamics"
 # Run names -> (objective, extra overrides)
 RUNS = {"mpnet": ("mpnet", []), "mpnet-content": ("mpnet", ["data.corrupted_input=content"]),
-        "mlm": ("mlm", []), "plm": ("plm", [])}
+        "mpnet-zero-bias": ("mpnet", ["training.lm_bias_init=zero"]),
+        "mpnet-content-zero-bias": ("mpnet", ["data.corrupted_input=content", "training.lm_bias_init=zero"]),
+        "mlm": ("mlm", []), "mlm-zero-bias": ("mlm", ["training.lm_bias_init=zero"]), "plm": ("plm", [])}
+BIAS_INITS = ("zero", "unigram")  # the reference's LM-head bias: transformers' init, or ours (training.lm_bias_init)
 REFERENCE = "reference-mlm"
 
 
@@ -57,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--reference-lrs", default="",
                    help="comma-separated peak lrs of the transformers reference (default: --lr only; 'none': no "
                         "reference)")
+    p.add_argument("--reference-bias-inits", default="zero,unigram",
+                   help=f"comma-separated LM-head bias inits of the reference among {', '.join(BIAS_INITS)}")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3, help="peak lr of our runs (and of the reference by default)")
@@ -81,6 +86,9 @@ def parse_args(argv=None):
             args.reference_lrs = [float(v) for v in args.reference_lrs.split(",") if v.strip()] or [args.lr]
         except ValueError:
             fail(f"--reference-lrs takes comma-separated numbers, got {args.reference_lrs!r}")
+    args.reference_bias_inits = [v.strip() for v in args.reference_bias_inits.split(",") if v.strip()]
+    if not set(args.reference_bias_inits) <= set(BIAS_INITS):
+        fail(f"--reference-bias-inits takes names among {', '.join(BIAS_INITS)}, got {args.reference_bias_inits}")
     for name in ("steps", "batch_size", "eval_every", "eval_batches"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -106,7 +114,7 @@ def our_run(args, shards: Path, name: str, log: list) -> dict:
             "seconds": round(seconds, 1), "curve": curve, "fill_mask": summary.get("fill_mask")}
 
 
-def reference_run(args, cfg, shards: Path, lr: float, fill_batches, device) -> dict:
+def reference_run(args, cfg, shards: Path, lr: float, bias_init: str, fill_batches, device) -> dict:
     """RobertaForMaskedLM trained on our blocks in our order, by transformers' own model, collator and schedule."""
     import numpy as np
     import torch
@@ -131,6 +139,11 @@ def reference_run(args, cfg, shards: Path, lr: float, fill_batches, device) -> d
                            eos_token_id=meta["eos_token_id"])
     torch.manual_seed(args.seed)
     model = RobertaForMaskedLM(config).to(device)
+    if bias_init == "unigram":
+        from mpnet.training.pretrain import unigram_log_prior
+
+        with torch.no_grad():
+            model.lm_head.bias.copy_(unigram_log_prior(shards, meta).to(device))
     tokenizer = load_tokenizer(str(shards / "tokenizer"))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.data.pred_prob, return_tensors="pt")
     blocks = TokenBlocks(shards, "train", cfg.data.block_size)
@@ -196,9 +209,9 @@ def reference_run(args, cfg, shards: Path, lr: float, fill_batches, device) -> d
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append(score(step + 1))
-            print(f"{REFERENCE} lr {lr:g} step {step + 1}: accuracy {curve[-1]['accuracy']:.3f}, fill-mask "
+            print(f"{REFERENCE} lr {lr:g} {bias_init} bias step {step + 1}: accuracy {curve[-1]['accuracy']:.3f}, fill-mask "
                   f"{curve[-1]['fill_mask_accuracy']:.3f}", flush=True)
-    return {"name": f"{REFERENCE} (lr {lr:g})", "kind": "reference", "objective": "mlm", "lr": lr,
+    return {"name": f"{REFERENCE} (lr {lr:g}, {bias_init} bias)", "kind": "reference", "objective": "mlm", "lr": lr,
             "seconds": round(time.perf_counter() - started, 1), "curve": curve, "fill_mask": None}
 
 
@@ -235,7 +248,7 @@ def write_report(args, runs: list[dict], facts: dict):
              f"- every run: `{facts['config']}`'s model and corpus, batch {args.batch_size} x {facts['block_size']} "
              f"tokens, {args.steps} steps ({facts['tokens']:,} tokens), AdamW (0.9, 0.98), lr {args.lr:g} (reference: "
              f"its own column), {args.warmup_steps} warmup steps then linear decay, clip 1.0, seed {args.seed}; our "
-             f"backend {args.attention_backend}",
+             f"backend {args.attention_backend}" + (f"; overrides {' '.join(args.set)}" if args.set else ""),
              f"- unigram baseline (always `{facts['unigram_token']}`): fill-mask accuracy {facts['unigram']:.3f}",
              f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min", ""]
     for key, heading in (("fill_mask_accuracy", "Fill-mask accuracy (one stream, 15% <mask>; the same batches for "
@@ -311,7 +324,8 @@ def main(argv=None):
     device = torch.device(args.device)
     log: list = []
     runs = [our_run(args, shards, name, log) for name in args.runs]
-    runs += [reference_run(args, cfg, shards, lr, fill, device) for lr in args.reference_lrs]
+    runs += [reference_run(args, cfg, shards, lr, init, fill, device)
+             for lr in args.reference_lrs for init in args.reference_bias_inits]
     token, unigram = unigram_accuracy(shards, fill)
     facts = {"command": command,
              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)",

@@ -337,10 +337,15 @@ class TrainingConfig:
     init_from: str | None = None  # continue pretraining from this HF MPNet directory
     max_nonfinite_steps: int = 20  # consecutive steps with a non-finite loss/grad norm (skipped) before stopping
     objective: str = "mpnet"  # mpnet | mlm | plm: the original MPNet code's three objectives (docs/objectives.md)
+    # A new model's LM-head bias: "unigram" starts it at the log-frequencies of the training tokens, so the
+    # first steps need not push every hidden state towards the frequent words (the unigram plateau,
+    # docs/bench/dynamics.md); "zero" is HF's and the original's init. Ignored with init_from and on resume.
+    lm_bias_init: str = "unigram"
 
     def __post_init__(self):
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")
         check("training.objective", self.objective, self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
+        check("training.lm_bias_init", self.lm_bias_init, self.lm_bias_init in ("unigram", "zero"), "unigram or zero")
         check_compile_mode(self.compile, self.compile_mode, self.grad_accum)
 
 

@@ -125,9 +125,11 @@ def _validation_batches(blocks, collator, batch_size, count):
 # ----------------------------------------------------------------------------------------- model
 
 
-def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | None = None) -> MPNetForPretraining:
+def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | None = None,
+                shard_dir: Path | None = None) -> MPNetForPretraining:
     """The model on `device`: the checkpoint being resumed (its exact shape and weights), else
-    `training.init_from` (continued pretraining), else a fresh one of the config's shape."""
+    `training.init_from` (continued pretraining), else a fresh one of the config's shape (its LM-head bias
+    from the token frequencies of `shard_dir` with training.lm_bias_init=unigram)."""
     torch.manual_seed(cfg.training.seed)
     fixed = dict(use_flex_attention=_uses_flex(cfg), pad_token_id=meta["pad_token_id"],
                  mask_token_id=meta["mask_token_id"])
@@ -143,10 +145,26 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
         if cfg.model.get("vocab_size") is not None:
             _check_vocab(int(cfg.model["vocab_size"]), meta, cfg, None)
         model = MPNetForPretraining(model_config(cfg.model, vocab_size=meta["vocab_size"], **fixed))
+        if cfg.training.lm_bias_init == "unigram" and shard_dir is not None:
+            with torch.no_grad():
+                model.lm_head.bias.copy_(unigram_log_prior(shard_dir, meta))
     if cfg.data.block_size > model.config.max_sequence_length:
         raise UserError(f"data.block_size {cfg.data.block_size} is longer than the position table allows "
                         f"({model.config.max_sequence_length}); lower it or raise model.max_position_embeddings")
     return model.to(device)
+
+
+UNIGRAM_SAMPLE_TOKENS = 2**25  # the frequencies of the first 32M training tokens are plenty for a prior
+
+
+def unigram_log_prior(shard_dir: Path, meta: dict) -> torch.Tensor:
+    """log p(token) over the vocabulary from the training shard's first tokens (add-one smoothed): what a
+    model that ignores its context predicts best, the LM-head bias it would otherwise spend its first
+    hundreds of steps learning."""
+    tokens = np.memmap(Path(shard_dir) / "train.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    counts = np.bincount(tokens[:UNIGRAM_SAMPLE_TOKENS], minlength=meta["vocab_size"])[: meta["vocab_size"]]
+    counts = counts.astype(np.float64) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
 def _uses_flex(cfg: PretrainConfig) -> bool:
@@ -401,7 +419,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)
-                model = build_model(cfg, data.meta, env.device, resume_from=checkpoint)
+                model = build_model(cfg, data.meta, env.device, resume_from=checkpoint, shard_dir=data.shard_dir)
                 summary = Trainer(cfg, env, output_dir, data, model, state).train()
         except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
             if err.errno not in NO_SPACE:

@@ -335,8 +335,7 @@ def test_collator_rows_are_permutations_with_consistent_positions_and_targets():
 def test_collator_corruption_is_80_10_10_and_never_draws_special_ids():
     rows = random_rows([128] * 512, seed=1)
     batch = MPNetCollator(VOCAB, PAD, MASK, SPECIALS)(rows, step=0)
-    m = batch["pred_size"]
-    inp, tgt = batch["input_ids"][:, -m:], batch["targets"]
+    inp, tgt = batch["appended_ids"], batch["targets"]  # the default layout: the corrupted tokens are appended
     total = tgt.numel()
     masked = (inp == MASK).float().mean().item()
     same = (inp == tgt).float().mean().item()
@@ -348,7 +347,7 @@ def test_collator_corruption_is_80_10_10_and_never_draws_special_ids():
     replaced = inp[(inp != MASK) & (inp != tgt)]
     assert not np.isin(replaced.numpy(), SPECIALS).any()
     assert set(replaced.tolist()) == set(range(4, 49))  # uniform over all non-special ids
-    assert (batch["input_ids"][:, :-m] != MASK).all()   # context tokens are never corrupted
+    assert (batch["input_ids"] != MASK).all()   # the content stream holds the real tokens, context and predicted
 
 
 def test_collator_is_reproducible_from_seed_step_rank():
