@@ -104,8 +104,10 @@ def _collators(**kwargs):
     from mpnet.data import MPNetCollator
 
     specials = [0, 1, 2, 3, 99]
-    return {objective: MPNetCollator(100, 1, 99, specials, seed=5, objective=objective, **kwargs)
-            for objective in ("mpnet", "mlm", "plm")}
+    collators = {objective: MPNetCollator(100, 1, 99, specials, seed=5, objective=objective, **kwargs)
+                 for objective in ("mpnet", "mlm", "plm")}
+    collators["mpnet-content"] = MPNetCollator(100, 1, 99, specials, seed=5, corrupted_input="content", **kwargs)
+    return collators
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"document_separator_id": 2}])
@@ -114,9 +116,13 @@ def test_objectives_share_examples_permutations_and_predicted_tokens(kwargs):
     examples = [torch.randint(4, 99, (length,), generator=gen).numpy() for length in (30, 30, 22)]
     examples[0][10] = 2  # a document separator
     batches = {name: collator(examples, step=7, rank=1) for name, collator in _collators(**kwargs).items()}
-    mpnet, mlm, plm = batches["mpnet"], batches["mlm"], batches["plm"]
-    for key in mpnet:  # mlm is mpnet's batch, exactly
+    mpnet, mlm, plm = batches["mpnet-content"], batches["mlm"], batches["plm"]
+    for key in mpnet:  # mlm is the content layout's mpnet batch, exactly
         assert torch.equal(torch.as_tensor(mlm[key]), torch.as_tensor(mpnet[key])), key
+    appended = batches["mpnet"]  # the default layout: the same draws, the corrupted tokens appended instead
+    n_m = mpnet["input_ids"].shape[1] - mpnet["pred_size"]
+    assert torch.equal(appended["appended_ids"][mpnet["targets"] != -100],
+                       mpnet["input_ids"][:, n_m:][mpnet["targets"] != -100])
     for key in ("positions", "targets", "attention_mask", "document_ids"):
         if key in mpnet:
             assert torch.equal(plm[key], mpnet[key]), key
