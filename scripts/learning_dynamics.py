@@ -37,10 +37,14 @@ from objective_ablation import REPO, git_commit, run_command, shown
 
 PROG = "learning_dynamics"
 # Run names -> (objective, extra overrides)
-RUNS = {"mpnet": ("mpnet", []), "mpnet-content": ("mpnet", ["data.corrupted_input=content"]),
-        "mpnet-zero-bias": ("mpnet", ["training.lm_bias_init=zero"]),
-        "mpnet-content-zero-bias": ("mpnet", ["data.corrupted_input=content", "training.lm_bias_init=zero"]),
-        "mlm": ("mlm", []), "mlm-zero-bias": ("mlm", ["training.lm_bias_init=zero"]), "plm": ("plm", [])}
+ORIGINAL_INIT = ["training.relative_bias_init=normal", "training.lm_bias_init=zero"]  # HF's and the original's
+RUNS = {"mpnet": ("mpnet", []), "mpnet-original-init": ("mpnet", ORIGINAL_INIT),
+        "mpnet-zero-lm-bias": ("mpnet", ["training.lm_bias_init=zero"]),
+        "mpnet-normal-relative-bias": ("mpnet", ["training.relative_bias_init=normal"]),
+        "mpnet-content": ("mpnet", ["data.corrupted_input=content"]),
+        "mpnet-content-original-init": ("mpnet", ["data.corrupted_input=content", *ORIGINAL_INIT]),
+        "mlm": ("mlm", []), "mlm-original-init": ("mlm", ORIGINAL_INIT),
+        "plm": ("plm", []), "plm-original-init": ("plm", ORIGINAL_INIT)}
 BIAS_INITS = ("zero", "unigram")  # the reference's LM-head bias: transformers' init, or ours (training.lm_bias_init)
 REFERENCE = "reference-mlm"
 

@@ -341,11 +341,18 @@ class TrainingConfig:
     # first steps need not push every hidden state towards the frequent words (the unigram plateau,
     # docs/bench/dynamics.md); "zero" is HF's and the original's init. Ignored with init_from and on resume.
     lm_bias_init: str = "unigram"
+    # A new model's relative-position bias table: "local" starts each head preferring nearby tokens, bias
+    # -slope x |distance| with slopes from 1 down to 1/16 across the heads (ALiBi's shape), so attention reads
+    # the neighbours from the first step; "normal" is N(0, initializer_range), HF's and the original's init,
+    # with which every objective sits at the unigram level for ~1,000 steps (docs/bench/dynamics.md).
+    relative_bias_init: str = "local"
 
     def __post_init__(self):
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")
         check("training.objective", self.objective, self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
         check("training.lm_bias_init", self.lm_bias_init, self.lm_bias_init in ("unigram", "zero"), "unigram or zero")
+        check("training.relative_bias_init", self.relative_bias_init, self.relative_bias_init in ("normal", "local"),
+              "normal or local")
         check_compile_mode(self.compile, self.compile_mode, self.grad_accum)
 
 

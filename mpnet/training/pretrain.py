@@ -148,6 +148,9 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
         if cfg.training.lm_bias_init == "unigram" and shard_dir is not None:
             with torch.no_grad():
                 model.lm_head.bias.copy_(unigram_log_prior(shard_dir, meta))
+        if cfg.training.relative_bias_init == "local":
+            with torch.no_grad():
+                model.mpnet.encoder.relative_attention_bias.weight.copy_(local_relative_bias(model.config))
     if cfg.data.block_size > model.config.max_sequence_length:
         raise UserError(f"data.block_size {cfg.data.block_size} is longer than the position table allows "
                         f"({model.config.max_sequence_length}); lower it or raise model.max_position_embeddings")
@@ -165,6 +168,20 @@ def unigram_log_prior(shard_dir: Path, meta: dict) -> torch.Tensor:
     counts = np.bincount(tokens[:UNIGRAM_SAMPLE_TOKENS], minlength=meta["vocab_size"])[: meta["vocab_size"]]
     counts = counts.astype(np.float64) + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+def local_relative_bias(config) -> torch.Tensor:
+    """(buckets, heads) table with bias -slope_h x |distance| at each bucket's nearest distance; slopes
+    geometric from 1 to 1/16 across the heads."""
+    from ..modeling.masks import relative_position_bucket
+
+    buckets, heads = config.relative_attention_num_buckets, config.num_attention_heads
+    distance = torch.arange(-config.relative_attention_max_distance, config.relative_attention_max_distance + 1)
+    bucket = relative_position_bucket(distance, buckets, config.relative_attention_max_distance)
+    nearest = torch.full((buckets,), float(config.relative_attention_max_distance))
+    nearest = nearest.scatter_reduce(0, bucket, distance.abs().float(), reduce="amin")
+    slopes = 16.0 ** (-torch.arange(heads) / max(heads - 1, 1))
+    return -nearest[:, None] * slopes[None, :]
 
 
 def _uses_flex(cfg: PretrainConfig) -> bool:
