@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a config override for our runs (repeatable), e.g. model.hidden_dropout_prob=0")
+                   help="a config override (repeatable), e.g. model.hidden_dropout_prob=0: our runs take it, and the "
+                        "reference its model shape, dropout and block size")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--title", default="Learning dynamics", help="heading of the report")
     args = p.parse_args(argv)
@@ -313,12 +314,16 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is visible; pass --device cpu for a (slow) CPU run")
     from mpnet.data import TokenBlocks, read_metadata, resolve_data
-    from mpnet.training.config import PretrainConfig, load
+    from mpnet.errors import UserError
+    from mpnet.training.config import PretrainConfig, load, parse_overrides
     from mpnet.training.evaluation import fill_mask_batches
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = load(PretrainConfig, args.config)
+    try:  # --set applies to the reference's model and blocks too, so every run sees the same batches
+        cfg = load(PretrainConfig, args.config, parse_overrides(args.set))
+    except UserError as err:
+        fail(str(err))
     shards = resolve_data(cfg.data.path, args.out / "data", tokenizer=cfg.data.tokenizer)
     meta = read_metadata(shards)
     # The same batches pretrain-mpnet scores its runs on (pretrain.prepare_data) at this batch size.

@@ -1,0 +1,107 @@
+"""The fill-mask figure every run is compared by (mpnet/training/evaluation.py), and the dynamics command.
+
+Brute force: each fill-mask row masks exactly round(pred_prob x its length) of its non-special tokens (fewer
+only when it has fewer), the targets are the replaced ids, nothing else changes, and the batches are the same
+on every call; fill_mask_scores counts a logits function that knows the answers as 1.0 and the unigram guess
+as its share of the targets. learning_dynamics.py runs end to end on a CPU in seconds and reports every run
+on the same fill-mask batches.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpnet.data import TokenBlocks, read_metadata
+from mpnet.training.evaluation import fill_mask_batches, fill_mask_scores
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def batches_of(shards, **kwargs):
+    meta = read_metadata(shards)
+    blocks = TokenBlocks(shards, "valid", 32)
+    return meta, blocks, fill_mask_batches(blocks, meta["mask_token_id"], meta["special_token_ids"],
+                                           meta["pad_token_id"], batch_size=4, count=3, **kwargs)
+
+
+def test_fill_mask_batches_mask_a_fixed_share_of_the_ordinary_tokens(prefix_shards):
+    meta, blocks, batches = batches_of(prefix_shards)
+    special = set(meta["special_token_ids"]) | {meta["pad_token_id"], meta["mask_token_id"]}
+    assert len(batches) == min(3, -(-len(blocks) // 4))
+    row_index = 0
+    for batch in batches:
+        for ids, targets, mask in zip(batch["input_ids"], batch["targets"], batch["attention_mask"]):
+            original = np.asarray(blocks[row_index])
+            row_index += 1
+            length = len(original)
+            assert mask[:length].all() and not mask[length:].any()
+            chosen = (targets != -100).nonzero().flatten().tolist()
+            ordinary = [i for i, t in enumerate(original.tolist()) if t not in special]
+            assert len(chosen) == min(len(ordinary), max(1, round(0.15 * length)))
+            assert set(chosen) <= set(ordinary)
+            assert targets[chosen].tolist() == original[chosen].tolist()
+            assert (ids[chosen] == meta["mask_token_id"]).all()
+            unchanged = [i for i in range(length) if i not in chosen]
+            assert ids[unchanged].tolist() == original[unchanged].tolist()
+    again = batches_of(prefix_shards)[2]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
+
+
+def test_fill_mask_scores_count_right_answers(prefix_shards):
+    meta, _, batches = batches_of(prefix_shards)
+    vocab = meta["vocab_size"]
+    answers = {id(b["input_ids"]): b["targets"] for b in batches}
+
+    def oracle(input_ids, attention_mask):
+        targets = next(t for b, t in zip(batches, answers.values()) if torch.equal(b["input_ids"], input_ids))
+        return torch.nn.functional.one_hot(targets.clamp(min=0), vocab).float() * 10
+
+    assert fill_mask_scores(oracle, batches, torch.device("cpu"))["accuracy"] == 1.0
+    targets = torch.cat([b["targets"][b["targets"] != -100] for b in batches])
+    top = int(torch.bincount(targets).argmax())
+
+    def unigram(input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, vocab)
+        logits[..., top] = 1.0
+        return logits
+
+    share = (targets == top).float().mean().item()
+    assert fill_mask_scores(unigram, batches, torch.device("cpu"))["accuracy"] == pytest.approx(share)
+
+
+def test_the_dynamics_command_reports_every_run_on_the_same_batches(tmp_path):
+    from pretrain_support import embedded_prefix
+
+    prefix_text = embedded_prefix(tmp_path / "austen-prefix.txt")
+    out = tmp_path / "dynamics"
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "mpnet_cli").symlink_to(REPO / "cli")
+    env = {"PYTHONPATH": f"{REPO}:{shim}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "learning_dynamics.py"), "--out", str(out),
+                             "--device", "cpu", "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+                             "--batch-size", "4", "--runs", "mpnet", "--reference-bias-inits", "zero",
+                             "--set", "model.num_hidden_layers=1", "--set", "data.block_size=32",
+                             "--set", "data.path=" + str(prefix_text)],
+                            capture_output=True, text=True, env={**env, **_passthrough()}, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "dynamics.json").read_text())
+    names = [run["name"] for run in report["runs"]]
+    assert names == ["mpnet", "reference-mlm (lr 0.002, zero bias)"]
+    for run in report["runs"]:
+        assert [point["step"] for point in run["curve"]] == [2, 4]
+        assert all(0 <= point["fill_mask_accuracy"] <= 1 for point in run["curve"])
+    assert (out / "dynamics.md").read_text().count("| 4 |") == 3  # one row per table
+    assert (out / "dynamics.png").stat().st_size > 0
+
+
+def _passthrough() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k in ("VIRTUAL_ENV", "LANG", "TMPDIR", "PYTHONHASHSEED")}
