@@ -11,7 +11,9 @@ Two-stream layout (rows = queries, length n + 2m; keys/values = the first n + m 
     [ CTX: n - m context tokens | PRED: m predicted tokens | MASK: m appended <mask> | QUERY: m <mask> ]
       \______________________ content stream (keys/values) ___________________/    query stream
 
-The PRED, MASK and QUERY entries have a rank 0..m-1: the order in which they are predicted.
+The PRED, MASK and QUERY entries have a rank 0..m-1: the order in which they are predicted. (The
+rules care about slots, not inputs: by default MASK and QUERY hold the corrupted predicted tokens,
+data.corrupted_input, docs/objectives.md.)
 Single-stream encoding is the same layout with m = 0 (everything is context).
 
 The permuted-LM objective (plm, XLNet-style; docs/objectives.md) lays the streams out without the

@@ -248,8 +248,8 @@ class MPNetForPretraining(_MPNetBase):
                 objective: str = "mpnet", appended_ids=None):
         """Two-stream MPNet: logits of the predicted tokens, (B, pred_size, vocab), in rank order.
 
-        input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (already
-        corrupted). positions (B, n): ORIGINAL 0-based position of each. Padding (attention_mask 0, or
+        input_ids (B, n): tokens in permuted order; the last pred_size are the predicted ones (real tokens
+        when appended_ids carries their corrupted inputs, the collator's default; else already corrupted). positions (B, n): ORIGINAL 0-based position of each. Padding (attention_mask 0, or
         input_ids == pad_token_id) is never attended. The pred_size <mask> entries of both streams are
         appended here, at the predicted tokens' positions (position compensation). document_ids (B, n),
         optional, permuted like positions: a token attends only within its document; the appended
