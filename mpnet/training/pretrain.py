@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
 from .resume import resume_config
-from .safety import NonFiniteError, NonFiniteGuard, OutputDirLock, all_finite, quiet_disk_errors_in_threads
+from .safety import (NonFiniteError, NonFiniteGuard, OutputDirLock, StopRequest, all_finite,
+                     quiet_disk_errors_in_threads)
 
 log = logging.getLogger("mpnet.pretrain")
 
@@ -243,6 +245,8 @@ class Trainer:
         self.scheduler = toolkit.lr_scheduler(self.optimizer, opt.warmup_steps, cfg.training.max_steps, opt.schedule,
                                               opt.power, floor=opt.end_lr / opt.lr)
         self.start_step = 0
+        self.stop = StopRequest()  # entered by train(): SIGTERM / SIGUSR1 end the run at a step boundary, saved
+        self.stopped_at = None
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, env, opt.lr,
                                     skipped=state.get("skipped_steps", 0) if state else 0,
                                     on_device=bool(self.optimizer.defaults.get("fused")) and not env.fsdp)
@@ -324,6 +328,21 @@ class Trainer:
         self.train_model.train()
         bar = tqdm(total=max_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.logging.progress_bar))
+        with self.stop:
+            self._loop(bar, max_steps)
+        bar.close()
+        # FSDP shards the weights: a forward on one rank alone would wait for the others
+        answers = fill_mask(self.model, self.data.tokenizer) if self.env.is_main and not self.env.fsdp else []
+        summary = self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir), fill_mask=answers)
+        if self.stopped_at is not None:
+            summary["stopped_by"] = self.stop.signal_name
+            self.metrics.note(f"pretrain-mpnet: stopped by {self.stop.signal_name} after step {self.stopped_at} "
+                              f"(checkpoint saved); continue with: pretrain-mpnet --output-dir {self.output_dir} "
+                              "--resume")
+        return summary
+
+    def _loop(self, bar, max_steps: int):
+        cfg = self.cfg
         for step in range(self.start_step, max_steps):
             grad_norm, finite = self.train_step(step)
             done = step + 1
@@ -343,10 +362,14 @@ class Trainer:
                 self.train_model.train()
             if save_now:
                 self.save(done)
-        bar.close()
-        # FSDP shards the weights: a forward on one rank alone would wait for the others
-        answers = fill_mask(self.model, self.data.tokenizer) if self.env.is_main and not self.env.fsdp else []
-        return self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir), fill_mask=answers)
+            if done < max_steps and self.stop.requested(self.env, log_step=log_now):  # preempted: save, end
+                if not log_now:  # the interval so far gets its row (the resumed run's next row starts after it)
+                    self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
+                                           skipped=self.guard.skipped)
+                if not save_now:
+                    self.save(done)
+                self.stopped_at = done
+                break
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.data.valid_batches, self.device, self.cfg.training.bf16,
@@ -438,6 +461,11 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
                 data = prepare_data(cfg, output_dir, env)
                 model = build_model(cfg, data.meta, env.device, resume_from=checkpoint, shard_dir=data.shard_dir)
                 summary = Trainer(cfg, env, output_dir, data, model, state).train()
+        except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on (then the command's "interrupted")
+            if env.is_main:
+                print(f"pretrain-mpnet: {last_good_checkpoint(output_dir)}; continue with: pretrain-mpnet "
+                      f"--output-dir {output_dir} --resume", file=sys.stderr)
+            raise
         except OSError as err:  # a full disk outside a checkpoint save (data cache, logs): the same one line
             if err.errno not in NO_SPACE:
                 raise

@@ -1,5 +1,11 @@
 """What keeps a long pretraining run from losing work: the non-finite step guard, the output-directory lock,
-and one line (not a thread's traceback) for a full disk.
+the preemption stop, and one line (not a thread's traceback) for a full disk.
+
+Preemption. Schedulers stop a job with SIGTERM (SLURM also sends SIGUSR1 ahead of time with
+`--signal=USR1@SECONDS`). `StopRequest` turns either into a flag: the loop finishes the step it is in, saves
+a checkpoint at that step boundary and ends normally (exit 0), so `--resume` continues exactly there. With
+several processes the flag is all-reduced at log steps only (every rank stops at the same step; a per-step
+sync would cost the throughput measured below), so such a run saves within logging.log_every steps.
 
 The lock. A run holds an exclusive flock on OUTPUT/.lock (its pid written inside) for its whole life, so a
 second run into the same directory fails at once, naming the holder, instead of interleaving metrics and
@@ -23,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -175,3 +182,41 @@ class OutputDirLock:
             os.close(self.fd)
             self.fd = None
         return False
+
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class StopRequest:
+    """Context manager: while inside, SIGTERM and SIGUSR1 set `signal_name` instead of killing the process
+    (handlers can only be installed from the main thread; elsewhere the signals keep their default)."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPTION_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def requested(self, env, log_step: bool) -> bool:
+        """Whether to stop at this step boundary: at once in one process; at log steps, agreed by every rank,
+        with several."""
+        if env.world_size == 1:
+            return self.signal_name is not None
+        if not log_step:
+            return False
+        flag = torch.tensor([0.0 if self.signal_name is None else 1.0], device=env.device)
+        return dist_utils.all_reduce_sum(flag, env).item() > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cli_support import cli_env
-from pretrain_support import assert_same_run, error_line, pretrain, train_losses
+from pretrain_support import assert_same_run, checkpoint_steps, error_line, pretrain, train_losses
 from mpnet.training.toolkit import lr_multiplier
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
@@ -305,3 +305,54 @@ def test_no_progress_turns_the_bar_off(shards, tmp_path, flag):
     assert ("step/s" in stderr or "s/step" in stderr) == (not flag), stderr
     config = (tmp_path / "o" / "config.yaml").read_text()
     assert f"progress_bar: {'false' if flag else 'true'}" in config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_preemption_signal_saves_at_the_step_boundary_and_resume_matches(shards, tmp_path, signal_name):
+    """SIGTERM (schedulers' preemption) and SIGUSR1 (SLURM's --signal): the run finishes its step, saves a
+    checkpoint there, exits 0 with one line naming the step and the resume command; resuming gives the
+    uninterrupted run's losses step for step."""
+    common = ["--data", shards, "--max-steps", 40, "--log-every", 1, "--save-every", 1000,
+              "optim.warmup_steps=4", *SMALL]
+    straight = tmp_path / "straight"
+    assert pretrain("--output-dir", straight, *common)[0] == 0
+    reference = train_losses(straight)
+
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(run), *map(str, common)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(train_losses(run)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signal_name))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    saved = checkpoint_steps(run)
+    assert len(saved) == 1 and 3 <= saved[0] < 40, saved
+    line = next(line for line in stdout.splitlines() if "stopped by" in line)
+    assert f"stopped by {signal_name} after step {saved[0]}" in line and f"--output-dir {run} --resume" in line
+
+    code, stderr = pretrain("--output-dir", run, "--resume", *common)
+    assert code == 0, stderr[-2000:]
+    after = train_losses(run)
+    assert sorted(after) == list(range(1, 41))
+    for step in range(1, 41):
+        assert after[step] == pytest.approx(reference[step], rel=1e-5), (step, after[step], reference[step])
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(run), "--data", str(shards),
+                             "--max-steps", "400", "--log-every", "1", "--save-every", "2", *SMALL],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not checkpoint_steps(run):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    step = checkpoint_steps(run)[-1]
+    assert f"the last good checkpoint is step {step}" in stderr
+    assert f"continue with: pretrain-mpnet --output-dir {run} --resume" in stderr
