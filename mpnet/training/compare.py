@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..tasks import get_task
 from .config import FinetuneConfig, load_finetune_config
 from .finetune import Backend, evaluate_checkpoint, finetune, read_task_data
-from .toolkit import check_new_output_dir, resolve_device, versions, write_json_atomic
+from .toolkit import check_output_dir, resolve_device, versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Run:
 def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], seeds: list[int], output_dir,
             config_path=None, overrides: dict | None = None, device=None, overwrite: bool = False) -> dict:
     checkpoint = Path(checkpoint)
-    output_dir = check_new_output_dir(output_dir, overwrite, "the comparison")
+    output_dir = check_output_dir(output_dir, overwrite, "the comparison")
     task_specs = [get_task(name) for name in tasks]  # unknown task -> error before any work
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} is not a directory; pass an MPNet checkpoint (HF layout)")

@@ -35,7 +35,7 @@ from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .metrics import ScalarLog
-from .toolkit import (PeakMemory, adamw, autocast, check_new_output_dir, compile_model, compiles, lr_scheduler,
+from .toolkit import (PeakMemory, adamw, autocast, check_output_dir, compile_model, compiles, lr_scheduler,
                       mark_step, resolve_device, save_model_atomic, seed_everything, synchronize, to_device, versions,
                       write_json_atomic)
 
@@ -200,7 +200,7 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
              overwrite: bool = False) -> dict:
     """Fine-tune `checkpoint` on the configured task; returns the results dict (also in results.json).
     A non-empty output_dir is refused unless overwrite; a training checkpoint always."""
-    output_dir = check_new_output_dir(output_dir, overwrite, "the fine-tuning run")
+    output_dir = check_output_dir(output_dir, overwrite, "the fine-tuning run")
     run = _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, tokenizer)
     t = config.training
     results = _results_header(run, checkpoint, data_dir, config, backend)

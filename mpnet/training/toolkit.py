@@ -154,9 +154,16 @@ def write_json_atomic(path, data: dict):
     os.replace(tmp, path)
 
 
-def check_output_dir(out_dir, overwrite: bool) -> Path:
-    """out_dir as a Path, refused when it is a file, or holds something and overwrite is not set."""
+def check_output_dir(out_dir, overwrite: bool, what: str = "this output") -> Path:
+    """out_dir as a Path, refused in one line when it is a file, holds something and overwrite is not set,
+    or is or holds a training run or checkpoint anywhere below it (even with overwrite: its training state
+    would be lost). The one rule of every command that writes a directory; `what` names the output, e.g.
+    'the conversion'."""
     out_dir = Path(out_dir).expanduser()
+    found = training_checkpoint_in(out_dir)
+    if found is not None:
+        raise UserError(f"{out_dir} holds a training checkpoint ({found}); write {what} to a new directory "
+                        "(nothing was changed)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output directory {out_dir} is a file; choose a directory")
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
@@ -166,32 +173,32 @@ def check_output_dir(out_dir, overwrite: bool) -> Path:
 
 
 def training_checkpoint_in(path) -> Path | None:
-    """The training checkpoint that `path` is, holds, or would pose as (None if none): a directory with
-    training_state/, a run directory with checkpoints/step-*, or a new checkpoints/step-* that --resume would
-    take for the newest step of that run. Nothing but pretraining ever writes there."""
+    """The training checkpoint that `path` is, holds anywhere below it, or would pose as (None if none): a
+    directory with training_state/, a run directory with checkpoints/step-*, any folder below `path` that is
+    one of these (what --overwrite would delete), or a new checkpoints/step-* that --resume would take for the
+    newest step of that run. Nothing but pretraining ever writes there."""
     from .checkpointing import PREFIX, STATE_FILE, checkpoint_root
 
+    def run_part(folder: Path) -> Path | None:
+        if (folder / STATE_FILE.parent).exists():
+            return folder / STATE_FILE.parent
+        root = checkpoint_root(folder)
+        if root.is_dir():
+            steps = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
+            if steps:
+                return steps[-1]
+        return None
+
     path = Path(path)
-    if (path / STATE_FILE.parent).exists():
-        return path / STATE_FILE.parent
-    root = checkpoint_root(path)
-    if root.is_dir():
-        steps = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
-        if steps:
-            return steps[-1]
-    if path.parent.name == checkpoint_root(Path()).name and path.name.startswith(PREFIX):
-        return path
-    return None
-
-
-def check_new_output_dir(out_dir, overwrite: bool, what: str) -> Path:
-    """check_output_dir, and never a training checkpoint (even with overwrite: its training state would
-    be lost). `what` names the output in the message, e.g. 'the conversion'."""
-    found = training_checkpoint_in(Path(out_dir).expanduser())
-    if found is not None:
-        raise UserError(f"{out_dir} holds a training checkpoint ({found}); write {what} to a new directory "
-                        "(nothing was changed)")
-    return check_output_dir(out_dir, overwrite)
+    found = run_part(path)
+    if found is None and path.is_dir():
+        for root, folders, _ in os.walk(path):
+            found = next((f for f in (run_part(Path(root) / name) for name in folders) if f is not None), None)
+            if found is not None:
+                break
+    if found is None and path.parent.name == checkpoint_root(Path()).name and path.name.startswith(PREFIX):
+        found = path
+    return found
 
 
 def fsync_tree(directory):
