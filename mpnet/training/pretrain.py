@@ -44,7 +44,7 @@ from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_ch
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
-from .resume import resume_config
+from .resume import config_before_first_checkpoint, resume_config
 from .safety import (NonFiniteError, NonFiniteGuard, OutputDirLock, StopRequest, all_finite,
                      quiet_disk_errors_in_threads)
 
@@ -456,6 +456,8 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
             state = load_training_state(checkpoint)
             cfg = resume_config(cfg, requested, checkpoint, state["step"])
             log.info("resuming from %s (step %d)", checkpoint, state["step"])
+        elif resume:
+            cfg = config_before_first_checkpoint(cfg, requested, output_dir)
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)

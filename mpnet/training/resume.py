@@ -77,10 +77,37 @@ def _same(a, b, key) -> bool:
 def resume_config(cfg: PretrainConfig, requested: dict | None, checkpoint: Path, step: int) -> PretrainConfig:
     """The config a resumed run really uses: the checkpoint's, with the requested changeable keys applied.
     `requested`: the explicitly given settings (nested dict); None means every key of `cfg` was asked for."""
-    saved = run_config_of(checkpoint)
+    # the checkpoint's true shape (a grown position table included)
+    fix = (f"start a new run from the checkpoint's weights (training.init_from={checkpoint} and a new --output-dir)")
+    return _apply_requests(cfg, requested, run_config_of(checkpoint), read_config(checkpoint).to_dict(), checkpoint,
+                           step, fix)
+
+
+def config_before_first_checkpoint(cfg: PretrainConfig, requested: dict | None, output_dir: Path) -> PretrainConfig:
+    """--resume of a run stopped before its first checkpoint: its own config.yaml (not the defaults), under the
+    same rules as a checkpoint's; `cfg` itself when the directory has no config.yaml (nothing ran there)."""
+    file = Path(output_dir) / "config.yaml"
+    if not file.is_file():
+        return cfg
+    try:
+        saved = build(PretrainConfig, yaml.safe_load(file.read_text()) or {})
+    except (UserError, yaml.YAMLError) as err:
+        raise UserError(f"{file} is not a valid run config ({str(err).splitlines()[0]}); fix it or start a new "
+                        "--output-dir") from None
+    from .config import model_config
+
+    model_now = model_config(saved.model).to_dict()
+    log.info("--resume: no checkpoint in %s yet; starting again from its config.yaml", output_dir)
+    return _apply_requests(cfg, requested, saved, model_now, file, 0, "choose a new --output-dir", owner="run's")
+
+
+def _apply_requests(cfg: PretrainConfig, requested: dict | None, saved: PretrainConfig, model_now: dict, source: Path,
+                    step: int, fix: str, owner: str = "checkpoint's") -> PretrainConfig:
+    """`saved` (read from `source`) with the requested changeable keys of `cfg` applied; a requested fixed key
+    that differs is refused in one line ending with `fix`."""
     requested_dict = to_dict(cfg) if requested is None else requested
     wanted, base = to_dict(cfg), to_dict(saved)
-    model_now = read_config(checkpoint).to_dict()  # the checkpoint's true shape (a grown position table included)
+    checkpoint = source
     for path in leaves(requested_dict):
         if len(path) != 2:
             continue  # the loader already refused anything that is not SECTION.KEY
@@ -96,9 +123,8 @@ def resume_config(cfg: PretrainConfig, requested: dict | None, checkpoint: Path,
         if not _same(value, old, path):
             why = WHY_KEY.get(path, WHY.get(section, "it is fixed by the checkpoint"))
             raise UserError(
-                f"--resume: {section}.{key}={value!r} conflicts with the checkpoint's {old!r} ({checkpoint}): "
-                f"{why}. Drop it, or start a new run from the checkpoint's weights (training.init_from={checkpoint} and a "
-                f"new --output-dir); see docs/resume.md")
+                f"--resume: {section}.{key}={value!r} conflicts with the {owner} {old!r} ({checkpoint}): "
+                f"{why}. Drop it, or {fix}; see docs/resume.md")
     resumed = build(PretrainConfig, base)
     if resumed.training.max_steps <= step:
         raise UserError(f"--resume: training.max_steps (--max-steps) is {resumed.training.max_steps}, at or below the "

@@ -265,3 +265,24 @@ def test_cuda_graph_training_follows_the_eager_run_and_resumes(prefix_shards, tm
     assert sorted(compiled) == [1, 2, 3, 4, 5, 6]
     # fp32 throughout; inductor's fused kernels sum in another order than eager's: 1e-4 relative
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_resume_before_the_first_checkpoint_uses_the_runs_own_config(prefix_shards, tmp_path):
+    """A run stopped before its first checkpoint has only its config.yaml: --resume without --config trains that
+    config (here a 32-wide model at lr 1e-3), not the built-in defaults, exactly as the first attempt did; a
+    conflicting setting is refused by name."""
+    run = tmp_path / "run"
+    settings = ["--data", prefix_shards, *TINY_RUN, "optim.lr=1e-3", "--max-steps", 2, "--save-every", 2,
+                "--log-every", 1]
+    assert pretrain("--output-dir", run, *settings)[0] == 0
+    first = train_losses(run)
+    shutil.rmtree(run / "checkpoints")  # as if stopped before its first save
+    (run / "metrics.jsonl").unlink()
+    line = error_line(*pretrain("--output-dir", run, "--resume", "--data", prefix_shards, "optim.lr=0.01"))
+    assert "optim.lr=0.01 conflicts with the run's 0.001" in line and "config.yaml" in line
+    code, stderr = pretrain("--output-dir", run, "--resume", "--data", prefix_shards)
+    assert code == 0, stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["hidden_size"] == 32 and config["optim"]["lr"] == 1e-3
+    assert config["training"]["max_steps"] == 2
+    assert train_losses(run) == first
