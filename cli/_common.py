@@ -48,13 +48,15 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
 
 
 def overrides_from(args, flags: dict) -> dict:
-    """The nested overrides of a run: SECTION.KEY=VALUE arguments, then the flags that were given (flags win)."""
+    """The nested overrides of a run: SECTION.KEY=VALUE arguments and the flags that were given; a flag and an
+    override of the same key must agree (config.add_flags)."""
     from mpnet.training.config import add_flags, parse_overrides
 
     return add_flags(parse_overrides(args.overrides), flags)
 
 
-OVERRIDES_HELP = "config overrides, e.g. optim.lr=1e-4; allowed anywhere among the flags"
+OVERRIDES_HELP = ("config overrides, e.g. optim.lr=1e-4; allowed anywhere among the flags (one that sets the same "
+                  "key as a flag must agree with it, else the command stops)")
 
 
 # argparse types shared by the commands: comma-separated lists, checked where they are parsed

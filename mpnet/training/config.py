@@ -184,12 +184,32 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def add_flags(overrides: dict, flags: dict) -> dict:
-    """Put the command-line flags that were given (not None) into the nested overrides; flags win."""
+    """Put the command-line flags that were given (not None) into the nested overrides. A flag and a
+    SECTION.KEY=VALUE for the same key must agree (compared as YAML reads the override): one that disagrees is
+    refused in one line, never silently dropped."""
     for section, values in flags.items():
         for key, value in values.items():
-            if value is not None:
-                overrides.setdefault(section, {})[key] = value
+            if value is None:
+                continue
+            given = overrides.get(section, {}).get(key) if isinstance(overrides.get(section), dict) else None
+            if given is not None and not _same_setting(given, value):
+                raise UserError(f"{section}.{key}={given} and its command-line flag ({value}) disagree; give one of them")
+            overrides.setdefault(section, {})[key] = value
     return overrides
+
+
+def _same_setting(override: str, flag) -> bool:
+    if str(override) == str(flag):
+        return True
+    if isinstance(flag, (int, float)) and not isinstance(flag, bool):  # 1e-4 and 0.0001 agree
+        try:
+            return float(override) == float(flag)
+        except ValueError:
+            return False
+    try:
+        return yaml.safe_load(str(override)) == flag
+    except yaml.YAMLError:
+        return False
 
 
 def load(cls, path=None, overrides: dict | None = None):

@@ -82,3 +82,28 @@ def test_a_small_vocabulary_without_a_mask_id_refuses_two_stream_pretraining_cle
     assert model.mlm_logits(ids).shape == (1, 16, 211)  # single-stream encoding needs no <mask>
     with pytest.raises(UserError, match="no mask_token_id"):
         model(ids, torch.arange(16)[None], 3)
+
+
+@pytest.mark.parametrize("module,args,fragment", [
+    ("pretrain", ["--max-steps", "4", "training.max_steps=3"], "training.max_steps=3 and its command-line flag (4)"),
+    ("finetune", ["--epochs", "1", "training.epochs=2"], "training.epochs=2 and its command-line flag (1)"),
+])
+def test_a_flag_and_an_override_that_disagree_are_refused(tmp_path, module, args, fragment):
+    """One precedence rule: a flag and a SECTION.KEY=VALUE for the same key agree or the command stops in one
+    line before any work (before, the flag won silently)."""
+    from cli_support import assert_one_line_error_text, call_main, cli_main
+
+    out = tmp_path / "out"
+    common = (["--output-dir", out] if module == "pretrain"
+              else ["--checkpoint", tmp_path / "ckpt", "--task", "sst2", "--data-dir", tmp_path, "--output-dir", out])
+    code, err = call_main(cli_main(module), *common, *args)
+    assert_one_line_error_text(code, err, fragment, "give one of them")
+    assert not out.exists()
+
+
+def test_a_flag_and_an_override_that_agree_are_one_setting():
+    from mpnet.training.config import add_flags, parse_overrides
+
+    overrides = add_flags(parse_overrides(["optim.lr=1e-4", "training.max_steps=3", "logging.progress_bar=false"]),
+                          {"optim": {"lr": 0.0001}, "training": {"max_steps": 3}, "logging": {"progress_bar": False}})
+    assert overrides == {"optim": {"lr": 0.0001}, "training": {"max_steps": 3}, "logging": {"progress_bar": False}}
