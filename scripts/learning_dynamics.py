@@ -23,9 +23,7 @@ From the repository root, installed (`pip install -e .`) or not:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -33,7 +31,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from objective_ablation import REPO, git_commit, run_command, shown
+from objective_ablation import REPO, git_commit, require_runtime, run_command, shown
 
 PROG = "learning_dynamics"
 # Run names -> (objective, extra overrides)
@@ -108,8 +106,8 @@ def our_run(args, shards: Path, name: str, log: list) -> dict:
             "--seed", args.seed, "--attention-backend", args.attention_backend,
             f"training.batch_size={args.batch_size}", f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}",
             f"logging.valid_every={args.eval_every}", f"logging.valid_batches={args.eval_batches}",
-            "logging.keep_last=1", *args.set]
-    seconds = run_command("pretrain-mpnet", "pretrain", argv, log)
+            "logging.keep_last=1", *(o for o in args.set if not o.startswith("data.path="))]  # --data is the shards
+    seconds = run_command("pretrain-mpnet", "pretrain", argv, log, fail)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [{"step": r["step"], "accuracy": r["valid/accuracy"], "masked_accuracy": r["valid/masked_accuracy"],
               "fill_mask_accuracy": r["valid/fill_mask_accuracy"], "loss": r["valid/loss"]}
@@ -303,16 +301,10 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.out.exists() and any(args.out.iterdir()):
         fail(f"--out {args.out} is not empty; choose a new folder (nothing was overwritten)")
-    try:
-        importlib.import_module("mpnet_cli.pretrain")
-    except ModuleNotFoundError:
-        fail("mpnet_cli is not importable: pip install -e . or run with PYTHONPATH=.:/tmp/shim after "
-             "mkdir -p /tmp/shim && ln -sfn \"$PWD/cli\" /tmp/shim/mpnet_cli")
+    require_runtime(args.device, fail)
     import torch
     import transformers
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is visible; pass --device cpu for a (slow) CPU run")
     from mpnet.data import TokenBlocks, read_metadata, resolve_data
     from mpnet.errors import UserError
     from mpnet.training.config import PretrainConfig, load, parse_overrides

@@ -106,8 +106,21 @@ def shown(value) -> str:
     return str(value)
 
 
-def run_command(program: str, module: str, argv: list, log: list) -> float:
-    """Run a command's main() here; stop the ablation on a non-zero exit. Returns its wall time in seconds."""
+def require_runtime(device: str, fail):
+    """Stop in one line (through `fail`) when the commands are not importable or --device cuda has no GPU."""
+    try:
+        importlib.import_module("mpnet_cli.pretrain")
+    except ModuleNotFoundError:
+        fail("mpnet_cli is not importable: pip install -e . or run with PYTHONPATH=.:/tmp/shim after "
+             "mkdir -p /tmp/shim && ln -sfn \"$PWD/cli\" /tmp/shim/mpnet_cli")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is visible; pass --device cpu for a (slow) CPU run")
+
+
+def run_command(program: str, module: str, argv: list, log: list, fail=fail) -> float:
+    """Run a command's main() here; stop (through `fail`) on a non-zero exit. Returns its wall time in seconds."""
     argv = [shown(a) for a in argv]
     line = f"{program} " + " ".join(shlex.quote(a) for a in argv)
     print(f"\n$ {line}", flush=True)
@@ -237,15 +250,9 @@ def main(argv=None):
         if not (args.sentiment_dir / split).is_file():
             fail(f"{args.sentiment_dir / split} is missing; make the sentiment data first: "
                  f"python scripts/make_sentiment_data.py {args.sentiment_dir}")
-    try:
-        importlib.import_module("mpnet_cli.pretrain")
-    except ModuleNotFoundError:
-        fail("mpnet_cli is not importable: pip install -e . or run with PYTHONPATH=.:/tmp/shim after "
-             "mkdir -p /tmp/shim && ln -sfn \"$PWD/cli\" /tmp/shim/mpnet_cli")
+    require_runtime(args.device, fail)
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is visible; pass --device cpu for a (slow) CPU run")
     from mpnet.data import resolve_data
     from mpnet.training.config import PretrainConfig, load
 
