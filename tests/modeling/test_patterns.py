@@ -431,9 +431,10 @@ def test_cli_rejects_a_bad_pattern_in_one_line(argv, monkeypatch, capsys, tmp_pa
 @pytest.mark.parametrize("argv,spec", [
     (["--attention-pattern", "swin:64,softcap:30"], "swin:64,softcap:30"),
     (["model.attention_pattern=block:64,alibi"], "block:64,alibi"),
-    (["--attention-pattern", "alibi", "model.attention_pattern=block:8"], "alibi"),  # the flag wins
+    (["--attention-pattern", "alibi", "model.attention_pattern=alibi"], "alibi"),  # a flag and an override agree
 ])
 def test_cli_maps_the_pattern_to_the_model_config(argv, spec, monkeypatch, capsys, tmp_path):
+    # (a flag and an override that disagree are refused: test_config_validation.py)
     from mpnet.training.config import model_config
 
     code, _, cfg = _run_pretrain_cli(["--output-dir", str(tmp_path), *argv], monkeypatch, capsys)

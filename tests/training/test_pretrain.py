@@ -190,13 +190,13 @@ def test_vocabulary_mismatch_with_checkpoint(shards, tmp_path):
 @pytest.mark.slow
 def test_corrupt_checkpoint_on_resume_is_reported_and_kept(shards, tmp_path):
     out = tmp_path / "run"
-    common = ["--data", shards, "--max-steps", 4, "--save-every", 2, "--log-every", 1, *SMALL]
-    assert pretrain("--output-dir", out, *common)[0] == 0
+    common = ["--data", shards, "--save-every", 2, "--log-every", 1, *SMALL]
+    assert pretrain("--output-dir", out, *common, "--max-steps", 4)[0] == 0
     newest = out / "checkpoints" / "step-00000004"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    line = error_line(*pretrain("--output-dir", out, "--resume", *common, "training.max_steps=8"))
+    line = error_line(*pretrain("--output-dir", out, "--resume", *common, "--max-steps", 8))
     assert "step-00000004" in line and ("corrupt" in line or "truncated" in line)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert weights.stat().st_size == 1000
