@@ -41,6 +41,16 @@ def estimate_flops_per_example(config, n: int, m: int) -> float:
     return 3.0 * (layers * per_layer + lm_head)
 
 
+def _row(line: str) -> dict | None:
+    """A metrics.jsonl row, or None for a blank line or the cut-off last line of a run that crashed mid-write
+    (the resumed run rewrites every row after its checkpoint anyway)."""
+    try:
+        row = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class ScalarLog:
     """The one metrics log of every run: each row (a dict with "step") goes to OUTPUT/metrics.jsonl and to
     tensorboard (OUTPUT/tensorboard). A run resumed at `start_step` rewrites what came after it."""
@@ -59,7 +69,7 @@ class ScalarLog:
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
         if self.jsonl.exists():
             kept = [line for line in self.jsonl.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                    if _row(line) is not None and _row(line).get("step", 0) <= start_step]
             self.jsonl.write_text("".join(line + "\n" for line in kept))
             self.history = [json.loads(line) for line in kept]
 

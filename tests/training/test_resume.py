@@ -3,6 +3,7 @@ conflict, config.yaml = what the run uses; and vocabulary mismatches whose sugge
 In-process runs of a tiny model (CPU)."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -286,3 +287,14 @@ def test_resume_before_the_first_checkpoint_uses_the_runs_own_config(prefix_shar
     assert config["model"]["hidden_size"] == 32 and config["optim"]["lr"] == 1e-3
     assert config["training"]["max_steps"] == 2
     assert train_losses(run) == first
+
+
+def test_a_metrics_log_cut_off_mid_line_does_not_block_resume(resumable, prefix_shards):
+    """A crash while a row was being written leaves half a JSON line at the end of metrics.jsonl: --resume
+    drops it (and every row after the checkpoint) instead of stopping with a JSONDecodeError."""
+    jsonl = resumable / "metrics.jsonl"
+    jsonl.write_text(jsonl.read_text() + '{"step": 5, "train/lo')
+    code, stderr = run(resumable, prefix_shards, "--resume", "--max-steps", 6, "--save-every", 2)
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    assert sorted({r["step"] for r in rows if "train/loss" in r}) == list(range(1, 7))
