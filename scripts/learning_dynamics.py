@@ -191,8 +191,7 @@ def reference_run(args, cfg, shards: Path, lr: float, bias_init: str, fill_batch
         epoch, offset = divmod(g, len(blocks))
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = np.random.default_rng([cfg.training.seed if args.seed is None else args.seed,
-                                                   epoch]).permutation(len(blocks))
+            orders[epoch] = np.random.default_rng([args.seed, epoch]).permutation(len(blocks))
         return blocks[int(orders[epoch][offset])]
 
     torch.manual_seed(args.seed)

@@ -47,8 +47,10 @@ def fill_mask_batches(blocks, mask_token_id: int, special_token_ids, pad_token_i
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
         targets = torch.full_like(input_ids, -100)
+        attention_mask = torch.zeros_like(input_ids)
         for r, row in enumerate(rows):
             input_ids[r, : len(row)] = row
+            attention_mask[r, : len(row)] = 1
             candidates = torch.nonzero(~torch.isin(row, special)).flatten()
             if len(candidates) == 0:
                 continue
@@ -56,9 +58,6 @@ def fill_mask_batches(blocks, mask_token_id: int, special_token_ids, pad_token_i
             chosen = candidates[torch.randperm(len(candidates), generator=generator)[:take]]
             targets[r, chosen] = row[chosen]
             input_ids[r, chosen] = int(mask_token_id)
-        attention_mask = torch.zeros_like(input_ids)
-        for r, row in enumerate(rows):
-            attention_mask[r, : len(row)] = 1
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets})
     return batches
 

@@ -68,10 +68,10 @@ class ScalarLog:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
         if self.jsonl.exists():
-            kept = [line for line in self.jsonl.read_text().splitlines()
-                    if _row(line) is not None and _row(line).get("step", 0) <= start_step]
-            self.jsonl.write_text("".join(line + "\n" for line in kept))
-            self.history = [json.loads(line) for line in kept]
+            rows = [row for row in map(_row, self.jsonl.read_text().splitlines())
+                    if row is not None and row.get("step", 0) <= start_step]
+            self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            self.history = rows
 
     def write(self, row: dict):
         if not self.enabled:
