@@ -173,6 +173,8 @@ def vocabulary_mapping(symbols: list[str], num_rows: int, tokenizer) -> tuple[li
             mapping.append(vocab.get(symbol))
     mapped = [h for h in mapping if h is not None]
     dropped = [symbols[f] for f, h in enumerate(mapping) if h is None]
+    _check_dictionary_share(sum(mapping[row] is not None for row in range(4, mask_row)
+                                if not symbols[row].startswith("madeupword")), len(dict_symbols), dropped)
     if dropped:
         log.info("%d fairseq rows have no HF counterpart and are dropped (e.g. %s)", len(dropped), ", ".join(dropped[:5]))
     report = {
@@ -185,6 +187,20 @@ def vocabulary_mapping(symbols: list[str], num_rows: int, tokenizer) -> tuple[li
         "identity": mapping == list(range(num_rows)) and num_rows == len(vocab),
     }
     return mapping, report
+
+
+# A dict.txt that belongs to the checkpoint and the tokenizer maps all of its symbols (fairseq-preprocess writes
+# the tokenizer's own pieces); one that maps fewer belongs to another model, and converting it would keep only
+# the rows it happens to share (a wrong BERT dict.txt kept 4 of 30,527) while the check still agreed on them.
+MIN_DICTIONARY_SHARE = 0.99
+
+
+def _check_dictionary_share(mapped: int, total: int, dropped: list[str]):
+    if total and mapped < MIN_DICTIONARY_SHARE * total:
+        raise UserError(f"the dictionary maps only {mapped:,} of its {total:,} symbols ({100 * mapped / total:.1f}%, "
+                        f"at least {100 * MIN_DICTIONARY_SHARE:.0f}% needed) to the tokenizer's vocabulary, e.g. "
+                        f"{', '.join(map(repr, dropped[:3]))}: this dict.txt or --tokenizer does not belong to this "
+                        f"checkpoint")
 
 
 def _remap_rows(weight: torch.Tensor, mapping: list[int | None], hf_size: int, fill_row: torch.Tensor) -> torch.Tensor:
@@ -477,12 +493,15 @@ def _verify(ckpt, output_dir, mapping) -> float:
 
     # The fairseq forward attends over whole sequences, whatever attention options the args carried.
     model = MPNetForPretraining.from_pretrained(output_dir, sliding_window_size=None, attention_pattern=None).eval()
-    usable = [f for f, h in enumerate(mapping) if h is not None and f >= 4]
+    # Token ids drawn from the converted vocabulary (every HF id that has a fairseq row), so the check reads
+    # the rows a user's text will read, not only the rows the dictionary happens to share.
+    row_of = {h: f for f, h in enumerate(mapping) if h is not None and f >= 4}
+    usable = sorted(row_of)
     gen = torch.Generator().manual_seed(0)
     length = min(24, model.config.max_sequence_length)
-    fairseq_ids = torch.tensor(usable)[torch.randint(len(usable), (2, length), generator=gen)]
-    fairseq_ids[:, 0] = 0  # <s>
-    hf_ids = torch.tensor([[mapping[i] for i in row] for row in fairseq_ids.tolist()])
+    hf_ids = torch.tensor(usable)[torch.randint(len(usable), (2, length), generator=gen)]
+    fairseq_ids = torch.tensor([[row_of[h] for h in row] for row in hf_ids.tolist()])
+    fairseq_ids[:, 0], hf_ids[:, 0] = 0, mapping[0]  # <s>
     reference = reference_fairseq_logits(ckpt, fairseq_ids)
     ours = model.mlm_logits(hf_ids)
     rows = torch.tensor([f for f, h in enumerate(mapping) if h is not None])

@@ -268,6 +268,31 @@ def test_bad_fairseq_inputs_are_one_line_errors(tmp_path):
     assert_one_line_error_text(*call_main(main, "fairseq", ckpt, "--output-dir", out), "--dict")
 
 
+def test_a_dictionary_of_another_model_is_refused_with_its_share(tmp_path):
+    """A dict.txt of the right length whose symbols are mostly not the tokenizer's (another model's dictionary)
+    used to convert with exit 0, keeping the few shared rows, and the check agreed on those rows."""
+    main = cli_main("convert")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    ckpt, dict_txt, *_ = make_fairseq_checkpoint(tmp_path, tokenizer)
+    symbols = [line.split()[0] for line in dict_txt.read_text().splitlines()]
+    foreign = symbols[:4] + [f"otherword{i}" for i in range(len(symbols) - 4)]  # 4 shared symbols, the rest not
+    (tmp_path / "other.txt").write_text("".join(f"{s} 1\n" for s in foreign))
+    out = tmp_path / "o"
+    code, err = call_main(main, "fairseq", ckpt, "--dict", tmp_path / "other.txt", "--output-dir", out,
+                          "--tokenizer", tmp_path / "tokenizer")
+    assert_one_line_error_text(code, err, f"maps only 4 of its {len(symbols):,} symbols (0.0%")
+    assert not out.exists()
+    # The boundary on a BERT-sized dictionary: 302 symbols without a tokenizer id (0.99%) pass, 327 (1.07%) do not.
+    from mpnet.convert.fairseq import MIN_DICTIONARY_SHARE, _check_dictionary_share
+    from mpnet.errors import UserError
+
+    _check_dictionary_share(30_225, 30_527, [])  # 99.01%: accepted
+    with pytest.raises(UserError, match="98.9%"):
+        _check_dictionary_share(30_200, 30_527, ["x"])
+    assert MIN_DICTIONARY_SHARE == 0.99
+
+
 # ------------------------------------------------- writing the original format: convert-mpnet to-fairseq
 
 BERT_STYLE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "was", "good", "bad",
