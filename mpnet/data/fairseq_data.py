@@ -233,13 +233,17 @@ def _split_shards(root: Path, split: str) -> list[Path]:
 def inspect_data_bin(path) -> DataBin:
     """The dictionary and the train/valid shards of a data-bin, or a one-line refusal saying what is missing."""
     root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root} is {'a file' if root.exists() else 'not found'}; a fairseq data-bin is the directory "
+                        f"fairseq-preprocess --only-source --destdir wrote (dict.txt, train.bin/.idx, valid.bin/.idx)")
     if (root / "train.idx.npy").is_file():
         raise UserError(f"{root} looks like a preprocess-mpnet directory but has no metadata.json (an interrupted "
                         f"run?); preprocess the corpus again")
     found = sorted(p.name for p in root.iterdir() if p.suffix in (".idx", ".bin", ".txt"))[:6]
     described = f"{root} looks like a fairseq data-bin (it holds {', '.join(found)})"
     if not (root / "dict.txt").is_file():
-        raise UserError(f"{described} but has no dict.txt; only `fairseq-preprocess --only-source` data-bins "
+        raise UserError(f"{described if found else f'{root} holds no fairseq data-bin files'}"
+                        f"{' but has' if found else ':'} no dict.txt; only `fairseq-preprocess --only-source` data-bins "
                         f"(dict.txt, train.bin/.idx, valid.bin/.idx) can be read")
     data_bin = DataBin(root, root / "dict.txt")
     for split in ("train", "valid"):

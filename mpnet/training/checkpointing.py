@@ -10,6 +10,8 @@ in one line.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -41,11 +43,57 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# A good checkpoint: complete, finite weights (no other is written), and a validation loss that is finite and not
+# above the run's recent level, i.e. at most RECENT_LEVEL_FACTOR x the lowest of the RECENT_VALIDATIONS validations
+# before it and of the untrained model's (a checkpoint worse than no training is never good, however long it
+# stays there). Finite weights alone are not enough: optim.lr=1e6 keeps them finite (the guard skips the NaN
+# updates) while every loss is NaN. A loss that rises by a quarter is a divergence, not noise (valid losses of
+# one run move by a few percent between validations).
+HEALTH_FILE = Path("training_state") / "health.json"
+RECENT_VALIDATIONS = 5
+RECENT_LEVEL_FACTOR = 1.25
+
+
+def checkpoint_health(valid_loss: float | None, recent: list[float], untrained: float | None = None) -> dict:
+    """health.json of a checkpoint: its validation loss (None: the run has no validation split, and then finite
+    weights are the rule), the recent level it was held to, and the verdict. `untrained`: the loss before
+    step 1 (None for a run resumed from a checkpoint written before it was recorded)."""
+    if valid_loss is None:
+        return {"valid_loss": None, "recent_level": None, "good": True}
+    bounds = [x for x in recent[-RECENT_VALIDATIONS:] + [untrained] if x is not None and math.isfinite(x)]
+    level = min(bounds) if bounds else None
+    finite = math.isfinite(valid_loss)
+    good = finite and (level is None or valid_loss <= RECENT_LEVEL_FACTOR * level)
+    return {"valid_loss": valid_loss if finite else None, "recent_level": level, "good": good}
+
+
+def health_words(health: dict) -> str:
+    """Why a checkpoint is not good, e.g. 'valid loss 9.1 above 1.25 x its recent level 6.2'."""
+    if health.get("valid_loss") is None:
+        return "its validation loss is not finite"
+    return (f"valid loss {health['valid_loss']:.4g} above {RECENT_LEVEL_FACTOR} x its recent level "
+            f"{health['recent_level']:.4g}")
+
+
+def read_health(path) -> dict:
+    """A checkpoint's health.json; one written before the rule existed counts as good (its weights are finite)."""
+    try:
+        return json.loads((Path(path) / HEALTH_FILE).read_text())
+    except (OSError, ValueError):
+        return {"good": True}
+
+
+def good_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    return [(step, path) for step, path in list_checkpoints(output_dir)
+            if (path / STATE_FILE).is_file() and read_health(path).get("good", True)]
+
+
 def last_good_checkpoint(output_dir) -> str:
     """'the last good checkpoint is step M (PATH)', for the messages of a run that stops."""
-    checkpoints = [(step, path) for step, path in list_checkpoints(output_dir) if (path / STATE_FILE).is_file()]
+    checkpoints = good_checkpoints(output_dir)
     if not checkpoints:
-        return "no checkpoint has been written yet"
+        return ("no good checkpoint has been written yet" if list_checkpoints(output_dir)
+                else "no checkpoint has been written yet")
     step, path = checkpoints[-1]
     return f"the last good checkpoint is step {step} ({path})"
 
@@ -55,7 +103,7 @@ class CheckpointSaveError(UserError):
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_config: dict, keep_last: int,
-                    needed_bytes: int | None = None) -> Path:
+                    needed_bytes: int | None = None, health: dict | None = None) -> Path:
     """Write step `step` under a temporary name, flush it to the disk, rename it into place, then rotate.
     Any OS error (a full disk above all) removes the partial directory and raises CheckpointSaveError,
     one line naming the filesystem, the space needed and the last good checkpoint, which stays intact."""
@@ -68,6 +116,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, run_co
         (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp / STATE_FILE)
         (tmp / STATE_FILE.parent / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if health is not None:
+            (tmp / HEALTH_FILE).write_text(json.dumps(health) + "\n")
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -173,12 +223,14 @@ def check_space(output_dir, needed_bytes: int, step: int, last_good: str):
 
 
 def rotate(output_dir, keep_last: int, newest: Path):
-    """Keep the `keep_last` newest checkpoints (0: all), and always `newest`, the one just written: only
-    checkpoints with finite weights are written, so the newest finite and complete one is never deleted."""
+    """Keep the `keep_last` newest checkpoints (0: all), always `newest`, the one just written, and always the
+    last good one (a run that diverged keeps the checkpoint to go back to)."""
     if keep_last <= 0:
         return
+    good = good_checkpoints(output_dir)
+    keep = {newest} | ({good[-1][1]} if good else set())
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
-        if old != newest:
+        if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,8 +39,9 @@ from ..modeling.attention import CPU_TRAINING_MESSAGE
 from ..modeling.checkpoint import read_config
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import (NO_SPACE, check_space, last_good_checkpoint, list_checkpoints, load_training_state,
-                            no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
+from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoint_health, health_words, last_good_checkpoint,
+                            list_checkpoints, load_training_state, no_space_message, remove_partial_saves,
+                            save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
@@ -245,6 +246,8 @@ class Trainer:
         self.scheduler = toolkit.lr_scheduler(self.optimizer, opt.warmup_steps, cfg.training.max_steps, opt.schedule,
                                               opt.power, floor=opt.end_lr / opt.lr)
         self.start_step = 0
+        self.valid_losses: list[tuple[int, float]] = list(state.get("valid_losses", [])) if state else []
+        self.untrained_valid_loss = state.get("untrained_valid_loss") if state else None
         self.stop = StopRequest()  # entered by train(): SIGTERM / SIGUSR1 end the run at a step boundary, saved
         self.stopped_at = None
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, env, opt.lr,
@@ -325,10 +328,11 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, max_steps = self.cfg, self.cfg.training.max_steps
-        self.train_model.train()
         bar = tqdm(total=max_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.logging.progress_bar))
         with self.stop:
+            self._loss_before_training()
+            self.train_model.train()
             self._loop(bar, max_steps)
         bar.close()
         # FSDP shards the weights: a forward on one rank alone would wait for the others
@@ -358,8 +362,7 @@ class Trainer:
                 if row["train/loss"] is not None:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}")
             if self.data.valid_batches and (done % cfg.logging.valid_every == 0 or done == max_steps):
-                self.metrics.log_valid(done, self.evaluate(), self.env)
-                self.train_model.train()
+                self.validate(done)
             if save_now:
                 self.save(done)
             if done < max_steps and self.stop.requested(self.env, log_step=log_now):  # preempted: save, end
@@ -371,6 +374,32 @@ class Trainer:
                 self.stopped_at = done
                 break
 
+    def validate(self, step: int):
+        values = self.evaluate()
+        self.train_model.train()
+        self.metrics.log_valid(step, values, self.env)
+        self.valid_losses = [*self.valid_losses, (step, values["valid/loss"])][-(RECENT_VALIDATIONS + 1):]
+
+    def _loss_before_training(self):
+        """The untrained model's validation loss (no metrics row): the level a checkpoint must not rise above
+        even when it is the run's first validation (checkpoint_health)."""
+        if self.data.valid_batches and self.start_step == 0:
+            self.untrained_valid_loss = self.evaluate()["valid/loss"]
+
+    def health(self, step: int) -> dict:
+        """The health of the checkpoint of `step` (checkpointing.checkpoint_health): its validation loss against
+        the validations before it, the untrained model's (step 0) among them. A step that was not just
+        validated is measured here without a metrics row, so a preempted run logs what the uninterrupted one
+        logs."""
+        if not self.data.valid_batches:
+            return checkpoint_health(None, [])
+        if not (self.valid_losses and self.valid_losses[-1][0] == step):
+            self.valid_losses = [*self.valid_losses, (step, self.evaluate()["valid/loss"])]
+            self.train_model.train()
+        self.valid_losses = self.valid_losses[-(RECENT_VALIDATIONS + 1):]
+        return checkpoint_health(self.valid_losses[-1][1], [loss for _, loss in self.valid_losses[:-1]],
+                                 untrained=self.untrained_valid_loss)
+
     def evaluate(self) -> dict:
         return evaluate(self.model, self.data.valid_batches, self.device, self.cfg.training.bf16,
                         self.cfg.training.objective, fill_batches=self.data.fill_mask_batches)
@@ -380,6 +409,7 @@ class Trainer:
         full_state = dist_utils.full_model_state(self.train_model, env)  # collective under FSDP
         optim_state = dist_utils.optimizer_state(self.optimizer, self.train_model, env)  # collective under FSDP
         rng = dist_utils.gather_rng(toolkit.rng_state(self.device), env)
+        health = self.health(step)  # every rank: the evaluation is collective under FSDP
         if env.is_main:
             if full_state is not None:  # FSDP: weights are sharded; save an unsharded CPU copy
                 model = MPNetForPretraining(model.config)
@@ -390,10 +420,15 @@ class Trainer:
                                      f"(likely cause: optim.lr={self.cfg.optim.lr!r} is too high for this model); "
                                      f"{last_good_checkpoint(self.output_dir)}")
             state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                     "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.guard.skipped}
+                     "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.guard.skipped,
+                     "valid_losses": self.valid_losses, "untrained_valid_loss": self.untrained_valid_loss}
             path = save_checkpoint(self.output_dir, step, model, self.data.tokenizer, state, self.run_config,
-                                   self.cfg.logging.keep_last, needed_bytes=self.checkpoint_bytes)
-            self.metrics.note(f"saved {path}")
+                                   self.cfg.logging.keep_last, needed_bytes=self.checkpoint_bytes, health=health)
+            if health["good"]:
+                self.metrics.note(f"saved {path}")
+            else:
+                self.metrics.note(f"saved {path}, which is NOT a good checkpoint ({health_words(health)}); "
+                                  f"{last_good_checkpoint(self.output_dir)}")
         dist_utils.barrier(env)
 
 
@@ -461,6 +496,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)
+                cfg = _record_data_tokenizer(cfg, requested, data)
                 model = build_model(cfg, data.meta, env.device, resume_from=checkpoint, shard_dir=data.shard_dir)
                 summary = Trainer(cfg, env, output_dir, data, model, state).train()
         except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on (then the command's "interrupted")
@@ -475,6 +511,22 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
                                              last_good_checkpoint(output_dir))) from None
     dist_utils.teardown(env)
     return summary
+
+
+def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: PretrainData) -> PretrainConfig:
+    """A preprocessed data directory brings its own tokenizer: a data.tokenizer given with it must be that one
+    (same ids), and config.yaml records the directory's copy rather than a name that was never used."""
+    from ..data import load_tokenizer, tokenizer_identity
+
+    if not (Path(str(cfg.data.path)).expanduser() / "metadata.json").is_file():
+        return cfg  # raw text: preprocessed with data.tokenizer, which config.yaml records as given
+    asked = ((requested or {}).get("data") or {}).get("tokenizer") if requested is not None else (
+        None if cfg.data.tokenizer == "default" else cfg.data.tokenizer)
+    if asked is not None and tokenizer_identity(load_tokenizer(asked)) != tokenizer_identity(data.tokenizer):
+        raise UserError(f"data.tokenizer={asked} is not the tokenizer {cfg.data.path} was preprocessed with "
+                        f"({data.meta['tokenizer']}); leave data.tokenizer out (a preprocessed directory brings its "
+                        f"own) or preprocess the corpus again with that tokenizer")
+    return replace(cfg, data=replace(cfg.data, tokenizer=str(data.shard_dir / "tokenizer")))
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:

@@ -277,6 +277,12 @@ def test_preprocess_from_fairseq_command(tmp_path):
     assert_one_line_error_text(*call_main(main, "--from-fairseq", DATA_BIN, "--sentencepiece-vocab-size", "100",
                                           "-o", tmp_path / "z"), "--sentencepiece-vocab-size")
     assert_one_line_error_text(*call_main(main, "-o", tmp_path / "w"), "INPUT")
+    # not a directory: a file, a missing path, an empty directory (each was a traceback)
+    (tmp_path / "corpus.txt").write_text("a line\n")
+    (tmp_path / "empty").mkdir()
+    for source, words in (("corpus.txt", "is a file"), ("missing", "is not found"), ("empty", "no dict.txt")):
+        assert_one_line_error_text(*call_main(main, "--from-fairseq", tmp_path / source, "-o", tmp_path / "v"), words)
+    assert not (tmp_path / "v").exists()
 
 
 def test_pretrain_trains_on_a_fairseq_data_bin(tmp_path):

@@ -57,6 +57,78 @@ def test_a_learning_rate_that_diverges_stops_with_the_cause(prefix_shards, tmp_p
         assert all(torch.isfinite(v).all() for v in weights(out, step).values()), step
 
 
+def test_the_last_good_checkpoint_has_a_finite_validation_loss_below_the_untrained_level(prefix_shards, tmp_path):
+    """optim.lr=1e6: the guard skips the NaN updates, so the weights stay finite while every loss is NaN; the
+    stop line used to call that checkpoint "the last good checkpoint". optim.lr=1 trains to finite losses
+    far above the untrained model's: none of its checkpoints is good either."""
+    from mpnet.training.checkpointing import read_health
+
+    def health(out):
+        return {step: read_health(out / "checkpoints" / f"step-{step:08d}") for step in checkpoint_steps(out)}
+
+    nan_run = tmp_path / "nan"
+    code, stderr = run(nan_run, prefix_shards, "--max-steps", 40, "--save-every", 3, "optim.lr=1e6",
+                       "training.max_nonfinite_steps=4")
+    line = error_line(code, stderr)
+    assert "no good checkpoint has been written yet" in line, line
+    assert health(nan_run) == {3: {"valid_loss": None, "recent_level": health(nan_run)[3]["recent_level"],
+                                   "good": False}}
+
+    high_run = tmp_path / "high"
+    code, stderr = run(high_run, prefix_shards, "--max-steps", 12, "--save-every", 3, "optim.lr=1",
+                       "logging.keep_last=0")
+    assert code in (0, None), stderr
+    untrained = torch.load(high_run / "checkpoints" / "step-00000003" / "training_state" / "state.pt",
+                           weights_only=False)["untrained_valid_loss"]
+    for step, h in health(high_run).items():
+        assert not h["good"] and h["valid_loss"] > 1.25 * untrained and h["recent_level"] <= untrained, (step, h)
+
+
+def test_the_health_rule_and_rotation_keep_the_last_good_checkpoint(tmp_path):
+    import json
+
+    from mpnet.training.checkpointing import (HEALTH_FILE, STATE_FILE, checkpoint_health, last_good_checkpoint,
+                                              rotate)
+
+    assert checkpoint_health(5.0, [])["good"]  # the first validation has nothing to be held to
+    assert checkpoint_health(5.0, [4.0])["good"] and not checkpoint_health(5.01, [4.0])["good"]  # 1.25 x 4.0
+    assert checkpoint_health(5.0, [9.0, 4.0, 8.0])["recent_level"] == 4.0
+    assert checkpoint_health(4.9, [1.0] + [4.0] * 5)["good"]  # only the 5 most recent validations count
+    assert not checkpoint_health(float("nan"), [4.0])["good"] and not checkpoint_health(float("inf"), [])["good"]
+    assert checkpoint_health(None, [4.0])["good"]  # no validation split: finite weights are the rule
+
+    root = tmp_path / "checkpoints"
+    for step, good in ((2, True), (4, True), (6, False), (8, False)):
+        (root / f"step-{step:08d}" / STATE_FILE).parent.mkdir(parents=True)
+        (root / f"step-{step:08d}" / STATE_FILE).write_bytes(b"")
+        (root / f"step-{step:08d}" / HEALTH_FILE).write_text(json.dumps({"good": good}))
+    assert last_good_checkpoint(tmp_path).startswith("the last good checkpoint is step 4")
+    rotate(tmp_path, keep_last=2, newest=root / "step-00000008")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
+
+
+def test_a_preprocessed_directory_keeps_its_own_tokenizer_and_config_records_it(prefix_shards, tmp_path):
+    """data.tokenizer given with a preprocessed directory was ignored and config.yaml recorded it anyway."""
+    import yaml
+    from transformers import MPNetTokenizer
+
+    from fixtures import TINY_VOCAB
+
+    other = tmp_path / "other-tokenizer"
+    MPNetTokenizer(vocab={token: i for i, token in enumerate(TINY_VOCAB)}).save_pretrained(str(other))
+    code, stderr = run(tmp_path / "refused", prefix_shards, "--max-steps", 1, f"data.tokenizer={other}")
+    line = error_line(code, stderr)
+    assert f"data.tokenizer={other} is not the tokenizer {prefix_shards} was preprocessed with" in line, line
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+    for name, extra in (("same", ["data.tokenizer=default"]), ("unsaid", [])):  # the same ids / left out
+        out = tmp_path / name
+        code, stderr = run(out, prefix_shards, "--max-steps", 1, *extra)
+        assert code in (0, None), stderr
+        recorded = yaml.safe_load((out / "config.yaml").read_text())["data"]["tokenizer"]
+        assert recorded == str(prefix_shards / "tokenizer"), recorded
+
+
 def test_weights_that_overflow_are_never_saved(prefix_shards, tmp_path, monkeypatch):
     """An update that itself overflows (finite gradients, infinite weights): the save refuses."""
     original = torch.optim.AdamW.step
