@@ -76,12 +76,16 @@ def main(argv=None):
                   "sliding_window_size": args.sliding_window_size, "attention_pattern": args.attention_pattern},
     }
     from mpnet.modeling.config import check_window
-    from mpnet.training.config import PretrainConfig, load, merge, read_yaml
+    from mpnet.training.config import PretrainConfig, build, load, merge, read_yaml
     from mpnet.training.pretrain import pretrain
 
     check_window(args.sliding_window_size, "--sliding-window-size")
     overrides = overrides_from(args, flags)
-    config = load(PretrainConfig, args.config, overrides)  # every value checked here
+    run_config = args.output_dir / "config.yaml"
+    if args.resume and not args.config and run_config.is_file():  # the values are checked against the run's own
+        config = build(PretrainConfig, merge(read_yaml(run_config), overrides))
+    else:
+        config = load(PretrainConfig, args.config, overrides)  # every value checked here
     requested = merge(read_yaml(args.config), overrides) if args.config else overrides  # what --resume checks
     pretrain(config, args.output_dir, resume=args.resume, requested=requested)
 

@@ -74,11 +74,16 @@ def _open_text(path: Path) -> io.TextIOBase:
 def _lines(path: Path) -> Iterator[str]:
     """Lines of a (possibly gzipped) UTF-8 file; read failures become one-line UserErrors."""
     f = _open_text(path)
+    lines_read = 0
     try:
         with f:
-            yield from f
-    except UnicodeDecodeError:
-        raise UserError(f"cannot read {path}: it is not UTF-8 text") from None
+            for line in f:
+                yield line
+                lines_read += 1
+    except UnicodeDecodeError as err:  # text is decoded in chunks: the bad byte is at or after the next line
+        raise UserError(f"cannot read {path}: it is not UTF-8 text (byte 0x{err.object[err.start]:02x}, from line "
+                        f"{lines_read + 1} on); convert it first, e.g. iconv -f latin1 -t utf-8 {path} > "
+                        f"{Path(path).stem}.utf8.txt") from None
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a truncated gzip raises EOFError
         raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
 

@@ -135,7 +135,10 @@ def read_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)  # 0-based; editors count from 1
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     return data
@@ -155,8 +158,18 @@ def build(cls, data: dict, where: str = ""):
                 raise UserError(f"config key '{where}{key}' must be a section (a mapping of keys), got {value!r}")
             kwargs[key] = build(hint, value, f"{where}{key}.")
         else:
+            default = _default_of(cls, key)
+            if isinstance(default, dict) and isinstance(value, dict):  # model.hidden_size=64 keeps `preset: tiny`
+                value = merge(default, value)
             kwargs[key] = coerce(value, hint, f"{where}{key}")
     return cls(**kwargs)
+
+
+def _default_of(cls, name: str):
+    field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field_.default_factory is not dataclasses.MISSING:
+        return field_.default_factory()
+    return None if field_.default is dataclasses.MISSING else field_.default
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -493,6 +493,10 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
             log.info("resuming from %s (step %d)", checkpoint, state["step"])
         elif resume:
             cfg = config_before_first_checkpoint(cfg, requested, output_dir)
+        if cfg.optim.warmup_steps > cfg.training.max_steps and env.is_main:  # fine in a short run resumed longer
+            log.warning("optim.warmup_steps %d is longer than training.max_steps %d: the learning rate peaks at "
+                        "%.0f%% of optim.lr=%g", cfg.optim.warmup_steps, cfg.training.max_steps,
+                        100 * cfg.training.max_steps / cfg.optim.warmup_steps, cfg.optim.lr)
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)

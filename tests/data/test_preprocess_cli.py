@@ -117,6 +117,9 @@ def test_jsonl_without_the_text_field_and_unknown_tokenizer(cli_importable, tmp_
     (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
     line = single_error_line(*call_main([tmp_path / "bad.txt.gz", "-o", tmp_path / "out"], capsys))
     assert "cannot read" in line
+    (tmp_path / "latin1.txt").write_bytes("A first line.\nA second one.\nCaf\u00e9 au lait.\n".encode("latin-1"))
+    line = single_error_line(*call_main([tmp_path / "latin1.txt", "-o", tmp_path / "out"], capsys))
+    assert "it is not UTF-8 text (byte 0xe9, from line 1 on); convert it first, e.g. iconv -f latin1" in line, line
     assert not (tmp_path / "out").exists()
 
 

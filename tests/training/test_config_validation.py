@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cli_support import assert_one_line_error_text, call_main, cli_main
+from pretrain_support import TINY_RUN
 from mpnet.errors import UserError
 from mpnet.modeling import MPNetConfig, MPNetForPretraining
 from mpnet.training.config import PretrainConfig, load
@@ -50,6 +51,24 @@ def test_a_model_section_that_is_not_a_mapping(tmp_path):
     config.write_text("model: tiny\n")
     code, err = call_main(cli_main("pretrain"), "--config", config, "--output-dir", tmp_path / "run")
     assert_one_line_error_text(code, err, "config key 'model' got 'tiny'; it takes a section")
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  hidden_size: 64\n   num_attention_heads: 2\n")
+    code, err = call_main(cli_main("pretrain"), "--config", config, "--output-dir", tmp_path / "run")
+    assert_one_line_error_text(code, err, "is not valid YAML (line 3, column 23): mapping values are not allowed")
+
+
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, caplog, prefix_shards):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="mpnet.pretrain"):
+        code, err = call_main(cli_main("pretrain"), "--data", prefix_shards, "--output-dir", tmp_path / "run",
+                              "--max-steps", 2, *TINY_RUN, "optim.warmup_steps=8")
+    assert code in (0, None), err
+    expected = "optim.warmup_steps 8 is longer than training.max_steps 2: the learning rate peaks at 25% of optim.lr"
+    assert expected in caplog.text, caplog.text
 
 
 def test_values_are_coerced_to_their_types():

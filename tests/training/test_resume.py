@@ -94,6 +94,23 @@ def test_an_override_equal_to_the_checkpoint_is_not_a_conflict(prefix_shards, re
     assert code == 0, stderr
 
 
+def test_a_model_key_alone_is_checked_against_the_runs_own_shape(prefix_shards, resumable):
+    """`--resume model.hidden_size=32` with no --config: the value is the run's (hidden 32, 2 heads), but it used
+    to be validated against the built-in base preset and refused for "num_attention_heads 12"."""
+    code, stderr = pretrain("--output-dir", resumable, "--resume", "--max-steps", 5, "model.hidden_size=32")
+    assert code in (0, None), stderr
+    line = error_line(*pretrain("--output-dir", resumable, "--resume", "--max-steps", 6, "model.hidden_size=48"))
+    assert "model.hidden_size=48 conflicts with the checkpoint's 32" in line, line
+
+
+def test_a_model_override_without_a_config_keeps_the_built_in_tiny_preset():
+    from mpnet.training.config import PretrainConfig, load, model_config
+
+    cfg = load(PretrainConfig, None, {"model": {"hidden_size": 64}})
+    assert cfg.model == {"preset": "tiny", "hidden_size": 64}
+    assert model_config(cfg.model).num_attention_heads == 4  # tiny's heads; base's 12 would not divide 64
+
+
 @pytest.mark.parametrize("steps", [4, 2])
 def test_max_steps_at_or_below_the_checkpoint_says_so(prefix_shards, resumable, steps):
     before = (resumable / "config.yaml").read_text()
