@@ -110,22 +110,29 @@ def _rows_to_split(task: Task, rows: list[list[str]], header: list[str] | None, 
     ia, ib, il = (index_of(c) for c in columns)
     needed = max(i for i in (ia, ib, il) if i is not None)
     split = Split(text_b=[] if ib is not None else None, source=str(path))
-    skipped = 0
+    malformed, unlabelled = [], 0
     for line_no, row in enumerate(rows, start=2 if header is not None else 1):
-        if len(row) <= needed or (keep is not None and not keep(row)):
-            skipped += len(row) <= needed
+        if len(row) <= needed:
+            malformed.append(line_no)
+            continue
+        if keep is not None and not keep(row):
             continue
         raw_label = row[il]
         if task.name == "mnli" and raw_label == "-":  # unlabelled MNLI pairs (no gold agreement)
-            skipped += 1
+            unlabelled += 1
             continue
         split.labels.append(task.label_index(raw_label, f"{path}:{line_no}"))
         split.text_a.append(row[ia])
         if ib is not None:
             split.text_b.append(row[ib])
-    if skipped:
-        # QQP's train.tsv has a few lines with missing fields; the GLUE reference code skips them too.
-        log.info("%s: skipped %d malformed or unlabelled line(s)", path, skipped)
+    if malformed:
+        # QQP's train.tsv has a few lines with missing fields; the GLUE reference code skips them too. Said as a
+        # warning with the line numbers: a file whose separators were lost (spaces for tabs) shows up here.
+        shown = ", ".join(map(str, malformed[:5])) + (f" and {len(malformed) - 5} more" if len(malformed) > 5 else "")
+        log.warning("%s: skipped %d line(s) with fewer than %d tab-separated fields (line %s)", path, len(malformed),
+                    needed + 1, shown)
+    if unlabelled:
+        log.info("%s: skipped %d unlabelled line(s)", path, unlabelled)
     return split
 
 

@@ -329,7 +329,7 @@ class Trainer:
     def train(self) -> dict:
         cfg, max_steps = self.cfg, self.cfg.training.max_steps
         bar = tqdm(total=max_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not (self.env.is_main and cfg.logging.progress_bar))
+                   disable=None if self.env.is_main and cfg.logging.progress_bar else True)  # None: a terminal only
         with self.stop:
             self._loss_before_training()
             self.train_model.train()

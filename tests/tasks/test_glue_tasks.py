@@ -54,6 +54,20 @@ def test_official_metrics_and_scores_per_task():
 # ------------------------------------------------------------------------------ GLUE TSV layouts
 
 
+def test_a_row_without_its_tabs_is_skipped_with_its_line_number(tmp_path, caplog):
+    """Before, a row whose tabs were lost was dropped with no word at the default log level."""
+    import logging
+
+    folder = write_glue("sst2", tmp_path, n_train=6, n_dev=4)
+    lines = (folder / "train.tsv").read_text().splitlines()
+    lines[3] = lines[3].replace("\t", " ")  # file line 4: the header is line 1
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_task_data(get_task("sst2"), folder)
+    assert len(data.train) == 5
+    assert "train.tsv: skipped 1 line(s) with fewer than 2 tab-separated fields (line 4)" in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("name", list(GLUE_TASKS))
 def test_every_glue_tsv_layout(tmp_path, name):
     folder = write_glue(name, tmp_path, n_train=30, n_dev=10)

@@ -129,6 +129,13 @@ def test_a_preprocessed_directory_keeps_its_own_tokenizer_and_config_records_it(
         assert recorded == str(prefix_shards / "tokenizer"), recorded
 
 
+def test_a_log_file_gets_no_progress_bar_frames(prefix_shards, tmp_path):
+    """stderr redirected to a file (nohup, a batch job) used to collect a carriage-return frame per step."""
+    code, stderr = run(tmp_path / "run", prefix_shards, "--max-steps", 3, "logging.progress_bar=true")
+    assert code in (0, None), stderr
+    assert "\r" not in stderr and "step/s" not in stderr and "it/s" not in stderr, stderr[-500:]
+
+
 def test_weights_that_overflow_are_never_saved(prefix_shards, tmp_path, monkeypatch):
     """An update that itself overflows (finite gradients, infinite weights): the save refuses."""
     original = torch.optim.AdamW.step
