@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -195,12 +196,28 @@ class Run:
     step: int = 0
 
 
+# What a fine-tuning run writes into its folder; --overwrite removes these (and nothing else) first, so the new
+# run's tensorboard curves and metrics are not mixed with the old run's.
+RUN_OUTPUTS = ("tensorboard", "metrics.jsonl", "results.json", "best")
+
+
+def _remove_previous_run(output_dir: Path):
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: Backend = Backend(),
              device: str | torch.device | None = None, prepared: PreparedData | None = None, tokenizer=None,
              overwrite: bool = False) -> dict:
     """Fine-tune `checkpoint` on the configured task; returns the results dict (also in results.json).
     A non-empty output_dir is refused unless overwrite; a training checkpoint always."""
     output_dir = check_output_dir(output_dir, overwrite, "the fine-tuning run")
+    if overwrite:
+        _remove_previous_run(output_dir)
     run = _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, tokenizer)
     t = config.training
     results = _results_header(run, checkpoint, data_dir, config, backend)

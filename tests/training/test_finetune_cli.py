@@ -175,7 +175,12 @@ def test_an_existing_run_or_a_training_checkpoint_is_never_overwritten(workspace
     code, err = call_main(main, *common, "--output-dir", out)
     assert_one_line_error_text(code, err, "already exists and is not empty", "--overwrite")
     assert (out / "results.json").read_bytes() == before
+    events_before = sorted(p.name for p in (out / "tensorboard").iterdir())
+    (out / "notes.txt").write_text("the user's own file")
     assert call_main(main, *common, "--output-dir", out, "--overwrite")[0] == 0
+    events_after = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert len(events_after) == 1 and not set(events_before) & set(events_after)  # the old curves are gone
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only what a fine-tuning run writes
 
     pretraining = tmp_path / "pretrain-run"
     (pretraining / "checkpoints" / "step-00000010" / "training_state").mkdir(parents=True)
