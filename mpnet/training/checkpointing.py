@@ -234,6 +234,32 @@ def rotate(output_dir, keep_last: int, newest: Path):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_problem(path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (None: it can), read cheaply: the config parses, the weights'
+    header and length agree (safetensors checks both on open), the state archive has its end record (a
+    truncated zip loses it). The full read happens when the run loads it."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"config.json: {type(err).__name__}"
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+            handle.keys()
+    except (OSError, SafetensorError) as err:
+        return f"model.safetensors: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    try:
+        with zipfile.ZipFile(path / STATE_FILE):
+            pass
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{STATE_FILE}: {type(err).__name__}"
+    return None
+
+
 def load_training_state(path) -> dict:
     file = Path(path) / STATE_FILE
     if not file.is_file():

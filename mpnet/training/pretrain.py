@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
 from ..modeling.attention import CPU_TRAINING_MESSAGE
-from ..modeling.checkpoint import read_config
+from ..modeling.checkpoint import CheckpointError, read_config
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoint_health, health_words, last_good_checkpoint,
-                            list_checkpoints, load_training_state, no_space_message, remove_partial_saves,
-                            save_checkpoint, tensor_bytes)
+from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoint_health, checkpoint_problem,
+                            health_words, last_good_checkpoint, list_checkpoints, load_training_state,
+                            no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
@@ -543,4 +543,12 @@ def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
     if not checkpoints:
         log.info("--resume: no checkpoint under %s yet, starting from scratch", output_dir)
         return None
-    return checkpoints[-1][1]
+    (step, newest), earlier = checkpoints[-1], checkpoints[:-1]
+    problem = checkpoint_problem(newest)
+    if problem is not None:  # a copy cut short, a disk error: the user decides; nothing is deleted here
+        previous = next(((s, p) for s, p in reversed(earlier) if checkpoint_problem(p) is None), None)
+        offer = (f"delete it (or move it away) to resume from step {previous[0]} ({previous[1]})" if previous
+                 else "no earlier checkpoint can be resumed from either")
+        raise CheckpointError(f"the newest checkpoint, step {step} ({newest}), is truncated or corrupt ({problem}); "
+                              f"{offer}")
+    return newest

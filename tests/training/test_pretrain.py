@@ -4,6 +4,7 @@ real process is the point (SIGKILL, torchrun)."""
 from __future__ import annotations
 
 import gzip
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,9 +198,19 @@ def test_corrupt_checkpoint_on_resume_is_reported_and_kept(shards, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     line = error_line(*pretrain("--output-dir", out, "--resume", *common, "--max-steps", 8))
-    assert "step-00000004" in line and ("corrupt" in line or "truncated" in line)
+    assert "the newest checkpoint, step 4" in line and "is truncated or corrupt (model.safetensors" in line, line
+    assert f"to resume from step 2 ({out / 'checkpoints' / 'step-00000002'})" in line, line  # the way on
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert weights.stat().st_size == 1000
+    # the same for a cut-off training state; and when no earlier checkpoint is whole, the line says so
+    shutil.copy(out / "checkpoints" / "step-00000002" / "model.safetensors", weights)
+    state = newest / "training_state" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-100])
+    line = error_line(*pretrain("--output-dir", out, "--resume", *common, "--max-steps", 8))
+    assert "(training_state/state.pt: BadZipFile)" in line and "to resume from step 2" in line, line
+    (out / "checkpoints" / "step-00000002" / "config.json").write_text("{")
+    line = error_line(*pretrain("--output-dir", out, "--resume", *common, "--max-steps", 8))
+    assert "no earlier checkpoint can be resumed from either" in line, line
 
 
 def test_existing_run_without_resume_is_not_overwritten(shards, tmp_path):
