@@ -221,6 +221,20 @@ def _check_vocab(model_vocab: int, meta: dict, cfg: PretrainConfig, source, resu
                     f"{meta['tokenizer']} ({meta['vocab_size']} tokens); {fix}")
 
 
+def _check_vocab_before_preprocessing(cfg: PretrainConfig, resume_from: Path | None):
+    """Raw text is tokenized on the fly with data.tokenizer (minutes for a real corpus): a starting checkpoint whose
+    vocabulary is not that tokenizer's is refused first, with the line build_model would give after it."""
+    from ..data import load_tokenizer
+
+    source = resume_from or cfg.training.init_from
+    path = cfg.data.path
+    if not source or (isinstance(path, (str, Path)) and (Path(str(path)).expanduser() / "metadata.json").is_file()):
+        return
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    meta = {"vocab_size": len(tokenizer), "tokenizer": cfg.data.tokenizer}
+    _check_vocab(read_config(source).vocab_size, meta, cfg, source, resuming=resume_from is not None)
+
+
 def _model_overrides(section: dict, keys=None) -> dict:
     """What a run may change in a checkpoint's config when continuing from it (shapes stay the checkpoint's,
     except a longer position table, which load_pretrained grows explicitly). A resumed run may change only
@@ -497,6 +511,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
             log.warning("optim.warmup_steps %d is longer than training.max_steps %d: the learning rate peaks at "
                         "%.0f%% of optim.lr=%g", cfg.optim.warmup_steps, cfg.training.max_steps,
                         100 * cfg.training.max_steps / cfg.optim.warmup_steps, cfg.optim.lr)
+        _check_vocab_before_preprocessing(cfg, checkpoint)
         try:
             with quiet_disk_errors_in_threads():
                 data = prepare_data(cfg, output_dir, env)

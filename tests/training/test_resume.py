@@ -163,6 +163,7 @@ def test_vocabulary_mismatch_on_raw_text_suggests_a_working_data_tokenizer(prefi
     text = prefix_shards.parent / "austen-prefix.txt"
     line = error_line(*run(tmp_path / "a", text, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}"))
     assert f"add data.tokenizer={small_vocab_checkpoint}" in line, line
+    assert not (tmp_path / "a" / "data-cache").exists()  # refused before the text was tokenized
     code, stderr = run(tmp_path / "b", text, "--max-steps", 1, f"training.init_from={small_vocab_checkpoint}",
                        f"data.tokenizer={small_vocab_checkpoint}")
     assert code == 0, stderr
