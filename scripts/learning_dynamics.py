@@ -31,7 +31,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from objective_ablation import REPO, git_commit, require_runtime, run_command, shown
+from quality_benchmark import REPO, git_commit, require_runtime, run_command, shown
 
 PROG = "learning_dynamics"
 # Run names -> (objective, extra overrides)

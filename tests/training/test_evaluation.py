@@ -104,3 +104,52 @@ def _passthrough() -> dict:
     import os
 
     return {k: v for k, v in os.environ.items() if k in ("VIRTUAL_ENV", "LANG", "TMPDIR", "PYTHONHASHSEED")}
+
+
+def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model(tmp_path):
+    """scripts/quality_benchmark.py end to end on a CPU at toy size: every objective pretrained on the same
+    shards for the same steps, each checkpoint and an untrained model fine-tuned per seed, one report; then the
+    same command scoring a given checkpoint (--checkpoint) instead of pretraining."""
+    import yaml
+
+    from fixtures import write_glue
+    from pretrain_support import embedded_prefix
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "intermediate_size": 64},
+        "data": {"path": str(embedded_prefix(tmp_path / "austen-prefix.txt")), "block_size": 32},
+        "training": {"batch_size": 4}, "logging": {"valid_batches": 1}}))
+    glue = write_glue("sst2", tmp_path / "glue", n_train=16, n_dev=8)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "mpnet_cli").symlink_to(REPO / "cli")
+    env = {"PYTHONPATH": f"{REPO}:{shim}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **_passthrough()}
+    common = ["--device", "cpu", "--config", str(config), "--task", f"sst2={glue}", "--finetune-epochs", "1",
+              "--finetune-max-length", "32"]
+
+    def benchmark(out, *extra):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "quality_benchmark.py"), "--out", str(out),
+                                 *common, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "quality.json").read_text())
+
+    report = benchmark(tmp_path / "q", "--steps", "4", "--finetune-seeds", "1,2")
+    rows = {row["row"]: row for row in report["rows"]}
+    assert list(rows) == ["mpnet", "mlm", "plm", "none"]
+    for name in ("mpnet", "mlm", "plm"):
+        assert rows[name]["tokens"] == 4 * 4 * 32 and 0 <= rows[name]["fill_mask_accuracy"] <= 1
+        assert [point["step"] for point in rows[name]["curve"]] == [1, 2, 3, 4]
+    for row in rows.values():
+        assert [score["seed"] for score in row["finetune"]["sst2"]] == [1, 2]
+        assert all(0 <= score["best"] <= 100 for score in row["finetune"]["sst2"])
+    markdown = (tmp_path / "q" / "quality.md").read_text()
+    assert "| mpnet | 512 |" in markdown and "- plm: sst2 " in markdown
+    assert (tmp_path / "q" / "quality_pretraining.png").stat().st_size > 0
+    assert (tmp_path / "q" / "quality_finetune.png").stat().st_size > 0
+
+    scored = benchmark(tmp_path / "c", "--checkpoint", rows["mlm"]["checkpoint"], "--no-baseline",
+                       "--finetune-seeds", "1")
+    assert [row["row"] for row in scored["rows"]] == ["mlm/step-00000004"]
+    assert scored["rows"][0]["finetune"]["sst2"][0]["seed"] == 1

@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""The pretraining-quality benchmark: does pretraining with this framework yield a better encoder, and which
+objective yields the best one? One table, from one command.
+
+From the repository root, installed (`pip install -e .`) or not:
+
+    mkdir -p /tmp/shim && ln -sfn "$PWD/cli" /tmp/shim/mpnet_cli
+    python scripts/build_corpus.py --out data/corpus                 # the benchmark corpus (~21.6M tokens)
+    python scripts/make_sentiment_data.py data/sentiment             # the default held-out task
+    PYTHONPATH=.:/tmp/shim python3 scripts/quality_benchmark.py --out runs/quality --data data/corpus
+
+What it runs, in this process, through the commands' own entry points (the exact command lines are in the json):
+1. --data (default: the config's corpus) preprocessed once into OUT/data, so every objective reads the same shards;
+2. the pretraining budget: --steps N, or --minutes-per-objective M turned into N from a short timed mpnet run
+   (mpnet is the most expensive objective, so none takes longer than M minutes): the same token budget for all;
+3. `pretrain-mpnet --objective X --max-steps N` for each of --objectives: --config's model and optimizer
+   (configs/mpnet-small.yaml: 4 layers, hidden 256), warmup 10% of the steps, validation ten times on the way;
+4. a fresh, untrained model of the same config (row "none": what fine-tuning alone reaches);
+5. `finetune-mpnet` of every checkpoint on every --task (default: the sentiment task of
+   scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed;
+6. OUT/quality.md, OUT/quality.json, OUT/quality_pretraining.png (fill-mask accuracy against tokens) and
+   OUT/quality_finetune.png (dev score per row, each seed a dot, the mean a bar).
+
+With --checkpoint DIR (repeatable) it pretrains nothing and scores those checkpoints (any MPNet checkpoint: ours,
+an HF MPNet directory) the same way, beside an untrained model of --config unless --no-baseline.
+
+The valid accuracy that ranks objectives is the fill-mask accuracy: one stream, a fixed 15% of the held-out
+tokens replaced by <mask>, the same batches for every objective (mpnet/training/evaluation.py). Each objective's
+own valid loss and accuracy are in the json; they measure different tasks and do not rank the objectives.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVES = ("mpnet", "mlm", "plm")
+# Rows beyond the three objectives: (objective, extra config overrides). mpnet is the original MPNet code's
+# inputs (data.corrupted_input=appended, the default); mpnet-content the other layout (docs/objectives.md).
+VARIANTS = {"mpnet-content": ("mpnet", ["data.corrupted_input=content"])}
+ROWS = {**{name: (name, []) for name in OBJECTIVES}, **VARIANTS}
+BASELINE = "none"
+PROG = "quality_benchmark"
+DEFAULT_TASK = "sst2=data/sentiment"
+
+
+def fail(message: str):
+    sys.exit(f"{PROG}: error: {message}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for every run and the report")
+    p.add_argument("--data", help="pretraining corpus: text files or folders, or preprocessed shards "
+                                  "(default: --config's data.path)")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-small.yaml",
+                   help="pretraining config: model, optimizer, block size, batch")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="pretraining steps per objective (the token budget: steps x "
+                                                   "batch x block)")
+    budget.add_argument("--minutes-per-objective", type=float,
+                        help="pretraining time of the mpnet objective, turned into steps from a short timed run "
+                             "(1.5 when --steps is not given)")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES),
+                   help=f"comma-separated rows among {', '.join(ROWS)}")
+    p.add_argument("--checkpoint", type=Path, action="append", default=[],
+                   help="score this checkpoint instead of pretraining (repeatable)")
+    p.add_argument("--batch-size", type=int, help="pretraining examples per step (default: the config's)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense",
+                   help="for pretraining and fine-tuning")
+    p.add_argument("--probe-steps", type=int, default=60, help="steps of the timed run behind --minutes-per-objective")
+    p.add_argument("--task", action="append", default=[], metavar="TASK=DIR",
+                   help=f"a GLUE task and its folder in the GLUE layout, repeatable (default: {DEFAULT_TASK}); "
+                        "sst2 uses configs/glue/sentiment.yaml, other tasks configs/glue/TASK.yaml")
+    p.add_argument("--finetune-seeds", default="1,2,3", help="comma-separated fine-tuning seeds")
+    p.add_argument("--finetune-lr", type=float, default=3e-4,
+                   help="peak fine-tuning lr (a 4-layer model needs more than the recipes' 1e-5 to 2e-5: "
+                        "docs/compare-sentiment-small/ measured 1e-4, 3e-4 and 1e-3)")
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-max-length", type=int, default=64, help="tokens per example")
+    p.add_argument("--finetune-max-train-examples", type=int, help="a fixed subset of each task's training set")
+    p.add_argument("--no-baseline", action="store_true", help="skip the untrained-model row")
+    args = p.parse_args(argv)
+    args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    unknown = [o for o in args.objectives if o not in ROWS]
+    if unknown or not args.objectives:
+        fail(f"--objectives takes names among {', '.join(ROWS)}, got {', '.join(unknown) or 'none'}")
+    try:
+        args.finetune_seeds = [int(s) for s in args.finetune_seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--finetune-seeds takes comma-separated integers, got {args.finetune_seeds!r}")
+    args.tasks = {}
+    for spec in args.task or [DEFAULT_TASK]:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            fail(f"--task takes TASK=DIR (e.g. {DEFAULT_TASK}), got {spec!r}")
+        args.tasks[name.strip().lower()] = Path(folder)
+    for name in ("steps", "minutes_per_objective", "batch_size", "probe_steps", "finetune_epochs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.steps is None and args.minutes_per_objective is None:
+        args.minutes_per_objective = 1.5
+    return args
+
+
+def shown(value) -> str:
+    """A command-line word; paths under the current folder relative to it (the commands as typed from the root)."""
+    if isinstance(value, Path) and value.is_absolute():
+        try:
+            return str(value.relative_to(Path.cwd()))
+        except ValueError:
+            pass
+    return str(value)
+
+
+def require_runtime(device: str, fail):
+    """Stop in one line (through `fail`) when the commands are not importable or --device cuda has no GPU."""
+    try:
+        importlib.import_module("mpnet_cli.pretrain")
+    except ModuleNotFoundError:
+        fail("mpnet_cli is not importable: pip install -e . or run with PYTHONPATH=.:/tmp/shim after "
+             "mkdir -p /tmp/shim && ln -sfn \"$PWD/cli\" /tmp/shim/mpnet_cli")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is visible; pass --device cpu for a (slow) CPU run")
+
+
+def run_command(program: str, module: str, argv: list, log: list, fail=fail) -> float:
+    """Run a command's main() here; stop (through `fail`) on a non-zero exit. Returns its wall time in seconds."""
+    argv = [shown(a) for a in argv]
+    line = f"{program} " + " ".join(shlex.quote(a) for a in argv)
+    print(f"\n$ {line}", flush=True)
+    main = importlib.import_module(f"mpnet_cli.{module}").main
+    start = time.perf_counter()
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            fail(f"`{line}` exited with {exit_.code} (its error is above)")
+    seconds = time.perf_counter() - start
+    log.append({"command": line, "seconds": round(seconds, 1)})
+    return seconds
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------- pretraining
+
+
+def pretrain_argv(args, shards: Path, row: str, out: Path, steps: int, log_every=None) -> list:
+    objective, overrides = ROWS[row]
+    return [*overrides, "--config", args.config, "--output-dir", out, "--data", shards, "--objective", objective,
+            "--max-steps", steps, "--save-every", steps, "--log-every", log_every or max(1, steps // 20),
+            "--no-progress", "--attention-backend", args.attention_backend,
+            f"training.batch_size={args.batch_size}", f"optim.warmup_steps={max(1, round(0.1 * steps))}",
+            f"logging.valid_every={max(1, steps // 10)}", "logging.keep_last=1"]
+
+
+def calibrate_steps(args, shards: Path, block_size: int, log: list) -> tuple[int, dict]:
+    probe = args.out / "probe"
+    # Logged in two halves: the rate is that of the second (the first holds the start-up: allocator, kernels).
+    argv = pretrain_argv(args, shards, "mpnet", probe, args.probe_steps, log_every=max(1, args.probe_steps // 2))
+    run_command("pretrain-mpnet", "pretrain", argv, log)
+    summary = json.loads((probe / "summary.json").read_text())
+    seconds_per_step = args.batch_size * block_size / summary["tokens_per_s"]
+    steps = max(1, int(args.minutes_per_objective * 60 / seconds_per_step))
+    return steps, {"probe_steps": args.probe_steps, "mpnet_tokens_per_s": summary["tokens_per_s"],
+                   "seconds_per_step": seconds_per_step}
+
+
+def pretrain_row(args, shards: Path, row: str, steps: int, block_size: int, log: list) -> dict:
+    out = args.out / "pretrain" / row
+    seconds = run_command("pretrain-mpnet", "pretrain", pretrain_argv(args, shards, row, out, steps), log)
+    summary = json.loads((out / "summary.json").read_text())
+    tokens_per_step = args.batch_size * block_size
+    curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
+              "fill_mask_accuracy": r.get("valid/fill_mask_accuracy"), "accuracy": r.get("valid/accuracy")}
+             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "valid/loss" in r]
+    return {"row": row, "steps": steps, "tokens": steps * tokens_per_step, "pretrain_seconds": round(seconds, 1),
+            "train_loss": summary["last_train_loss"], "valid_loss": summary["valid_loss"],
+            "valid_accuracy": summary["valid_accuracy"], "fill_mask_accuracy": summary["valid_fill_mask_accuracy"],
+            "tokens_per_s": summary["tokens_per_s"], "fill_mask": summary.get("fill_mask"), "curve": curve,
+            "checkpoint": summary["checkpoint"]}
+
+
+def untrained_checkpoint(config: Path, shards: Path, folder: Path) -> Path:
+    """A fresh model of the config with the original MPNet initialisation, saved as a checkpoint."""
+    import torch
+
+    from mpnet.data import load_tokenizer, read_metadata
+    from mpnet.modeling import MPNetForPretraining
+    from mpnet.training.config import PretrainConfig, load, model_config
+
+    cfg = load(PretrainConfig, config)
+    meta = read_metadata(shards)
+    torch.manual_seed(cfg.training.seed)
+    model = MPNetForPretraining(model_config(cfg.model, vocab_size=meta["vocab_size"],
+                                             pad_token_id=meta["pad_token_id"], mask_token_id=meta["mask_token_id"]))
+    model.save_pretrained(folder, tokenizer=load_tokenizer(str(shards / "tokenizer")))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+
+def task_config(task: str) -> Path:
+    return REPO / "configs" / "glue" / ("sentiment.yaml" if task == "sst2" else f"{task}.yaml")
+
+
+def finetune_scores(args, checkpoint: Path, name: str, log: list) -> dict:
+    """{task: [{seed, best, best_epoch, last, seconds}]}: dev score x100 of each seed."""
+    scores = {}
+    for task, folder in args.tasks.items():
+        scores[task] = []
+        for seed in args.finetune_seeds:
+            out = args.out / "finetune" / task / f"{name}-seed{seed}"
+            argv = ["--checkpoint", checkpoint, "--task", task, "--data-dir", folder, "--config", task_config(task),
+                    "--output-dir", out, "--device", args.device, "--seed", seed, "--lr", args.finetune_lr,
+                    "--epochs", args.finetune_epochs, "--max-length", args.finetune_max_length,
+                    "--attention-backend", args.attention_backend, "--no-progress"]
+            if args.finetune_max_train_examples:
+                argv += ["--max-train-examples", args.finetune_max_train_examples]
+            seconds = run_command("finetune-mpnet", "finetune", argv, log)
+            results = json.loads((out / "results.json").read_text())
+            scores[task].append({"seed": seed, "best": 100 * results["best"]["score"],
+                                 "best_epoch": results["best"]["epoch"], "last": 100 * results["epochs"][-1]["score"],
+                                 "seconds": round(seconds, 1)})
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def plot(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curves = [r for r in rows if r.get("curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for r in curves:
+            points = [(c["tokens"] / 1e6, c["fill_mask_accuracy"]) for c in r["curve"]
+                      if c["fill_mask_accuracy"] is not None]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=r["row"])
+        ax.set(xlabel="pretraining tokens (M)", ylabel="fill-mask accuracy (held out)",
+               title="Pretraining: the same batches scored for every objective")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "quality_pretraining.png", dpi=110)
+        plt.close(fig)
+        written.append("quality_pretraining.png")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.8, 1.4 * len(rows)) * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, r in enumerate(rows):
+            values = [s["best"] for s in r["finetune"][task]]
+            ax.bar(i, statistics.mean(values), color="#9ecae1" if r["row"] != BASELINE else "#d9d9d9")
+            ax.plot([i] * len(values), values, "o", color="#08519c", markersize=4)
+        ax.set_xticks(range(len(rows)), [r["row"] for r in rows])
+        low = min(s["best"] for r in rows for s in r["finetune"][task])
+        ax.set_ylim(max(0, low - 5), min(100, max(s["best"] for r in rows for s in r["finetune"][task]) + 2))
+        ax.set(ylabel="dev score x100 (best epoch)", title=f"{task}: each seed a dot, the mean a bar")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "quality_finetune.png", dpi=110)
+    plt.close(fig)
+    return written + ["quality_finetune.png"]
+
+
+def write_report(args, rows: list[dict], facts: dict):
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    tasks = list(args.tasks)
+    lines = ["# Pretraining quality: what each pretrained encoder fine-tunes to", "",
+             f"- command: `{facts['command']}`",
+             f"- device: {facts['device']}; torch {facts['torch']}; commit {facts['commit']}; {facts['date']}",
+             f"- model: `{facts['config']}`; pretraining data: `{facts['data']}`"
+             + (f" ({facts['data_tokens']['train']:,} training tokens, {facts['data_tokens']['valid']:,} held out)"
+                if facts.get("data_tokens") else ""),
+             f"- fine-tuning: {', '.join(f'{t} (`{shown(d)}`)' for t, d in args.tasks.items())}; lr "
+             f"{args.finetune_lr}, {args.finetune_epochs} epochs, <= {args.finetune_max_length} tokens, seeds "
+             f"{','.join(map(str, args.finetune_seeds))}; dev score x100 at the best epoch, mean ± sample std",
+             f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min", "",
+             "| row | pretraining tokens | minutes | fill-mask acc (held out) | "
+             + " | ".join(f"{t} dev" for t in tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        minutes = None if r.get("pretrain_seconds") is None else r["pretrain_seconds"] / 60
+        cells = [spread([s["best"] for s in r["finetune"][t]]) for t in tasks]
+        lines.append(f"| {r['row']} | {fmt(r.get('tokens'), ',')} | {fmt(minutes, '.1f')} "
+                     f"| {fmt(r.get('fill_mask_accuracy'), '.3f')} | " + " | ".join(cells) + " |")
+    baseline = next((r for r in rows if r["row"] == BASELINE), None)
+    if baseline:
+        lines += ["", "Against the untrained model (difference of the means, in points; the table holds each "
+                      "seed spread):", ""]
+        for r in rows:
+            if r is baseline:
+                continue
+            parts = []
+            for t in tasks:
+                ours, base = ([s["best"] for s in x["finetune"][t]] for x in (r, baseline))
+                parts.append(f"{t} {statistics.mean(ours) - statistics.mean(base):+.2f}")
+            lines.append(f"- {r['row']}: " + ", ".join(parts))
+    lines += ["", "Row `none` is the same model untrained (the original initialisation), fine-tuned the same way. "
+              "The fill-mask accuracy scores one stream on the same held-out batches for every objective, so it "
+              "ranks them; each objective's own valid loss is in quality.json."]
+    pictures = plot(rows, tasks, args.out)
+    lines += [""] + [f"![{p}]({p})" for p in pictures] + [""]
+    (args.out / "quality.md").write_text("\n".join(lines))
+    (args.out / "quality.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=2, default=str))
+    print("\n" + "\n".join(lines))
+    print(f"wrote {args.out / 'quality.md'}, quality.json and {', '.join(pictures)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "PYTHONPATH=.:/tmp/shim python3 scripts/quality_benchmark.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # pretrain-mpnet runs where CUDA is; hide it (before torch starts)
+    if args.out.exists() and any(args.out.iterdir()):
+        fail(f"--out {args.out} is not empty; choose a new folder (nothing was overwritten)")
+    for task, folder in args.tasks.items():
+        if not folder.is_dir():
+            hint = f"; make it first: python scripts/make_sentiment_data.py {folder}" if task == "sst2" else ""
+            fail(f"--task {task}={folder}: no such folder{hint}")
+        if not task_config(task).is_file():
+            fail(f"--task {task}: no recipe {shown(task_config(task))}; tasks: sst2 or a GLUE task name")
+    for checkpoint in args.checkpoint:
+        if not (checkpoint / "config.json").is_file():
+            fail(f"--checkpoint {checkpoint} is not a model directory (no config.json)")
+    require_runtime(args.device, fail)
+    import torch
+
+    from mpnet.data import read_metadata, resolve_data
+    from mpnet.training.config import PretrainConfig, load
+
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = load(PretrainConfig, args.config)
+    block_size = cfg.data.block_size
+    args.batch_size = args.batch_size or cfg.training.batch_size
+    data = args.data or cfg.data.path
+    shards = resolve_data(data, args.out / "data", tokenizer=cfg.data.tokenizer, workers=os.cpu_count())
+    meta = read_metadata(shards)
+    log: list = []
+    rows, calibration, steps = [], None, args.steps
+    if args.checkpoint:
+        # a training checkpoint is named by its run: runs/x/checkpoints/step-00004000 -> x/step-00004000
+        rows = [{"row": f"{c.parent.parent.name}/{c.name}" if c.name.startswith("step-") else c.name,
+                 "checkpoint": str(c)} for c in args.checkpoint]
+    else:
+        if steps is None:
+            steps, calibration = calibrate_steps(args, shards, block_size, log)
+            print(f"\n{PROG}: mpnet ran {calibration['seconds_per_step'] * 1000:.1f} ms per step: {steps} steps per "
+                  f"objective for {args.minutes_per_objective} min", flush=True)
+        rows = [pretrain_row(args, shards, row, steps, block_size, log) for row in args.objectives]
+    if not args.no_baseline:
+        rows.append({"row": BASELINE, "tokens": 0,
+                     "checkpoint": str(untrained_checkpoint(args.config, shards, args.out / "untrained"))})
+    for r in rows:
+        r["finetune"] = finetune_scores(args, Path(r["checkpoint"]), r["row"].replace("/", "-"), log)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    facts = {"command": command, "device": device, "torch": torch.__version__, "commit": git_commit(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": shown(args.config),
+             "data": shown(Path(data)) if not isinstance(data, list) else data,
+             "data_tokens": meta.get("num_tokens"), "block_size": block_size, "batch_size": args.batch_size,
+             "steps": steps, "calibration": calibration, "finetune_lr": args.finetune_lr,
+             "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "commands": log,
+             "total_seconds": round(time.perf_counter() - started, 1)}
+    write_report(args, rows, facts)
+
+
+if __name__ == "__main__":
+    main()
