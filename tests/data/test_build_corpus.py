@@ -100,6 +100,12 @@ def test_detokenize_brown(bc):
     assert bc.detokenize_brown(tagged) == 'The jury said "no evidence" was found, and it didn\'t (really) end.'
 
 
+def test_brown_headlines_are_dropped(bc):
+    assert bc.is_brown_headline("Merger/nn-hl proposed/vbn-hl ")
+    assert not bc.is_brown_headline("The/at merger/nn-hl was/bedz proposed/vbn ./.")
+    assert not bc.is_brown_headline("")
+
+
 def test_gcide_entry_drops_header_and_markup(bc):
     entry = ("Lark \\Lark\\ (l[aum]rk), n. [OE. larke; akin to D.\n"
              "   leeuwerik.] (Zool.)\n"
