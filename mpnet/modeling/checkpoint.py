@@ -3,6 +3,11 @@
 Our module tree already uses HF's names, so saving is the state dict minus the tied decoder weight, and
 loading accepts the prefixes transformers writes (`MPNetForMaskedLM`: "mpnet." + "lm_head.";
 `MPNetModel` / sentence-transformers: no prefix, plus a pooler we do not use).
+
+A model transformers' own MPNet does not compute (a sliding window, an attention pattern, another
+bucket distance: `MPNetConfig.matches_transformers_mpnet`) is written as model_type PATTERN_MODEL_TYPE with an auto_map
+and the shim file of mpnet/hub.py, so transformers loads it only with trust_remote_code=True, into our
+classes. Both model types read back here alike.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from .config import MPNetConfig
+from .config import PATTERN_MODEL_TYPE, MPNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,10 @@ _TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")
 _IGNORED_PREFIXES = ("mpnet.pooler.", "pooler.")
 _IGNORED_KEYS = ("mpnet.embeddings.position_ids", "embeddings.position_ids")
 _HEAD_PREFIXES = ("lm_head.", "classifier.")
+_MODEL_TYPES = ("mpnet", PATTERN_MODEL_TYPE)
+# what config.json says about the file (which classes read it, which transformers wrote it), not about
+# the model: save_pretrained derives them again from the model's own fields
+_FILE_FORMAT_KEYS = ("model_type", "transformers_version", "auto_map")
 
 
 class CheckpointError(UserError):
@@ -52,7 +61,16 @@ def save_pretrained(model, path, tokenizer=None):
     _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config = model.config
     config.architectures = [model.hf_architecture]
+    from .. import hub  # imports transformers' modeling code (seconds): here, not for every reader of checkpoints
+
+    shim = path / hub.SHIM_FILE
+    plain = config.matches_transformers_mpnet
+    if not plain:
+        _atomic_write(shim, lambda tmp: tmp.write_text(hub.shim_source()))  # before the config names it
+        config = hub.MPNetPatternConfig(**_model_fields(config.to_dict()), auto_map=hub.AUTO_MAP)
     _atomic_write(path / CONFIG_NAME, lambda tmp: config.to_json_file(str(tmp)))
+    if plain:
+        shim.unlink(missing_ok=True)  # left by a pattern model saved here before; no longer named
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
@@ -66,12 +84,16 @@ def read_config(path, **overrides) -> MPNetConfig:
         data = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}); the checkpoint is corrupt") from None
-    if data.get("model_type") != "mpnet":
+    if data.get("model_type") not in _MODEL_TYPES:
         raise CheckpointError(f"{path} holds a {data.get('model_type')!r} model, not an MPNet one")
     if "use_flex_attention" in overrides and "attention_backend" not in overrides:
         data.pop("attention_backend", None)  # the flag chooses between dense and flex, over the saved choice
     data.update(overrides)
-    return MPNetConfig(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
+    return MPNetConfig(**_model_fields(data))
+
+
+def _model_fields(config_dict: dict) -> dict:
+    return {k: v for k, v in config_dict.items() if k not in _FILE_FORMAT_KEYS}
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """MPNet configuration: HF's `MPNetConfig` plus the fields this project adds.
 
-Subclassing keeps `model_type: "mpnet"` in every `config.json` we write, so transformers loads our
-checkpoints as ordinary MPNet models; the extra fields ride along as plain attributes.
+Subclassing keeps `model_type: "mpnet"` in the `config.json` of every model transformers' own MPNet
+computes (`matches_transformers_mpnet`), so transformers loads those checkpoints as ordinary MPNet
+models; the extra fields ride along as plain attributes. The others are written as PATTERN_MODEL_TYPE
+with classes transformers loads only under trust_remote_code (mpnet/hub.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ from .patterns import as_pattern, parse_attention_pattern
 
 ATTENTION_BACKEND_NAMES = ("dense", "flex", "triton")  # attention.ATTENTION_BACKENDS, by name
 MPNET_MASK_TOKEN_ID = 30526  # <mask> in the MPNet WordPiece vocabulary (30527 entries)
+# transformers' MPNet saturates its relative buckets at this distance, whatever the config says
+# (relative_position_bucket's default max_distance)
+TRANSFORMERS_MAX_DISTANCE = 128
+# model_type of a checkpoint that transformers' own MPNet would load into another function (hub.py)
+PATTERN_MODEL_TYPE = "mpnet_pattern"
 
 
 def check_window(size, what: str = "sliding_window_size"):
@@ -120,6 +127,13 @@ class MPNetConfig(transformers.MPNetConfig):
         """The attention pattern every backend applies: attention_pattern, intersected with the sliding
         window when sliding_window_size is set. The one place the window folds into the pattern."""
         return as_pattern(self.attention_pattern, self.sliding_window_size)
+
+    @property
+    def matches_transformers_mpnet(self) -> bool:
+        """Whether transformers' own MPNet computes this model's function from its weights: it attends
+        over the whole sequence (no window, no pattern) and saturates the relative buckets at 128."""
+        return (self.sliding_window_size is None and self.attention_pattern is None
+                and self.relative_attention_max_distance == TRANSFORMERS_MAX_DISTANCE)
 
     @property
     def max_sequence_length(self) -> int:
