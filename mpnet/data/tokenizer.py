@@ -38,7 +38,9 @@ def load_tokenizer(spec="default"):
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             raise UserError(f"tokenizer directory {path} holds no tokenizer.json, tokenizer_config.json or vocab.txt")
         try:
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            # trust_remote_code=False: a pattern checkpoint's config names custom code (mpnet/hub.py); without the
+            # flag transformers would ask at a terminal whether to run it, for the tokenizer, which needs none
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise UserError(f"could not load the tokenizer in {path}: {str(err).splitlines()[0]}") from None
     else:

@@ -109,7 +109,9 @@ def load_classifier(checkpoint, task: Task, backend: Backend, attention_dropout:
     if attention_dropout is not None:
         backend_fields["attention_probs_dropout_prob"] = attention_dropout
     existing = read_config(checkpoint)
-    old_labels = existing.num_labels if "MPNetForSequenceClassification" in (existing.architectures or []) else None
+    # a classifier head: ours, transformers', or the pattern classes' name when transformers re-saved it (mpnet/hub.py)
+    is_classifier = any(name.endswith("ForSequenceClassification") for name in existing.architectures or [])
+    old_labels = existing.num_labels if is_classifier else None
     if old_labels is not None and old_labels != task.num_labels:
         model = MPNetForSequenceClassification.from_pretrained(checkpoint, **backend_fields)
         for key, value in labels.items():

@@ -310,9 +310,22 @@ def test_help_shows_the_defaults(capsys):
 
 @pytest.mark.parametrize("flag", [[], ["--no-progress"]])
 def test_no_progress_turns_the_bar_off(shards, tmp_path, flag):
+    """On a terminal the bar shows unless --no-progress (into a file it never does: test_fail_safe.py)."""
+    import contextlib
+    import io
+
+    from cli_support import cli_main
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     small = [a for a in SMALL if a != "logging.progress_bar=false"]
-    code, stderr = pretrain("--output-dir", tmp_path / "o", "--data", shards, "--max-steps", 2, *small, *flag)
-    assert code == 0, stderr
+    terminal = Terminal()
+    with contextlib.redirect_stderr(terminal):
+        cli_main("pretrain")([str(a) for a in ("--output-dir", tmp_path / "o", "--data", shards, "--max-steps", 2,
+                                               *small, *flag)])
+    stderr = terminal.getvalue()
     assert ("step/s" in stderr or "s/step" in stderr) == (not flag), stderr
     config = (tmp_path / "o" / "config.yaml").read_text()
     assert f"progress_bar: {'false' if flag else 'true'}" in config
