@@ -7,10 +7,12 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mpnet", "mpnet.*"]) + ["mpnet_cli"],
-    package_dir={"mpnet_cli": "cli"},
+    # configs/ ships inside the package as mpnet.configs (read with importlib.resources), so a wheel install has
+    # the run configs and the GLUE recipes: `--config mpnet-tiny` works from any directory.
+    packages=find_packages(include=["mpnet", "mpnet.*"]) + ["mpnet_cli", "mpnet.configs", "mpnet.configs.glue"],
+    package_dir={"mpnet_cli": "cli", "mpnet.configs": "configs"},
     include_package_data=True,
-    package_data={"mpnet": ["resources/**/*"]},
+    package_data={"mpnet": ["resources/**/*"], "mpnet.configs": ["*.yaml"], "mpnet.configs.glue": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=4.45",
@@ -27,7 +29,7 @@ setup(
         "tabulate",
     ],
     # "fairseq": what ve-fairseq needs besides torch; the fork itself goes in with --no-deps (docs/fairseq.md).
-    extras_require={"test": ["pytest"], "data": ["rdata"],
+    extras_require={"test": ["pytest", "setuptools"], "data": ["rdata"],
                     "fairseq": ["hydra-core", "omegaconf", "bitarray", "sacrebleu"]},
     entry_points={
         "console_scripts": [

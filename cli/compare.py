@@ -29,7 +29,7 @@ def build_parser():
                    help="comma-separated: dense, flex, triton, each optionally :W (default: dense,flex)")
     p.add_argument("--seeds", default=[1], type=int_list, help="comma-separated seeds (default: 1)")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--config", type=Path, help="YAML recipe for every task (default: configs/glue/TASK.yaml)")
+    p.add_argument("--config", type=Path, help="YAML recipe for every task: a file or a packaged name such as glue/sentiment (default: the packaged glue/TASK)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     for flag, kind in [("--lr", float), ("--batch-size", int), ("--epochs", int), ("--max-length", int),
                        ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:

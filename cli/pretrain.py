@@ -21,7 +21,7 @@ logging, distributed). Logs: OUTPUT/metrics.jsonl and `tensorboard --logdir OUTP
 def build_parser():
     p = OneLineErrorParser(prog="pretrain-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML run config (default: built-in tiny defaults)")
+    p.add_argument("--config", type=Path, help="YAML run config: a file or a packaged name (mpnet-tiny, mpnet-small, mpnet-base, mpnet-long) (default: built-in tiny defaults)")
     p.add_argument("--output-dir", type=Path, required=True, help="where checkpoints, logs and the data cache go")
     p.add_argument("--data", help="raw text file/dir/JSONL (preprocessed on the fly into OUTPUT/data-cache) or a "
                                   "preprocess-mpnet output dir; 'embedded' = the bundled Austen corpus")

@@ -30,6 +30,33 @@ log = logging.getLogger(__name__)
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
+
+def config_dir() -> Path:
+    """The run configs and GLUE recipes: the installed package's copy (mpnet/configs/ in a wheel: setup.py maps
+    configs/ there), else the checkout's configs/ (an editable install or the source tree)."""
+    from importlib import resources
+
+    packaged = Path(str(resources.files("mpnet") / "configs"))
+    return packaged if packaged.is_dir() else REPO_CONFIG_DIR
+
+
+def packaged_config_names() -> list[str]:
+    root = config_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def config_file(spec) -> Path:
+    """--config: a YAML file, or the name of a packaged one (`mpnet-tiny`, `glue/sst2`; `.yaml` optional)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    name = str(spec).removeprefix("configs/")
+    packaged = config_dir() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if packaged.is_file():
+        return packaged
+    raise UserError(f"config file {spec} does not exist; pass a YAML file or a packaged config: "
+                    f"{', '.join(packaged_config_names())}")
+
 # ------------------------------------------------------------------------------------------ values
 
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
@@ -129,9 +156,7 @@ def positive(section: str, config, *names):
 
 
 def read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file (see configs/)")
+    path = config_file(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -497,7 +522,7 @@ class FinetuneConfig:
 
 def load_finetune_config(task_name: str, path=None, overrides: dict | None = None) -> FinetuneConfig:
     """defaults < configs/glue/<task>.yaml (or the given file) < overrides."""
-    recipe = REPO_CONFIG_DIR / "glue" / f"{task_name}.yaml"
+    recipe = config_dir() / "glue" / f"{task_name}.yaml"
     if path is None and recipe.is_file():
         path = recipe
         log.info("using the recipe in %s", path)

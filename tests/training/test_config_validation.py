@@ -126,3 +126,17 @@ def test_a_flag_and_an_override_that_agree_are_one_setting():
     overrides = add_flags(parse_overrides(["optim.lr=1e-4", "training.max_steps=3", "logging.progress_bar=false"]),
                           {"optim": {"lr": 0.0001}, "training": {"max_steps": 3}, "logging": {"progress_bar": False}})
     assert overrides == {"optim": {"lr": 0.0001}, "training": {"max_steps": 3}, "logging": {"progress_bar": False}}
+
+
+def test_a_config_is_a_file_or_a_packaged_name_from_any_directory(tmp_path, monkeypatch):
+    from mpnet.training.config import config_file
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the README's `--config configs/mpnet-tiny.yaml` still works
+    for spec in ("mpnet-tiny", "mpnet-tiny.yaml", "configs/mpnet-tiny.yaml"):
+        assert config_file(spec).name == "mpnet-tiny.yaml" and config_file(spec).is_file()
+    assert config_file("glue/sentiment").parent.name == "glue"
+    own = tmp_path / "mine.yaml"
+    own.write_text("training:\n  max_steps: 3\n")
+    assert config_file(own) == own and config_file("mine.yaml") == own.relative_to(tmp_path)
+    with pytest.raises(UserError, match="config file mpnet-huge does not exist; .* mpnet-base, mpnet-long"):
+        config_file("mpnet-huge")
