@@ -44,7 +44,31 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
     """Flags and SECTION.KEY=VALUE overrides in any order (argparse's intermixed parsing)."""
-    return parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(dashed_flags(parser, argv))
+
+
+def dashed_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
+    """argv with each flag spelled with underscores, as HF Trainer scripts spell them (--output_dir), turned into
+    the command's dashed flag (--output-dir) when it has one; anything else is left to argparse."""
+    known = _option_strings(parser)
+
+    def dashed(word: str) -> str:
+        flag, sep, value = word.partition("=")
+        if not flag.startswith("--") or "_" not in flag:
+            return word
+        spelled = "--" + flag[2:].replace("_", "-")
+        return spelled + sep + value if spelled in known else word
+
+    return [dashed(str(word)) for word in (sys.argv[1:] if argv is None else argv)]
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    known = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known |= _option_strings(sub)
+    return known
 
 
 def overrides_from(args, flags: dict) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import OneLineErrorParser, command
+from ._common import OneLineErrorParser, command, dashed_flags
 
 EPILOG = """examples:
   convert-mpnet fairseq mpnet.example.pt --dict dict.txt --output-dir runs/mpnet-fairseq
@@ -49,7 +49,8 @@ def build_parser():
 
 @command
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(dashed_flags(parser, argv))
     verify = not args.no_verify
     if args.source == "fairseq":
         from mpnet.convert.fairseq import convert_fairseq

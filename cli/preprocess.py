@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mpnet_cli._common import command
+from mpnet_cli._common import command, dashed_flags
 
 EPILOG = """\
 inputs:
@@ -65,7 +65,8 @@ def build_parser():
 def main(argv=None):
     from mpnet.errors import UserError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(dashed_flags(parser, argv))
     if args.sentencepiece_vocab_size is not None and args.sentencepiece_vocab_size < 8:
         raise UserError(f"--sentencepiece-vocab-size must be at least 8, got {args.sentencepiece_vocab_size}")
     if args.workers < 1:

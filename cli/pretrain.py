@@ -21,19 +21,25 @@ logging, distributed). Logs: OUTPUT/metrics.jsonl and `tensorboard --logdir OUTP
 def build_parser():
     p = OneLineErrorParser(prog="pretrain-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML run config: a file or a packaged name (mpnet-tiny, mpnet-small, mpnet-base, mpnet-long) (default: built-in tiny defaults)")
+    p.add_argument("--config", type=Path, help="YAML run config: a file or a packaged name (mpnet-tiny, mpnet-small, "
+                                               "mpnet-base, mpnet-long) (default: built-in tiny defaults)")
     p.add_argument("--output-dir", type=Path, required=True, help="where checkpoints, logs and the data cache go")
     p.add_argument("--data", help="raw text file/dir/JSONL (preprocessed on the fly into OUTPUT/data-cache) or a "
                                   "preprocess-mpnet output dir; 'embedded' = the bundled Austen corpus")
-    from mpnet.training.config import LoggingConfig, TrainingConfig
+    from mpnet.training.config import LoggingConfig, OptimConfig, TrainingConfig
 
-    training, logging_ = TrainingConfig(), LoggingConfig()
+    training, logging_, optim = TrainingConfig(), LoggingConfig(), OptimConfig()
 
     def default(key, value):  # the flags default to the config's value; these are the built-in ones
         return f"(default: {key} of --config, built-in {value})"
 
     p.add_argument("--max-steps", type=int, metavar="N",
                    help=f"optimizer steps to train for {default('training.max_steps', training.max_steps)}")
+    p.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default('optim.lr', optim.lr)}")
+    p.add_argument("--batch-size", type=int, metavar="N", help="examples per step and process "
+                   + default("training.batch_size", training.batch_size))
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps "
+                   + default("optim.warmup_steps", optim.warmup_steps))
     p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps, and at the end "
                    + default("logging.save_every", logging_.save_every))
     p.add_argument("--log-every", type=int, metavar="N",
@@ -68,7 +74,9 @@ def main(argv=None):
     args = parse_with_overrides(build_parser(), argv)
     flags = {
         "data": {"path": args.data},
-        "training": {"max_steps": args.max_steps, "seed": args.seed, "objective": args.objective},
+        "training": {"max_steps": args.max_steps, "seed": args.seed, "objective": args.objective,
+                     "batch_size": args.batch_size},
+        "optim": {"lr": args.lr, "warmup_steps": args.warmup_steps},
         "logging": {"save_every": args.save_every, "log_every": args.log_every,
                     "progress_bar": False if args.no_progress else None},
         "model": {"use_flex_attention": True if args.use_flex_attention else None,

@@ -140,3 +140,24 @@ def test_a_config_is_a_file_or_a_packaged_name_from_any_directory(tmp_path, monk
     assert config_file(own) == own and config_file("mine.yaml") == own.relative_to(tmp_path)
     with pytest.raises(UserError, match="config file mpnet-huge does not exist; .* mpnet-base, mpnet-long"):
         config_file("mpnet-huge")
+
+
+def test_hf_habits_on_the_command_line(tmp_path, prefix_shards):
+    """--output_dir (HF Trainer's spelling) is --output-dir, and pretrain-mpnet takes --lr, --batch-size and
+    --warmup-steps as shortcuts for their keys, under the one rule for a flag and its key."""
+    import yaml
+
+    out = tmp_path / "run"
+    tiny = [a for a in TINY_RUN if not a.startswith(("training.batch_size", "optim.warmup_steps"))]
+    code, err = call_main(cli_main("pretrain"), "--data", prefix_shards, "--output_dir", out, "--max_steps", 1,
+                          *tiny, "--lr", "3e-3", "--batch_size", 3, "--warmup-steps", 1, "optim.lr=0.003")
+    assert code in (0, None), err
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["optim"]["lr"] == 3e-3 and recorded["optim"]["warmup_steps"] == 1
+    assert recorded["training"]["batch_size"] == 3
+    code, err = call_main(cli_main("pretrain"), "--output-dir", tmp_path / "other", "--lr", "1e-3", "optim.lr=2e-3")
+    assert_one_line_error_text(code, err, "optim.lr=2e-3 and its command-line flag (0.001) disagree")
+    code, err = call_main(cli_main("preprocess"), tmp_path / "missing.txt", "--output_dir", tmp_path / "shards")
+    assert_one_line_error_text(code, err, "corpus not found")  # the flag was understood; the corpus is missing
+    code, err = call_main(cli_main("pretrain"), "--output-dir", tmp_path / "x", "--no_such_flag", 1)
+    assert_one_line_error_text(code, err, "unrecognized arguments: --no_such_flag")
