@@ -94,7 +94,9 @@ def _from_sentencepiece(path: Path):
     special = {key: tok for key, tok in MPNET_SPECIAL_TOKENS.items() if tok in pieces}
     if proto.trainer_spec.unk_piece in pieces:
         special["unk_token"] = proto.trainer_spec.unk_piece
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    # model_max_length: MPNet's longest input (514 positions less the two padding offsets), as the committed MPNet
+    # tokenizer says; transformers' default for a tokenizer without one is 1e30, which truncation=True then ignores.
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=512, **special)
     # Our own special tokens (control pieces) are never produced from text by sentencepiece; the HF tokenizer
     # matches them literally, and <mask> swallows the space before it as MPNet's does.
     bos, eos = tok.bos_token, tok.eos_token

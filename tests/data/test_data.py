@@ -242,6 +242,8 @@ def test_sentencepiece_training_path(tmp_path, corpus_file):
     assert [s.tolist() for s in stored[:50]] == [sp.encode(d) for d in train_docs[:50]]
     assert tok("Miss <mask>.").input_ids[0] == 0 and 4 in tok("Miss <mask>.").input_ids
     assert load_tokenizer(tmp_path / "sp" / "tokenizer" / "sentencepiece.model").mask_token_id == 4
+    assert tok.model_max_length == 512  # MPNet's longest input, saved with the tokenizer (was 1e30)
+    assert len(tok("word " * 600, truncation=True).input_ids) == 512
 
 
 # ------------------------------------------------------------------------------------------------ blocks
