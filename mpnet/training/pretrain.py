@@ -517,6 +517,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
                 data = prepare_data(cfg, output_dir, env)
                 cfg = _record_data_tokenizer(cfg, requested, data)
                 model = build_model(cfg, data.meta, env.device, resume_from=checkpoint, shard_dir=data.shard_dir)
+                cfg = _record_model_shape(cfg, model.config)
                 summary = Trainer(cfg, env, output_dir, data, model, state).train()
         except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on (then the command's "interrupted")
             if env.is_main:
@@ -530,6 +531,16 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
                                              last_good_checkpoint(output_dir))) from None
     dist_utils.teardown(env)
     return summary
+
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings")
+
+
+def _record_model_shape(cfg: PretrainConfig, config) -> PretrainConfig:
+    """config.yaml records the shape of the model that trains: with training.init_from it is the checkpoint's,
+    whatever the preset says (a 768 x 12 model was recorded as `preset: tiny`)."""
+    return replace(cfg, model={**cfg.model, **{key: getattr(config, key) for key in SHAPE_KEYS}})
 
 
 def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: PretrainData) -> PretrainConfig:

@@ -177,6 +177,23 @@ def test_flex_training_on_cpu_fails_fast(tmp_path):
     assert time.time() - start < 60
 
 
+def test_config_yaml_records_the_shape_of_the_model_that_trains(shards, tmp_path):
+    """training.init_from a 32-wide checkpoint under the built-in tiny preset (128 wide): config.yaml used to say
+    `preset: tiny` and nothing else, now it says what trains."""
+    import yaml
+
+    first = tmp_path / "first"
+    assert pretrain("--output-dir", first, "--data", shards, "--max-steps", 1, *SMALL)[0] == 0
+    continued = tmp_path / "continued"
+    code, stderr = pretrain("--output-dir", continued, "--data", shards, "--max-steps", 1, "data.block_size=64",
+                            f"training.init_from={first / 'checkpoints' / 'step-00000001'}",
+                            "logging.progress_bar=false")
+    assert code in (0, None), stderr
+    model = yaml.safe_load((continued / "config.yaml").read_text())["model"]
+    assert (model["hidden_size"], model["num_attention_heads"], model["intermediate_size"]) == (32, 2, 64)
+    assert model["num_hidden_layers"] == 2 and model["vocab_size"] == 30527
+
+
 def test_vocabulary_mismatch_with_checkpoint(shards, tmp_path):
     from mpnet import MPNetConfig, MPNetForPretraining
 
