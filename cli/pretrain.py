@@ -23,7 +23,8 @@ def build_parser():
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML run config: a file or a packaged name (mpnet-tiny, mpnet-small, "
                                                "mpnet-base, mpnet-long) (default: built-in tiny defaults)")
-    p.add_argument("--output-dir", type=Path, required=True, help="where checkpoints, logs and the data cache go")
+    p.add_argument("--output-dir", type=Path, help="where checkpoints, logs and the data cache go (required unless "
+                                                     "--resume names the run)")
     p.add_argument("--data", help="raw text file/dir/JSONL (preprocessed on the fly into OUTPUT/data-cache) or a "
                                   "preprocess-mpnet output dir; 'embedded' = the bundled Austen corpus")
     from mpnet.training.config import LoggingConfig, OptimConfig, TrainingConfig
@@ -50,9 +51,10 @@ def build_parser():
                    help="mpnet: masked and permuted LM (two streams, position compensation); mlm: BERT-style masked "
                         "LM (one stream); plm: XLNet-style permuted LM (two streams, no position compensation); see "
                         f"docs/objectives.md {default('training.objective', training.objective)}")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in OUTPUT; its run config is used and "
-                        "conflicting settings are refused (docs/resume.md)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from the newest complete checkpoint in OUTPUT, or from PATH: a run directory, or "
+                        "one of its checkpoints (to go back to it, with the newer ones moved away); its run config "
+                        "is used and conflicting settings are refused (docs/resume.md)")
     p.add_argument("--use-flex-attention", action="store_true",
                    help="use the FlexAttention backend (needs CUDA for training) instead of the dense one")
     p.add_argument("--attention-backend", choices=["dense", "flex", "triton"],
@@ -72,6 +74,9 @@ def build_parser():
 @command
 def main(argv=None):
     args = parse_with_overrides(build_parser(), argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.append(args.resume)  # `--resume training.max_steps=2000`: an override after a bare --resume
+        args.resume = True
     flags = {
         "data": {"path": args.data},
         "training": {"max_steps": args.max_steps, "seed": args.seed, "objective": args.objective,
@@ -85,17 +90,18 @@ def main(argv=None):
     }
     from mpnet.modeling.config import check_window
     from mpnet.training.config import PretrainConfig, build, load, merge, read_yaml
-    from mpnet.training.pretrain import pretrain
+    from mpnet.training.pretrain import pretrain, resume_target
 
     check_window(args.sliding_window_size, "--sliding-window-size")
     overrides = overrides_from(args, flags)
-    run_config = args.output_dir / "config.yaml"
+    output_dir, resume_from = resume_target(args.output_dir, args.resume)
+    run_config = output_dir / "config.yaml"
     if args.resume and not args.config and run_config.is_file():  # the values are checked against the run's own
         config = build(PretrainConfig, merge(read_yaml(run_config), overrides))
     else:
         config = load(PretrainConfig, args.config, overrides)  # every value checked here
     requested = merge(read_yaml(args.config), overrides) if args.config else overrides  # what --resume checks
-    pretrain(config, args.output_dir, resume=args.resume, requested=requested)
+    pretrain(config, output_dir, resume=bool(args.resume), requested=requested, resume_from=resume_from)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ from ..modeling.attention import CPU_TRAINING_MESSAGE
 from ..modeling.checkpoint import CheckpointError, read_config
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoint_health, checkpoint_problem,
-                            health_words, last_good_checkpoint, list_checkpoints, load_training_state,
-                            no_space_message, remove_partial_saves, save_checkpoint, tensor_bytes)
+from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, STATE_FILE, check_space, checkpoint_health,
+                            checkpoint_problem, checkpoint_root, health_words, last_good_checkpoint,
+                            list_checkpoints, load_training_state, no_space_message, remove_partial_saves,
+                            save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
@@ -485,7 +486,30 @@ def _micro_seed(seed, step, micro) -> int:
 # ------------------------------------------------------------------------------------------ entry
 
 
-def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: dict | None = None) -> dict:
+def resume_target(output_dir: Path | None, resume) -> tuple[Path, Path | None]:
+    """(the run directory, the checkpoint to resume from or None for the newest) from --output-dir and --resume
+    [PATH]. PATH may be the run directory or one of its checkpoints; --output-dir, when given too, must be
+    that run."""
+    if resume in (None, False, True):
+        if output_dir is None:
+            raise UserError("--output-dir is required (or --resume RUN_DIR)")
+        return Path(output_dir), None
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file():
+        run, checkpoint = path.parent.parent, path
+    elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        run, checkpoint = path, None
+    else:
+        raise UserError(f"--resume {resume}: not a run directory (no checkpoints/ or config.yaml) nor a checkpoint "
+                        f"(no {STATE_FILE})")
+    if output_dir is not None and Path(output_dir).resolve() != run.resolve():
+        raise UserError(f"--resume {resume} belongs to the run {run}, not to --output-dir {output_dir}; a run "
+                        "continues in its own directory (to start a new one from its weights: training.init_from)")
+    return run, checkpoint
+
+
+def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: dict | None = None,
+             resume_from: Path | None = None) -> dict:
     """Train `cfg` into output_dir (checkpoints/, metrics.jsonl, config.yaml, tensorboard/); with `resume`,
     continue from the newest complete checkpoint there, under the contract of resume.py: `requested` holds
     the settings given explicitly (config file, overrides, flags; None: all of `cfg`), and one that conflicts
@@ -499,7 +523,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)
     with OutputDirLock(output_dir) if env.is_main else contextlib.nullcontext():  # one run per directory
-        checkpoint = _checkpoint_to_resume(output_dir, resume)
+        checkpoint = _checkpoint_to_resume(output_dir, resume, resume_from)
         state = None
         if checkpoint:
             state = load_training_state(checkpoint)
@@ -559,8 +583,15 @@ def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: Pr
     return replace(cfg, data=replace(cfg.data, tokenizer=str(data.shard_dir / "tokenizer")))
 
 
-def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
+def _checkpoint_to_resume(output_dir: Path, resume: bool, chosen: Path | None = None) -> Path | None:
     checkpoints = list_checkpoints(output_dir)
+    if chosen is not None:  # going back: the newer checkpoints would be overwritten or rotated away
+        newer = [path for _, path in checkpoints if path.name > chosen.name]
+        if newer:
+            raise UserError(f"--resume {chosen}: {len(newer)} newer checkpoint(s) are in the run ({newer[-1].name} "
+                            f"the newest); move them out of {checkpoint_root(output_dir)} to go back to "
+                            f"{chosen.name} (nothing was changed)")
+        checkpoints = [(step, path) for step, path in checkpoints if path.name <= chosen.name]
     if not resume:
         if checkpoints:
             raise UserError(f"{output_dir} already holds checkpoints; pass --resume to continue that run, "

@@ -316,3 +316,27 @@ def test_a_metrics_log_cut_off_mid_line_does_not_block_resume(resumable, prefix_
     assert code == 0, stderr
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     assert sorted({r["step"] for r in rows if "train/loss" in r}) == list(range(1, 7))
+
+
+def test_resume_takes_a_run_or_one_of_its_checkpoints(prefix_shards, resumable):
+    """--resume PATH (HF's --resume_from_checkpoint, fairseq's --restore-file): the run directory alone (no
+    --output-dir), or an older checkpoint of it to go back to once the newer ones are moved away."""
+    import shutil
+
+    code, stderr = pretrain("--resume", resumable, "--max-steps", 5)
+    assert code in (0, None), stderr
+    assert max(train_losses(resumable)) == 5
+    older = resumable / "checkpoints" / "step-00000002"
+    line = error_line(*pretrain("--resume", older, "--max-steps", 6))
+    assert "2 newer checkpoint(s) are in the run (step-00000005 the newest); move them out of" in line, line
+    for newer in ("step-00000004", "step-00000005"):
+        shutil.move(resumable / "checkpoints" / newer, resumable / newer)
+    code, stderr = pretrain("--resume", older, "--output-dir", resumable, "--max-steps", 3)
+    assert code in (0, None), stderr
+    assert max(train_losses(resumable)) == 3  # the metrics after step 2 were the abandoned branch's
+    line = error_line(*pretrain("--resume", older, "--output-dir", resumable.parent / "elsewhere"))
+    assert "belongs to the run" in line and "training.init_from" in line, line
+    line = error_line(*pretrain("--resume", resumable.parent))
+    assert "not a run directory" in line, line
+    line = error_line(*pretrain("--max-steps", 3))
+    assert "--output-dir is required" in line, line
