@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
+
 from . import distributed as dist_utils
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; unknown devices get no MFU figure.
@@ -51,15 +53,86 @@ def _row(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-class ScalarLog:
-    """The one metrics log of every run: each row (a dict with "step") goes to OUTPUT/metrics.jsonl and to
-    tensorboard (OUTPUT/tensorboard). A run resumed at `start_step` rewrites what came after it."""
+class WandbTracker:
+    """Weights & Biases: one run per output directory, the run config as its config."""
+    package = "wandb"
 
-    def __init__(self, output_dir, start_step: int = 0, enabled: bool = True):
+    def __init__(self, module, output_dir: Path, run_config: dict):
+        self.run = module.init(dir=str(output_dir), name=output_dir.name, config=run_config)
+
+    def log(self, step: int, scalars: dict):
+        self.run.log(scalars, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class MlflowTracker:
+    """MLflow: one run per output directory, the run config flattened into its parameters."""
+    package = "mlflow"
+
+    def __init__(self, module, output_dir: Path, run_config: dict):
+        self.mlflow = module
+        module.start_run(run_name=output_dir.name)
+        module.log_params(_flatten(run_config))
+
+    def log(self, step: int, scalars: dict):
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self):
+        self.mlflow.end_run()
+
+
+# logging.report_to: where the metrics log also writes, as HF Trainer's report_to; each tracker's package is
+# imported only when it is asked for, so none is a dependency.
+TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def report_to_names(spec: str) -> list[str]:
+    """'wandb,mlflow' -> ['wandb', 'mlflow']; 'none' or '' -> []."""
+    return [name.strip() for name in spec.split(",") if name.strip() and name.strip() != "none"]
+
+
+def check_trackers(spec: str):
+    """Before any work: each tracker logging.report_to names is installed, else one line naming the install."""
+    import importlib.util
+
+    for name in report_to_names(spec):
+        package = TRACKERS[name].package
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"logging.report_to={spec} but {package} is not installed (pip install {package}), "
+                            "or drop it from logging.report_to")
+
+
+def open_trackers(spec: str, output_dir, run_config: dict) -> list:
+    """The trackers named by logging.report_to, started (check_trackers has run)."""
+    import importlib
+
+    return [TRACKERS[name](importlib.import_module(TRACKERS[name].package), Path(output_dir), run_config)
+            for name in report_to_names(spec)]
+
+
+class ScalarLog:
+    """The one metrics log of every run: each row (a dict with "step") goes to OUTPUT/metrics.jsonl, to
+    tensorboard (OUTPUT/tensorboard) and to the `trackers` (logging.report_to). A run resumed at `start_step`
+    rewrites what came after it."""
+
+    def __init__(self, output_dir, start_step: int = 0, enabled: bool = True, trackers=()):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.history: list[dict] = []
         self.writer = None
+        self.trackers = list(trackers)
         self.jsonl = self.output_dir / "metrics.jsonl"
         if not enabled:
             return
@@ -80,26 +153,32 @@ class ScalarLog:
         self.history.append(row)
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, row["step"])
+        scalars = {key: value for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, row["step"])
         self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(row["step"], scalars)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 class MetricsLogger:
     """Pretraining's metrics: loss and accuracy summed on the device between log steps, throughput, MFU,
     validation rows and the final summary, written through a `ScalarLog`."""
 
-    def __init__(self, output_dir, is_main, start_step, flops_per_example, peak_tflops):
+    def __init__(self, output_dir, is_main, start_step, flops_per_example, peak_tflops, trackers=()):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.flops_per_example = flops_per_example
         self.peak_tflops = peak_tflops
-        self.log = ScalarLog(output_dir, start_step, enabled=is_main)
+        self.log = ScalarLog(output_dir, start_step, enabled=is_main, trackers=trackers)
         self.history = self.log.history
         self.jsonl = self.log.jsonl
         self.start_time = time.perf_counter()

@@ -45,7 +45,7 @@ from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, STATE_FILE, check_spac
                             save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
-from .metrics import MetricsLogger, estimate_flops_per_example, peak_tflops_for
+from .metrics import MetricsLogger, check_trackers, estimate_flops_per_example, open_trackers, peak_tflops_for
 from .resume import config_before_first_checkpoint, resume_config
 from .safety import (NonFiniteError, NonFiniteGuard, OutputDirLock, StopRequest, all_finite,
                      quiet_disk_errors_in_threads)
@@ -300,7 +300,9 @@ class Trainer:
         self.metrics = MetricsLogger(output_dir, env.is_main, self.start_step,
                                      flops_per_example=flops_per_example(model.config, cfg.training.objective, n,
                                                                          round(cfg.data.pred_prob * n)),
-                                     peak_tflops=peak_tflops_for(self.device))
+                                     peak_tflops=peak_tflops_for(self.device),
+                                     trackers=open_trackers(cfg.logging.report_to, output_dir, self.run_config)
+                                     if env.is_main else ())
 
     def _loader(self):
         t = self.cfg.training
@@ -519,6 +521,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
     if asked_layout is not None and cfg.training.objective != "mpnet":
         raise UserError(f"data.corrupted_input={asked_layout} is a layout of the mpnet objective; "
                         f"training.objective={cfg.training.objective} has no appended corrupted entries")
+    check_trackers(cfg.logging.report_to)
     env = dist_utils.setup()
     if _uses_flex(cfg) and env.device.type != "cuda":
         raise UserError(CPU_TRAINING_MESSAGE)

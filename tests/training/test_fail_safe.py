@@ -434,3 +434,46 @@ def test_the_guard_reads_nothing_during_a_step_on_the_device_path(prefix_shards,
     code, stderr = run(tmp_path / "run", prefix_shards, "--max-steps", 6, "--save-every", 100)
     assert code == 0, stderr
     assert reads == []
+
+
+def test_metrics_go_to_the_experiment_tracker_named_by_report_to(prefix_shards, tmp_path, monkeypatch):
+    """logging.report_to=wandb: the run config and every metrics row reach the tracker (a stand-in module here,
+    with wandb's calls: init, run.log(values, step=), run.finish), and nothing else changes."""
+    import json as json_
+
+    fake = tmp_path / "fake-trackers"
+    fake.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    (fake / "wandb.py").write_text(f"""
+import json
+CALLS = {str(calls)!r}
+def _record(*item):
+    with open(CALLS, "a") as f:
+        f.write(json.dumps(item) + "\\n")
+class _Run:
+    def log(self, values, step):
+        _record("log", step, values)
+    def finish(self):
+        _record("finish")
+def init(dir, name, config):
+    _record("init", name, config["training"]["max_steps"])
+    return _Run()
+""")
+    monkeypatch.syspath_prepend(str(fake))
+    out = tmp_path / "run"
+    code, stderr = run(out, prefix_shards, "--max-steps", 3, "logging.report_to=wandb")
+    assert code in (0, None), stderr
+    recorded = [json_.loads(line) for line in calls.read_text().splitlines()]
+    assert recorded[0] == ["init", "run", 3] and recorded[-1] == ["finish"]
+    logged = [(step, values) for kind, step, values in (r for r in recorded if r[0] == "log")]
+    assert [step for step, _ in logged] == [row["step"] for row in rows(out)]  # every row of metrics.jsonl
+    assert all("train/loss" in values or "valid/loss" in values for _, values in logged)
+
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:  # a tracker that is not installed: one line, before any work
+        code, stderr = run(tmp_path / "other", prefix_shards, "--max-steps", 1, "logging.report_to=mlflow")
+        assert "logging.report_to=mlflow but mlflow is not installed (pip install mlflow)" in error_line(code, stderr)
+        assert not (tmp_path / "other").exists()
+    code, stderr = run(tmp_path / "third", prefix_shards, "logging.report_to=tensorboardX")
+    assert "'logging.report_to' got 'tensorboardX'" in error_line(code, stderr)
