@@ -387,7 +387,10 @@ def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(shards, tm
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mpnet_cli.pretrain", "--output-dir", str(run), "--data", str(shards),
                              "--max-steps", "400", "--log-every", "1", "--save-every", "2", *SMALL],
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a terminal's Ctrl-C: a test runner started in the background inherits SIGINT ignored,
+                            # and Python then never turns it into KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not checkpoint_steps(run):
         time.sleep(0.05)
