@@ -47,6 +47,7 @@ def build_parser():
 @command
 def main(argv=None):
     args = parse_with_overrides(build_parser(), argv)
+    from mpnet.modeling.checkpoint import model_dir
     from mpnet.training.compare import compare, parse_backends
 
     flags = {"training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
@@ -56,7 +57,7 @@ def main(argv=None):
                           "compile_mode": args.compile_mode,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
-    compare(args.checkpoint, [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
+    compare(model_dir(args.checkpoint), [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
               args.seeds, args.output_dir, args.config, overrides_from(args, flags), args.device, args.overwrite)
     print((args.output_dir / "comparison.md").read_text())
 

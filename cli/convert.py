@@ -52,6 +52,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(dashed_flags(parser, argv))
     verify = not args.no_verify
+    from mpnet.modeling.checkpoint import model_dir
     if args.source == "fairseq":
         from mpnet.convert.fairseq import convert_fairseq
 
@@ -60,7 +61,7 @@ def main(argv=None):
     elif args.source == "hf":
         from mpnet.convert.hf import convert_hf
 
-        convert_hf(args.src, args.output_dir, args.tokenizer, verify=verify, overwrite=args.overwrite)
+        convert_hf(model_dir(args.src), args.output_dir, args.tokenizer, verify=verify, overwrite=args.overwrite)
     else:
         from mpnet.convert.to_fairseq import convert_to_fairseq
 

@@ -92,6 +92,7 @@ def config_from_args(args):
 @command
 def main(argv=None):
     args = parse_with_overrides(build_parser(), argv)
+    from mpnet.modeling.checkpoint import model_dir
     from mpnet.modeling.config import check_window
     from mpnet.tasks import get_task
     from mpnet.training.finetune import Backend, finetune
@@ -102,7 +103,7 @@ def main(argv=None):
     check_window(args.sliding_window_size, "--sliding-window-size")
     backend = Backend("flex" if args.use_flex_attention else args.attention_backend, args.sliding_window_size)
     output = args.output_dir or Path("runs/finetune") / f"{config.task.name}-{backend.label.replace(':', 'w')}-seed{config.training.seed}"
-    finetune(args.checkpoint, args.data_dir, config, output, backend=backend, device=args.device, overwrite=args.overwrite)
+    finetune(model_dir(args.checkpoint), args.data_dir, config, output, backend=backend, device=args.device, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,23 @@ def save_pretrained(model, path, tokenizer=None):
         tokenizer.save_pretrained(str(path))
 
 
+def model_dir(spec) -> Path:
+    """A model given as transformers resolves it: a local directory, else a Hub id (`microsoft/mpnet-base`) that
+    is in the local Hugging Face cache. Nothing is downloaded here (these machines train offline; with
+    HF_HUB_OFFLINE unset, `huggingface-cli download ID` fetches it first). Anything else is one line."""
+    path = Path(spec).expanduser()
+    if path.exists() or str(spec).count("/") != 1 or str(spec).startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(spec), local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise CheckpointError(f"{spec} is neither a directory nor a Hub model in the local Hugging Face cache "
+                              f"(HF_HOME / HF_HUB_CACHE); download it first: huggingface-cli download {spec}") from None
+
+
 def read_config(path, **overrides) -> MPNetConfig:
     path = Path(path)
     config_file = path / CONFIG_NAME

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
 from ..modeling.attention import CPU_TRAINING_MESSAGE
-from ..modeling.checkpoint import CheckpointError, read_config
+from ..modeling.checkpoint import CheckpointError, model_dir, read_config
 from . import distributed as dist_utils
 from . import toolkit
 from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, STATE_FILE, check_space, checkpoint_health,
@@ -137,7 +137,7 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
     torch.manual_seed(cfg.training.seed)
     fixed = dict(use_flex_attention=_uses_flex(cfg), pad_token_id=meta["pad_token_id"],
                  mask_token_id=meta["mask_token_id"])
-    source = resume_from or cfg.training.init_from
+    source = resume_from or (model_dir(cfg.training.init_from) if cfg.training.init_from else None)
     if source:  # vocabulary first: the data's special ids must fit the checkpoint's table
         _check_vocab(read_config(source).vocab_size, meta, cfg, source, resuming=resume_from is not None)
         overrides = _model_overrides(cfg.model, keys=("attention_backend",) if resume_from else None)
@@ -227,7 +227,7 @@ def _check_vocab_before_preprocessing(cfg: PretrainConfig, resume_from: Path | N
     vocabulary is not that tokenizer's is refused first, with the line build_model would give after it."""
     from ..data import load_tokenizer
 
-    source = resume_from or cfg.training.init_from
+    source = resume_from or (model_dir(cfg.training.init_from) if cfg.training.init_from else None)
     path = cfg.data.path
     if not source or (isinstance(path, (str, Path)) and (Path(str(path)).expanduser() / "metadata.json").is_file()):
         return

@@ -10,7 +10,7 @@ import torch
 from mpnet.training.config import load_finetune_config as load_config
 from mpnet.training.finetune import Backend, finetune
 from fixtures import RESOURCE_TOKENIZER, make_checkpoint, make_tokenizer, write_glue
-from cli_support import assert_one_line_error, assert_one_line_error_text, call_main, cli_main, run_cli
+from cli_support import assert_one_line_error, assert_one_line_error_text, call_main, cli_env, cli_main, run_cli
 
 QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
 
@@ -253,3 +253,32 @@ def test_compile_auto_stays_eager_on_a_cpu(workspace, tmp_path, monkeypatch):
     assert calls == [] and marks == [] and result["best"]["score"] is not None
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())["training"]
     assert (saved["compile"], saved["compile_mode"]) == ("auto", "reduce-overhead")
+
+
+def test_a_hub_model_name_found_in_the_local_cache(workspace, tmp_path):
+    """--checkpoint microsoft/mpnet-base resolves as transformers resolves it: a Hub id in the local Hugging Face
+    cache (HF_HUB_CACHE) is its snapshot directory; an id that is not there is one line saying how to get it."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, ckpt = workspace
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-mpnet"
+    shutil.copytree(ckpt, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    env = cli_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    common = ["--task", "sst2", "--data-dir", root / "glue", "--epochs", 1, "--batch-size", 8, "--max-length", 48,
+              "--no-progress"]
+
+    def finetune_cli(*args):
+        return subprocess.run([sys.executable, "-m", "mpnet_cli.finetune", *map(str, args)], capture_output=True,
+                              text=True, cwd=tmp_path, env=env, timeout=300)
+
+    result = finetune_cli("--checkpoint", "someone/tiny-mpnet", "--output-dir", tmp_path / "ft", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["checkpoint"].endswith("a" * 40)
+    result = finetune_cli("--checkpoint", "someone/absent", "--output-dir", tmp_path / "ft2", *common)
+    assert_one_line_error_text(result.returncode, result.stderr, "someone/absent is neither a directory nor a Hub "
+                               "model in the local Hugging Face cache", "huggingface-cli download someone/absent")
