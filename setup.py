@@ -29,7 +29,7 @@ setup(
         "tabulate",
     ],
     # "fairseq": what ve-fairseq needs besides torch; the fork itself goes in with --no-deps (docs/fairseq.md).
-    extras_require={"test": ["pytest", "setuptools"], "data": ["rdata"],
+    extras_require={"test": ["pytest", "setuptools", "sentence-transformers"], "data": ["rdata"],
                     "fairseq": ["hydra-core", "omegaconf", "bitarray", "sacrebleu"]},
     entry_points={
         "console_scripts": [

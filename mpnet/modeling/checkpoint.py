@@ -73,6 +73,9 @@ def save_pretrained(model, path, tokenizer=None):
         shim.unlink(missing_ok=True)  # left by a pattern model saved here before; no longer named
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+    for name, text in (getattr(model.config, "sentence_transformers", None) or {}).items():  # convert/hf.py
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
 
 
 def model_dir(spec) -> Path:
