@@ -422,11 +422,12 @@ class LoggingConfig:
     save_every: int = 500
     keep_last: int = 3  # newest checkpoints kept (0: all)
     progress_bar: bool = True
-    report_to: str = "none"  # also log to wandb and/or mlflow (comma-separated; the package must be installed)
+    report_to: str | None = None  # also log to wandb and/or mlflow (comma-separated; the package must be
+    # installed); none (the default) writes metrics.jsonl and tensorboard only
 
     def __post_init__(self):
         positive("logging", self, "log_every", "valid_every", "save_every")
-        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        names = [n.strip() for n in (self.report_to or "none").split(",") if n.strip()]
         known = bool(names) and all(n in ("none", "wandb", "mlflow") for n in names)
         check("logging.report_to", self.report_to, known, "none, wandb, mlflow or a comma-separated list of them")
         check("logging.valid_batches", self.valid_batches, self.valid_batches >= 0, "0 or more")

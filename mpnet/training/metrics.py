@@ -98,12 +98,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def report_to_names(spec: str) -> list[str]:
-    """'wandb,mlflow' -> ['wandb', 'mlflow']; 'none' or '' -> []."""
-    return [name.strip() for name in spec.split(",") if name.strip() and name.strip() != "none"]
+def report_to_names(spec: str | None) -> list[str]:
+    """'wandb,mlflow' -> ['wandb', 'mlflow']; None, 'none' or '' -> []."""
+    return [name.strip() for name in (spec or "").split(",") if name.strip() and name.strip() != "none"]
 
 
-def check_trackers(spec: str):
+def check_trackers(spec: str | None):
     """Before any work: each tracker logging.report_to names is installed, else one line naming the install."""
     import importlib.util
 
@@ -114,7 +114,7 @@ def check_trackers(spec: str):
                             "or drop it from logging.report_to")
 
 
-def open_trackers(spec: str, output_dir, run_config: dict) -> list:
+def open_trackers(spec: str | None, output_dir, run_config: dict) -> list:
     """The trackers named by logging.report_to, started (check_trackers has run)."""
     import importlib
 
