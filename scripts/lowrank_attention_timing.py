@@ -1,8 +1,8 @@
 """Time Linformer and Performer attention against SDPA, for the "do they belong here?" argument.
 
-Seed 001 lists Linformer and Performer beside the mask patterns. docs/patterns.md explains why they
-are not masks (they mix keys, so the two-stream rules and padding cannot be applied); this command
-supplies the speed half of the argument: single-stream attention core, forward + backward, the same
+The FlexAttention-Examples repository lists Linformer and Performer beside the mask patterns.
+docs/patterns.md explains why they are not masks (they mix keys, so the two-stream rules and padding cannot
+be applied); this command supplies the speed half of the argument: single-stream attention core, forward + backward, the same
 batch shapes as `benchmark-mpnet patterns` (tokens per batch fixed, 12 heads x 64), bf16.
 
     python scripts/lowrank_attention_timing.py                      # L = 1024, 4096, 16384 on the GPU

@@ -497,7 +497,8 @@ def ratio_tables(section: Section) -> list:
             vs_sdpa.append([length] + [(ratio_text(ms[k] / ms["sdpa"]) if k in ms else short_status(row[k]))
                                        if k in row else "" for k, _, _ in variants])
     headers = ["L"] + [label for _, label, _ in variants]
-    out = ["### Relative throughput (dense = 1.00x, higher is faster; as in seed 000's table)", "",
+    out = ["### Relative throughput (dense = 1.00x, higher is faster; as in the FlexAttention-for-MPNet README's "
+           "table)", "",
            github_table(relative, headers), "",
            "`*`: dense did not run at this length; the row is relative to the first backend that did.", ""]
     if vs_sdpa:
