@@ -29,7 +29,8 @@ def build_parser():
                    help="comma-separated: dense, flex, triton, each optionally :W (default: dense,flex)")
     p.add_argument("--seeds", default=[1], type=int_list, help="comma-separated seeds (default: 1)")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--config", type=Path, help="YAML recipe for every task: a file or a packaged name such as glue/sentiment (default: the packaged glue/TASK)")
+    p.add_argument("--config", type=Path, help="YAML recipe for every task: a file or a packaged name such as "
+                                               "glue/sentiment (default: the packaged glue/TASK)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     for flag, kind in [("--lr", float), ("--batch-size", int), ("--epochs", int), ("--max-length", int),
                        ("--eval-batch-size", int), ("--max-train-examples", int), ("--max-eval-examples", int)]:
@@ -57,8 +58,9 @@ def main(argv=None):
                           "compile_mode": args.compile_mode,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
-    compare(model_dir(args.checkpoint), [t.lower() for t in args.tasks], args.data_dir, parse_backends(args.backends),
-              args.seeds, args.output_dir, args.config, overrides_from(args, flags), args.device, args.overwrite)
+    compare(model_dir(args.checkpoint), [t.lower() for t in args.tasks], args.data_dir,
+            parse_backends(args.backends), args.seeds, args.output_dir, args.config, overrides_from(args, flags),
+            args.device, args.overwrite)
     print((args.output_dir / "comparison.md").read_text())
 
 

@@ -29,7 +29,8 @@ def build_parser():
     p.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or custom")
     p.add_argument("--data-dir", type=Path, required=True, help="the task's data folder (or its parent, e.g. glue_data)")
     p.add_argument("--output-dir", type=Path, help="default: runs/finetune/TASK-BACKEND-seedSEED")
-    p.add_argument("--config", type=Path, help="YAML recipe: a file or a packaged name such as glue/sentiment (default: the packaged glue/TASK when there is one)")
+    p.add_argument("--config", type=Path, help="YAML recipe: a file or a packaged name such as glue/sentiment "
+                                               "(default: the packaged glue/TASK when there is one)")
     p.add_argument("--use-flex-attention", action="store_true", help="FlexAttention backend (training needs CUDA)")
     p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense",
                    help="attention backend (flex and triton train on CUDA only; --use-flex-attention = flex)")

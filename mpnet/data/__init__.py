@@ -11,12 +11,12 @@ See docs/data.md for the formats and rules.
 from .blocks import TokenBlocks
 from .collator import MPNetCollator
 from .corpus import EMBEDDED_CORPUS, iter_documents, list_sources
-from .preprocess import preprocess_corpus, read_metadata, resolve_data
+from .preprocess import is_preprocessed, preprocess_corpus, read_metadata, resolve_data
 from .tokenizer import (DEFAULT_TOKENIZER_DIR, load_tokenizer, special_token_ids, tokenizer_identity,
                         train_sentencepiece, word_starts)
 
 __all__ = [
     "load_tokenizer", "tokenizer_identity", "special_token_ids", "word_starts", "train_sentencepiece",
-    "preprocess_corpus", "resolve_data", "read_metadata", "iter_documents", "list_sources",
+    "preprocess_corpus", "is_preprocessed", "resolve_data", "read_metadata", "iter_documents", "list_sources",
     "TokenBlocks", "MPNetCollator", "DEFAULT_TOKENIZER_DIR", "EMBEDDED_CORPUS",
 ]

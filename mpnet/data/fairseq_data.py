@@ -240,10 +240,10 @@ def inspect_data_bin(path) -> DataBin:
         raise UserError(f"{root} looks like a preprocess-mpnet directory but has no metadata.json (an interrupted "
                         f"run?); preprocess the corpus again")
     found = sorted(p.name for p in root.iterdir() if p.suffix in (".idx", ".bin", ".txt"))[:6]
-    described = f"{root} looks like a fairseq data-bin (it holds {', '.join(found)})"
+    described = (f"{root} looks like a fairseq data-bin (it holds {', '.join(found)})" if found
+                 else f"{root} holds no fairseq data-bin files")
     if not (root / "dict.txt").is_file():
-        raise UserError(f"{described if found else f'{root} holds no fairseq data-bin files'}"
-                        f"{' but has' if found else ':'} no dict.txt; only `fairseq-preprocess --only-source` data-bins "
+        raise UserError(f"{described}, and no dict.txt; only `fairseq-preprocess --only-source` data-bins "
                         f"(dict.txt, train.bin/.idx, valid.bin/.idx) can be read")
     data_bin = DataBin(root, root / "dict.txt")
     for split in ("train", "valid"):

@@ -361,6 +361,11 @@ def _source_fingerprint(sources) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
 
 
+def is_preprocessed(data) -> bool:
+    """Whether `data` (a --data value: a path, a list of paths, 'embedded') is a preprocess-mpnet directory."""
+    return isinstance(data, (str, Path)) and (Path(data).expanduser() / "metadata.json").is_file()
+
+
 def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> Path:
     """A preprocessed directory -> itself. Raw text (file, directory, list) or a fairseq data-bin directory ->
     preprocessed once into cache_dir/<16-hex hash of the sources' paths, sizes and mtimes, the tokenizer and the
@@ -368,7 +373,7 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
     sentencepiece_vocab_size, ...); for a data-bin only line_per_document, overwrite and progress apply."""
     from .fairseq_data import inspect_data_bin, looks_like_fairseq_data_bin
 
-    if isinstance(data, (str, Path)) and (Path(data).expanduser() / "metadata.json").is_file():
+    if is_preprocessed(data):
         return Path(data).expanduser()
     fairseq = isinstance(data, (str, Path)) and looks_like_fairseq_data_bin(data)
     if fairseq:

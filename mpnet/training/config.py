@@ -57,6 +57,7 @@ def config_file(spec) -> Path:
     raise UserError(f"config file {spec} does not exist; pass a YAML file or a packaged config: "
                     f"{', '.join(packaged_config_names())}")
 
+
 # ------------------------------------------------------------------------------------------ values
 
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
@@ -427,9 +428,12 @@ class LoggingConfig:
 
     def __post_init__(self):
         positive("logging", self, "log_every", "valid_every", "save_every")
+        from .metrics import TRACKERS  # the one list of trackers
+
         names = [n.strip() for n in (self.report_to or "none").split(",") if n.strip()]
-        known = bool(names) and all(n in ("none", "wandb", "mlflow") for n in names)
-        check("logging.report_to", self.report_to, known, "none, wandb, mlflow or a comma-separated list of them")
+        known = bool(names) and all(n == "none" or n in TRACKERS for n in names)
+        check("logging.report_to", self.report_to, known,
+              f"none, {', '.join(TRACKERS)} or a comma-separated list of them")
         check("logging.valid_batches", self.valid_batches, self.valid_batches >= 0, "0 or more")
         check("logging.keep_last", self.keep_last, self.keep_last >= 0, "0 (keep all) or more")
 

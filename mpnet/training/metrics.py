@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-
 from . import distributed as dist_utils
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; unknown devices get no MFU figure.

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from ..data import is_preprocessed
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
 from ..modeling.attention import CPU_TRAINING_MESSAGE
@@ -137,7 +138,7 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
     torch.manual_seed(cfg.training.seed)
     fixed = dict(use_flex_attention=_uses_flex(cfg), pad_token_id=meta["pad_token_id"],
                  mask_token_id=meta["mask_token_id"])
-    source = resume_from or (model_dir(cfg.training.init_from) if cfg.training.init_from else None)
+    source = _starting_weights(cfg, resume_from)
     if source:  # vocabulary first: the data's special ids must fit the checkpoint's table
         _check_vocab(read_config(source).vocab_size, meta, cfg, source, resuming=resume_from is not None)
         overrides = _model_overrides(cfg.model, keys=("attention_backend",) if resume_from else None)
@@ -196,12 +197,17 @@ def _uses_flex(cfg: PretrainConfig) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what load_tokenizer reads
 
 
+def _starting_weights(cfg: PretrainConfig, resume_from: Path | None) -> Path | None:
+    """The checkpoint a run starts from: the one it resumes, else training.init_from (a directory or a Hub name
+    in the local cache), else none."""
+    return resume_from or (model_dir(cfg.training.init_from) if cfg.training.init_from else None)
+
+
 def _check_vocab(model_vocab: int, meta: dict, cfg: PretrainConfig, source, resuming: bool = False):
     """One line for a model whose vocabulary is not the data's, with the fix that applies to this input."""
     if model_vocab == meta["vocab_size"]:
         return
     data_path = cfg.data.path
-    preprocessed = (Path(data_path).expanduser() / "metadata.json").is_file()
     if source is None:
         where, fix = "model.vocab_size", "drop model.vocab_size: a new model takes the vocabulary of its data"
     elif resuming:
@@ -213,7 +219,7 @@ def _check_vocab(model_vocab: int, meta: dict, cfg: PretrainConfig, source, resu
         if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
             fix = (f"{source} holds no tokenizer files: tokenize the corpus with the tokenizer that checkpoint was "
                    "trained with")
-        elif preprocessed:
+        elif is_preprocessed(data_path):
             fix = (f"--data {data_path} is already tokenized: re-preprocess the corpus with the checkpoint's tokenizer "
                    f"(preprocess-mpnet CORPUS --tokenizer {source} --output-dir NEW_DIR) and pass --data NEW_DIR")
         else:
@@ -227,9 +233,8 @@ def _check_vocab_before_preprocessing(cfg: PretrainConfig, resume_from: Path | N
     vocabulary is not that tokenizer's is refused first, with the line build_model would give after it."""
     from ..data import load_tokenizer
 
-    source = resume_from or (model_dir(cfg.training.init_from) if cfg.training.init_from else None)
-    path = cfg.data.path
-    if not source or (isinstance(path, (str, Path)) and (Path(str(path)).expanduser() / "metadata.json").is_file()):
+    source = _starting_weights(cfg, resume_from)
+    if not source or is_preprocessed(cfg.data.path):
         return
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     meta = {"vocab_size": len(tokenizer), "tokenizer": cfg.data.tokenizer}
@@ -395,7 +400,11 @@ class Trainer:
         values = self.evaluate()
         self.train_model.train()
         self.metrics.log_valid(step, values, self.env)
-        self.valid_losses = [*self.valid_losses, (step, values["valid/loss"])][-(RECENT_VALIDATIONS + 1):]
+        self._remember_valid_loss(step, values["valid/loss"])
+
+    def _remember_valid_loss(self, step: int, loss: float):
+        """The validations checkpoint_health holds a checkpoint to: the last ones, and this one."""
+        self.valid_losses = [*self.valid_losses, (step, loss)][-(RECENT_VALIDATIONS + 1):]
 
     def _loss_before_training(self):
         """The untrained model's validation loss (no metrics row): the level a checkpoint must not rise above
@@ -411,9 +420,8 @@ class Trainer:
         if not self.data.valid_batches:
             return checkpoint_health(None, [])
         if not (self.valid_losses and self.valid_losses[-1][0] == step):
-            self.valid_losses = [*self.valid_losses, (step, self.evaluate()["valid/loss"])]
+            self._remember_valid_loss(step, self.evaluate()["valid/loss"])
             self.train_model.train()
-        self.valid_losses = self.valid_losses[-(RECENT_VALIDATIONS + 1):]
         return checkpoint_health(self.valid_losses[-1][1], [loss for _, loss in self.valid_losses[:-1]],
                                  untrained=self.untrained_valid_loss)
 
@@ -575,7 +583,7 @@ def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: Pr
     (same ids), and config.yaml records the directory's copy rather than a name that was never used."""
     from ..data import load_tokenizer, tokenizer_identity
 
-    if not (Path(str(cfg.data.path)).expanduser() / "metadata.json").is_file():
+    if not is_preprocessed(cfg.data.path):
         return cfg  # raw text: preprocessed with data.tokenizer, which config.yaml records as given
     asked = ((requested or {}).get("data") or {}).get("tokenizer") if requested is not None else (
         None if cfg.data.tokenizer == "default" else cfg.data.tokenizer)
@@ -589,12 +597,15 @@ def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: Pr
 def _checkpoint_to_resume(output_dir: Path, resume: bool, chosen: Path | None = None) -> Path | None:
     checkpoints = list_checkpoints(output_dir)
     if chosen is not None:  # going back: the newer checkpoints would be overwritten or rotated away
-        newer = [path for _, path in checkpoints if path.name > chosen.name]
+        chosen_step = next((step for step, path in checkpoints if path.resolve() == chosen.resolve()), None)
+        if chosen_step is None:
+            raise UserError(f"--resume {chosen} is not one of the checkpoints in {checkpoint_root(output_dir)}")
+        newer = [path for step, path in checkpoints if step > chosen_step]
         if newer:
             raise UserError(f"--resume {chosen}: {len(newer)} newer checkpoint(s) are in the run ({newer[-1].name} "
                             f"the newest); move them out of {checkpoint_root(output_dir)} to go back to "
                             f"{chosen.name} (nothing was changed)")
-        checkpoints = [(step, path) for step, path in checkpoints if path.name <= chosen.name]
+        checkpoints = [(step, path) for step, path in checkpoints if step <= chosen_step]
     if not resume:
         if checkpoints:
             raise UserError(f"{output_dir} already holds checkpoints; pass --resume to continue that run, "
