@@ -39,6 +39,7 @@ from ..errors import UserError
 from .block_masks import make_two_stream_block_masks
 from .masks import STREAM_RULES, distance_index, is_real_token, relative_bias_by_distance, stream_lengths
 from .patterns import as_pattern
+from .projections import AttentionProjections
 
 
 class FlexAttentionUnavailable(UserError):
@@ -88,32 +89,6 @@ def run_flex_attention(q, k, v, score_mod, block_mask):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
-class _Projections(nn.Module):
-    """The four linear maps shared by both streams (HF names: attn.q, attn.k, attn.v, attn.o)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.q = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v = nn.Linear(config.hidden_size, config.hidden_size)
-        self.o = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def _heads(self, x):
-        b, length, _ = x.shape
-        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def project(self, hidden, kv_len):
-        """Queries for every row; keys and values from the content stream (first kv_len rows)."""
-        content = hidden[:, :kv_len]
-        return self._heads(self.q(hidden)), self._heads(self.k(content)), self._heads(self.v(content))
-
-    def merge(self, context):
-        b, _, length, _ = context.shape
-        return self.o(context.transpose(1, 2).reshape(b, length, -1))
-
-
 # ----------------------------------------------------------------------------------------- dense
 
 
@@ -155,7 +130,7 @@ def make_dense_attention_state(positions, n, m, distance_bias, max_distance, pat
     return DenseAttentionState(allowed[:, None], bias.permute(0, 3, 1, 2).float(), kv_len, score_mod)
 
 
-class RelativeMultiHeadAttention(_Projections):
+class RelativeMultiHeadAttention(AttentionProjections):
     """Dense reference: scores materialised, scaled, biased, masked and softmaxed in float32."""
 
     def __init__(self, config):
@@ -220,7 +195,7 @@ def make_flex_attention_state(positions, n, m, distance_bias, max_distance, patt
     return FlexAttentionState(content_mask, query_mask, content_score_mod, query_score_mod, query_offset)
 
 
-class FlexTwoStreamAttention(_Projections):
+class FlexTwoStreamAttention(AttentionProjections):
     """FlexAttention backend: one fused kernel per stream, masks as BlockMasks, bias as a score_mod.
 
     FlexAttention has no attention-probability dropout: `attention_probs_dropout_prob` is not applied

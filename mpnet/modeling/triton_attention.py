@@ -65,9 +65,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from .attention import _Projections
 from .masks import relative_position_bucket, stream_lengths
 from .patterns import AttentionPattern, as_pattern
+from .projections import AttentionProjections
 from .triton_kernels import (FAR, HIDDEN_CODE, INTERPRET, LOG2E, _delta_kernel, _forward_kernel, _key_gradients_kernel,
                              _query_gradients_kernel, triton)
 
@@ -704,7 +704,7 @@ def make_triton_attention_state(positions, n, m, relative_bias_table, max_distan
                                 bucket_tables(relative_bias_table.shape[0], max_distance, positions.device))
 
 
-class TritonTwoStreamAttention(_Projections):
+class TritonTwoStreamAttention(AttentionProjections):
     """Triton backend: both streams in one kernel call per layer; no attention-probability dropout
     (`attention_probs_dropout_prob` is not applied, as with FlexAttention)."""
 
