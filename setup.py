@@ -29,7 +29,9 @@ setup(
         "tabulate",
     ],
     # "fairseq": what ve-fairseq needs besides torch; the fork itself goes in with --no-deps (docs/fairseq.md).
-    extras_require={"test": ["pytest", "setuptools", "sentence-transformers"], "data": ["rdata"],
+    # "datasets": reading folders that Hugging Face datasets saved (pretrain-mpnet --data, finetune-mpnet --data-dir).
+    extras_require={"test": ["pytest", "setuptools", "sentence-transformers", "datasets"], "data": ["rdata"],
+                    "datasets": ["datasets"],
                     "fairseq": ["hydra-core", "omegaconf", "bitarray", "sacrebleu"]},
     entry_points={
         "console_scripts": [

@@ -11,7 +11,8 @@ See docs/data.md for the formats and rules.
 from .blocks import TokenBlocks
 from .collator import MPNetCollator
 from .corpus import EMBEDDED_CORPUS, iter_documents, list_sources
-from .preprocess import is_preprocessed, preprocess_corpus, read_metadata, resolve_data
+from .preprocess import preprocess_corpus, resolve_data
+from .shards import is_preprocessed, read_metadata
 from .tokenizer import (DEFAULT_TOKENIZER_DIR, load_tokenizer, special_token_ids, tokenizer_identity,
                         train_sentencepiece, word_starts)
 

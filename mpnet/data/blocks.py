@@ -17,7 +17,7 @@ import numpy as np
 
 from mpnet.errors import UserError
 
-from .preprocess import SPLITS, read_metadata
+from .shards import SPLITS, read_metadata
 
 # One in this many separator positions is kept in memory: 512 int64 index entries are one 4 KiB page.
 SEPARATOR_STRIDE = 512

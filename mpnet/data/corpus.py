@@ -4,6 +4,9 @@ Formats (by file name):
 - `.jsonl`, `.jsonl.gz`, `.ndjson`: one JSON object per line; the document is the value of `text_field`.
 - anything else (`.txt`, `.txt.gz`, ...): UTF-8 text, one document per blank-line-separated block (the block's
   lines are kept, joined by newlines), or one document per non-empty line with `line_per_document=True`.
+- a folder that Hugging Face `datasets` saved (`save_to_disk`): the document is the value of `text_field` in each
+  row (hf_datasets.py). A saved DatasetDict is read through its `train` split, and its validation split, when it
+  has one, is the validation split (the source fixes the split); otherwise the seeded hash decides, as for text.
 A `.gz` suffix means gzip. Directories are searched recursively for `.txt`, `.text`, `.jsonl`, `.ndjson` files
 (optionally `.gz`); hidden files are skipped. Documents that are only whitespace are skipped.
 """
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from mpnet.errors import UserError
+
+from .hf_datasets import dataset_files, pretraining_splits, saved_dataset_kind, text_documents
 
 # Jane Austen's six novels, one document per chapter (see mpnet/resources/corpus/README.md). The input name
 # "embedded" stands for it wherever a corpus path is accepted.
@@ -31,12 +36,19 @@ def _base_suffix(path: Path) -> str:
 
 
 def file_format(path) -> str:
+    if saved_dataset_kind(path):
+        return "hf-dataset"
     return "jsonl" if _base_suffix(Path(path)) in JSONL_SUFFIXES else "text"
+
+
+def source_files(source: Path) -> list[Path]:
+    """The files a source is read from: itself, or every file of a saved dataset folder."""
+    return dataset_files(source) if saved_dataset_kind(source) else [source]
 
 
 def list_sources(inputs) -> list[Path]:
     """Expand inputs (a path or a list of paths; directories recursively; "embedded" = EMBEDDED_CORPUS) into a
-    de-duplicated file list (directory contents sorted by name)."""
+    de-duplicated file list (directory contents sorted by name); a saved HF dataset folder stays one source."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     files = []
@@ -44,7 +56,9 @@ def list_sources(inputs) -> list[Path]:
         path = Path(item).expanduser()
         if str(item) == EMBEDDED_NAME and not path.exists():
             path = EMBEDDED_CORPUS
-        if path.is_dir():
+        if path.is_dir() and saved_dataset_kind(path):
+            files.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
                            and _base_suffix(p) in JSONL_SUFFIXES + TEXT_SUFFIXES)
             if not found:
@@ -121,10 +135,22 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def iter_documents(files: Iterable[Path], text_field: str = "text", line_per_document: bool = False) -> Iterator[str]:
-    """All non-empty documents of all files, in file order."""
+def documents_with_splits(files: Iterable[Path], text_field: str = "text",
+                          line_per_document: bool = False) -> Iterator[tuple[str | None, str]]:
+    """(split, document) for all non-empty documents of all sources, in source order: split is "train" or
+    "valid" where the source fixes it (a saved DatasetDict with a validation split), else None."""
     for path in files:
-        if file_format(path) == "jsonl":
-            yield from _jsonl_documents(path, text_field)
+        fmt = file_format(path)
+        if fmt == "hf-dataset":
+            for split, dataset in pretraining_splits(path):
+                where = f"{path}[{split}]" if split else str(path)
+                yield from ((split, text) for text in text_documents(dataset, text_field, where))
+        elif fmt == "jsonl":
+            yield from ((None, text) for text in _jsonl_documents(path, text_field))
         else:
-            yield from _text_documents(path, line_per_document)
+            yield from ((None, text) for text in _text_documents(path, line_per_document))
+
+
+def iter_documents(files: Iterable[Path], text_field: str = "text", line_per_document: bool = False) -> Iterator[str]:
+    """All non-empty documents of all sources, in source order."""
+    return (text for _, text in documents_with_splits(files, text_field, line_per_document))

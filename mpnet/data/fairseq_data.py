@@ -28,7 +28,7 @@ doc_idx boundaries are always document boundaries, and so is the end of each sha
 is its terminator, not content: it is dropped, exactly as the `</s>` that TokenBlocks puts between documents
 is not stored either. A `</s>` inside a line (the text held the literal symbol) stays, mapped to our eos.
 
-`convert_fairseq_data` writes a data-bin as this project's shard directory (see preprocess.py), mapping each
+`convert_fairseq_data` writes a data-bin as this project's shard directory (see shards.py), mapping each
 fairseq id onto the tokenizer's id of the same token (see `fairseq_token_table`).
 """
 from __future__ import annotations
@@ -43,6 +43,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mpnet.errors import UserError
+from mpnet.outputs import check_output_dir
+
+from .shards import output_workspace, shard_dtype, shard_metadata, write_document_index
+from .tokenizer import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +360,6 @@ def convert_fairseq_data(data_bin, out_dir, tokenizer="default", line_per_docume
     """A fairseq data-bin -> this project's shard directory at out_dir (written atomically, like
     preprocess_corpus). tokenizer: the tokenizer whose vocabulary the dict.txt symbols are looked up in (see
     load_tokenizer). Returns the metadata dict."""
-    from ..training.toolkit import check_output_dir
-    from .preprocess import output_workspace, shard_dtype, shard_metadata, write_document_index
-    from .tokenizer import load_tokenizer, save_tokenizer
-
     out_dir = check_output_dir(out_dir, overwrite)
     layout = inspect_data_bin(data_bin)
     shards = {split: [IndexedShard(p) for p in prefixes] for split, prefixes in layout.splits.items()}

@@ -1,29 +1,20 @@
-"""Raw corpus -> binarized token shards that training memory-maps.
-
-Output directory layout (all written into a temporary sibling directory, renamed into place at the end):
-
-    metadata.json          tokenizer identity, vocab size, dtype, special ids, document/token counts, sources
-    train.bin, valid.bin   every document's token ids back to back (no special tokens), numpy uint16 or uint32
-    train.idx.npy, valid.idx.npy
-                           int64 document boundaries: document i is bin[idx[i]:idx[i + 1]]; idx[0] = 0,
-                           idx[-1] = number of tokens
-    tokenizer/             an HF-format copy of the tokenizer (plus sentencepiece.model when one was trained)
+"""Raw corpus -> binarized token shards that training memory-maps (the layout: shards.py); `resolve_data`, what
+`--data` points at -> a shard directory.
 
 Each document goes to the validation split when a seeded hash of its text falls below `valid_fraction`: the
 split does not depend on document order, file layout or the number of workers, and identical documents always
 land in the same split. If that leaves the validation split empty (a small corpus), the training document with
-the lowest hash is moved there.
+the lowest hash is moved there. A source that fixes the split itself (a saved DatasetDict with a validation
+split, corpus.py) keeps it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from collections import deque
 from pathlib import Path
 
@@ -32,16 +23,16 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mpnet.errors import UserError
-from mpnet.training.toolkit import check_output_dir
+from mpnet.outputs import check_output_dir
 
-from .corpus import file_format, iter_documents, list_sources
-from .tokenizer import (load_tokenizer, save_tokenizer, special_token_ids, tokenizer_identity,
-                        train_sentencepiece)
+from .corpus import documents_with_splits, file_format, list_sources, source_files
+from .fairseq_data import convert_fairseq_data, inspect_data_bin, looks_like_fairseq_data_bin
+from .shards import (FORMAT_VERSION, SPLITS, is_preprocessed, output_workspace, shard_dtype, shard_metadata,
+                     write_document_index)
+from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_identity, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "valid")
 COPY_TOKENS = 1 << 24  # tokens per read when a shard is rewritten
 CHUNK_CHARS = 1 << 18  # ~256 kB of text per worker task: amortizes IPC, keeps memory bounded and workers busy
 
@@ -80,36 +71,41 @@ def _encode_chunk(texts):
 
 
 def _chunks(documents, chunk_chars=CHUNK_CHARS):
-    chunk, size = [], 0
-    for doc in documents:
+    """(split, [documents]) from (split, document) pairs: a chunk holds documents of one split only."""
+    chunk, size, chunk_split = [], 0, None
+    for split, doc in documents:
+        if chunk and split != chunk_split:
+            yield chunk_split, chunk
+            chunk, size = [], 0
+        chunk_split = split
         chunk.append(doc)
         size += len(doc)
         if size >= chunk_chars:
-            yield chunk
+            yield chunk_split, chunk
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk_split, chunk
 
 
 def _encoded_chunks(documents, init_args, workers):
-    """Encode chunks in order, with at most 2 x workers chunks in flight (Pool.imap would read the whole corpus
-    ahead into its task queue)."""
+    """(split, documents, encoded) for each chunk, in order, with at most 2 x workers chunks in flight
+    (Pool.imap would read the whole corpus ahead into its task queue)."""
     if workers <= 1:
         _init_worker(*init_args, in_pool=False)
-        for chunk in _chunks(documents):
-            yield len(chunk), _encode_chunk(chunk)
+        for split, chunk in _chunks(documents):
+            yield split, len(chunk), _encode_chunk(chunk)
         return
     with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
             workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
-        for chunk in _chunks(documents):
-            pending.append((len(chunk), pool.apply_async(_encode_chunk, (chunk,))))
+        for split, chunk in _chunks(documents):
+            pending.append((split, len(chunk), pool.apply_async(_encode_chunk, (chunk,))))
             if len(pending) >= 2 * workers:
-                n, result = pending.popleft()
-                yield n, result.get()
+                split, n, result = pending.popleft()
+                yield split, n, result.get()
         while pending:
-            n, result = pending.popleft()
-            yield n, result.get()
+            split, n, result = pending.popleft()
+            yield split, n, result.get()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
                       progress=True):
     """Tokenize a corpus into out_dir (see the module docstring for the layout). Returns the metadata dict.
 
-    inputs: a file, a directory (searched recursively) or a list of them. tokenizer: see load_tokenizer; ignored
+    inputs: a file, a directory (searched recursively), a saved HF dataset folder or a list of them. tokenizer: see load_tokenizer; ignored
     when sentencepiece_vocab_size is set (a unigram model of that size is trained on the training documents).
     An existing out_dir is an error unless overwrite=True, and even then it is replaced only once the new output
     is complete. progress: a tqdm bar on stderr when it is a terminal."""
@@ -132,7 +128,7 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
     workers = max(1, int(workers or 1))
 
     def documents():  # a fresh pass over the corpus (two passes when a sentencepiece model is trained first)
-        return iter_documents(sources, text_field=text_field, line_per_document=line_per_document)
+        return documents_with_splits(sources, text_field=text_field, line_per_document=line_per_document)
 
     with output_workspace(out_dir, overwrite) as tmp:
         spm_model = None
@@ -143,8 +139,8 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
         dtype = shard_dtype(len(tok))
         init_args = (_untruncated_backend(tok, tokenizer).to_str(), dtype.str, seed)
         with _SplitWriter(tmp, valid_fraction, progress) as writer:
-            for n_docs, encoded in _encoded_chunks(documents(), init_args, workers):
-                writer.add(n_docs, *encoded)
+            for split, n_docs, encoded in _encoded_chunks(documents(), init_args, workers):
+                writer.add(n_docs, *encoded, split=split)
         num_docs, num_tokens = _ensure_validation_document(writer, tmp, dtype, sources, valid_fraction)
         write_document_index(tmp)
         save_tokenizer(tok, tmp / "tokenizer", sentencepiece_model=spm_model)
@@ -153,8 +149,9 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
         source = f"sentencepiece-unigram-{sentencepiece_vocab_size}" if spm_model else str(tokenizer)
         meta = shard_metadata(tok, source, dtype, num_docs, num_tokens)
         meta.update(valid_fraction=valid_fraction, seed=seed, text_field=text_field,
-                    line_per_document=line_per_document,
-                    sources=[{"path": str(p), "format": file_format(p), "bytes": p.stat().st_size} for p in sources])
+                    line_per_document=line_per_document, split_by="source" if writer.source_split else "hash",
+                    sources=[{"path": str(p), "format": file_format(p),
+                              "bytes": sum(f.stat().st_size for f in source_files(p))} for p in sources])
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("preprocess: %d files -> %s (train %d docs / %d tokens, valid %d docs / %d tokens)", len(sources),
              out_dir, num_docs["train"], num_tokens["train"], num_docs["valid"], num_tokens["valid"])
@@ -162,30 +159,9 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the pieces of preprocess_corpus (convert_fairseq_data in fairseq_data.py shares the output side)
-
-@contextlib.contextmanager
-def output_workspace(out_dir: Path, overwrite: bool):
-    """A hidden temporary sibling of out_dir to write into; renamed into place when the block succeeds, removed
-    when it fails (nothing half-written is ever left behind)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the final output should be readable like any other directory
-    try:
-        yield tmp
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def shard_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
+# the pieces of preprocess_corpus
 
 def _refuse_data_bins(inputs):
-    from .fairseq_data import looks_like_fairseq_data_bin
-
     for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         if looks_like_fairseq_data_bin(item):
             raise UserError(f"{item} is a fairseq data-bin, not raw text; import it with "
@@ -210,6 +186,7 @@ class _SplitWriter:
 
     def __init__(self, tmp: Path, valid_fraction: float, progress: bool):
         self.valid_fraction = valid_fraction
+        self.source_split = False  # whether some document's split was fixed by its source
         self.num_docs, self.num_tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
         self.best = None  # (score, index, token offset, length) of the training document with the lowest score
         self.bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
@@ -224,10 +201,12 @@ class _SplitWriter:
         for f in [*self.bins.values(), *self.lens.values()]:
             f.close()
 
-    def add(self, n_docs: int, scores: np.ndarray, doc_lengths: np.ndarray, ids: np.ndarray):
+    def add(self, n_docs: int, scores: np.ndarray, doc_lengths: np.ndarray, ids: np.ndarray, split=None):
+        """split: "train" / "valid" when the chunk's source fixes it, None when the scores decide."""
         keep = doc_lengths > 0  # a document whose characters all tokenize to nothing is dropped
         scores, doc_lengths = scores[keep], doc_lengths[keep]
-        valid = scores < self.valid_fraction
+        valid = scores < self.valid_fraction if split is None else np.full(len(scores), split == "valid")
+        self.source_split |= split is not None
         if self.valid_fraction > 0 and (~valid).any():
             i = int(np.argmin(np.where(valid, np.inf, scores)))
             if self.best is None or scores[i] < self.best[0]:
@@ -251,6 +230,9 @@ def _ensure_validation_document(writer: _SplitWriter, tmp: Path, dtype, sources,
     if num_docs["train"] + num_docs["valid"] == 0:
         raise UserError(f"the corpus is empty: no text found in {', '.join(map(str, sources))}")
     if num_docs["train"] == 0:
+        if writer.source_split:
+            raise UserError(f"the training split is empty: no text found in the train split of "
+                            f"{', '.join(map(str, sources))}")
         raise UserError(f"all {num_docs['valid']} documents fell into the validation split "
                         f"(lower --valid-fraction or give more documents)")
     if num_docs["valid"] == 0 and valid_fraction > 0 and num_docs["train"] >= 2:
@@ -262,34 +244,6 @@ def _ensure_validation_document(writer: _SplitWriter, tmp: Path, dtype, sources,
         num_tokens = {"train": num_tokens["train"] - length, "valid": length}
         log.info("preprocess: no document fell into the validation split; moved one (%d tokens) there", length)
     return num_docs, num_tokens
-
-
-def write_document_index(tmp: Path):
-    """{split}.lengths (int64 per document) -> {split}.idx.npy (int64 offsets, starting at 0)."""
-    for s in SPLITS:
-        doc_lengths = np.fromfile(tmp / f"{s}.lengths", dtype=np.int64)
-        np.save(tmp / f"{s}.idx.npy", np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64))
-        (tmp / f"{s}.lengths").unlink()
-
-
-def shard_metadata(tok, tokenizer_source: str, dtype: np.dtype, num_docs: dict, num_tokens: dict) -> dict:
-    """The metadata.json keys every shard directory has, whatever it was made from."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": tokenizer_identity(tok),
-        "tokenizer_source": tokenizer_source,
-        "tokenizer_dir": "tokenizer",
-        "vocab_size": len(tok),
-        "dtype": dtype.name,
-        "pad_token_id": tok.pad_token_id,
-        "mask_token_id": tok.mask_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "unk_token_id": tok.unk_token_id,
-        "special_token_ids": special_token_ids(tok),
-        "num_documents": num_docs,
-        "num_tokens": num_tokens,
-    }
 
 
 def _move_document(tmp: Path, dtype: np.dtype, index: int, offset: int, length: int):
@@ -314,9 +268,9 @@ def _train_sentencepiece_on(documents, tmp, vocab_size, workers, seed, valid_fra
     text_file = tmp / "spm.txt"
     n = 0
     with open(text_file, "w", encoding="utf-8") as f:
-        for doc in tqdm(documents, desc="collecting sentencepiece text", unit="doc",
-                        disable=None if progress else True):
-            if not is_valid_document(doc, seed, valid_fraction):
+        for split, doc in tqdm(documents, desc="collecting sentencepiece text", unit="doc",
+                               disable=None if progress else True):
+            if split == "train" or (split is None and not is_valid_document(doc, seed, valid_fraction)):
                 f.write(doc.strip() + "\n")
                 n += 1
     if n == 0:
@@ -324,46 +278,8 @@ def _train_sentencepiece_on(documents, tmp, vocab_size, workers, seed, valid_fra
     return train_sentencepiece(text_file, tmp / "spm", vocab_size, workers=workers, seed=seed)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool):
-    """Atomic rename; an existing output is moved aside first and deleted only after the new one is in place."""
-    old = None
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        elif overwrite:
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-        else:  # appeared while we were working (another process preprocessing the same thing)
-            raise UserError(f"output directory {out_dir} already exists and is not empty")
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_metadata(shard_dir) -> dict:
-    """metadata.json of a preprocessed directory, checked for the keys training relies on."""
-    path = Path(shard_dir).expanduser() / "metadata.json"
-    if not path.is_file():
-        raise UserError(f"{shard_dir} is not a preprocessed data directory (no metadata.json); "
-                        f"run preprocess-mpnet on your corpus first")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "num_tokens", "pad_token_id", "mask_token_id")
-               if k not in meta]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; re-run preprocess-mpnet")
-    return meta
-
-
 def _source_fingerprint(sources) -> list:
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
-
-
-def is_preprocessed(data) -> bool:
-    """Whether `data` (a --data value: a path, a list of paths, 'embedded') is a preprocess-mpnet directory."""
-    return isinstance(data, (str, Path)) and (Path(data).expanduser() / "metadata.json").is_file()
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for p in sources for f in source_files(p)]
 
 
 def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> Path:
@@ -371,8 +287,6 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
     preprocessed once into cache_dir/<16-hex hash of the sources' paths, sizes and mtimes, the tokenizer and the
     options>, reused after. preprocess_kwargs go to preprocess_corpus (valid_fraction, workers,
     sentencepiece_vocab_size, ...); for a data-bin only line_per_document, overwrite and progress apply."""
-    from .fairseq_data import inspect_data_bin, looks_like_fairseq_data_bin
-
     if is_preprocessed(data):
         return Path(data).expanduser()
     fairseq = isinstance(data, (str, Path)) and looks_like_fairseq_data_bin(data)
@@ -385,7 +299,11 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
         _refuse_data_bins(data)  # a data-bin inside a list of inputs would be read as text
         sources = list_sources(data)
     spm_size = preprocess_kwargs.get("sentencepiece_vocab_size")
-    options = {k: v for k, v in sorted(preprocess_kwargs.items()) if k not in ("workers", "progress", "overwrite")}
+    # The key names the options that change the shards and differ from preprocess_corpus's defaults, so that
+    # passing a default explicitly finds the same cache entry as leaving it out.
+    defaults = {k: p.default for k, p in inspect.signature(preprocess_corpus).parameters.items()}
+    options = {k: v for k, v in sorted(preprocess_kwargs.items())
+               if k not in ("workers", "progress", "overwrite") and v != defaults.get(k, inspect.Parameter.empty)}
     if fairseq:
         options = {"fairseq_data_bin": True, "line_per_document": bool(options.get("line_per_document", False))}
     key = {
@@ -412,7 +330,5 @@ def resolve_data(data, cache_dir, tokenizer="default", **preprocess_kwargs) -> P
 
 
 def _convert_fairseq_data(data_bin, out_dir, tokenizer, options: dict):
-    from .fairseq_data import convert_fairseq_data
-
     convert_fairseq_data(data_bin, out_dir, tokenizer=tokenizer, **{
         k: v for k, v in options.items() if k in ("line_per_document", "overwrite", "progress")})

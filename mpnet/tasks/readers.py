@@ -3,7 +3,7 @@
 - the standard GLUE TSV directory (what `download_glue_data.py` writes: CoLA headerless, SST-2 with a
   header, MRPC's `msr_paraphrase_*.txt` or `train.tsv`/`dev.tsv`, MNLI `dev_matched.tsv` and
   `dev_mismatched.tsv`, STS-B's score column, ...);
-- an HF `datasets` DatasetDict saved with `save_to_disk` (needs the `datasets` package);
+- an HF `datasets` DatasetDict saved with `save_to_disk` (needs the `datasets` package; mpnet/data/hf_datasets.py);
 - CSV (`train.csv`, `dev.csv`) or JSONL (`train.jsonl`, `dev.jsonl`) with named columns, for GLUE
   tasks and for any sentence / sentence-pair classification or regression set (task "custom").
 
@@ -19,17 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from ..data.hf_datasets import describe, load_saved_dataset, saved_dataset_kind
 from ..errors import UserError
+from .glue import DevSplit, Task, custom_task
 
 log = logging.getLogger(__name__)
-
-# GLUE's QQP/MNLI fields can be long; the csv module's default field limit (128 KiB) is not enough
-# for a few malformed lines, which we want to skip rather than crash on.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-from .glue import DevSplit, Task, custom_task
 
 # GLUE's QQP/MNLI fields can be long; the csv module's default field limit (128 KiB) is not enough
 # for a few malformed lines, which we want to skip rather than crash on.
@@ -259,20 +253,18 @@ def _read_named_columns(task: Task, root: Path, columns: tuple) -> TaskData:
 
 
 def _read_hf_datasets(task: Task, root: Path, columns: tuple) -> TaskData:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{root} is an HF datasets directory (dataset_dict.json); reading it needs the "
-                        "`datasets` package: pip install datasets (or export the splits to CSV/JSONL)") from None
-    data = datasets.load_from_disk(str(root))
-    if not isinstance(data, datasets.DatasetDict):
-        raise UserError(f"{root} holds a single HF Dataset, not a DatasetDict with train and validation splits")
+    data = load_saved_dataset(root)
+    if saved_dataset_kind(root) == "Dataset":
+        raise UserError(f"{root} is a single saved Dataset ({describe(data)}); fine-tuning needs a DatasetDict "
+                        f"with train and validation splits: split it and save that, e.g. s = "
+                        f"dataset.train_test_split(test_size=0.1); DatasetDict(train=s['train'], "
+                        f"validation=s['test']).save_to_disk(DIR)")
 
     def split_of(names: tuple[str, ...], what: str):
         for name in names:
             if name in data:
                 return name, data[name]
-        raise UserError(f"{root} (HF datasets) has no {what} split; it has {', '.join(data)}; "
+        raise UserError(f"{root} (a saved DatasetDict) has no {what} split ({describe(data)}); "
                         f"expected one of {', '.join(names)}")
 
     def convert(name, dataset):
@@ -325,7 +317,7 @@ def load_task_data(task: Task, data_dir, text_column: str | None = None, text_pa
     columns = (text_column or task.columns[0],
                text_pair_column if text_pair_column is not None else task.columns[1],
                label_column or task.label_column)
-    if (root / "dataset_dict.json").is_file():
+    if saved_dataset_kind(root):
         data = _read_hf_datasets(task, root, columns)
     elif task.name != "custom" and (any(root.glob("*.tsv")) or (root / "msr_paraphrase_train.txt").is_file()):
         data = _read_glue_dir(task, root)
