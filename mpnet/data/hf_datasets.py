@@ -35,6 +35,7 @@ def saved_dataset_kind(path) -> str | None:
 def load_saved_dataset(path):
     """The Dataset or DatasetDict saved in the folder `path` (memory-mapped, nothing copied)."""
     kind = saved_dataset_kind(path)
+    _refuse_empty_splits(Path(path).expanduser(), kind)
     try:
         import datasets
     except ImportError:
@@ -44,6 +45,16 @@ def load_saved_dataset(path):
         return datasets.load_from_disk(str(Path(path).expanduser()))
     except (OSError, ValueError, KeyError) as err:  # a folder copied in part, or written by another layout
         raise UserError(f"cannot load the saved dataset {path}: {str(err).splitlines()[0]}") from None
+
+
+def _refuse_empty_splits(path: Path, kind: str | None):
+    """datasets saves a split of no rows without an .arrow file and then fails to load it (IndexError deep in
+    its table code); said here in one line instead."""
+    folders = [path] if kind != "DatasetDict" else [p for p in sorted(path.iterdir()) if saved_dataset_kind(p)]
+    for folder in folders:
+        if not any(folder.glob("*.arrow")):
+            raise UserError(f"{folder} holds no rows (no .arrow file): datasets cannot load an empty saved split "
+                            f"back; save it with rows, or without that split")
 
 
 def describe(dataset) -> str:

@@ -99,6 +99,10 @@ def test_wrong_shapes_are_one_line(tmp_path, chapters):
     with pytest.raises(UserError, match=r"DatasetDict without a 'train' split \(splits validation \(2 rows\); "
                                         r"columns body, id\)"):
         preprocess_corpus(no_train, tmp_path / "a", text_field="body", workers=1, progress=False)
+    empty = datasets.Dataset.from_dict({"body": []}, features=datasets.Features({"body": datasets.Value("string")}))
+    save(datasets.DatasetDict(train=datasets.Dataset.from_dict(rows(chapters[:2])), validation=empty), tmp_path / "e")
+    with pytest.raises(UserError, match="validation holds no rows"):  # datasets itself fails with an IndexError
+        preprocess_corpus(tmp_path / "e", tmp_path / "a", text_field="body", workers=1, progress=False)
     assert not (tmp_path / "a").exists()
 
 
@@ -124,7 +128,8 @@ def labelled(n, start=0):
 def test_finetuning_reads_a_dataset_dict_and_refuses_a_single_dataset(tmp_path):
     save(datasets.DatasetDict(train=labelled(6), validation=labelled(4, 6)), tmp_path / "sst2")
     data = load_task_data(get_task("sst2"), tmp_path / "sst2")
-    assert data.layout == "hf-datasets" and data.train.text_a[1] == "sentence 1." and data.dev[""].labels == [0, 1, 0, 1]
+    assert data.layout == "hf-datasets" and data.train.text_a[1] == "sentence 1."
+    assert data.dev[""].labels == [0, 1, 0, 1]
 
     single = save(labelled(6), tmp_path / "single")
     with pytest.raises(UserError, match=r"single saved Dataset \(6 rows; columns sentence, label\); fine-tuning "
