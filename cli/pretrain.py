@@ -25,8 +25,11 @@ def build_parser():
                                                "mpnet-base, mpnet-long) (default: built-in tiny defaults)")
     p.add_argument("--output-dir", type=Path, help="where checkpoints, logs and the data cache go (required unless "
                                                      "--resume names the run)")
-    p.add_argument("--data", help="raw text file/dir/JSONL (preprocessed on the fly into OUTPUT/data-cache) or a "
-                                  "preprocess-mpnet output dir; 'embedded' = the bundled Austen corpus")
+    p.add_argument("--data", help="raw text file/dir/JSONL or a saved Hugging Face dataset (preprocessed on the fly "
+                                  "into OUTPUT/data-cache) or a preprocess-mpnet output dir; 'embedded' = the bundled "
+                                  "Austen corpus")
+    p.add_argument("--text-field", metavar="F", help="the field holding the text in JSONL rows and saved HF datasets "
+                                                     "(default: data.text_field of --config, built-in text)")
     from mpnet.training.config import LoggingConfig, OptimConfig, TrainingConfig
 
     training, logging_, optim = TrainingConfig(), LoggingConfig(), OptimConfig()
@@ -78,7 +81,7 @@ def main(argv=None):
         args.overrides.append(args.resume)  # `--resume training.max_steps=2000`: an override after a bare --resume
         args.resume = True
     flags = {
-        "data": {"path": args.data},
+        "data": {"path": args.data, "text_field": args.text_field},
         "training": {"max_steps": args.max_steps, "seed": args.seed, "objective": args.objective,
                      "batch_size": args.batch_size},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup_steps},

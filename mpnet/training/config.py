@@ -321,7 +321,8 @@ def model_config(section: dict, **fixed) -> MPNetConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "embedded"  # "embedded" (the bundled Austen corpus), raw text / JSONL, or a preprocessed dir
+    path: str = "embedded"  # "embedded" (the bundled Austen corpus), raw text / JSONL, a saved HF dataset or shards
+    text_field: str = "text"  # the field holding the text in JSONL rows and saved HF datasets
     tokenizer: str = "default"  # "default" (MPNet WordPiece), an HF tokenizer dir, or a sentencepiece .model
     block_size: int = 128  # tokens per training example
     pred_prob: float = 0.15  # fraction of each example that is predicted

@@ -102,7 +102,8 @@ def prepare_data(cfg: PretrainConfig, output_dir: Path, env) -> PretrainData:
     from ..data import MPNetCollator, TokenBlocks, load_tokenizer, read_metadata, resolve_data, word_starts
 
     with dist_utils.rank_zero_first(env):
-        shard_dir = resolve_data(cfg.data.path, output_dir / "data-cache", tokenizer=cfg.data.tokenizer)
+        shard_dir = resolve_data(cfg.data.path, output_dir / "data-cache", tokenizer=cfg.data.tokenizer,
+                                 text_field=cfg.data.text_field, valid_fraction=cfg.data.valid_fraction)
     meta = read_metadata(shard_dir)
     tokenizer = load_tokenizer(str(Path(shard_dir) / "tokenizer"))
     train_blocks = TokenBlocks(shard_dir, split="train", block_size=cfg.data.block_size)
