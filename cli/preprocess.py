@@ -10,7 +10,8 @@ EPILOG = """\
 inputs:
   Files or directories (searched recursively). .txt / .txt.gz: one document per blank-line-separated block
   (or one per line with --line-per-document). .jsonl / .jsonl.gz: one JSON object per line, the document in
-  --text-field. 'embedded' = the bundled Jane Austen corpus.
+  --text-field. A folder that Hugging Face datasets saved (save_to_disk): each row's --text-field; a
+  DatasetDict with a validation split keeps its own split. 'embedded' = the bundled Jane Austen corpus.
   --from-fairseq DATA_BIN instead: a fairseq-preprocess output directory (dict.txt, train/valid .bin + .idx),
   imported without fairseq: dict.txt's symbols are mapped onto --tokenizer's ids, blank lines separate
   documents (every line is one with --line-per-document), the train/valid split is the data-bin's own.
@@ -27,6 +28,7 @@ examples:
   preprocess-mpnet embedded --output-dir data/austen
   preprocess-mpnet corpus/ --output-dir data/mine --sentencepiece-vocab-size 32000 --workers 16
   preprocess-mpnet dump.jsonl.gz --output-dir data/web --text-field content
+  preprocess-mpnet saved/mydata --output-dir data/mine --text-field body
   preprocess-mpnet --from-fairseq data-bin/wikitext --output-dir data/wikitext
 """
 
@@ -53,7 +55,8 @@ def build_parser():
                         f"document (default: {TEXT_DEFAULTS['valid_fraction']})")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizer processes (default: %(default)s)")
     p.add_argument("--text-field", metavar="F",
-                   help=f"JSONL field holding the text (default: {TEXT_DEFAULTS['text_field']})")
+                   help=f"the field holding the text in JSONL rows and saved HF datasets "
+                        f"(default: {TEXT_DEFAULTS['text_field']})")
     p.add_argument("--line-per-document", action="store_true", help="in text files, every non-empty line is a document (with --from-fairseq: every line of the data-bin)")
     p.add_argument("--seed", type=int, help=f"seed of the train/valid split (default: {TEXT_DEFAULTS['seed']})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
