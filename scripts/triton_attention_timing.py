@@ -30,7 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpnet.bench.harness import Timer  # noqa: E402
 from mpnet.bench.harness import kernel_ms_per_call  # noqa: E402
-from mpnet.modeling import triton_attention as T  # noqa: E402
+from mpnet.modeling import triton_launch as T  # noqa: E402
+from mpnet.modeling import triton_plan as P  # noqa: E402
+from mpnet.modeling.triton_internals import triton  # noqa: E402
 from mpnet.modeling.masks import relative_bias_by_distance  # noqa: E402
 
 HEADS, HEAD_DIM, TOKENS = 12, 64, 16384
@@ -117,16 +119,16 @@ def launch_costs() -> dict:
     """Host us per eager call on a small pair (4 x 128 tokens, 12 heads): triton fwd, fwd + bwd, SDPA flash
     fwd + bwd, and empty Triton kernels with 2 and 36 arguments (a launch's cost per argument)."""
     p = two_stream_problem(128, batch=4)
-    plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"])
-    bias = T.log2_bias_by_index(p["table"], 128)
+    plan = P.make_triton_attention_plan(p["positions"], p["n"], p["m"])
+    bias = P.log2_bias_by_index(p["table"], 128)
     forward, step = triton_steps(p, plan, SWEEP["default"], bias)
     flash = flash_step(p)
 
-    @T.triton.jit
+    @triton.jit
     def two(X, n):
         pass
 
-    @T.triton.jit
+    @triton.jit
     def wide(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14, A15, i0, i1, i2, i3, i4, i5, i6, i7,
              i8, i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19):
         pass
@@ -134,8 +136,8 @@ def launch_costs() -> dict:
     tensors = [torch.empty(16, device=DEVICE) for _ in range(16)]
     ints = [7 * (i + 1) for i in range(20)]
     single = single_problem(128, batch=4)
-    single_plan = T.make_triton_attention_plan(single["positions"], single["n"], 0)
-    _, single_step = triton_steps(single, single_plan, None, T.log2_bias_by_index(single["table"], 128))
+    single_plan = P.make_triton_attention_plan(single["positions"], single["n"], 0)
+    _, single_step = triton_steps(single, single_plan, None, P.log2_bias_by_index(single["table"], 128))
     return {"triton fwd": host_us(forward), "triton fwd+bwd": host_us(step), "sdpa flash fwd+bwd": host_us(flash),
             "triton single fwd+bwd": host_us(single_step), "sdpa flash single fwd+bwd": host_us(flash_step(single)),
             "empty kernel, 2 arguments": host_us(lambda: two[(1,)](tensors[0], 16)),
@@ -150,8 +152,8 @@ def host_profile(path, reps=300) -> None:
     import pstats
 
     p = single_problem(128, batch=4)
-    plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
-    _, step = triton_steps(p, plan, None, T.log2_bias_by_index(p["table"], 128))
+    plan = P.make_triton_attention_plan(p["positions"], p["n"], 0)
+    _, step = triton_steps(p, plan, None, P.log2_bias_by_index(p["table"], 128))
     for _ in range(20):
         step()
     torch.cuda.synchronize()
@@ -282,7 +284,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     began = time.time()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": T.triton.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS,
+               "triton": triton.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS,
                "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
 
     def record(**row):
@@ -310,9 +312,9 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for length in lengths:
         p = two_stream_problem(length)
-        plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"])
+        plan = P.make_triton_attention_plan(p["positions"], p["n"], p["m"])
         torch.cuda.synchronize()
-        plan_ms = median_ms(lambda: T.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)
+        plan_ms = median_ms(lambda: P.make_triton_attention_plan(p["positions"], p["n"], p["m"]), 1, 5)
         flash = median_ms(flash_step(p), reps=args.reps)
         configs = dict(SWEEP) if args.sweep and length <= 2048 else {"default": SWEEP["default"]}
         if args.configs:
@@ -340,7 +342,7 @@ def main():
 
     for length in [int(x) for x in args.single_lengths.split(",") if x]:
         p = single_problem(length)
-        plan = T.make_triton_attention_plan(p["positions"], p["n"], 0)
+        plan = P.make_triton_attention_plan(p["positions"], p["n"], 0)
         flash = median_ms(flash_step(p), reps=args.reps)
 
         configs = dict(SINGLE_SWEEP) if args.sweep else {"single default": SINGLE_SWEEP["single default"]}
@@ -359,7 +361,7 @@ def main():
     if args.window:
         def window_cell():
             p = two_stream_problem(8192)
-            plan = T.make_triton_attention_plan(p["positions"], p["n"], p["m"], window=args.window)
+            plan = P.make_triton_attention_plan(p["positions"], p["n"], p["m"], window=args.window)
             _, step = triton_steps(p, plan, SWEEP["default"])
             torch.cuda.reset_peak_memory_stats()
             total = median_ms(step, reps=args.reps)

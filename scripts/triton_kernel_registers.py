@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from mpnet.modeling import triton_attention as T  # noqa: E402
+from mpnet.modeling import triton_launch as T  # noqa: E402
+from mpnet.modeling import triton_plan as P  # noqa: E402
 from mpnet.modeling import triton_kernels as K  # noqa: E402
 
 HEADS, HEAD_DIM, BUCKETS, MAX_DISTANCE = 12, 64, 32, 128
@@ -44,16 +45,16 @@ def launch_constants(leave_out: frozenset, natural: bool, tiles: dict | None = N
     tiles: KernelTiles field -> Tiles replacing the default's."""
     q = torch.empty(1, HEADS, 512, HEAD_DIM, dtype=torch.bfloat16, device="meta")
     bias = torch.empty(HEADS, 2 * MAX_DISTANCE + 1, device="meta")
-    buckets = T.bucket_layout(BUCKETS, MAX_DISTANCE)
+    buckets = P.bucket_layout(BUCKETS, MAX_DISTANCE)
     base = T.default_tiles(torch.bfloat16, single_stream=natural)
     chosen = {"forward": base.forward, "key_gradients": base.key_gradients, "query_gradients": base.query_gradients,
               **(tiles or {})}
     tiles = T.KernelTiles(**chosen, leave_out=leave_out)
     settings = T.LaunchSettings(0, False, False, BUCKETS, MAX_DISTANCE, HEAD_DIM ** -0.5, tiles)
     common = T._common(settings, buckets, HEADS, q, q, bias)
-    scales = dict(qk_scale=settings.scale * T.LOG2E, sm_scale=settings.scale)
+    scales = dict(qk_scale=settings.scale * K.LOG2E, sm_scale=settings.scale)
     key_gradients = dict(BUCKET_LEFT=buckets.bucket_left, BUCKET_RIGHT=buckets.bucket_right,
-                         BUCKETS=T._bucket_slots(BUCKETS), NATURAL=natural, **T._left_out(tiles, gradient=True))
+                         BUCKETS=P.bucket_slots(BUCKETS), NATURAL=natural, **T._left_out(tiles, gradient=True))
     return {"_forward_kernel": ({**common, **scales, **T._left_out(tiles)}, tiles.forward),
             "_key_gradients_kernel": ({**common, **scales, **key_gradients}, tiles.key_gradients),
             "_query_gradients_kernel": ({**common, **scales, **T._left_out(tiles)}, tiles.query_gradients)}

@@ -1,54 +1,10 @@
-"""The Triton kernels of the Triton attention backend (triton_attention.py holds the plan, the autograd
-function and the module; read its docstring first). Without the triton package this module still
-imports, with `triton` None, and the backend says what is missing.
+"""The Triton kernels of the Triton attention backend (read triton_attention.py's docstring first; the
+plan they read is built in triton_plan.py, they are launched from triton_launch.py). Without the triton
+package this module still imports and the backend says what is missing (triton_internals.py).
 """
 from __future__ import annotations
 
-import os
-import types
-
-import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module still imports; every entry point says what is missing
-    triton = None
-    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
-
-
-# The kernels run in Triton's interpreter (numpy, CPU tensors) when asked to, or when there is no GPU.
-INTERPRET = triton is not None and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available())
-
-
-def _interpreter_accepts_numpy_scalars():
-    """Triton 3.6's interpreter converts a loaded scalar (a 1-element numpy array) to a Python int with
-    int(array), which numpy >= 2.4 refuses, so a loop with a run-time bound fails (triton issue 9171).
-    Convert through the array's single element instead; nothing changes outside the interpreter."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "accepts_numpy_scalars", False):
-        return
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch.accepts_numpy_scalars = True
-    interpreter._patch_lang_tensor = patch
-
-
-def _kernel(fn):
-    if triton is None:
-        return fn
-    if INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interpreter_accepts_numpy_scalars()
-        return InterpretedFunction(fn)
-    return triton.jit(fn)
-
+from .triton_internals import INTERPRET, MAX_COMBINE as _MAX, MIN_COMBINE as _MIN, SUM_COMBINE as _SUM, kernel, tl
 
 LOG2E = 1.4426950408889634
 HIDDEN_RANK = 1 << 29  # the rank given to padding keys: no threshold reaches it, so nobody sees them
@@ -59,11 +15,7 @@ _FAR = tl.constexpr(FAR)
 PREFIX_FROM = tl.constexpr(11)  # see _bias_gradient
 _INTERPRETED = tl.constexpr(INTERPRET)
 # Reductions go through tl.reduce with the standard library's own combine functions rather than
-# tl.sum/max/min: those are @jit functions made when triton was imported, and one made without
-# TRITON_INTERPRET cannot run in the interpreter, while tl.reduce with these combiners runs in both.
-_SUM = _MAX = _MIN = None
-if triton is not None:
-    _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
+# tl.sum/max/min (triton_internals.PRIVATE_APIS says why).
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -74,7 +26,7 @@ if triton is not None:
 # body serves both orientations. Scores are kept in log2 units (scale * log2 e folded in) for exp2.
 
 
-@_kernel
+@kernel
 def _query_tile(start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS: tl.constexpr,
                 BLOCK_M: tl.constexpr):
     """A tile of visited query rows: indices, in-range mask, row numbers, positions, thresholds,
@@ -93,7 +45,7 @@ def _query_tile(start_m, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS
     return offs_m, row_ok, rows, qp, qt, qd, q_min, q_max
 
 
-@_kernel
+@kernel
 def _key_tile(start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
     """A tile of visited keys: like `_query_tile`; out-of-range keys read as padding (hidden) and the
     position range covers real keys only."""
@@ -114,21 +66,21 @@ def _key_tile(start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS: tl.co
     return offs_n, col_ok, rows, kp, kc, kd, k_min, k_max, rule_free
 
 
-@_kernel
+@kernel
 def _load_rows(X, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     return tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
                    mask=ok[:, None], other=0.0)
 
 
-@_kernel
+@kernel
 def _store_rows(X, value, b, h, stride_b, stride_h, stride_l, rows, ok, HEAD_DIM: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     tl.store(X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :],
              value.to(X.dtype.element_ty), mask=ok[:, None])
 
 
-@_kernel
+@kernel
 def _gather_f32(table, index):
     """Elementwise load of table[index] for a float32 table (a gather from an L1-resident table).
 
@@ -145,7 +97,7 @@ def _gather_f32(table, index):
                                      "=f,r,l", [index, address], dtype=tl.float32, is_pure=True, pack=1)
 
 
-@_kernel
+@kernel
 def _gather_i32(table, index):
     if _INTERPRETED:
         return tl.load(table + index)
@@ -154,7 +106,7 @@ def _gather_i32(table, index):
                                      "=r,r,l", [index, address], dtype=tl.int32, is_pure=True, pack=1)
 
 
-@_kernel
+@kernel
 def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, distance_hi, rule_free, bias,
             bias_left, bias_right, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT, HAS_WINDOW: tl.constexpr,
             HAS_DOCUMENTS: tl.constexpr, PARTS: tl.constexpr):
@@ -183,19 +135,19 @@ def _scores(s, q_pos, q_threshold, q_doc, k_pos, k_code, k_doc, distance_lo, dis
     return s
 
 
-@_kernel
+@kernel
 def _total(x):
     return tl.reduce(tl.reduce(x, 1, _SUM), 0, _SUM)
 
 
-@_kernel
+@kernel
 def _add_row_sums(db, ds, bucket, bucket_ids, j):
     """db (BLOCK_N, BUCKETS) plus, in column j, each key row's sum of dS over the pairs in bucket j."""
     row_sums = tl.reduce(tl.where(bucket == j, ds, 0.0), 1, _SUM)
     return db + tl.where(bucket_ids[None, :] == j, row_sums[:, None], 0.0)
 
 
-@_kernel
+@kernel
 def _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, BLOCK_N: tl.constexpr,
                                     BLOCK_M: tl.constexpr):
     """`_bias_gradient` of a tile whose key row r and query column c are at positions start_n + r and
@@ -213,7 +165,7 @@ def _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, B
     return db + tl.where(first <= last, sums, 0.0)
 
 
-@_kernel
+@kernel
 def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, distance_hi, BUCKET, MAX_DISTANCE,
                    SAT_LEFT, SAT_RIGHT, BUCKETS: tl.constexpr, natural, offset, bucket_first, bucket_last,
                    NATURAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -258,7 +210,7 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
 # The plan's vectors reach the kernels as ONE int32 tensor (triton_attention.pack_forward_order and
 # pack_keys_order): a Triton launch costs host time per argument (on the H200's host an empty kernel: 17 us
 # with 2 arguments, 28-68 us with 36; scripts/triton_attention_timing.py --host).
-@_kernel
+@kernel
 def _forward_plan(PLAN, H: tl.constexpr, LQ, LK):
     """The forward order's vectors: six of B x LQ (rows, positions, thresholds, documents, key range),
     then four of B x LK (rows, positions, codes, documents)."""
@@ -270,7 +222,7 @@ def _forward_plan(PLAN, H: tl.constexpr, LQ, LK):
             keys, keys + bk, keys + 2 * bk, keys + 3 * bk)
 
 
-@_kernel
+@kernel
 def _keys_plan(PLAN, H: tl.constexpr, LQ, LK):
     """The dK/dV order's vectors: four of B x LQ (rows, positions, thresholds, documents), q_real (B),
     then six of B x LK (rows, positions, codes, documents, query range)."""
@@ -282,7 +234,59 @@ def _keys_plan(PLAN, H: tl.constexpr, LQ, LK):
             keys, keys + bk, keys + 2 * bk, keys + 3 * bk, keys + 4 * bk, keys + 5 * bk)
 
 
-@_kernel
+@kernel
+def _query_program(Q, PLAN, stride_qb, stride_qh, stride_ql, LQ, LK, H: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The query tile of a forward or dQ program: batch row and head, the tile's visit indices and rows,
+    its q with the rows' positions, thresholds, documents and position range (`query`), then the plan's
+    key ranges of the forward order and its key vectors (`keys`)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc = _forward_plan(PLAN, H, LQ, LK)
+    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
+        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    query, keys = (q, qp, qt, qd, q_min, q_max), (k_rows, k_pos, k_code, k_doc)
+    return bh, b, h, offs_m, rows, row_ok, query, (q_key_lo, q_key_hi), keys
+
+
+@kernel
+def _key_range_and_bias(key_ranges, b, h, offs_m, row_ok, LQ, BIAS, ND: tl.constexpr, MAX_DISTANCE: tl.constexpr):
+    """The visited keys [key_lo, key_hi) the query tile's rows may see, and the head's bias row with its
+    two saturated values (`bias_row`)."""
+    q_key_lo, q_key_hi = key_ranges
+    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
+    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
+    bias = BIAS + h * ND
+    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
+    return key_lo, key_hi, (bias, bias_left, bias_right)
+
+
+@kernel
+def _key_tile_scores(start_n, b, h, query, keys, bias_row, K, V, stride_kb, stride_kh, stride_kl, stride_vb,
+                     stride_vh, stride_vl, LK, qk_scale, window, MAX_DISTANCE, SAT_LEFT, SAT_RIGHT,
+                     HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, PARTS: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One key tile as the forward and dQ kernels visit it: its k and v rows and the query tile's
+    scores against them (`_scores`); query, keys from `_query_program`, bias_row from
+    `_key_range_and_bias`. Triton inlines it:
+    the same code as written out in each kernel."""
+    q, qp, qt, qd, q_min, q_max = query
+    k_rows, k_pos, k_code, k_doc = keys
+    bias, bias_left, bias_right = bias_row
+    offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
+        start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
+    k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
+    v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
+                k_min - q_max, k_max - q_min, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE,
+                SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
+    return k, v, s
+
+
+@kernel
 def _forward_kernel(Q, K, V, O, LSE, BIAS, PLAN,
                     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
@@ -291,29 +295,16 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS, PLAN,
                     HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                     PARTS: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc = _forward_plan(PLAN, H, LQ, LK)
-    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
-        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
-    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
-    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
-    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
-    bias = BIAS + h * ND
-    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
+    bh, b, h, offs_m, rows, row_ok, query, key_ranges, keys = _query_program(
+        Q, PLAN, stride_qb, stride_qh, stride_ql, LQ, LK, H, HAS_DOCUMENTS, BLOCK_M, HEAD_DIM)
+    key_lo, key_hi, bias_row = _key_range_and_bias(key_ranges, b, h, offs_m, row_ok, LQ, BIAS, ND, MAX_DISTANCE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
-        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
-            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
-        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
-        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
-                    k_min - q_max, k_max - q_min, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE,
-                    SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
+        k, v, s = _key_tile_scores(start_n, b, h, query, keys, bias_row, K, V, stride_kb, stride_kh, stride_kl,
+                                   stride_vb, stride_vh, stride_vl, LK, qk_scale, window, MAX_DISTANCE, SAT_LEFT,
+                                   SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS, PRECISION, BLOCK_N, HEAD_DIM)
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -328,7 +319,7 @@ def _forward_kernel(Q, K, V, O, LSE, BIAS, PLAN,
     tl.store(LSE + bh * LQ + rows, lse, mask=row_ok)  # by row: the backward kernels visit rows in their own order
 
 
-@_kernel
+@kernel
 def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ol, stride_gb, stride_gh, stride_gl,
                   H, LQ, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """delta = rowsum(dO * O) in float32, by row: the softmax backward's per-row term."""
@@ -342,7 +333,7 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ol, stride_gb, stri
     tl.store(DELTA + bh * LQ + rows, tl.reduce(o * do, 1, _SUM), mask=row_ok)
 
 
-@_kernel
+@kernel
 def _key_tile_step(dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc, kd, k_min, k_max, rule_free,
                    Q, DO, lse_row, delta_row, bias, bias_left, bias_right, BUCKET, q_rows, q_pos, q_threshold,
                    q_doc, stride_qb, stride_qh, stride_ql, stride_gb, stride_gh, stride_gl, LQ, qk_scale, window,
@@ -379,7 +370,7 @@ def _key_tile_step(dk, dv, db, far_left, far_right, start_m, b, h, k, v, kp, kc,
     return dk, dv, db, far_left, far_right
 
 
-@_kernel
+@kernel
 def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB, PLAN,
                           stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                           stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
@@ -451,7 +442,7 @@ def _key_gradients_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, BIAS, BUCKET, DB, PLA
     tl.store(DB + (slot * BUCKETS + tl.arange(0, BUCKETS)) * H + h, db)
 
 
-@_kernel
+@kernel
 def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS, PLAN,
                             stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                             stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
@@ -462,32 +453,18 @@ def _query_gradients_kernel(Q, K, V, DO, DQ, LSE, DELTA, BIAS, PLAN,
                             HAS_WINDOW: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                             PARTS: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    q_rows, q_pos, q_threshold, q_doc, q_key_lo, q_key_hi, k_rows, k_pos, k_code, k_doc = _forward_plan(PLAN, H, LQ, LK)
-    offs_m, row_ok, rows, qp, qt, qd, q_min, q_max = _query_tile(
-        tl.program_id(0) * BLOCK_M, b, q_rows, q_pos, q_threshold, q_doc, LQ, HAS_DOCUMENTS, BLOCK_M)
-    q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_ql, rows, row_ok, HEAD_DIM)
+    bh, b, h, offs_m, rows, row_ok, query, key_ranges, keys = _query_program(
+        Q, PLAN, stride_qb, stride_qh, stride_ql, LQ, LK, H, HAS_DOCUMENTS, BLOCK_M, HEAD_DIM)
     do = _load_rows(DO, b, h, stride_gb, stride_gh, stride_gl, rows, row_ok, HEAD_DIM)
     lse = tl.load(LSE + bh * LQ + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * LQ + rows, mask=row_ok, other=0.0)
-    key_lo = tl.reduce(tl.load(q_key_lo + b * LQ + offs_m, mask=row_ok, other=_FAR), 0, _MIN)
-    key_hi = tl.reduce(tl.load(q_key_hi + b * LQ + offs_m, mask=row_ok, other=0), 0, _MAX)
-    bias = BIAS + h * ND
-    bias_left, bias_right = tl.load(bias), tl.load(bias + 2 * MAX_DISTANCE)
+    key_lo, key_hi, bias_row = _key_range_and_bias(key_ranges, b, h, offs_m, row_ok, LQ, BIAS, ND, MAX_DISTANCE)
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    # The key-tile visit and score recomputation of the forward kernel, kept inline in both: a shared
-    # helper would return the tile's k, v and scores, and Triton inlines it anyway (same code, more calls).
+    # The forward kernel's key-tile visit and score recomputation (`_key_tile_scores`).
     for start_n in range(key_lo // BLOCK_N * BLOCK_N, key_hi, BLOCK_N):
-        offs_n, col_ok, krows, kp, kc, kd, k_min, k_max, rule_free = _key_tile(
-            start_n, b, k_rows, k_pos, k_code, k_doc, LK, HAS_DOCUMENTS, BLOCK_N)
-        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kl, krows, col_ok, HEAD_DIM)
-        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vl, krows, col_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = _scores(s, qp[:, None], qt[:, None], qd[:, None], kp[None, :], kc[None, :], kd[None, :],
-                    k_min - q_max, k_max - q_min, rule_free, bias, bias_left, bias_right, window, MAX_DISTANCE,
-                    SAT_LEFT, SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS)
+        k, v, s = _key_tile_scores(start_n, b, h, query, keys, bias_row, K, V, stride_kb, stride_kh, stride_kl,
+                                   stride_vb, stride_vh, stride_vl, LK, qk_scale, window, MAX_DISTANCE, SAT_LEFT,
+                                   SAT_RIGHT, HAS_WINDOW, HAS_DOCUMENTS, PARTS, PRECISION, BLOCK_N, HEAD_DIM)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

@@ -33,6 +33,10 @@ from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.masks import (natural_order, permuted_lm_visible, relative_bias_by_distance, relative_position_bucket,
                                  two_stream_visible)
 from mpnet.modeling import triton_attention as T
+from mpnet.modeling import triton_launch as L
+from mpnet.modeling import triton_plan as P
+from mpnet.modeling.triton_internals import INTERPRET, triton
+from mpnet.modeling.triton_kernels import LOG2E
 
 MAX_DISTANCE = 128
 BUCKETS = 32
@@ -41,9 +45,9 @@ GPU_FP32_REL = 1e-4
 BF16_VS_DENSE = 1.5
 BF16_SLACK = 2e-3
 
-interpreted = pytest.mark.skipif(not (T.triton is not None and T.INTERPRET),
+interpreted = pytest.mark.skipif(not (triton is not None and INTERPRET),
                                  reason="needs triton, run by its interpreter (no GPU, or TRITON_INTERPRET=1)")
-compiled = pytest.mark.skipif(not (T.triton is not None and not T.INTERPRET and torch.cuda.is_available()),
+compiled = pytest.mark.skipif(not (triton is not None and not INTERPRET and torch.cuda.is_available()),
                               reason="needs triton and CUDA (compiled kernels)")
 
 
@@ -128,9 +132,9 @@ def _cotangent(inputs, seed):
 
 def triton_run(inputs, positions, n, m, window=None, document_ids=None, layout=None, tiles=None, seed=7,
                streams="mpnet"):
-    plan = T.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout,
+    plan = P.make_triton_attention_plan(positions, n, m, window=window, document_ids=document_ids, layout=layout,
                                         streams=streams)
-    return run(lambda q, k, v, t: T.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
+    return run(lambda q, k, v, t: L.triton_two_stream_attention(q, k, v, t, plan, max_distance=MAX_DISTANCE,
                                                                 tiles=tiles), inputs, _cotangent(inputs, seed))
 
 
@@ -174,7 +178,7 @@ def test_codes_equal_two_stream_visible(permuted):
     if permuted:
         slots = torch.cat([torch.randperm(n + m, generator=generator(3)),
                            n + m + torch.randperm(m, generator=generator(4))])
-    threshold, code = T.two_stream_codes(slots, n, m)
+    threshold, code = P.two_stream_codes(slots, n, m)
     key_code = code[:n + m]
     codes_say = ((key_code[None] >> 1) < threshold[:, None]) != ((key_code[None] & 1) == 1)
     rules_say = two_stream_visible(slots[:, None], slots[None, :n + m], n, m)
@@ -192,9 +196,9 @@ def test_only_windows_are_supported():
 
 
 def test_saturation_distance_is_where_the_last_bucket_starts():
-    layout = T.bucket_layout(BUCKETS, MAX_DISTANCE)
+    layout = P.bucket_layout(BUCKETS, MAX_DISTANCE)
     assert (layout.saturated_left, layout.saturated_right) == (91, 91)
-    buckets = T.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu")[:2 * MAX_DISTANCE + 1].tolist()
+    buckets = P.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu")[:2 * MAX_DISTANCE + 1].tolist()
     assert buckets[MAX_DISTANCE + 90] != buckets[MAX_DISTANCE + 91] == buckets[-1]
     assert buckets[MAX_DISTANCE - 90] != buckets[MAX_DISTANCE - 91] == buckets[0]
 
@@ -204,18 +208,18 @@ def test_bias_by_index_is_the_table_read_by_distance():
     for every d in [-D, D]."""
     reach = MAX_DISTANCE
     table = torch.randn(BUCKETS, 3, generator=generator(5))
-    bias = T.log2_bias_by_index(table, MAX_DISTANCE)
+    bias = P.log2_bias_by_index(table, MAX_DISTANCE)
     assert bias.shape == (3, 2 * reach + 1) and bias.is_contiguous() and bias.dtype == torch.float32
     buckets = relative_position_bucket(torch.arange(-reach, reach + 1), BUCKETS, MAX_DISTANCE)
     for index, bucket in enumerate(buckets.tolist()):
-        assert torch.equal(bias[:, index], table[bucket] * T.LOG2E)
+        assert torch.equal(bias[:, index], table[bucket] * LOG2E)
 
 
 def test_bucket_tables_give_each_bucket_its_distances():
     """What the dK/dV kernel reads: the bucket of each distance index, then each bucket's first and last
     distance: every distance in [-3D, 3D] lies in its bucket's range and in no other (unused slots empty,
     the saturated buckets open-ended), against relative_position_bucket itself."""
-    tables = T.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu").long()
+    tables = P.bucket_tables(BUCKETS, MAX_DISTANCE, "cpu").long()
     reach = MAX_DISTANCE
     count = 2 * reach + 1
     slots = (len(tables) - count) // 2
@@ -237,8 +241,8 @@ def test_plan_visit_order(window):
     rules' own visibility)."""
     n, m = 40, 8
     (_, _, _, _), positions, _, _ = two_stream_case(n, m, (0, 7), 1, 16, seed=1)
-    plan = T.make_triton_attention_plan(positions, n, m, window=window)
-    threshold, code = T.two_stream_codes(torch.arange(n + 2 * m), n, m)
+    plan = P.make_triton_attention_plan(positions, n, m, window=window)
+    threshold, code = P.two_stream_codes(torch.arange(n + 2 * m), n, m)
     kind = torch.where(code < 0, 0, torch.where(code % 2 == 1, 1, 2))
     for b, visit in ((b, visit) for b in range(2) for visit in (plan.forward, plan.keys)):
         grouped = window is None and visit is plan.forward
@@ -272,7 +276,7 @@ def test_codes_equal_permuted_lm_visible():
     masks.permuted_lm_visible, rows permuted."""
     n, m = 11, 4
     slots = torch.cat([torch.randperm(n, generator=generator(5)), n + torch.randperm(m, generator=generator(6))])
-    threshold, code = T.two_stream_codes(slots, n, m, streams="plm")
+    threshold, code = P.two_stream_codes(slots, n, m, streams="plm")
     key_code = code[:n]
     codes_say = ((key_code[None] >> 1) < threshold[:, None]) != ((key_code[None] & 1) == 1)
     assert torch.equal(codes_say, permuted_lm_visible(slots[:, None], slots[None, :n], n, m))
@@ -294,7 +298,7 @@ def test_several_heads_and_tiles_with_window_and_padding_tail():
     """16-row tiles: many tiles per row, a window that skips whole key tiles, padding query rows in
     the last tiles (visited by every key tile's extra loop), two heads."""
     inputs, positions, _, _ = two_stream_case(40, 8, (0, 13), heads=2, head_dim=16, seed=3)
-    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    tiles = L.KernelTiles(*(L.Tiles(16, 16),) * 3)
     ours, reference = compare(inputs, positions, 40, 8, window=4, tiles=tiles)
     assert_close(ours, reference, FP32_REL, "16x16 tiles, w=4, 2 heads")
 
@@ -307,7 +311,7 @@ def test_small_tiles_without_window_skip_and_trim_exactly(spread):
     tiles lie in a saturated bucket (scalar bias; the dK/dV kernel's far accumulators)."""
     inputs, positions, _, _ = two_stream_case(40, 8, (0, 13), heads=2, head_dim=16, seed=14)
     positions = torch.where(positions >= 0, positions * spread, positions)
-    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    tiles = L.KernelTiles(*(L.Tiles(16, 16),) * 3)
     ours, reference = compare(inputs, positions, 40, 8, tiles=tiles)
     assert_close(ours, reference, FP32_REL, f"16x16 tiles, no window, 2 heads, positions x{spread}")
 
@@ -318,7 +322,7 @@ def test_permuted_lm_layout_matches_dense(window):
     """The plm objective's layout (XLNet-style: no MASK rows, no position compensation), padding, 16-row
     tiles, with and without a window: output and every gradient equal the dense backend's."""
     inputs, positions = permuted_lm_case(40, 8, (0, 9), heads=2, head_dim=16, seed=15)
-    tiles = T.KernelTiles(*(T.Tiles(16, 16),) * 3)
+    tiles = L.KernelTiles(*(L.Tiles(16, 16),) * 3)
     ours, reference = compare(inputs, positions, 40, 8, window=window, tiles=tiles, streams="plm")
     assert_close(ours, reference, FP32_REL, f"plm layout w={window}")
 
@@ -385,9 +389,9 @@ def test_query_rank_never_depends_on_predicted_tokens_of_its_rank_or_later():
     for j in range(m):
         k[1 + j, :, n - m + j] += 10.0
         v[1 + j, :, n - m + j] += 10.0
-    plan = T.make_triton_attention_plan(positions, n, m)
+    plan = P.make_triton_attention_plan(positions, n, m)
     with torch.no_grad():
-        out = T.triton_two_stream_attention(q, k, v, table, plan)
+        out = L.triton_two_stream_attention(q, k, v, table, plan)
     change = (out[1:] - out[:1]).abs().amax(dim=(1, 3))  # (copy j, row)
     for j in range(m):
         for row in range(n + 2 * m):
@@ -478,19 +482,19 @@ def test_the_compiled_path_ops_pass_opcheck():
     """The torch.library ops that torch.compile sees: schema, fake (meta) shapes and strides, autograd
     registration, each checked by torch.library.opcheck on a real call (a window and padding)."""
     (q, k, v, table), positions, _, _ = two_stream_case(20, 4, (0, 3), heads=1, head_dim=16, seed=3)
-    plan = T.make_triton_attention_plan(positions, 20, 4, window=9)
-    settings = T.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, T.default_tiles(q.dtype))
+    plan = P.make_triton_attention_plan(positions, 20, 4, window=9)
+    settings = L.LaunchSettings(9, True, False, BUCKETS, MAX_DISTANCE, 0.25, L.default_tiles(q.dtype))
     vectors = plan.forward_packed, plan.keys_packed
     q, k, v, table = (x.requires_grad_(True) for x in (q, k, v, table))
-    bias = T.log2_bias_by_index(table, MAX_DISTANCE)
-    buckets = T.bucket_tables(BUCKETS, MAX_DISTANCE, q.device)
-    torch.library.opcheck(T._attention_forward_op, (q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25))
+    bias = P.log2_bias_by_index(table, MAX_DISTANCE)
+    buckets = P.bucket_tables(BUCKETS, MAX_DISTANCE, q.device)
+    torch.library.opcheck(L._attention_forward_op, (q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25))
     with torch.no_grad():
-        out, lse = T._attention_forward_op(q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25)
+        out, lse = L._attention_forward_op(q, k, v, table, bias, buckets, *vectors, settings.numbers(), 0.25)
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(T._attention_backward_op, (q.detach(), k.detach(), v.detach(), out, lse, table.detach(),
+    torch.library.opcheck(L._attention_backward_op, (q.detach(), k.detach(), v.detach(), out, lse, table.detach(),
                                                      bias, buckets, grad_out, *vectors, settings.numbers(), 0.25))
-    assert T.LaunchSettings.from_numbers(settings.numbers(), 0.25) == settings
+    assert L.LaunchSettings.from_numbers(settings.numbers(), 0.25) == settings
 
 
 @interpreted
@@ -547,10 +551,10 @@ def test_query_rows_subset_matches_dense():
     n, m = 40, 8
     inputs, positions, _, _ = two_stream_case(n, m, (0, 4), heads=1, head_dim=16, seed=14)
     rows = slice(n + m, n + 2 * m)
-    plan = T.make_triton_attention_plan(positions, n, m, window=7, query_rows=rows)
+    plan = P.make_triton_attention_plan(positions, n, m, window=7, query_rows=rows)
     q, k, v, table = inputs
     with torch.no_grad():
-        ours = T.triton_two_stream_attention(q[:, :, rows], k, v, table, plan)
+        ours = L.triton_two_stream_attention(q[:, :, rows], k, v, table, plan)
         reference = dense_attention(q, k, v, table, positions, n, m, 7)[:, :, rows]
     assert rel_err(ours, reference) <= FP32_REL
 
@@ -558,22 +562,22 @@ def test_query_rows_subset_matches_dense():
 @interpreted
 def test_without_a_gpu_the_interpreter_must_be_asked_for(monkeypatch):
     (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
-    plan = T.make_triton_attention_plan(positions, 40, 8)
+    plan = P.make_triton_attention_plan(positions, 40, 8)
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(T.TritonAttentionUnavailable, match="CUDA GPU"):
-        T.triton_two_stream_attention(q, k, v, table, plan)
+    with pytest.raises(L.TritonAttentionUnavailable, match="CUDA GPU"):
+        L.triton_two_stream_attention(q, k, v, table, plan)
 
 
 @interpreted
 def test_user_errors():
     (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
-    plan = T.make_triton_attention_plan(positions, 40, 8)
+    plan = P.make_triton_attention_plan(positions, 40, 8)
     with pytest.raises(UserError, match="power of two"):
-        T.triton_two_stream_attention(q[..., :12], k[..., :12], v[..., :12], table, plan)
+        L.triton_two_stream_attention(q[..., :12], k[..., :12], v[..., :12], table, plan)
     with pytest.raises(UserError, match="plan"):
-        T.triton_two_stream_attention(q[:, :, :50], k, v, table, plan)
+        L.triton_two_stream_attention(q[:, :, :50], k, v, table, plan)
     with pytest.raises(UserError, match="table"):
-        T.triton_two_stream_attention(q, k, v, table.t(), plan)
+        L.triton_two_stream_attention(q, k, v, table.t(), plan)
     with pytest.raises(T.UnsupportedTritonPattern):
         T.make_triton_attention_state(positions, 40, 8, table, MAX_DISTANCE, pattern="block:8")
 
@@ -673,5 +677,5 @@ def test_gpu_inductor_compiled_model_equals_eager():
 @compiled
 def test_gpu_cpu_tensors_are_refused():
     (q, k, v, table), positions, _, _ = two_stream_case(40, 8, (0,), heads=1, head_dim=16, seed=1)
-    with pytest.raises(T.TritonAttentionUnavailable):
-        T.triton_two_stream_attention(q, k, v, table, T.make_triton_attention_plan(positions, 40, 8))
+    with pytest.raises(L.TritonAttentionUnavailable):
+        L.triton_two_stream_attention(q, k, v, table, P.make_triton_attention_plan(positions, 40, 8))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mpnet.modeling import triton_attention
+from mpnet.modeling import triton_plan
 from pretrain_support import TINY_RUN, checkpoint_steps, error_line, pretrain, train_losses
 
 
@@ -275,7 +275,7 @@ def test_cuda_graph_training_follows_the_eager_run_and_resumes(prefix_shards, tm
     graphs = ("training.compile=true", "training.compile_mode=reduce-overhead")
     # As in a run whose first call is the compiled one: nothing cached by the eager run above (a tensor
     # first made during inductor's warm-up would sit in the CUDA graphs' memory pool).
-    triton_attention._bucket_tables_on.cache_clear()
+    triton_plan._bucket_tables_on.cache_clear()
     code, stderr = run(tmp_path / "graphs", prefix_shards, "--max-steps", 3, "--save-every", 3, *common, *graphs)
     assert code == 0, stderr
     code, stderr = run(tmp_path / "graphs", prefix_shards, "--max-steps", 6, "--resume", *common, *graphs)
