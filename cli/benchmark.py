@@ -10,10 +10,13 @@
   benchmark-mpnet patterns    the attention patterns (window, block, swin, ...) on flex against SDPA with a
                               dense mask and SDPA without one; DIR/patterns.{md,json}, patterns_time.png
   benchmark-mpnet packing     packed vs padded fine-tuning steps on GLUE-length sentences; DIR/packing.{md,json,png}
+  benchmark-mpnet mask-build  the flex backend's BlockMask builders (tile summaries) against create_block_mask;
+                              DIR/mask_build.{md,json,png}
 
 Options without a subcommand run `all`. A benchmark is a command, never a timed test. On CPU the attention
 is timed forward only (FlexAttention has no CPU backward) and everything runs in fp32; for a smoke
 run: benchmark-mpnet --device cpu --quick. Method: docs/benchmarks.md and, for patterns, docs/patterns.md.
+The Triton kernels' tiles and parts: `benchmark-mpnet attention --backends sdpa,triton --triton-tiles ...` (GPU).
 """
 from __future__ import annotations
 
@@ -22,17 +25,20 @@ import dataclasses
 import json
 import sys
 
-from mpnet.bench.attention import ATTENTION_BACKENDS, SINGLE_STREAM_LENGTHS, AttentionSettings, run_attention
+from mpnet.bench.attention import run_attention
 from mpnet.bench.harness import open_device, run_benchmarks
+from mpnet.bench.mask_build import BUILDERS, MaskBuildSettings, run_mask_build
 from mpnet.bench.packing import PackingSettings, run_packing
 from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
+from mpnet.bench.problems import ATTENTION_CELLS, SINGLE_STREAM_LENGTHS, AttentionSettings
 from mpnet.bench.step import (COMPILE_MODES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
                               run_step)
+from mpnet.modeling.backends import ATTENTION_BACKENDS as BACKEND_REGISTRY
 
 from . import benchmark_packing
-from ._common import OneLineErrorParser, command, int_list, name_list
+from ._common import OneLineErrorParser, command, int_list, name_list, text_list
 
-SUBCOMMANDS = ("all", "attention", "step", "finetune", "patterns", "packing")
+SUBCOMMANDS = ("all", "attention", "step", "finetune", "patterns", "packing", "mask-build")
 SECTIONS = ("attention", "single", "step", "finetune", "patterns", "packing")
 ALL_SECTIONS = ["attention", "single", "step", "finetune"]  # the cells of the performance targets
 # Tiny sizes for --quick (any flag given still wins): seconds on a CPU.
@@ -46,6 +52,8 @@ QUICK = {
     "patterns": dict(lengths=[64, 128], tokens_per_batch=512, heads=2, head_dim=16, patterns=QUICK_PATTERNS.split(","),
                      warmup=1, repeats=3, max_seconds=1.0),
     "packing": benchmark_packing.QUICK,
+    "mask-build": dict(lengths=[64, 256], tokens_per_batch=256, windows=[None, 16], warmup=1, repeats=3,
+                       max_seconds=1.0),
 }
 # `all` on a GPU also runs the fastest backend compiled, beside its compiled reference (target 3 and 6).
 ALL_ALSO_COMPILE = ["bert", "transformers", "triton"]
@@ -63,11 +71,12 @@ def _json_object(text):
     return value
 
 
-def _text_list(text):
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one comma-separated entry")
-    return values
+def _window_list(text):
+    """--windows of mask-build: sizes and 'none' (no window)."""
+    try:
+        return [None if w.lower() == "none" else int(w) for w in text_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected window sizes and 'none', comma-separated, got '{text}'") from None
 
 
 def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots"):
@@ -110,8 +119,8 @@ def attention_args(parser, streams=True, profile=True):
     g.add_argument("--heads", type=int, default=None, help="attention heads (default 12)")
     g.add_argument("--head-dim", type=int, default=None, help="head dimension (default 64)")
     g.add_argument("--windows", type=int_list, default=None, help="sliding-window sizes for flex-window (default 256,1024)")
-    g.add_argument("--backends", type=name_list(ATTENTION_BACKENDS), default=None,
-                   help=f"subset of {','.join(ATTENTION_BACKENDS)} (default all)")
+    g.add_argument("--backends", type=name_list(ATTENTION_CELLS), default=None,
+                   help=f"subset of the cells {','.join(ATTENTION_CELLS)} (default all)")
     g.add_argument("--layers", type=int, default=None,
                    help="sdpa-bias: layers sharing its once-per-forward bias build and gradient reduction (default 12)")
     g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
@@ -122,6 +131,11 @@ def attention_args(parser, streams=True, profile=True):
     g.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="also time SDPA, flex and triton cells as CUDA-graph replays: GPU time without the host's "
                         "launch time, a column and a ratio table of their own (CUDA only; default off)")
+    g.add_argument("--triton-tiles", type=text_list, default=None, metavar="LIST",
+                   help="time each triton cell once per entry (CUDA only): 'default' (the kernels' own tiles), "
+                        "fwd=, dkdv= or dq=MxN[wW][sS] (one kernel's tiles: block_m x block_n, warps, stages, e.g. "
+                        "dkdv=32x64s3), or no-bias, no-bias-gradient, no-mask (that part left out: timing only, "
+                        "wrong results); '+' joins changes of one entry")
 
 
 def step_args(parser, flag, also_compile=STEP_MODELS):
@@ -129,8 +143,8 @@ def step_args(parser, flag, also_compile=STEP_MODELS):
     g.add_argument("--seq-len", type=int, default=None, help="sequence length (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
     g.add_argument(flag, dest="step_backends", type=name_list(STEP_BACKENDS), default=None,
-                   help=f"MPNet attention backend(s), a subset of {','.join(STEP_BACKENDS)} (default all on GPU, "
-                        "dense on CPU)")
+                   help=f"MPNet attention backend(s), a subset of {','.join(STEP_BACKENDS)} (default: each that "
+                        "trains on the device, modeling/backends.py)")
     g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
     model_args(g, also_compile)
 
@@ -157,14 +171,14 @@ def finetune_args(parser, own=True):
         g.add_argument("--num-labels", type=int, default=None, help="classes (default 2)")
         model_args(g, FINETUNE_MODELS)
     g.add_argument("--models" if own else "--finetune-models", dest="finetune_models", type=name_list(FINETUNE_MODELS),
-                   default=None, help=f"a subset of {','.join(FINETUNE_MODELS)} (default all on GPU, "
-                                      "transformers,dense on CPU)")
+                   default=None, help=f"a subset of {','.join(FINETUNE_MODELS)} (default: transformers "
+                                      "and each backend that trains on the device)")
 
 
 def pattern_args(parser):
     g = parser.add_argument_group("patterns")
     g.add_argument("--lengths", type=int_list, default=None, help="sequence lengths (default 1024,4096)")
-    g.add_argument("--patterns", type=_text_list, default=None, metavar="LIST",
+    g.add_argument("--patterns", type=text_list, default=None, metavar="LIST",
                    help="comma-separated entries: none, any pattern of docs/patterns.md (window:256, dilated:128:2, "
                         "global:256, block:256, swin:256, prefix:P, softcap:30, alibi, ...), prefix alone "
                         "(P = L/4) or documents[:K] (K packed documents per row); '+' joins parts of one entry "
@@ -176,6 +190,16 @@ def pattern_args(parser):
                    help="flex without MPNet's relative-position bias (like for like with SDPA); default: with "
                         "the learnable bias and its gradient, as the model runs")
     g.add_argument("--forward-only", action="store_true", help="time forward passes only (always so on CPU)")
+
+
+def mask_build_args(parser):
+    d = MaskBuildSettings()
+    g = parser.add_argument_group("mask-build")
+    g.add_argument("--lengths", type=int_list, default=None, help=f"sequence lengths (default {','.join(map(str, d.lengths))})")
+    g.add_argument("--windows", type=_window_list, default=None, help="window sizes, 'none' for no window (default none,256)")
+    g.add_argument("--builders", type=name_list(BUILDERS), default=None,
+                   help=f"subset of {','.join(BUILDERS)} (default {','.join(d.builders)}; compiled compiles for minutes)")
+    g.add_argument("--tokens-per-batch", type=int, default=None, help=f"B = this // L (default {d.tokens_per_batch})")
 
 
 def build_parser():
@@ -203,6 +227,9 @@ def build_parser():
     pattern_args(p)
     common_args(p, "DIR/patterns.md, patterns.json, patterns_time.png")
     benchmark_packing.add_parser(sub, common_args)  # packed vs padded fine-tuning steps (cli/benchmark_packing.py)
+    p = sub.add_parser("mask-build", help="BlockMask builders: tile summaries against create_block_mask")
+    mask_build_args(p)
+    common_args(p, "DIR/mask_build.md, mask_build.json, mask_build.png")
     return parser
 
 
@@ -253,7 +280,7 @@ def also_compile(args, device, choices) -> list:
 
 
 def step_plan(args, device) -> list:
-    backends = args.step_backends or (list(STEP_BACKENDS) if device.type == "cuda" else ["dense"])
+    backends = args.step_backends or [name for name in STEP_BACKENDS if BACKEND_REGISTRY[name].trains_on(device)]
     return [(run_step, settings_from(StepSettings, args, QUICK["step"], backends=backends, bert=not args.no_bert,
                                      also_compile=also_compile(args, device, STEP_MODELS),
                                      **device_fields(args, device)))]
@@ -261,7 +288,8 @@ def step_plan(args, device) -> list:
 
 def finetune_plan(args, device, owned=True) -> list:
     names = None if owned else COMMON | {"compile", "compile_mode", "peak_tflops", "model", "profile"}
-    models = args.finetune_models or (list(FINETUNE_MODELS) if device.type == "cuda" else ["transformers", "dense"])
+    models = args.finetune_models or [name for name in FINETUNE_MODELS
+                                      if name not in BACKEND_REGISTRY or BACKEND_REGISTRY[name].trains_on(device)]
     return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,
                                          also_compile=also_compile(args, device, FINETUNE_MODELS),
                                          **device_fields(args, device)))]
@@ -291,6 +319,9 @@ def plan_of(args, device) -> tuple[list, str]:
         return pattern_plan(args, device), "patterns"
     if args.what == "packing":
         return packing_plan(args, device), "packing"
+    if args.what == "mask-build":
+        settings = settings_from(MaskBuildSettings, args, QUICK["mask-build"], device=str(device))
+        return [(run_mask_build, settings)], "mask_build"
     chosen = args.sections or ALL_SECTIONS
     plan = attention_plan(args, device, [s for k, s in (("attention", "two"), ("single", "one")) if k in chosen])
     plan += step_plan(args, device) if "step" in chosen else []

@@ -1,6 +1,6 @@
 """Attention benchmarks: one layer's attention, forward + backward, per backend and sequence length.
 
-Two sections, one code path (`AttentionSettings.streams`):
+Two sections, one code path (`AttentionSettings.streams`, problems.py):
 
 - `attention` (streams "two"): the two-stream call PAIR of one pretraining layer. For each length L,
   B = tokens_per_batch // L sequences, n = L tokens, m = round(0.15 L) predicted; the content stream
@@ -10,8 +10,8 @@ Two sections, one code path (`AttentionSettings.streams`):
   encoder path of fine-tuning and inference.
 
 The relative-position bias comes from a learnable (buckets x heads) table that requires grad and
-receives its gradient in every timed run (checked after warm-up). Backends, called through the real
-modules with precomputed inputs (q/k/v/o Linear layers replaced by identities unless
+receives its gradient in every timed run (checked after warm-up). The cells (`ATTENTION_CELLS`), called
+through the real modules with precomputed inputs (q/k/v/o Linear layers replaced by identities unless
 `with_projections`):
 
 - `sdpa`: torch SDPA, flash kernel, all rows in one call, no bias, no mask: the ceiling.
@@ -26,41 +26,33 @@ modules with precomputed inputs (q/k/v/o Linear layers replaced by identities un
 - `flex`, `flex-window` (one cell per window W, |pos_q - pos_k| <= W on original positions):
   `FlexTwoStreamAttention` with the project's mask_mods and score_mods; the BlockMasks are built
   outside the timed region and their build timed apart.
+- `triton`, `triton-window`: the Triton kernels, their plan built outside the timed region; with
+  `triton_tiles` once per tile setting (triton_tiles.py).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import UserError
 from ..modeling.attention import (
     DenseAttentionState,
     FlexTwoStreamAttention,
     RelativeMultiHeadAttention,
-    attention_backend,
     make_dense_attention_state,
-    make_flex_attention_mask,
     make_flex_attention_state,
 )
-from ..modeling.block_masks import tile_counts
+from ..modeling.backends import ATTENTION_BACKENDS
+from ..modeling.block_masks import make_two_stream_block_masks, tile_counts
 from ..modeling.masks import natural_order, relative_bias_by_distance
 from ..modeling.patterns import window_spec
 from ..training.toolkit import autocast
 from .harness import (
     DTYPES,
-    check_counts,
-    check_dtype,
     check_gradient,
-    check_kernel_options,
-    check_lengths,
     compiled_graphs,
-    configure_dynamo,
-    flex_kernel_options,
-    free_memory,
     kernel_ms_per_call,
     on_cuda,
     phase,
@@ -69,84 +61,65 @@ from .harness import (
     timer_text,
     warm_median,
 )
-from .problems import Problem, SDPAAttention, attention_module, make_problem
-from .report import CELL_HEADERS, Section, cell_columns, github_table, ok, ratio_text, short_status
+from .problems import (
+    ATTENTION_CELLS,
+    STREAMS,
+    WINDOWED,
+    AttentionProblem,
+    AttentionSettings,
+    SDPAAttention,
+    attention_module,
+    make_attention_problem,
+)
+from .report import CELL_HEADERS, Figure, Panel, Section, Table, cell_columns, ok, ratio_text, short_status
+from .triton_tiles import TileVariant, parse_tile_variants
 
-ATTENTION_BACKENDS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window", "triton", "triton-window")
 LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",
           "dense-once": "dense (state once)", "flex": "flex", "triton": "triton"}
-WINDOWED = {"flex-window": "flex", "triton-window": "triton"}  # one cell per --windows entry
 # The cheap and the compiled cells first; the dense ones are the likeliest to run out of memory.
 RUN_ORDER = {"sdpa": 0, "sdpa-bias": 1, "dense-once": 3, "dense": 4}
-SINGLE_STREAM_LENGTHS = [128, 512]
 # --cuda-graphs: the cells also timed as a CUDA-graph replay (the SDPA ceiling and the fast backends,
 # with and without a window).
-GRAPHED_BACKENDS = ("sdpa", "flex", "triton")
-PROFILED_BACKENDS = ("sdpa", "triton")  # --profile: SDPA flash's kernels beside the triton backend's
+GRAPHED_CELLS = ("sdpa", "flex", "triton")
+PROFILED_CELLS = ("sdpa", "triton")  # --profile: SDPA flash's kernels beside the triton backend's
+
+
+def backend_of(key: str) -> str:
+    """The cell a key belongs to without its window and tiles: "triton-w256/dq=64x64" -> "triton"."""
+    return key.split("/")[0].split("-w")[0]
 
 
 def graphed(key: str) -> bool:
     """Whether --cuda-graphs times this cell (key as in attention_variants: "triton", "triton-w256", ...)."""
-    return key.split("-w")[0] in GRAPHED_BACKENDS
+    return backend_of(key) in GRAPHED_CELLS
 
 
-STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
+@dataclass(frozen=True)
+class Variant:
+    """One cell of a length: its key (unique in the section), label, window and triton tiles."""
+
+    key: str
+    label: str
+    window: int | None = None
+    tiles: TileVariant | None = None
 
 
-@dataclass
-class AttentionSettings:
-    streams: str = "two"  # "two": the pretraining pair; "one": single stream (fine-tuning, inference)
-    lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
-    tokens_per_batch: int = 16384
-    heads: int = 12
-    head_dim: int = 64
-    windows: list = field(default_factory=lambda: [256, 1024])
-    backends: list = field(default_factory=lambda: list(ATTENTION_BACKENDS))
-    dtype: str = "bf16"
-    device: str | None = None  # cpu, cuda, cuda:N; None: the GPU if there is one
-    backward: bool = True  # forward + backward (GPU); forward only on CPU
-    warmup: int = 3
-    repeats: int = 20
-    max_seconds: float = 3.0  # stop repeating a cell after this much timing (at least 3 runs)
-    with_projections: bool = False  # time the q/k/v/o Linear layers too
-    attention_dropout: float = 0.1  # the dense module's attention dropout, as in mpnet-base training
-    layers: int = 12  # sdpa-bias: its per-forward build and gradient reduction are shared by this many layers
-    pred_ratio: float = 0.15
-    num_buckets: int = 32
-    max_distance: int = 128
-    seed: int = 0
-    flex_kernel_options: dict | None = None  # override of the project's flex kernel options (experiments)
-    cuda_graphs: bool = False  # also time GRAPHED_BACKENDS' fwd+bwd replayed as one CUDA graph (no host time)
-    profile: bool = False  # break PROFILED_BACKENDS' runs down by GPU kernel (torch.profiler; CUDA only)
-
-    def validate(self, device: torch.device):
-        check_kernel_options(self.flex_kernel_options)
-        check_dtype(self.dtype, device)
-        if self.streams not in STREAMS:
-            raise UserError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
-        check_lengths(self.lengths, self.tokens_per_batch)
-        if any(w <= 0 for w in self.windows):
-            raise UserError(f"--windows must be positive integers, got {self.windows}")
-        unknown = [b for b in self.backends if b not in ATTENTION_BACKENDS]
-        if unknown or not self.backends:
-            raise UserError(f"unknown attention backend(s) {unknown or '(none)'}; pick from {', '.join(ATTENTION_BACKENDS)}")
-        if self.cuda_graphs and device.type != "cuda":
-            raise UserError("--cuda-graphs times CUDA-graph replays: it needs a CUDA device (drop it on CPU)")
-        if set(WINDOWED) & set(self.backends) and not self.windows:
-            raise UserError("backends flex-window and triton-window need --windows (e.g. 256,1024)")
-        check_counts(self, "heads", "head_dim", "layers")
-
-
-def attention_variants(settings: AttentionSettings) -> list:
-    """(key, label, window) in report order; flex-window expands to one variant per window."""
+def attention_variants(settings: AttentionSettings) -> list[Variant]:
+    """The cells of one length in report order: a windowed cell per --windows entry, a triton cell per
+    --triton-tiles entry."""
+    tile_variants = parse_tile_variants(settings.triton_tiles) or [None]
     out = []
-    for backend in ATTENTION_BACKENDS:
-        if backend not in settings.backends:
+    for cell in ATTENTION_CELLS:
+        if cell not in settings.backends:
             continue
-        if backend in WINDOWED:
-            out += [(f"{WINDOWED[backend]}-w{w}", f"{WINDOWED[backend]} w={w}", w) for w in settings.windows]
-        else:
-            out.append((backend, LABELS[backend], None))
+        backend = WINDOWED.get(cell, cell)
+        windows = settings.windows if cell in WINDOWED else [None]
+        for window in windows:
+            key = backend + ("" if window is None else f"-w{window}")
+            label = LABELS[backend] + ("" if window is None else f" w={window}")
+            for tiles in tile_variants if backend == "triton" else [None]:
+                out.append(Variant(key, label, window) if tiles is None
+                           else Variant(f"{key}/{tiles.name}", f"{label} {tiles.name}", window, tiles))
     return out
 
 
@@ -187,7 +160,7 @@ def sdpa_kernels(device, dtype):
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def build_sdpa(settings, p: Problem, device, timer) -> Core:
+def build_sdpa(settings, p: AttentionProblem, device, timer) -> Core:
     module = attention_module(SDPAAttention, settings, device)
     kernels = sdpa_kernels(device, DTYPES[settings.dtype])
     return Core(lambda: module(p.hidden, p.kv_len, kernels), [p.hidden, *module.parameters()])
@@ -197,7 +170,7 @@ def distance_bias_of(settings, table):
     return relative_bias_by_distance(table, settings.max_distance, settings.num_buckets)
 
 
-def build_dense(settings, p: Problem, device, timer) -> Core:
+def build_dense(settings, p: AttentionProblem, device, timer) -> Core:
     module = attention_module(RelativeMultiHeadAttention, settings, device)
 
     def forward():  # what the original did per forward: bias from the table, mask and bias materialised
@@ -207,7 +180,7 @@ def build_dense(settings, p: Problem, device, timer) -> Core:
     return Core(forward, [p.hidden, p.table, *module.parameters()], check=lambda: check_gradient(p.table))
 
 
-def build_dense_once(settings, p: Problem, device, timer) -> Core:
+def build_dense_once(settings, p: AttentionProblem, device, timer) -> Core:
     module = attention_module(RelativeMultiHeadAttention, settings, device)
     with torch.no_grad():
         built = make_dense_attention_state(p.positions, p.n, p.m, distance_bias_of(settings, p.table),
@@ -220,7 +193,7 @@ def build_dense_once(settings, p: Problem, device, timer) -> Core:
                 check=lambda: check_gradient(state.bias, "the materialised bias"))
 
 
-def materialised_bias(settings, p: Problem) -> torch.Tensor:
+def materialised_bias(settings, p: AttentionProblem) -> torch.Tensor:
     """The (B, H, rows, keys) attn_mask a user of SDPA builds once per forward: the dense backend's rules
     and bias from the table, the mask folded in as -inf, in the compute dtype; differentiable."""
     state = make_dense_attention_state(p.positions, p.n, p.m, distance_bias_of(settings, p.table), settings.max_distance)
@@ -234,7 +207,7 @@ def sdpa_bias_kernels(device):
     return [SDPBackend.EFFICIENT_ATTENTION] if device.type == "cuda" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
-def build_sdpa_bias(settings, p: Problem, device, timer) -> Core:
+def build_sdpa_bias(settings, p: AttentionProblem, device, timer) -> Core:
     """SDPA with the bias + mask materialised once per forward; the layer is timed on a prebuilt bias
     leaf, the build and its gradient reduction apart (`time_bias_build`)."""
     module = attention_module(SDPAAttention, settings, device)
@@ -248,7 +221,7 @@ def build_sdpa_bias(settings, p: Problem, device, timer) -> Core:
     return core
 
 
-def time_bias_build(settings, p: Problem, shape, device, timer) -> dict:
+def time_bias_build(settings, p: AttentionProblem, shape, device, timer) -> dict:
     """The once-per-forward part of sdpa-bias: build from the table and, with backward, reduce an
     upstream (B, H, rows, keys) gradient into the table."""
     upstream = torch.randn(shape, device=device, dtype=DTYPES[settings.dtype]) if settings.backward else None
@@ -266,7 +239,7 @@ def time_bias_build(settings, p: Problem, shape, device, timer) -> dict:
     return {"build_ms": result["ms"], "build_first_s": result["first_call_s"], "build_peak_gib": result["peak_gib"]}
 
 
-def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
+def build_flex(settings, p: AttentionProblem, device, timer, window=None) -> Core:
     module = attention_module(FlexTwoStreamAttention, settings, device)
     with torch.no_grad():
         distance_bias = distance_bias_of(settings, p.table)
@@ -278,8 +251,8 @@ def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
         state, facts["mask_first_s"] = timed_build(timer, lambda: make_flex_attention_state(
             positions, p.n, p.m, distance_bias, settings.max_distance, window_spec(window), layout=layout))
     facts.update(tile_facts(state))
-    facts["mask_ms"] = warm_median(timer, lambda: make_flex_attention_mask(positions, p.n, p.m, window_spec(window), layout=layout),
-                                   settings)
+    facts["mask_ms"] = warm_median(timer, lambda: make_two_stream_block_masks(positions, p.n, p.m, window_spec(window),
+                                                                             layout=layout), settings)
     facts["mask_graphs"] = compiled_graphs() - graphs
 
     def after_backward():  # the rest of the chain rule, as autograd runs it in the model: bias -> table
@@ -291,17 +264,18 @@ def build_flex(settings, p: Problem, device, timer, window=None) -> Core:
                 after_backward, check=lambda: check_gradient(p.table))
 
 
-def rows_for(p: Problem, window):
+def rows_for(p: AttentionProblem, window):
     """(layout, positions) as the model runs them: with a window the two-stream rows in natural order
     (masks.natural_order), which makes the window block-sparse; else as collated."""
     layout = natural_order(p.positions, p.n, p.m) if window is not None and p.m else None
     return layout, (p.positions if layout is None else p.positions.gather(1, layout))
 
 
-def build_triton(settings, p: Problem, device, timer, window=None) -> Core:
+def build_triton(settings, p: AttentionProblem, device, timer, window=None, tiles: TileVariant | None = None) -> Core:
     """The Triton backend through the backend registry: its plan (per-row codes and visiting order, built
-    once per forward like the BlockMasks) outside the timed region, the table's gradient from its kernels."""
-    module_class, make_state = attention_backend("triton")
+    once per forward like the BlockMasks) outside the timed region, the table's gradient from its kernels.
+    With `tiles` the module's kernel call is made here, with those tiles."""
+    module_class, make_state = ATTENTION_BACKENDS["triton"].load()
     module = attention_module(module_class, settings, device)
     layout, positions = rows_for(p, window)
 
@@ -312,8 +286,18 @@ def build_triton(settings, p: Problem, device, timer, window=None) -> Core:
     with phase("plan build"):
         state, facts["mask_first_s"] = timed_build(timer, build)
     facts["mask_ms"] = warm_median(timer, build, settings)
-    return Core(lambda: module(p.hidden, state), [p.hidden, p.table, *module.parameters()], facts,
-                check=lambda: check_gradient(p.table))
+    forward = lambda: module(p.hidden, state)  # noqa: E731
+    if tiles is not None:
+        from ..modeling.triton_launch import triton_two_stream_attention
+
+        kernel_tiles = tiles.kernel_tiles(DTYPES[settings.dtype], single_stream=not p.m)
+
+        def forward():  # TritonTwoStreamAttention.forward with other tiles
+            q, k, v = module.project(p.hidden, state.kv_len)
+            return module.merge(triton_two_stream_attention(
+                q, k, v, state.relative_bias_table, state.plan, max_distance=state.max_distance,
+                bias_by_index=state.bias_by_index, buckets=state.buckets, tiles=kernel_tiles))
+    return Core(forward, [p.hidden, p.table, *module.parameters()], facts, check=lambda: check_gradient(p.table))
 
 
 def tile_facts(state) -> dict:
@@ -331,7 +315,7 @@ BUILDERS = {"sdpa": build_sdpa, "sdpa-bias": build_sdpa_bias, "dense": build_den
             "flex": build_flex}
 
 
-def make_run(core: Core, p: Problem, settings: AttentionSettings, device):
+def make_run(core: Core, p: AttentionProblem, settings: AttentionSettings, device):
     """One timed run: forward (no_grad without backward), backward into every leaf."""
     amp = functools.partial(autocast, device, settings.dtype == "bf16")
     if not settings.backward:
@@ -352,22 +336,25 @@ def make_run(core: Core, p: Problem, settings: AttentionSettings, device):
     return run
 
 
-def measure_attention(settings: AttentionSettings, p: Problem, key: str, window, device, timer) -> dict:
+def measure_attention(settings: AttentionSettings, p: AttentionProblem, variant: Variant, device, timer) -> dict:
     """Build the cell (its state built and timed here, outside the timed region), warm it up (the first
     run compiles), time it; the FLOP rates. Raises on OOM / failure, labelled with the phase."""
-    if key.startswith(("flex", "triton")):
-        builder = functools.partial(build_flex if key.startswith("flex") else build_triton, window=window)
+    backend = backend_of(variant.key)
+    if backend == "flex":
+        builder = functools.partial(build_flex, window=variant.window)
+    elif backend == "triton":
+        builder = functools.partial(build_triton, window=variant.window, tiles=variant.tiles)
     else:
-        builder = BUILDERS[key]
+        builder = BUILDERS[backend]
     with phase("build"):
         core = builder(settings, p, device, timer)
     result = dict(core.facts)
     run = make_run(core, p, settings, device)
     result.update(time_runs(timer, run, settings.warmup - 1, settings.repeats, settings.max_seconds,
                             check=core.check if settings.backward else None))
-    if settings.cuda_graphs and device.type == "cuda" and graphed(key):
+    if settings.cuda_graphs and device.type == "cuda" and graphed(variant.key):
         result.update(graph_timing(run, settings, timer))
-    if settings.profile and device.type == "cuda" and key in PROFILED_BACKENDS:
+    if settings.profile and device.type == "cuda" and backend in PROFILED_CELLS:
         kernels = kernel_ms_per_call(run)
         result["kernels"] = sorted(([name[:80], ms] for name, ms in kernels.items()), key=lambda item: -item[1])[:6]
         result["kernel_ms"] = sum(kernels.values())
@@ -402,22 +389,23 @@ def graph_timing(run, settings: AttentionSettings, timer) -> dict:
         return {"graph_status": f"capture failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"}
 
 
-def cell_plan(settings: AttentionSettings, p: Problem, key: str, label: str, window) -> dict:
+def cell_plan(settings: AttentionSettings, p: AttentionProblem, variant: Variant) -> dict:
     flops = attention_flops(p.batch, settings.heads, settings.head_dim, p.rows, p.kv_len, settings.backward)
     if settings.with_projections:
         flops += projection_flops(p.batch, settings.heads * settings.head_dim, p.rows, p.kv_len, settings.backward)
-    cell = {"key": f"L={p.length}/{key}", "name": f"L={p.length:>5} B={p.batch:>3} {label:<22}", "L": p.length,
-            "B": p.batch, "n": p.n, "m": p.m, "q_rows": p.rows, "kv_len": p.kv_len, "backend": key, "label": label,
-            "window": window, "flops": flops}
-    if window is not None and window >= p.n - 1:
+    cell = {"key": f"L={p.length}/{variant.key}", "name": f"L={p.length:>5} B={p.batch:>3} {variant.label:<22}",
+            "L": p.length, "B": p.batch, "n": p.n, "m": p.m, "q_rows": p.rows, "kv_len": p.kv_len,
+            "backend": variant.key, "label": variant.label, "window": variant.window, "flops": flops}
+    triton = ATTENTION_BACKENDS["triton"]
+    if variant.window is not None and variant.window >= p.n - 1:
         cell["status"] = "n/a: window covers L"
-    elif key.startswith("triton") and not on_cuda(settings):
-        cell["status"] = "n/a: the triton backend runs on CUDA (on CPU only in Triton's interpreter)"
+    elif backend_of(variant.key) == "triton" and not triton.runs_on(settings.device):
+        cell["status"] = f"n/a: the triton backend cannot run on {settings.device.upper()}: {triton.device_limits}"
     return cell
 
 
-def measure_with_rates(settings, p: Problem, cell: dict, device, timer) -> dict:
-    result = measure_attention(settings, p, cell["backend"], cell["window"], device, timer)
+def measure_with_rates(settings, p: AttentionProblem, variant: Variant, cell: dict, device, timer) -> dict:
+    result = measure_attention(settings, p, variant, device, timer)
     seconds = result["ms"] / 1e3
     result["tflops"] = cell["flops"] / seconds / 1e12
     if "density" in result:  # the attention FLOPs scaled by the share of tiles computed
@@ -432,32 +420,22 @@ def measure_with_rates(settings, p: Problem, cell: dict, device, timer) -> dict:
 def run_attention(session, settings: AttentionSettings, deadline=None) -> Section:
     """Every cell of the sweep into its section of the session's report; the report is rewritten after
     every cell and its plots after every length."""
-    device = session.device
-    settings.validate(device)
+    settings.validate(session.device)
     section = attention_section(settings)
-    session.open(section)
-    configure_dynamo()
-    with flex_kernel_options(settings.flex_kernel_options):
-        for length in settings.lengths:
-            measure_length(session, section, settings, length, deadline)
-            session.report.write(plot=True)
-    session.finish(section)
-    return section
+    return session.sweep_lengths(section, settings, lambda length: measure_length(session, section, settings, length,
+                                                                                  deadline))
 
 
-def measure_length(session, section: Section, settings: AttentionSettings, length: int, deadline):
-    torch._dynamo.reset()  # a fresh compile cache per length: no recompile limit, no stale graphs
-    p = make_problem(settings, length, session.device)
+def measure_length(session, section: Section, settings: AttentionSettings, length: int, deadline=None):
+    p = make_attention_problem(settings, length, session.device)
     variants = attention_variants(settings)
     first = len(section.cells)
-    for key, label, window in sorted(variants, key=lambda v: RUN_ORDER.get(v[0], 2)):
-        cell = cell_plan(settings, p, key, label, window)
-        session.measure(section, cell, functools.partial(measure_with_rates, settings, p, cell, session.device,
-                                                         session.timer), deadline)
-    order = {key: i for i, (key, _, _) in enumerate(variants)}
+    for variant in sorted(variants, key=lambda v: RUN_ORDER.get(v.key, 2)):
+        cell = cell_plan(settings, p, variant)
+        session.measure(section, cell, functools.partial(measure_with_rates, settings, p, variant, cell,
+                                                         session.device, session.timer), deadline)
+    order = {v.key: i for i, v in enumerate(variants)}
     section.cells[first:] = sorted(section.cells[first:], key=lambda c: order[c["backend"]])
-    del p
-    free_memory(session.device)
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -469,7 +447,7 @@ def graph_text(cell: dict) -> str:
     return cell.get("graph_status", "")
 
 
-def main_table(section: Section) -> list:
+def main_table(section: Section) -> Table:
     graphs = section.settings.cuda_graphs
     rows = [[c["L"], c["B"], c["m"], f"{c['q_rows']}x{c['kv_len']}", c["label"]] + cell_columns(c)
             + ([graph_text(c)] if graphs else [])
@@ -477,65 +455,58 @@ def main_table(section: Section) -> list:
             for c in section.cells]
     headers = (["L", "B", "m", "rows x keys", "backend"] + CELL_HEADERS + (["CUDA graph ms [p20, p80]"] if graphs else [])
                + ["sdpa-bias: layer ms + build ms / layers"])
-    return [github_table(rows, headers)]
+    return Table(headers, rows, "Time, throughput, memory")
 
 
-def ratio_tables(section: Section) -> list:
+def ratio_tables(section: Section) -> list[Table]:
     """Relative throughput (dense = 1.00x) and time relative to SDPA flash, one row per length."""
-    variants = [v for v in attention_variants(section.settings) if v[0] != "sdpa"]
+    variants = [v for v in attention_variants(section.settings) if v.key != "sdpa"]
     by_length = {}
     for c in section.cells:
         by_length.setdefault(c["L"], {})[c["backend"]] = c
-    relative, vs_sdpa = [], []
+    relative, vs_sdpa, graph_rows = [], [], []
+    graphed_variants = [v for v in variants if graphed(v.key)]
     for length, row in by_length.items():
         ms = {k: c["ms"] for k, c in row.items() if ok(c)}
-        ref = "dense" if "dense" in ms else next((k for k, _, _ in variants if k in ms), None)
+        ref = "dense" if "dense" in ms else next((v.key for v in variants if v.key in ms), None)
         mark = "" if ref == "dense" else "*"
-        relative.append([length] + [(f"{ms[ref] / ms[k]:.2f}x{mark}" if k in ms else short_status(row[k]))
-                                    if k in row else "" for k, _, _ in variants])
+        relative.append([length] + [(f"{ms[ref] / ms[v.key]:.2f}x{mark}" if v.key in ms else short_status(row[v.key]))
+                                    if v.key in row else "" for v in variants])
         if "sdpa" in ms:
-            vs_sdpa.append([length] + [(ratio_text(ms[k] / ms["sdpa"]) if k in ms else short_status(row[k]))
-                                       if k in row else "" for k, _, _ in variants])
-    headers = ["L"] + [label for _, label, _ in variants]
-    out = ["### Relative throughput (dense = 1.00x, higher is faster; as in the FlexAttention-for-MPNet README's "
-           "table)", "",
-           github_table(relative, headers), "",
-           "`*`: dense did not run at this length; the row is relative to the first backend that did.", ""]
+            vs_sdpa.append([length] + [(ratio_text(ms[v.key] / ms["sdpa"]) if v.key in ms else short_status(row[v.key]))
+                                       if v.key in row else "" for v in variants])
+        graph = {k: c["graph_ms"] for k, c in row.items() if "graph_ms" in c}
+        if "sdpa" in graph:
+            graph_rows.append([length] + [ratio_text(graph[v.key] / graph["sdpa"]) if v.key in graph else ""
+                                          for v in graphed_variants])
+    headers = ["L"] + [v.label for v in variants]
+    tables = [Table(headers, relative, "Relative throughput (dense = 1.00x, higher is faster; as in the "
+                    "FlexAttention-for-MPNet README's table)",
+                    ["`*`: dense did not run at this length; the row is relative to the first backend that did."])]
     if vs_sdpa:
-        out += ["### Time relative to SDPA flash without bias (lower is better)", "", github_table(vs_sdpa, headers), ""]
-    graphed_variants = [v for v in variants if graphed(v[0])]
-    rows = []
-    for length, row in by_length.items():
-        ms = {k: c["graph_ms"] for k, c in row.items() if "graph_ms" in c}
-        if "sdpa" in ms:
-            rows.append([length] + [ratio_text(ms[k] / ms["sdpa"]) if k in ms else "" for k, _, _ in graphed_variants])
-    if rows:
-        out += ["### Time relative to SDPA flash, both as CUDA-graph replays (GPU time, no host launch time; "
-                "lower is better)", "", github_table(rows, ["L"] + [label for _, label, _ in graphed_variants]), ""]
-    return out
+        tables.append(Table(headers, vs_sdpa, "Time relative to SDPA flash without bias (lower is better)"))
+    if graph_rows:
+        tables.append(Table(["L"] + [v.label for v in graphed_variants], graph_rows, "Time relative to SDPA flash, "
+                            "both as CUDA-graph replays (GPU time, no host launch time; lower is better)"))
+    return tables
 
 
-def kernel_lines(section: Section) -> list:
-    """Markdown: --profile's GPU kernels per run of the SDPA flash and triton cells, the evidence of where
-    the triton backend's time goes against flash's."""
+def kernel_tables(section: Section) -> list[Table]:
+    """--profile's GPU kernels per run of the SDPA flash and triton cells, the evidence of where the triton
+    backend's time goes against flash's (in the report file only)."""
     rows = [[c["L"], c["label"], f"{c['kernel_ms']:.3f}", f"{c['ms']:.3f}",
              "; ".join(f"`{name}` {ms:.3f}" for name, ms in c["kernels"])] for c in section.cells if "kernels" in c]
     if not rows:
         return []
-    return ["### Where the time goes (--profile: torch.profiler, GPU ms per run, mean of 3 runs; the six "
-            "largest kernels)", "", github_table(rows, ["L", "backend", "GPU kernels ms", "timed ms", "kernels"]), ""]
-
-
-def printed_tables(section: Section) -> list:
-    return main_table(section) + [""] + ratio_tables(section)
+    return [Table(["L", "backend", "GPU kernels ms", "timed ms", "kernels"], rows, "Where the time goes (--profile: "
+                  "torch.profiler, GPU ms per run, mean of 3 runs; the six largest kernels)", printed=False)]
 
 
 def method_lines(settings: AttentionSettings) -> list:
     cuda = on_cuda(settings)
-    two = settings.streams == "two"
     grad = (" and receives its gradient in every timed run (checked after warm-up)" if settings.backward
             else " (forward only here: no gradients are computed)")
-    if two:
+    if settings.streams == "two":
         what = ("One two-stream attention call PAIR per cell, as in one pretraining layer: B = tokens_per_batch // L "
                 "sequences, n = L, m = round(0.15 L); the content stream has n + m query rows, the query stream m "
                 "rows, both attend to the n + m content keys/values; positions a random permutation per sequence.")
@@ -545,8 +516,7 @@ def method_lines(settings: AttentionSettings) -> list:
     projections = ("The q/k/v/o projections ARE included (fp32 weights under autocast)." if settings.with_projections
                    else "The q/k/v/o projections are NOT timed (identities): a cell times the head split, the "
                         "attention and the head merge.")
-    return ["Method:", "",
-            f"- {what} The relative-position bias comes from a learnable ({settings.num_buckets} x heads) table "
+    return [f"- {what} The relative-position bias comes from a learnable ({settings.num_buckets} x heads) table "
             f"that requires grad{grad}. {projections}",
             "- SDPA flash: every row in one `scaled_dot_product_attention` call, no bias, no mask: the ceiling.",
             "- SDPA mem-eff + bias: the user's alternative: SDPA's EFFICIENT_ATTENTION kernel"
@@ -564,7 +534,7 @@ def method_lines(settings: AttentionSettings) -> list:
             "build); the bias gradient flows into the captured table copy and on to the table. flex w=W: the "
             "sliding window |pos_q - pos_k| <= W on original positions, rows in natural order as the model runs "
             "them (n/a where W >= L - 1). triton, triton w=W: the hand-written Triton kernels "
-            "(`attention_backend(\"triton\")`), their plan built once outside the timed region (timed apart as "
+            "(the registry's `triton` backend), their plan built once outside the timed region (timed apart as "
             "the mask build), the table's gradient from the kernels. flex, triton and the SDPA cells apply no "
             "attention dropout.",
             f"- Time: median [p20, p80] of up to {settings.repeats} runs "
@@ -578,72 +548,36 @@ def method_lines(settings: AttentionSettings) -> list:
                 "gradients reset) captured once as a CUDA graph after two warm-up runs on a side stream, then timed "
                 "as replays like the eager runs: the GPU time of the kernels with no host launch time between them "
                 "(what training gets with CUDA graphs); a failed capture is reported in the cell."]
-               if settings.cuda_graphs else []) + [""]
+               if settings.cuda_graphs else []) + (
+               [f"- Triton tiles (--triton-tiles {','.join(settings.triton_tiles)}): each triton cell once per "
+                "entry, the kernels' default tiles with the entry's changes (block_m x block_n, w warps, s stages); "
+                "no-bias, no-bias-gradient and no-mask leave that part out of the kernels: their times price it, "
+                "their results are wrong by construction."] if settings.triton_tiles else [])
 
 
-def render(section: Section) -> list:
-    return (method_lines(section.settings)
-            + (["**flex kernel_options overridden by the benchmark** (`--flex-kernel-options`): "
-                f"`{section.settings.flex_kernel_options}`; the project's flex backend passes its own.", ""]
-               if section.settings.flex_kernel_options else [])
-            + ["### Time, throughput, memory", ""] + main_table(section) + [""] + ratio_tables(section)
-            + kernel_lines(section))
-
-
-def plot_attention(section: Section, out_dir: Path) -> list:
+def attention_figures(section: Section) -> list[Figure]:
     """KEY_time.png and KEY_memory.png: log-log against L, one line per backend, x where one failed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings, cells, written = section.settings, section.cells, []
-    for metric, ylabel in (("time", "time per call (ms, median)"), ("memory", "peak memory (GiB)")):
-        value = "ms" if metric == "time" else "peak_gib"
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        drawn = plot_lines(ax, settings, cells, value)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (tokens per batch fixed)")
-        ax.set_ylabel(ylabel)
-        stream = "two-stream attention pair" if settings.streams == "two" else "single-stream attention"
-        mode = "fwd+bwd" if settings.backward else "forward only"
-        ax.set_title(f"{stream}, {mode}, {settings.dtype}, {settings.tokens_per_batch} tokens/batch, "
-                     f"{settings.heads}x{settings.head_dim}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no data (CPU: no memory figures)" if metric == "memory" else "no data",
-                    transform=ax.transAxes, ha="center")
-        fig.tight_layout()
-        name = f"{section.key}_{metric}.png"
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-        written.append(name)
-    return written
-
-
-def plot_lines(ax, settings, cells, value) -> bool:
-    drawn, failed = False, []
-    for key, label, _ in attention_variants(settings):
-        points = [(c["L"], c[value]) for c in cells if c["backend"] == key and ok(c) and c.get(value) is not None]
-        if points:
-            line, = ax.plot(*zip(*points), marker="o", label=label)
-            drawn = True
-            failed += [(c["L"], short_status(c), line.get_color()) for c in cells
-                       if c["backend"] == key and (c["status"] == "OOM" or c["status"].startswith("FAIL"))]
-    if drawn:  # where a drawn backend ran out of memory or failed, at the top of the plot
-        top = ax.get_ylim()[1]
-        for length, text, color in failed:
-            ax.scatter([length], [top], marker="x", color=color)
-            ax.annotate(text, (length, top), fontsize=7, color=color, ha="center", va="top", xytext=(0, -6),
-                        textcoords="offset points")
-    return drawn
+    settings, cells = section.settings, section.cells
+    stream = "two-stream attention pair" if settings.streams == "two" else "single-stream attention"
+    title = (f"{stream}, {'fwd+bwd' if settings.backward else 'forward only'}, {settings.dtype}, "
+             f"{settings.tokens_per_batch} tokens/batch, {settings.heads}x{settings.head_dim}")
+    figures = []
+    for metric, value, ylabel in (("time", "ms", "time per call (ms, median)"), ("memory", "peak_gib", "peak memory (GiB)")):
+        lines, failed = {}, {}
+        for variant in attention_variants(settings):
+            mine = [c for c in cells if c["backend"] == variant.key]
+            lines[variant.label] = [(c["L"], c[value]) for c in mine if ok(c) and c.get(value) is not None]
+            failed[variant.label] = [(c["L"], short_status(c)) for c in mine
+                                     if c["status"] == "OOM" or c["status"].startswith("FAIL")]
+        panel = Panel(title, ylabel, "sequence length L (tokens per batch fixed)", lines=lines, failed=failed,
+                      log_x=2, log_y=True, empty="no data (CPU: no memory figures)" if metric == "memory" else "no data")
+        figures.append(Figure(f"{section.key}_{metric}.png", [panel]))
+    return figures
 
 
 def attention_section(settings: AttentionSettings) -> Section:
     mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
     what = "one two-stream call pair" if settings.streams == "two" else "single stream (fine-tuning, inference)"
-    return Section(STREAMS[settings.streams], f"Attention: {what}, {mode}, {settings.dtype}", settings, render,
-                   plot_attention, tables=printed_tables)
+    return Section(STREAMS[settings.streams], f"Attention: {what}, {mode}, {settings.dtype}", settings,
+                   lambda s: method_lines(s.settings), lambda s: [main_table(s), *ratio_tables(s), *kernel_tables(s)],
+                   attention_figures)

@@ -1,10 +1,10 @@
 """What every benchmark of mpnet.bench shares: the device, the timer, the time budget, the cells and
 their failures, ONE report writer (markdown + json + plots) and ONE progress line.
 
-A benchmark module (attention, step, patterns, packing) holds its measurements only. It plans its
-cells (plain dicts, written to the JSON as they are), measures each through `Session.measure`, and
-describes its part of the report as a `Section`: its settings, its method and tables (`render`) and
-its plots. The harness does the rest: resume, time budget, failure-to-cell, progress, files.
+A benchmark module (attention, step, patterns, packing, masks) holds its measurements only. It plans
+its cells (plain dicts, written to the JSON as they are), measures each through `Session.measure`, and
+says what its part of the report holds as a `Section` (report.py): its settings, method lines, tables
+and figures. The harness does the rest: resume, time budget, failure-to-cell, progress, files.
 
 Conventions every section follows (and prints in its method):
 - Time: median [p20, p80] of up to `repeats` runs (at least 3), after warm-up runs of which the first
@@ -87,6 +87,15 @@ def check_counts(settings, *names):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
     if settings.warmup < 1 or settings.repeats < 1:
         raise UserError("--warmup and --repeats must be >= 1 (the first warm-up run compiles)")
+
+
+def check_attention_sweep(settings, device: torch.device, *counts):
+    """What every sweep over sequence lengths checks (attention, patterns): --flex-kernel-options, the
+    dtype on this device, the lengths at its tokens per batch, and the positive `counts`."""
+    check_kernel_options(settings.flex_kernel_options)
+    check_dtype(settings.dtype, device)
+    check_lengths(settings.lengths, settings.tokens_per_batch)
+    check_counts(settings, *counts)
 
 
 def on_cuda(settings) -> bool:
@@ -392,11 +401,25 @@ class Session:
                 torch._dynamo.reset()  # a failed compile leaves no half-built graphs behind
         free_memory(self.device)
 
+    def sweep_lengths(self, section: Section, settings, measure_length: Callable[[int], None]) -> Section:
+        """A sweep over settings.lengths (attention, patterns): dynamo's limits raised, the flex kernel
+        options of the settings in force, per length a fresh compile cache (no recompile limit, no stale
+        graphs), `measure_length(length)`, its memory freed and the plots redrawn."""
+        self.open(section)
+        configure_dynamo()
+        with flex_kernel_options(settings.flex_kernel_options):
+            for length in settings.lengths:
+                torch._dynamo.reset()
+                measure_length(length)
+                free_memory(self.device)
+                self.report.write(plot=True)  # the plots once per length: they take seconds on a CPU
+        self.finish(section)
+        return section
+
     def finish(self, section: Section):
         """Print the section's tables; rewrite the report with the plots."""
         self.report.write(plot=True)
-        tables = (section.tables or section.render)(section)
-        self.log("\n" + "\n".join(tables))
+        self.log("\n" + "\n".join(section.table_lines(printed_only=True)))
 
 
 def run_benchmarks(plan, device: torch.device, out_dir=None, stem: str = "benchmark", time_budget: float | None = None,

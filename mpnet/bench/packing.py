@@ -48,7 +48,7 @@ from ..modeling.config import MPNetConfig
 from ..modeling.packing import pack
 from ..training.toolkit import autocast
 from .harness import check_dtype, configure_dynamo, on_cuda, phase, time_runs, timer_text
-from .report import Section, fmt, github_table, ok, short_status, time_text
+from .report import Figure, Panel, Section, Table, fmt, ok, short_status, time_text
 
 VARIANTS = ("padded-dense", "packed-flex", "padded-flex", "packed-dense")  # run order: the key pair first
 REPORT_ORDER = ("padded-dense", "padded-flex", "packed-flex", "packed-dense")
@@ -69,7 +69,7 @@ class PackingSettings:
     data: str | None = None  # None: data/sentiment/train.tsv if present, else the embedded corpus
     pairs: bool = False  # sentence pairs (consecutive sentences), as MNLI/QQP/MRPC
     num_labels: int = 2
-    attention_dropout: float = 0.0  # 0: both backends compute the same function (flex has no attention dropout)
+    attention_dropout: float = 0.0  # 0: the dense and flex variants compute the same function (flex has none)
     dtype: str = "bf16"
     device: str | None = None
     backward: bool = True  # forward + backward (GPU); forward only on CPU
@@ -281,8 +281,9 @@ def run_packing(session, settings: PackingSettings, deadline=None) -> Section:
     examples = draw_examples(settings, tokenizer, sentences, source)
     s = examples.stats
     mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
-    section = Section("packing", f"Packed vs padded fine-tuning steps, {mode}, {settings.dtype}", settings, render,
-                      plot_packing, extra={"inputs": {"source": examples.source, **s}}, tables=printed_tables)
+    section = Section("packing", f"Packed vs padded fine-tuning steps, {mode}, {settings.dtype}", settings,
+                      method_lines, lambda s: [results_table(s.cells)], packing_figures,
+                      extra={"inputs": {"source": examples.source, **s}})
     session.open(section)
     session.log(f"  inputs: {examples.source}")
     session.log(f"  tokens per example: mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 "
@@ -331,7 +332,7 @@ def _shapes_text(shapes) -> str:
 # ----------------------------------------------------------------------------------------- reports
 
 
-def table(cells):
+def results_table(cells) -> Table:
     order = {v: i for i, v in enumerate(REPORT_ORDER)}
     rows = []
     for c in sorted(cells, key=lambda c: (c["examples"], order[c["variant"]])):
@@ -350,7 +351,7 @@ def table(cells):
         ])
     headers = ["examples/step", "variant", "shapes (rows x width)", "padding %", "step ms median [p20, p80]",
                "examples/s", "real tokens/s", "x padded-dense", "x padded-flex", "peak GiB", "first pass s"]
-    return rows, headers
+    return Table(headers, rows, "Results", [f"- {line}" for line in headline(cells)])
 
 
 def headline(cells) -> list:
@@ -388,80 +389,41 @@ METHOD = """\
   block mask where a whole 128-tile is masked."""
 
 
-def render(section: Section) -> list:
+def method_lines(section: Section) -> list:
     settings, s = section.settings, section.extra["inputs"]
-    cuda = on_cuda(settings)
     step = (f"forward in {settings.dtype} autocast, cross-entropy over the step's examples, backward, zero_grad (no "
             "optimizer update: it costs the same in every variant)." if settings.backward else
             f"forward only (no_grad), {settings.dtype}.")
-    out = [f"Inputs: {s['source']}. Tokens per example (with <s> and </s>, truncated to {settings.max_length}): "
-           f"mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 {s['p90_tokens']}, max {s['max_tokens']}; "
-           f"{100 * s['truncated_share']:.1f}% truncated ({s['examples_drawn']} examples drawn).", "", "Method:", "",
-           METHOD.format(model=f"mpnet-{settings.model}", labels=settings.num_labels, dropout=settings.attention_dropout,
-                         step=step, flex="compiled" if cuda else "eager (CPU: not compiled)", batches=settings.batches,
-                         repeats=settings.repeats, warmup=settings.warmup,
-                         timer=timer_text(settings),
-                         pad=settings.pad_multiple, max_length=settings.max_length, row=settings.row,
-                         rows=settings.rows_multiple), ""]
-    return out + printed_tables(section) + [""]
+    inputs = (f"- Inputs: {s['source']}. Tokens per example (with <s> and </s>, truncated to {settings.max_length}): "
+              f"mean {s['mean_tokens']:.1f}, median {s['median_tokens']:g}, p90 {s['p90_tokens']}, max "
+              f"{s['max_tokens']}; {100 * s['truncated_share']:.1f}% truncated ({s['examples_drawn']} examples drawn).")
+    return [inputs] + METHOD.format(
+        model=f"mpnet-{settings.model}", labels=settings.num_labels, dropout=settings.attention_dropout, step=step,
+        flex="compiled" if on_cuda(settings) else "eager (CPU: not compiled)", batches=settings.batches,
+        repeats=settings.repeats, warmup=settings.warmup, timer=timer_text(settings), pad=settings.pad_multiple,
+        max_length=settings.max_length, row=settings.row, rows=settings.rows_multiple).splitlines()
 
 
-def printed_tables(section: Section) -> list:
-    return ["### Results", "", github_table(*table(section.cells)), ""] + [f"- {line}" for line in headline(section.cells)]
-
-
-def plot_packing(section: Section, out_dir: Path) -> list:
+def packing_figures(section: Section) -> list[Figure]:
     """packing.png: examples/s per variant (bars grouped by examples per step, labelled with the
     speed-up over padded-dense) beside the padding share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings, cells = section.settings, section.cells
     sizes = sorted({c["examples"] for c in cells})
     variants = [v for v in REPORT_ORDER if any(c["variant"] == v for c in cells)]
     if not sizes or not variants:
         return []
-    fig, (ax, ax_pad) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-    for k, variant in enumerate(variants):
-        plot_variant(ax, ax_pad, cells, sizes, variants, k, variant)
-    for axis in (ax, ax_pad):
-        axis.set_xticks(range(len(sizes)))
-        axis.set_xticklabels([f"{n} examples/step" for n in sizes])
-        axis.grid(True, axis="y", alpha=0.3)
+    found = {v: [next((c for c in cells if c["examples"] == n and c["variant"] == v), None) for n in sizes]
+             for v in variants}
+    speed = {v: [None if c is None else c["examples_per_s"] if ok(c) else short_status(c) for c in found[v]]
+             for v in variants}
+    notes = {v: ["" if c is None or c.get("vs_padded_dense") is None else f"{c['vs_padded_dense']:.2f}x"
+                 for c in found[v]] for v in variants}
+    padding = {v: [100 * c["padding_share"] if c is not None and ok(c) else None for c in found[v]] for v in variants}
+    categories = [f"{n} examples/step" for n in sizes]
     mode = "fwd+bwd" if settings.backward else "forward only"
-    ax.set_ylabel("examples/s (higher is better)")
-    ax.set_title(f"mpnet-{settings.model} classification step, {mode}, {settings.dtype}; label: x padded-dense",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax_pad.set_ylabel("padding share of computed positions (%)")
-    ax_pad.set_ylim(0, 100)
-    ax_pad.set_title(f"rows: padded to longest (x{settings.pad_multiple}) / packed {settings.row}-token rows",
-                     fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "packing.png")
-    plt.close(fig)
-    return ["packing.png"]
-
-
-def plot_variant(ax, ax_pad, cells, sizes, variants, k, variant):
-    width = 0.8 / len(variants)
-    xs, ys, pads, notes = [], [], [], []
-    for i, n in enumerate(sizes):
-        cell = next((c for c in cells if c["examples"] == n and c["variant"] == variant), None)
-        x = i + (k - (len(variants) - 1) / 2) * width
-        if cell is None:
-            continue
-        if ok(cell):
-            xs.append(x)
-            ys.append(cell["examples_per_s"])
-            pads.append(100 * cell["padding_share"])
-            notes.append(f"{cell['vs_padded_dense']:.2f}x" if cell.get("vs_padded_dense") is not None else "")
-        else:
-            ax.annotate(short_status(cell), (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
-    bars = ax.bar(xs, ys, width, label=variant, color=f"C{k}")
-    for bar, note in zip(bars, notes):
-        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7, xytext=(0, 2), textcoords="offset points")
-    ax_pad.bar(xs, pads, width, label=variant, color=f"C{k}")
+    return [Figure("packing.png", [
+        Panel(f"mpnet-{settings.model} classification step, {mode}, {settings.dtype}; label: x padded-dense",
+              "examples/s (higher is better)", categories=categories, bars=speed, bar_notes=notes),
+        Panel(f"rows: padded to longest (x{settings.pad_multiple}) / packed {settings.row}-token rows",
+              "padding share of computed positions (%)", categories=categories, bars=padding, y_limits=(0, 100))],
+        size=(11, 4.5))]

@@ -21,56 +21,24 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..modeling.attention import (
-    FlexAttentionState,
-    FlexTwoStreamAttention,
-    make_flex_attention_mask,
-    make_flex_attention_state,
-)
+from ..modeling.attention import FlexAttentionState, FlexTwoStreamAttention, make_flex_attention_state
+from ..modeling.block_masks import make_two_stream_block_masks
 from ..modeling.config import MPNetConfig
 from ..modeling.masks import is_real_token, relative_bias_by_distance
 from ..modeling.packing import positions_within_documents
 from ..modeling.patterns import AttentionPattern, BadAttentionPattern, parse_attention_pattern
 from .attention import attention_flops, tile_facts
-# The harness helpers every attention-call measurement uses (the same list as attention.py's cells).
-from .harness import (
-    DTYPES,
-    Timer,
-    check_counts,
-    check_dtype,
-    check_gradient,
-    check_kernel_options,
-    check_lengths,
-    compiled_graphs,
-    configure_dynamo,
-    flex_kernel_options,
-    free_memory,
-    on_cuda,
-    phase,
-    time_runs,
-    timed_build,
-    timer_text,
-    warm_median,
-)
+from .harness import (DTYPES, Timer, check_attention_sweep, check_gradient, compiled_graphs, on_cuda, phase, time_runs,
+                      timed_build, timer_text, warm_median)
 from .problems import identity_projections
-from .report import (
-    CELL_HEADERS,
-    Section,
-    cell_columns,
-    github_table,
-    ok,
-    ratio_text,
-    short_status,
-    tflops_text,
-    tiles_text,
-)
+from .report import (CELL_HEADERS, Figure, Panel, Section, Table, cell_columns, ok, ratio_text, short_status, tflops_text,
+                     tiles_text)
 
 # `prefix` without a length means prefix:L/4; `documents:K` packs K documents into every row.
 DEFAULT_PATTERNS = "none,window:256,dilated:128:2,global:256,block:256,swin:256,prefix,documents:4,softcap:30,alibi"
@@ -104,9 +72,7 @@ class PatternSettings:
     flex_kernel_options: dict | None = None
 
     def validate(self, device: torch.device):
-        check_kernel_options(self.flex_kernel_options)
-        check_dtype(self.dtype, device)
-        check_lengths(self.lengths, self.tokens_per_batch)
+        check_attention_sweep(self, device, "heads", "head_dim")
         if not self.patterns:
             raise UserError("--patterns is empty; e.g. --patterns none,window:256,block:256")
         if len(set(self.patterns)) != len(self.patterns):
@@ -114,7 +80,6 @@ class PatternSettings:
         for text in self.patterns:  # every entry at every length, so a bad one stops before any compile
             for length in self.lengths:
                 resolve_pattern(text, length)
-        check_counts(self, "heads", "head_dim")
 
 
 # ------------------------------------------------------------------------------------------ patterns
@@ -194,7 +159,9 @@ def document_ids_for(batch, length, documents, generator) -> torch.Tensor:
 
 
 @dataclass
-class Problem:
+class PatternProblem:
+    """One length's inputs, shared by every pattern and column of it."""
+
     length: int
     batch: int
     hidden: torch.Tensor  # (B, L, H*D): q = k = v after the identity projections
@@ -203,7 +170,7 @@ class Problem:
     generator_seed: int
 
 
-def make_problem(settings: PatternSettings, length: int, device) -> Problem:
+def make_pattern_problem(settings: PatternSettings, length: int, device) -> PatternProblem:
     gen = torch.Generator().manual_seed(settings.seed + length)
     batch = settings.tokens_per_batch // length
     dtype = DTYPES[settings.dtype]
@@ -211,10 +178,10 @@ def make_problem(settings: PatternSettings, length: int, device) -> Problem:
     hidden = torch.randn(batch, length, size, generator=gen).to(device, dtype).requires_grad_(settings.backward)
     grad_out = torch.randn(batch, length, size, generator=gen).to(device, dtype)
     table = (torch.randn(settings.num_buckets, settings.heads, generator=gen) * 0.02).to(device).requires_grad_(True)
-    return Problem(length, batch, hidden, grad_out, table, settings.seed + length)
+    return PatternProblem(length, batch, hidden, grad_out, table, settings.seed + length)
 
 
-def case_inputs(problem: Problem, case: PatternCase, device):
+def case_inputs(problem: PatternProblem, case: PatternCase, device):
     """(positions, document_ids) of the case: 0..L-1 in every row, or restarting at every document
     (as `MPNetForSequenceClassification.encode` numbers packed rows); no padding."""
     b, length = problem.batch, problem.length
@@ -267,7 +234,7 @@ def flex_state(settings, case, positions, document_ids, distance_bias):
     if settings.relative_bias:
         return make_flex_attention_state(positions, length, 0, distance_bias, settings.max_distance,
                                          pattern=case.pattern, document_ids=document_ids, layer=case.layer)
-    mask, _ = make_flex_attention_mask(positions, length, 0, pattern=case.pattern, document_ids=document_ids,
+    mask, _ = make_two_stream_block_masks(positions, length, 0, pattern=case.pattern, document_ids=document_ids,
                                        layer=case.layer)
 
     def pattern_scores(score, b, h, q_idx, kv_idx):
@@ -276,7 +243,7 @@ def flex_state(settings, case, positions, document_ids, distance_bias):
     return FlexAttentionState(mask, None, pattern_scores if case.pattern.scores else None, None, length)
 
 
-def build_sdpa_mask_cell(settings, p: Problem, case, positions, document_ids, timer) -> tuple:
+def build_sdpa_mask_cell(settings, p: PatternProblem, case, positions, document_ids, timer) -> tuple:
     def build():
         return sdpa_mask(case, positions, document_ids, settings.heads, DTYPES[settings.dtype])
 
@@ -288,7 +255,7 @@ def build_sdpa_mask_cell(settings, p: Problem, case, positions, document_ids, ti
     return (lambda: sdpa_core(p.hidden, settings.heads, mask)), None, facts
 
 
-def build_flex_cell(settings, p: Problem, case, positions, document_ids, device, timer) -> tuple:
+def build_flex_cell(settings, p: PatternProblem, case, positions, document_ids, device, timer) -> tuple:
     config = MPNetConfig(hidden_size=settings.heads * settings.head_dim, num_attention_heads=settings.heads,
                          num_hidden_layers=1, relative_attention_num_buckets=settings.num_buckets,
                          relative_attention_max_distance=settings.max_distance)
@@ -302,7 +269,7 @@ def build_flex_cell(settings, p: Problem, case, positions, document_ids, device,
     with phase("BlockMask build"):
         state, first = timed_build(timer, lambda: flex_state(settings, case, positions, document_ids, distance_bias))
     facts = {"mask_first_s": first, **tile_facts(state)}
-    facts["mask_ms"] = warm_median(timer, lambda: make_flex_attention_mask(
+    facts["mask_ms"] = warm_median(timer, lambda: make_two_stream_block_masks(
         positions, p.length, 0, pattern=case.pattern, document_ids=document_ids, layer=case.layer), settings)
     facts["mask_graphs"] = compiled_graphs() - graphs
 
@@ -314,7 +281,7 @@ def build_flex_cell(settings, p: Problem, case, positions, document_ids, device,
     return (lambda: module(p.hidden, state)), after_backward, facts
 
 
-def build_cell(settings: PatternSettings, problem: Problem, case: PatternCase | None, column: str, device,
+def build_cell(settings: PatternSettings, problem: PatternProblem, case: PatternCase | None, column: str, device,
                timer: Timer) -> tuple[Callable, Callable | None, dict]:
     """(forward, after_backward, facts) of one cell, its mask built (and the build timed) here, outside
     the timed region. forward() returns the attention output; after_backward() finishes the chain rule
@@ -327,7 +294,7 @@ def build_cell(settings: PatternSettings, problem: Problem, case: PatternCase | 
     return build_flex_cell(settings, problem, case, positions, document_ids, device, timer)
 
 
-def measure_cell(settings: PatternSettings, problem: Problem, case, column, device, timer) -> dict:
+def measure_cell(settings: PatternSettings, problem: PatternProblem, case, column, device, timer) -> dict:
     """Build, warm up (the first run compiles), time, the FLOP rates. Raises on OOM / failure, with the phase."""
     p = problem
     with phase("mask build"):
@@ -359,7 +326,7 @@ def measure_cell(settings: PatternSettings, problem: Problem, case, column, devi
 # -------------------------------------------------------------------------------------------- sweep
 
 
-def cell_plan(settings, p: Problem, case: PatternCase | None, column: str) -> dict:
+def cell_plan(settings, p: PatternProblem, case: PatternCase | None, column: str) -> dict:
     label = case.label if case else "(none)"
     cell = {"key": f"L={p.length}/{case.name if case else ''}/{column}",
             "name": f"L={p.length:>5} B={p.batch:>3} {label:<28} {column:<9}", "L": p.length, "B": p.batch,
@@ -377,32 +344,25 @@ def run_patterns(session, settings: PatternSettings, deadline=None) -> Section:
     """Per length the ceiling, then flex and sdpa-mask per pattern; the plot after every length."""
     device = session.device
     settings.validate(device)
-    section = Section("patterns", "Attention patterns: flex against SDPA, "
-                      + ("forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no "
-                                                                         "backward there)") + f", {settings.dtype}",
-                      settings, render, plot_patterns, tables=lambda s: summary_lines(s))
-    session.open(section)
-    configure_dynamo()
-    with flex_kernel_options(settings.flex_kernel_options):
-        for length in settings.lengths:
-            torch._dynamo.reset()  # a fresh compile cache per length: no recompile limit, no stale graphs
-            problem = make_problem(settings, length, device)
-            plan = [(None, "sdpa")] + [(resolve_pattern(t, length), c) for t in settings.patterns
-                                       for c in ("flex", "sdpa-mask")]
-            for case, column in plan:
-                measure = functools.partial(measure_cell, settings, problem, case, column, device, session.timer)
-                session.measure(section, cell_plan(settings, problem, case, column), measure, deadline)
-            del problem
-            free_memory(device)
-            session.report.write(plot=True)  # the plot once per length: it is slow on CPU
-    session.finish(section)
-    return section
+    mode = "forward + backward" if settings.backward else "FORWARD ONLY (CPU: FlexAttention has no backward there)"
+    section = Section("patterns", f"Attention patterns: flex against SDPA, {mode}, {settings.dtype}", settings,
+                      method_lines, lambda s: [summary_table(s.cells), detail_table(s.cells)], pattern_figures)
+
+    def measure_length(length):
+        problem = make_pattern_problem(settings, length, device)
+        plan = [(None, "sdpa")] + [(resolve_pattern(t, length), c) for t in settings.patterns
+                                   for c in ("flex", "sdpa-mask")]
+        for case, column in plan:
+            measure = functools.partial(measure_cell, settings, problem, case, column, device, session.timer)
+            session.measure(section, cell_plan(settings, problem, case, column), measure, deadline)
+
+    return session.sweep_lengths(section, settings, measure_length)
 
 
 # ------------------------------------------------------------------------------------------ reports
 
 
-def summary_table(cells):
+def summary_table(cells) -> Table:
     """One row per (L, pattern), as attention-gym's tables: times of the three columns and the ratios."""
     ceiling = {c["L"]: c for c in cells if c["column"] == "sdpa"}
     rows, by = [], {}
@@ -426,18 +386,17 @@ def summary_table(cells):
                      text(masked), text(top), ratio("sdpa-mask", "flex"), ratio("flex", "sdpa")])
     headers = ["L", "B", "pattern", "tiles computed/total (share)", "flex ms", "flex eff. TFLOP/s", "SDPA + mask ms",
                "SDPA ceiling ms", "flex speed-up over SDPA + mask", "flex time / ceiling"]
-    return rows, headers
+    return Table(headers, rows, "Summary (lower ms is faster; speed-up = SDPA + mask time / flex time)")
 
 
-def detail_table(cells):
+def detail_table(cells) -> Table:
     rows = [[c["L"], c["B"], c["label"] if c["pattern"] is not None else "(none)", COLUMN_LABELS[c["column"]]]
             + (["n/a (below)"] + [""] * (len(CELL_HEADERS) - 1) if c["status"].startswith("n/a") else cell_columns(c))
             + [c.get("attn_mask", "")] for c in cells]
-    return rows, ["L", "B", "pattern", "column"] + CELL_HEADERS + ["SDPA attn_mask"]
-
-
-def summary_lines(section: Section) -> list:
-    return [github_table(*summary_table(section.cells))]
+    notes = sorted({(c["label"], c["status"]) for c in cells if c["status"].startswith("n/a")})
+    return Table(["L", "B", "pattern", "column"] + CELL_HEADERS + ["SDPA attn_mask"], rows, "Every cell",
+                 ["n/a cells:", ""] + [f"- {label}: {status[len('n/a: '):]}" for label, status in notes] if notes else [],
+                 printed=False)
 
 
 PATTERN_METHOD = """\
@@ -467,80 +426,38 @@ PATTERN_METHOD = """\
   torch._dynamo.reset() between lengths."""
 
 
-def render(section: Section) -> list:
-    settings, cells = section.settings, section.cells
-    cuda = on_cuda(settings)
+def method_lines(section: Section) -> list:
+    settings = section.settings
     bias = ("with MPNet's learnable relative-position bias as a score_mod"
             + (" and its gradient (into the table, checked after warm-up)" if settings.backward else "")
             if settings.relative_bias else "WITHOUT the relative-position bias (--no-relative-bias): like for like")
-    out = ["Method:", "", PATTERN_METHOD.format(
-        dtype=settings.dtype, what="Timed: forward + backward" if settings.backward else "Timed: forward only",
-        bias=bias, repeats=settings.repeats, warmup=settings.warmup,
-        compiled="compiled `flex_attention`" if cuda else "eager `flex_attention` on CPU, as the project runs it there",
-        timer=timer_text(settings)), ""]
-    if settings.flex_kernel_options:
-        out += [f"**flex kernel_options overridden by the benchmark**: `{settings.flex_kernel_options}`", ""]
-    out += ["### Summary (lower ms is faster; speed-up = SDPA + mask time / flex time)", "",
-            github_table(*summary_table(cells)), "", "### Every cell", "", github_table(*detail_table(cells)), ""]
-    notes = sorted({(c["label"], c["status"]) for c in cells if c["status"].startswith("n/a")})
-    if notes:
-        out += ["n/a cells:", ""] + [f"- {label}: {status[len('n/a: '):]}" for label, status in notes] + [""]
-    return out
+    compiled = ("compiled `flex_attention`" if on_cuda(settings)
+                else "eager `flex_attention` on CPU, as the project runs it there")
+    return PATTERN_METHOD.format(dtype=settings.dtype, bias=bias, repeats=settings.repeats, warmup=settings.warmup,
+                                 what="Timed: forward + backward" if settings.backward else "Timed: forward only",
+                                 compiled=compiled, timer=timer_text(settings)).splitlines()
 
 
-def plot_patterns(section: Section, out_dir: Path) -> list:
+def pattern_figures(section: Section) -> list[Figure]:
     """patterns_time.png: one panel per length, a bar pair per pattern (flex, SDPA + mask) and the
     SDPA ceiling as a dashed line; a cell without a time is labelled (n/a, OOM, FAIL, SKIP)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings, cells = section.settings, section.cells
-    lengths = [length for length in settings.lengths if any(c["L"] == length for c in cells)]
-    if not lengths:
+    panels = []
+    for length in [length for length in settings.lengths if any(c["L"] == length for c in cells)]:
+        here = [c for c in cells if c["L"] == length]
+        labels = list(dict.fromkeys(c["label"] for c in here if c["column"] != "sdpa"))
+        bars = {}
+        for column in ("flex", "sdpa-mask"):
+            found = [next((c for c in here if c["label"] == label and c["column"] == column), None) for label in labels]
+            bars[COLUMN_LABELS[column]] = [None if c is None else c["ms"] if ok(c) else short_status(c) for c in found]
+        top = next((c for c in here if c["column"] == "sdpa" and ok(c)), None)
+        panels.append(Panel(f"L = {length}, B = {here[0]['B']}", "time per call (ms, median, log)" if not panels else "",
+                            categories=labels, bars=bars, log_y=True,
+                            ceiling=None if top is None else (COLUMN_LABELS["sdpa"], top["ms"])))
+    if not panels:
         return []
-    fig, axes = plt.subplots(1, len(lengths), figsize=(1.0 + 0.75 * len(settings.patterns) * len(lengths), 4.6),
-                             dpi=110, squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        plot_length(ax, [c for c in cells if c["L"] == length], length)
-    axes[0][0].set_ylabel("time per call (ms, median, log)")
-    legend = {}  # one entry per column, not one per bar, above the panels where it hides no bar
-    for ax in axes[0]:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    if legend:
-        fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, 0.94))
     mode = "fwd+bwd" if settings.backward else "forward only"
     bias = "flex with relative bias" if settings.relative_bias else "no relative bias"
-    fig.suptitle(f"attention patterns, single stream, {mode}, {settings.dtype}, {settings.tokens_per_batch} "
-                 f"tokens/batch, {settings.heads}x{settings.head_dim}, {bias}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
-    fig.savefig(out_dir / "patterns_time.png")
-    plt.close(fig)
-    return ["patterns_time.png"]
-
-
-def plot_length(ax, here, length):
-    colors = {"flex": "tab:blue", "sdpa-mask": "tab:orange"}
-    labels = list(dict.fromkeys(c["label"] for c in here if c["column"] != "sdpa"))
-    times = [c["ms"] for c in here if ok(c)]
-    floor = min(times) / 3 if times else 1.0
-    for offset, column in ((-0.2, "flex"), (0.2, "sdpa-mask")):
-        for i, label in enumerate(labels):
-            cell = next((c for c in here if c["label"] == label and c["column"] == column), None)
-            if cell is None:
-                continue
-            if ok(cell):
-                ax.bar(i + offset, cell["ms"], width=0.4, color=colors[column], label=COLUMN_LABELS[column])
-            else:
-                ax.text(i + offset, floor * 1.1, short_status(cell), rotation=90, ha="center", va="bottom",
-                        fontsize=7, color=colors[column])
-    top = next((c for c in here if c["column"] == "sdpa" and ok(c)), None)
-    if top is not None:
-        ax.axhline(top["ms"], color="black", linestyle="--", linewidth=1, label=COLUMN_LABELS["sdpa"])
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=floor)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=7)
-    ax.set_title(f"L = {length}, B = {here[0]['B']}", fontsize=9)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
+    return [Figure("patterns_time.png", panels, f"attention patterns, single stream, {mode}, {settings.dtype}, "
+                   f"{settings.tokens_per_batch} tokens/batch, {settings.heads}x{settings.head_dim}, {bias}",
+                   (1.0 + 0.75 * len(settings.patterns) * len(panels), 4.6))]

@@ -1,21 +1,78 @@
-"""The inputs the attention cells run on: two-stream positions and layouts, random q/k/v and tables, the
-attention modules under test with identity projections, and SDPA as a module of the same interface."""
+"""What the attention cells run: the sweep's settings (`AttentionSettings`, the cells it may name), its
+inputs (two-stream positions and layouts, random q/k/v and tables), the attention modules under test
+with identity projections, and SDPA as a module of the same interface. attention.py builds and times
+the cells from these."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..modeling.config import MPNetConfig
-from .harness import (
-    DTYPES,
-)
+from .harness import DTYPES, check_attention_sweep
+from .triton_tiles import parse_tile_variants
 
-if TYPE_CHECKING:
-    from .attention import AttentionSettings
+# The cells `--backends` may name. A cell is a way of computing one layer's attention: SDPA (the ceiling and
+# a user's own materialised bias), the dense module with its state built per call or once, and the flex and
+# triton backends without and with each --windows entry. The model's backends are modeling/backends.py's.
+ATTENTION_CELLS = ("sdpa", "sdpa-bias", "dense", "dense-once", "flex", "flex-window", "triton", "triton-window")
+WINDOWED = {"flex-window": "flex", "triton-window": "triton"}  # one cell per --windows entry
+STREAMS = {"two": "attention", "one": "single"}  # streams -> section key
+SINGLE_STREAM_LENGTHS = [128, 512]
+
+
+@dataclass
+class AttentionSettings:
+    streams: str = "two"  # "two": the pretraining pair; "one": single stream (fine-tuning, inference)
+    lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
+    tokens_per_batch: int = 16384
+    heads: int = 12
+    head_dim: int = 64
+    windows: list = field(default_factory=lambda: [256, 1024])
+    backends: list = field(default_factory=lambda: list(ATTENTION_CELLS))
+    dtype: str = "bf16"
+    device: str | None = None  # cpu, cuda, cuda:N; None: the GPU if there is one
+    backward: bool = True  # forward + backward (GPU); forward only on CPU
+    warmup: int = 3
+    repeats: int = 20
+    max_seconds: float = 3.0  # stop repeating a cell after this much timing (at least 3 runs)
+    with_projections: bool = False  # time the q/k/v/o Linear layers too
+    attention_dropout: float = 0.1  # the dense module's attention dropout, as in mpnet-base training
+    layers: int = 12  # sdpa-bias: its per-forward build and gradient reduction are shared by this many layers
+    pred_ratio: float = 0.15
+    num_buckets: int = 32
+    max_distance: int = 128
+    seed: int = 0
+    flex_kernel_options: dict | None = None  # override of the project's flex kernel options (experiments)
+    cuda_graphs: bool = False  # also time GRAPHED_CELLS' fwd+bwd replayed as one CUDA graph (no host time)
+    profile: bool = False  # break PROFILED_CELLS' runs down by GPU kernel (torch.profiler; CUDA only)
+    # The triton cells once per entry (triton_tiles.py): the kernels' own tiles ("default"), other tiles for
+    # one kernel ("dkdv=32x64s3"), or a part left out to price it ("no-bias"). Empty: the backend as it runs.
+    triton_tiles: list = field(default_factory=list)
+
+    def validate(self, device: torch.device):
+        check_attention_sweep(self, device, "heads", "head_dim", "layers")
+        if self.streams not in STREAMS:
+            raise UserError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
+        if any(w <= 0 for w in self.windows):
+            raise UserError(f"--windows must be positive integers, got {self.windows}")
+        unknown = [b for b in self.backends if b not in ATTENTION_CELLS]
+        if unknown or not self.backends:
+            raise UserError(f"unknown attention cell(s) {unknown or '(none)'} in --backends; pick from "
+                            f"{', '.join(ATTENTION_CELLS)}")
+        if self.cuda_graphs and device.type != "cuda":
+            raise UserError("--cuda-graphs times CUDA-graph replays: it needs a CUDA device (drop it on CPU)")
+        if set(WINDOWED) & set(self.backends) and not self.windows:
+            raise UserError("backends flex-window and triton-window need --windows (e.g. 256,1024)")
+        if self.triton_tiles:
+            if device.type != "cuda":
+                raise UserError("--triton-tiles times the Triton kernels, which run on CUDA GPUs only: drop it on CPU")
+            if not {"triton", "triton-window"} & set(self.backends):
+                raise UserError("--triton-tiles varies the triton cells: add triton or triton-window to --backends")
+            parse_tile_variants(self.triton_tiles)
 
 
 def pred_size(length: int, ratio: float = 0.15) -> int:
@@ -26,7 +83,9 @@ def pred_size(length: int, ratio: float = 0.15) -> int:
 
 
 @dataclass
-class Problem:
+class AttentionProblem:
+    """One length's inputs, shared by every cell of it."""
+
     length: int
     batch: int
     n: int
@@ -52,7 +111,7 @@ def two_stream_positions(batch, n, m, generator) -> torch.Tensor:
     return torch.cat([perm, perm[:, n - m:], perm[:, n - m:]], dim=1)
 
 
-def make_problem(settings: AttentionSettings, length: int, device) -> Problem:
+def make_attention_problem(settings: AttentionSettings, length: int, device) -> AttentionProblem:
     gen = torch.Generator().manual_seed(settings.seed + length)
     batch = settings.tokens_per_batch // length
     n = length
@@ -67,7 +126,7 @@ def make_problem(settings: AttentionSettings, length: int, device) -> Problem:
         positions = two_stream_positions(batch, n, m, gen)
     else:
         positions = torch.arange(n).expand(batch, n).contiguous()
-    return Problem(length, batch, n, m, positions.to(device), hidden, grad_out, table)
+    return AttentionProblem(length, batch, n, m, positions.to(device), hidden, grad_out, table)
 
 
 def module_config(settings: AttentionSettings) -> MPNetConfig:

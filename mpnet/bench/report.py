@@ -1,6 +1,7 @@
-"""The benchmark report, written once for every benchmark: the environment it ran in, the progress line,
-the tables (markdown) and the sections of DIR/STEM.md + .json + plots. mpnet/bench/harness.py runs the
-cells; this module turns them into text.
+"""The benchmark report, written here for every benchmark: the environment it ran in, the progress line,
+the tables (markdown) and plots, and DIR/STEM.md + .json. mpnet/bench/harness.py runs the cells; a
+benchmark module says what its section holds (`Section`: method lines, `Table`s and `Figure`s built from
+its cells) and this module writes it.
 """
 from __future__ import annotations
 
@@ -167,22 +168,48 @@ def failure_notes(cells) -> list:
 
 
 @dataclass
-class Section:
-    """One benchmark's part of a report: its settings, its cells, how it renders and plots."""
+class Table:
+    """A table of a section: markdown under an optional heading, notes after it."""
 
-    key: str  # its JSON key: attention, single, step, finetune, patterns, packing
+    headers: list
+    rows: list
+    title: str | None = None
+    notes: list = field(default_factory=list)  # markdown lines after the table
+    printed: bool = True  # also printed when the section ends (False: in the report file only)
+
+    def lines(self) -> list:
+        heading = [f"### {self.title}", ""] if self.title else []
+        return heading + [github_table(self.rows, self.headers), ""] + (self.notes + [""] if self.notes else [])
+
+
+@dataclass
+class Section:
+    """One benchmark's part of a report: its settings and cells, and what the report shows of them."""
+
+    key: str  # its JSON key: attention, single, step, finetune, patterns, packing, masks
     title: str  # its heading in the markdown report
     settings: object  # a dataclass
-    render: Callable[["Section"], list]  # markdown lines: method and tables
-    plot: Callable[["Section", Path], list] | None = None  # writes its plots into a folder, returns file names
+    method: Callable[["Section"], list]  # markdown lines (bullets): how it measures, from its settings
+    tables: Callable[["Section"], list]  # its Tables, from its cells
+    figures: Callable[["Section"], list] | None = None  # its Figures, from its cells
     cells: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # more JSON beside settings and cells (e.g. the inputs)
     plots: list = field(default_factory=list)
     plotted: int = 0  # cells when last plotted
-    tables: Callable[["Section"], list] | None = None  # what is printed at the end (default: render's tables)
 
     def to_json(self) -> dict:
         return {"settings": dataclasses.asdict(self.settings), **self.extra, "cells": self.cells}
+
+    def table_lines(self, printed_only: bool = False) -> list:
+        return [line for table in self.tables(self) if table.printed or not printed_only for line in table.lines()]
+
+    def markdown(self) -> list:
+        options = getattr(self.settings, "flex_kernel_options", None)
+        overridden = ([f"**flex kernel_options overridden by the benchmark** (`--flex-kernel-options`): `{options}`; "
+                       "the project's flex backend passes its own.", ""] if options else [])
+        return (["", f"## {self.title}", ""] + settings_lines(self.settings) + overridden
+                + ["Method:", ""] + self.method(self) + [""] + self.table_lines() + failure_notes(self.cells)
+                + [line for name in self.plots for line in (f"![{name}]({name})", "")])
 
 
 def settings_lines(settings) -> list:
@@ -231,8 +258,9 @@ class Report:
             return
         if plot:  # only what changed since its last plot: plotting takes seconds on a CPU
             for section in self.sections:
-                if section.plot is not None and section.cells and section.plotted != len(section.cells):
-                    section.plots, section.plotted = section.plot(section, self.dir), len(section.cells)
+                if section.figures is not None and section.cells and section.plotted != len(section.cells):
+                    section.plots = [write_figure(figure, self.dir) for figure in section.figures(section)]
+                    section.plotted = len(section.cells)
         data = {"environment": self.env, **{s.key: s.to_json() for s in self.sections}}
         write_json_atomic(self.json_path, data)
         tmp = self.dir / f"{self.stem}.md.tmp"
@@ -243,10 +271,7 @@ class Report:
         title = "benchmark-mpnet" + ("" if self.stem == "benchmark" else f" {self.stem}")
         out = [f"# {title}: {self.env['date']}", "", "| | |", "|---|---|"]
         out += [f"| {key} | `{self.env[key]}` |" for key in ENVIRONMENT_KEYS if key in self.env]
-        for section in self.sections:
-            out += ["", f"## {section.title}", ""] + settings_lines(section.settings)
-            out += section.render(section) + failure_notes(section.cells)
-            out += [line for name in section.plots for line in (f"![{name}]({name})", "")]
+        out += [line for section in self.sections for line in section.markdown()]
         return "\n".join(out) + "\n"
 
     def files(self) -> list:
@@ -255,3 +280,122 @@ class Report:
         return [self.dir / f"{self.stem}.md", self.json_path] + [self.dir / p for s in self.sections for p in s.plots]
 
 
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+@dataclass
+class Panel:
+    """One plot of a figure: lines (x, y) per label, or groups of bars (one group per category, one bar per
+    label). A bar's value may be a text (OOM, n/a, ...), written where its bar would stand."""
+
+    title: str = ""
+    ylabel: str = ""
+    xlabel: str = ""
+    lines: dict | None = None  # label -> [(x, y), ...]
+    failed: dict = field(default_factory=dict)  # lines: label -> [(x, text)], marked at the top of the panel
+    categories: list | None = None  # bars: the groups, left to right
+    bars: dict | None = None  # label -> a value (or text, or None: no bar) per category
+    bar_notes: dict = field(default_factory=dict)  # label -> a text above each bar ("" for none)
+    ceiling: tuple | None = None  # (label, y): a dashed horizontal line
+    log_x: int | None = None  # the x axis' log base (None: linear)
+    log_y: bool = False
+    y_limits: tuple | None = None
+    empty: str = "no data"  # written on a panel with nothing to draw
+
+
+@dataclass
+class Figure:
+    """A PNG of the report: panels side by side under one title, one legend."""
+
+    name: str  # the file name, e.g. attention_time.png
+    panels: list
+    title: str = ""
+    size: tuple = (7, 4.5)  # inches
+
+
+def write_figure(figure: Figure, out_dir: Path) -> str:
+    """Draw `figure` into out_dir (matplotlib, no display); returns its file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(figure.panels), figsize=figure.size, dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], figure.panels):
+        _draw_lines(ax, panel) if panel.lines is not None else _draw_bars(ax, panel)
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+    legend = {}  # one entry per label across the panels
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    top = 1.0
+    if len(figure.panels) > 1 and legend:  # above the panels, where it hides nothing
+        fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=min(4, len(legend)), fontsize=8,
+                   bbox_to_anchor=(0.5, 0.94))
+        top = 0.86
+    elif legend:
+        axes[0][0].legend(fontsize=8)
+    if figure.title:
+        fig.suptitle(figure.title, fontsize=9)
+        top = min(top, 0.94)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(out_dir / figure.name)
+    plt.close(fig)
+    return figure.name
+
+
+def _draw_lines(ax, panel: Panel):
+    colors = {}
+    for label, points in panel.lines.items():
+        if points:
+            line, = ax.plot(*zip(*points), marker="o", label=label)
+            colors[label] = line.get_color()
+    if panel.log_x:
+        ax.set_xscale("log", base=panel.log_x)
+    if panel.log_y:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    if not colors:
+        ax.text(0.5, 0.5, panel.empty, transform=ax.transAxes, ha="center")
+        return
+    top = ax.get_ylim()[1]  # where a drawn label ran out of memory or failed: at the top of the plot
+    for label, marks in panel.failed.items():
+        for x, text in marks if label in colors else ():
+            ax.scatter([x], [top], marker="x", color=colors[label])
+            ax.annotate(text, (x, top), fontsize=7, color=colors[label], ha="center", va="top", xytext=(0, -6),
+                        textcoords="offset points")
+
+
+def _draw_bars(ax, panel: Panel):
+    numbers = [v for values in panel.bars.values() for v in values if isinstance(v, (int, float))]
+    floor = (min(numbers) / 3 if numbers else 1.0) if panel.log_y else 0.0
+    width = 0.8 / max(1, len(panel.bars))
+    for k, (label, values) in enumerate(panel.bars.items()):
+        notes = panel.bar_notes.get(label, [""] * len(values))
+        for i, (value, note) in enumerate(zip(values, notes)):
+            x = i + (k - (len(panel.bars) - 1) / 2) * width
+            if isinstance(value, str):
+                ax.text(x, floor * 1.1 if panel.log_y else 0, value, rotation=90, ha="center", va="bottom",
+                        fontsize=7, color=f"C{k}")
+            elif value is not None:
+                ax.bar(x, value, width, color=f"C{k}", label=label)
+                if note:
+                    ax.annotate(note, (x, value), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                                textcoords="offset points")
+    if panel.ceiling is not None:
+        ax.axhline(panel.ceiling[1], color="black", linestyle="--", linewidth=1, label=panel.ceiling[0])
+    if panel.log_y:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+    if panel.y_limits is not None:
+        ax.set_ylim(*panel.y_limits)
+    ax.set_xticks(range(len(panel.categories)))
+    tilted = any(len(str(c)) > 12 for c in panel.categories)
+    ax.set_xticklabels(panel.categories, rotation=40 if tilted else 0, ha="right" if tilted else "center",
+                       fontsize=7 if tilted else 8)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    if not numbers:
+        ax.text(0.5, 0.5, panel.empty, transform=ax.transAxes, ha="center")

@@ -37,7 +37,7 @@ from .harness import (
     timer_text,
 )
 from .problems import pred_size
-from .report import Section, fmt, github_table, ok, tflops_text, time_text
+from .report import Section, Table, fmt, ok, tflops_text, time_text
 
 STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
 FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS
@@ -50,20 +50,21 @@ FINETUNING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
 
 
 @dataclass
-class StepSettings:
+class TrainingStepSettings:
+    """The knobs of both step sections (the same names, so one CLI flag sets both); each section's own
+    defaults where they differ."""
+
     seq_len: int = 512
     batch_size: int = 32
-    backends: list = field(default_factory=lambda: list(STEP_BACKENDS))
     compile: bool = False  # torch.compile every cell
-    # Cells (bert and/or backends) run once more under torch.compile, after the others: rows "+compile",
-    # each compared with the compiled BERT when that ran.
+    # Cells run once more under torch.compile, after the others: rows "+compile", each compared with the
+    # compiled reference (BERT, transformers) when that ran.
     also_compile: list = field(default_factory=list)
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     peak_tflops: float = 989.0  # H100/H200 SXM dense bf16 (datasheet)
     dtype: str = "bf16"
     device: str | None = None
     model: str = "base"  # "base" (mpnet-base, BERT-base) or "tiny" (smoke runs)
-    bert: bool = True
     warmup: int = 3
     repeats: int = 10
     max_seconds: float = 20.0
@@ -72,32 +73,25 @@ class StepSettings:
     flex_kernel_options: dict | None = None
     profile: bool = False  # break each step's GPU time down by kernel family (torch.profiler)
 
+
+@dataclass
+class StepSettings(TrainingStepSettings):
+    backends: list = field(default_factory=lambda: list(STEP_BACKENDS))
+    bert: bool = True
+
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
         check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode)
 
 
 @dataclass
-class FinetuneSettings:
-    # The step cell's knobs (same names, so one CLI flag sets both), with a classification step's defaults.
-    seq_len: int = 128
-    batch_size: int = 32
-    models: list = field(default_factory=lambda: list(FINETUNE_MODELS))
-    num_labels: int = 2
-    compile: bool = False
-    also_compile: list = field(default_factory=list)  # models run once more under torch.compile (as for the step)
-    compile_mode: str = "default"
-    peak_tflops: float = 989.0
-    dtype: str = "bf16"
-    device: str | None = None
-    model: str = "base"
-    warmup: int = 3
+class FinetuneSettings(TrainingStepSettings):
+    seq_len: int = 128  # a classification step's defaults
     repeats: int = 20
     max_seconds: float = 10.0
     lr: float = 2e-5
-    seed: int = 0
-    flex_kernel_options: dict | None = None
-    profile: bool = False
+    models: list = field(default_factory=lambda: list(FINETUNE_MODELS))
+    num_labels: int = 2
 
     def validate(self, device: torch.device):
         check_common(self, device, self.models, FINETUNE_MODELS, "--models")
@@ -369,7 +363,7 @@ def run_step(session, settings: StepSettings, deadline=None) -> Section:
     device = session.device
     settings.validate(device)
     section = Section("step", f"Pretraining step ({settings.model} models, {settings.dtype})", settings,
-                      render_step, tables=step_tables)
+                      step_method, step_tables)
     session.open(section)
     configure_dynamo()
     names = (["bert"] if settings.bert else []) + list(settings.backends)
@@ -393,7 +387,7 @@ def run_finetune(session, settings: FinetuneSettings, deadline=None) -> Section:
     device = session.device
     settings.validate(device)
     section = Section("finetune", f"Fine-tuning step: sequence classification ({settings.model} models, "
-                      f"{settings.dtype})", settings, render_finetune, tables=finetune_tables)
+                      f"{settings.dtype})", settings, finetune_method, finetune_tables)
     session.open(section)
     configure_dynamo()
     with flex_kernel_options(settings.flex_kernel_options):
@@ -438,7 +432,7 @@ def step_tables(section: Section) -> list:
              fmt(c.get("params_m"), ".1f") if ok(c) else "", fmt(c.get("gflop_per_token"), ".2f") if ok(c) else ""]
             + common_columns(c, settings) for c in section.cells]
     headers = ["model", "attention", "batch x len", "params M", "GFLOP/token"] + common_headers(settings, "x BERT step time")
-    return [github_table(rows, headers), ""] + profile_lines(section.cells)
+    return [Table(headers, rows)] + profile_tables(section.cells)
 
 
 def finetune_tables(section: Section) -> list:
@@ -446,23 +440,23 @@ def finetune_tables(section: Section) -> list:
     rows = [[c["model"] + (" +compile" if c["compile"] else ""), c.get("attention", ""), f"{c['batch']}x{c['seq_len']}",
              fmt(c.get("params_m"), ".1f") if ok(c) else ""] + common_columns(c, settings) for c in section.cells]
     headers = ["model", "implementation", "batch x len", "params M"] + common_headers(settings, "x transformers examples/s")
-    return [github_table(rows, headers), ""] + profile_lines(section.cells)
+    return [Table(headers, rows)] + profile_tables(section.cells)
 
 
-def profile_lines(cells) -> list:
-    """Markdown: where each model's step time goes on the GPU."""
-    out = []
+def profile_tables(cells) -> list[Table]:
+    """Where each model's step time goes on the GPU: its kernel families, then its top kernels."""
+    tables = []
     for c in cells:
         prof = c.get("profile")
         if not prof:
             continue
         total = prof["gpu_ms_per_step"]
-        out += [f"#### {c['name'].strip()}: GPU kernel time per step {total:.1f} ms (step {c['ms']:.1f} ms)", "",
-                "| kernel family | ms / step | share |", "|---|---|---|"]
-        out += [f"| {family} | {ms:.2f} | {100 * ms / total:.1f}% |" for family, ms in prof["families"]]
-        out += ["", "| top kernels | ms / step |", "|---|---|"] + [f"| `{k}` | {ms:.2f} |" for k, ms in prof["top_kernels"]]
-        out.append("")
-    return (["### Where the step time goes (torch.profiler, CUDA kernels, mean of 3 steps)", ""] + out) if out else []
+        title = (f"Where the step time goes, {c['name'].strip()}: GPU kernel time per step {total:.1f} ms (step "
+                 f"{c['ms']:.1f} ms; torch.profiler, CUDA kernels, mean of 3 steps)")
+        tables += [Table(["kernel family", "ms / step", "share"], [[family, f"{ms:.2f}", f"{100 * ms / total:.1f}%"]
+                                                                   for family, ms in prof["families"]], title),
+                   Table(["top kernels", "ms / step"], [[f"`{k}`", f"{ms:.2f}"] for k, ms in prof["top_kernels"]])]
+    return tables
 
 
 def timing_line(settings) -> str:
@@ -486,10 +480,10 @@ def compile_line(reference: str, mode: str) -> str:
             f"cell when that ran, else the eager one; \"first step s\" includes the compile.")
 
 
-def render_step(section: Section) -> list:
+def step_method(section: Section) -> list:
     s = section.settings
     compiled = [compile_line("BERT", s.compile_mode)] if s.compile or s.also_compile else []
-    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.", *compiled,
+    return [timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.", *compiled,
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
             f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
@@ -500,13 +494,13 @@ def render_step(section: Section) -> list:
                           "content rows and 4 (n+2m)(n+m) h of attention, plus its LM head on the m query rows "
                           "(`estimate_flops_per_example`, the count training reports MFU with); BERT does "
                           "2 L (4h^2 + 2hf) + 4 L^2 h per layer and its MLM head on all L rows. tokens/s counts "
-                          "the B x L input tokens."), ""] + step_tables(section)
+                          "the B x L input tokens.")]
 
 
-def render_finetune(section: Section) -> list:
+def finetune_method(section: Section) -> list:
     s = section.settings
     compiled = [compile_line("transformers", s.compile_mode)] if s.compile or s.also_compile else []
-    return ["Method:", "", timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
+    return [timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
             "fine-tuning defaults).", *compiled,
             f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "
             f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
@@ -514,4 +508,4 @@ def render_finetune(section: Section) -> list:
             "token ids, no padding (attention_mask all ones), random labels, cross-entropy on the logits in fp32. "
             "transformers runs first: \"x transformers\" = examples/s over its examples/s (above 1 = faster).",
             flops_line(s, "single-stream encoding of the n tokens (`estimate_flops_per_example` with m = 0) plus "
-                          "the classification head on the <s> row, the same for every model."), ""] + finetune_tables(section)
+                          "the classification head on the <s> row, the same for every model.")]

@@ -11,20 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpnet.bench.attention import (
-    AttentionSettings,
-    SDPAAttention,
-    attention_module,
-    build_dense,
-    build_dense_once,
-    build_flex,
-    build_sdpa_bias,
-    distance_bias_of,
-    make_problem,
-    materialised_bias,
-    sdpa_bias_kernels,
-)
+from mpnet.bench.attention import (build_dense, build_dense_once, build_flex, build_sdpa_bias, distance_bias_of,
+                                   materialised_bias, sdpa_bias_kernels)
+from mpnet.bench.problems import AttentionSettings, SDPAAttention, attention_module, make_attention_problem
 from mpnet.bench.harness import Timer
+from mpnet.errors import UserError
 from mpnet.modeling.attention import RelativeMultiHeadAttention, make_dense_attention_state
 from mpnet.modeling.masks import natural_order
 
@@ -40,7 +31,7 @@ def settings(streams, backward=False):
 @pytest.mark.parametrize("streams", ["two", "one"])
 def test_every_cell_computes_the_dense_attention(streams):
     s = settings(streams)
-    p = make_problem(s, 40, CPU)
+    p = make_attention_problem(s, 40, CPU)
     with torch.no_grad():
         expected = build_dense(s, p, CPU, Timer(CPU)).forward()
         outputs = {"dense (state once)": build_dense_once(s, p, CPU, Timer(CPU)).forward(),
@@ -65,7 +56,7 @@ def test_sdpa_bias_gradient_reaches_the_table_as_dense_does():
     """One forward of the user's alternative (build the bias from the table, then SDPA) has the dense
     backend's gradient in the table: the cell's two timed parts are that computation split in two."""
     s = settings("two", backward=True)
-    p = make_problem(s, 40, CPU)
+    p = make_attention_problem(s, 40, CPU)
     build_dense(s, p, CPU, Timer(CPU)).forward().backward(p.grad_out)
     dense = p.table.grad.clone()
     p.table.grad = None
@@ -77,8 +68,8 @@ def test_sdpa_bias_gradient_reaches_the_table_as_dense_does():
 
 TRITON_CHECK = """
 import torch
-from mpnet.bench.attention import (AttentionSettings, RelativeMultiHeadAttention, attention_module, build_dense,
-                                   build_triton, distance_bias_of, make_problem, rows_for)
+from mpnet.bench.attention import RelativeMultiHeadAttention, build_dense, build_triton, distance_bias_of, rows_for
+from mpnet.bench.problems import AttentionSettings, attention_module, make_attention_problem
 from mpnet.bench.harness import Timer
 from mpnet.modeling.attention import make_dense_attention_state
 from mpnet.modeling.patterns import window_spec
@@ -86,7 +77,7 @@ cpu = torch.device("cpu")
 for streams in ("two", "one"):
     s = AttentionSettings(streams=streams, lengths=[40], tokens_per_batch=80, heads=2, head_dim=16, dtype="fp32",
                           device="cpu", backward=True, attention_dropout=0.0, max_distance=16)
-    p = make_problem(s, 40, cpu)
+    p = make_attention_problem(s, 40, cpu)
     build_dense(s, p, cpu, Timer(cpu)).forward().backward(p.grad_out)
     dense_grad, p.table.grad = p.table.grad.clone(), None
     for window in (None, 8):
@@ -129,7 +120,7 @@ def test_cuda_graph_replay_computes_what_the_eager_run_computes(backend):
     cuda = torch.device("cuda")
     s = AttentionSettings(streams="two", lengths=[256], tokens_per_batch=1024, heads=4, head_dim=64, dtype="bf16",
                           device="cuda", backward=True, repeats=3, warmup=2, max_seconds=1.0, cuda_graphs=True)
-    p = make_problem(s, 256, cuda)
+    p = make_attention_problem(s, 256, cuda)
     core = (build_triton if backend == "triton" else BUILDERS[backend])(s, p, cuda, Timer(cuda))
     leaf = p.table if backend == "triton" else p.hidden
     run = make_run(core, p, s, cuda)
@@ -148,16 +139,17 @@ def test_profile_names_the_triton_backends_kernels_and_their_gpu_time():
     (the evidence of where its time goes against SDPA flash's)."""
     from types import SimpleNamespace
 
-    from mpnet.bench.attention import kernel_lines, measure_attention
+    from mpnet.bench.attention import Variant, kernel_tables, measure_attention
 
     cuda = torch.device("cuda")
     s = AttentionSettings(streams="one", lengths=[128], tokens_per_batch=1024, heads=4, head_dim=64, dtype="bf16",
                           device="cuda", backward=True, repeats=3, warmup=2, max_seconds=1.0, profile=True)
-    cell = measure_attention(s, make_problem(s, 128, cuda), "triton", None, cuda, Timer(cuda))
+    cell = measure_attention(s, make_attention_problem(s, 128, cuda), Variant("triton", "triton"), cuda, Timer(cuda))
     names = {name for name, ms in cell["kernels"] if ms > 0}
     assert {"_forward_kernel", "_key_gradients_kernel", "_query_gradients_kernel"} <= names, cell["kernels"]
     assert 0 < sum(ms for _, ms in cell["kernels"]) <= cell["kernel_ms"] + 1e-9
-    text = "\n".join(kernel_lines(SimpleNamespace(cells=[dict(cell, L=128, label="triton")])))
+    text = "\n".join(line for table in kernel_tables(SimpleNamespace(cells=[dict(cell, L=128, label="triton")]))
+                     for line in table.lines())
     assert "`_key_gradients_kernel`" in text and "Where the time goes" in text
 
 
@@ -166,21 +158,22 @@ def test_the_report_lists_profiled_kernels_only_for_cells_that_have_them():
     the order given (largest first); no table at all when nothing was profiled (CPU, or no --profile)."""
     from types import SimpleNamespace
 
-    from mpnet.bench.attention import kernel_lines
+    from mpnet.bench.attention import kernel_tables
 
     profiled = dict(L=128, label="triton", ms=1.5, kernel_ms=0.41,
                     kernels=[["_key_gradients_kernel", 0.193], ["_forward_kernel", 0.08]])
-    lines = kernel_lines(SimpleNamespace(cells=[profiled, dict(L=128, label="flex", ms=2.9)]))
+    tables = kernel_tables(SimpleNamespace(cells=[profiled, dict(L=128, label="flex", ms=2.9)]))
+    lines = [line for table in tables for line in table.lines()]
     rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| 128")]
     assert len(rows) == 1 and "0.410" in rows[0] and "1.500" in rows[0], lines
     assert rows[0].index("_key_gradients_kernel") < rows[0].index("_forward_kernel")
-    assert kernel_lines(SimpleNamespace(cells=[dict(L=128, label="flex", ms=2.9)])) == []
+    assert kernel_tables(SimpleNamespace(cells=[dict(L=128, label="flex", ms=2.9)])) == []
 
 
 def test_cuda_graphs_time_the_sdpa_flex_and_triton_cells_with_and_without_a_window():
     from mpnet.bench.attention import attention_variants, graphed
 
-    keys = [key for key, _, _ in attention_variants(AttentionSettings(windows=[256]))]
+    keys = [v.key for v in attention_variants(AttentionSettings(windows=[256]))]
     assert [key for key in keys if graphed(key)] == ["sdpa", "flex", "flex-w256", "triton", "triton-w256"]
 
 
@@ -189,3 +182,24 @@ def test_the_method_says_how_graph_replays_are_timed_when_they_are():
 
     assert any("CUDA graph ms" in line for line in method_lines(AttentionSettings(cuda_graphs=True)))
     assert not any("CUDA graph ms" in line for line in method_lines(AttentionSettings()))
+
+
+def test_triton_tiles_give_each_triton_cell_once_per_entry():
+    """--triton-tiles: the triton cells, with and without a window, once per entry (the others once), each
+    entry read into the one kernel's tiles it changes or the parts it leaves out."""
+    from mpnet.bench.attention import attention_variants, graphed
+    from mpnet.bench.triton_tiles import parse_tile_variant
+
+    settings = AttentionSettings(windows=[256], backends=["sdpa", "flex", "triton", "triton-window"],
+                                 triton_tiles=["default", "dkdv=32x64s3", "no-bias+no-mask"])
+    keys = [v.key for v in attention_variants(settings)]
+    assert keys == ["sdpa", "flex", "triton/default", "triton/dkdv=32x64s3", "triton/no-bias+no-mask",
+                    "triton-w256/default", "triton-w256/dkdv=32x64s3", "triton-w256/no-bias+no-mask"]
+    assert all(graphed(key) for key in keys)
+    assert parse_tile_variant("dkdv=32x64s3").tiles == (("key_gradients", (32, 64, 4, 3)),)
+    assert parse_tile_variant("fwd=128x64w8+dq=64x32").tiles == (("forward", (128, 64, 8, 2)),
+                                                                ("query_gradients", (64, 32, 4, 2)))
+    assert parse_tile_variant("no-bias-gradient").leave_out == {"bias_gradient"}
+    for bad, why in (("dkdv=32x", "cannot read"), ("fwd=48x64", "powers of two"), ("dq=64x32+dq=32x32", "twice")):
+        with pytest.raises(UserError, match=why):
+            parse_tile_variant(bad)

@@ -10,7 +10,7 @@ import torch
 
 from mpnet.bench import harness
 from mpnet.bench.harness import Deadline, Session, Timer, failure, phase
-from mpnet.bench.report import Report, Section, progress_line
+from mpnet.bench.report import Report, Section, Table, progress_line
 from mpnet.errors import UserError
 
 CPU = torch.device("cpu")
@@ -27,7 +27,8 @@ class Toy:
 
 
 def toy_section(settings=None) -> Section:
-    return Section("toy", "Toy cells", settings or Toy(), render=lambda s: [f"{len(s.cells)} cells"])
+    return Section("toy", "Toy cells", settings or Toy(), method=lambda s: ["- toy cells"],
+                   tables=lambda s: [Table(["cells"], [[f"{len(s.cells)} cells"]])])
 
 
 def session(tmp_path, resume=False, seconds=None) -> Session:

@@ -21,7 +21,7 @@ from mpnet.bench.patterns import (
     PatternSettings,
     build_cell,
     case_inputs,
-    make_problem,
+    make_pattern_problem,
     resolve_pattern,
     sdpa_mask,
 )
@@ -40,7 +40,7 @@ def _settings(relative_bias):
 
 
 def _outputs(settings, case):
-    problem = make_problem(settings, LENGTH, CPU)
+    problem = make_pattern_problem(settings, LENGTH, CPU)
     with torch.no_grad():
         problem.table.zero_()  # the bias "included in both": zero, so SDPA (which has none) matches
     out, density = {}, None
@@ -82,7 +82,7 @@ def test_flex_cell_computes_what_the_sdpa_cell_computes(entry, relative_bias):
 def test_sdpa_mask_is_the_dense_backends_mask(entry):
     settings = _settings(False)
     case = resolve_pattern(entry, LENGTH)
-    problem = make_problem(settings, LENGTH, CPU)
+    problem = make_pattern_problem(settings, LENGTH, CPU)
     positions, document_ids = case_inputs(problem, case, CPU)
     mask = sdpa_mask(case, positions, document_ids, settings.heads, torch.float32)
     allowed = make_dense_attention_state(positions, LENGTH, 0, torch.zeros(settings.heads, 1), 0, pattern=case.pattern,
