@@ -12,21 +12,24 @@ EPILOG = """examples:
   compare-mpnet-backends --checkpoint ~/.cache/mpnet/all-mpnet-base-v2 --tasks sst2 --data-dir data/sentiment \\
       --config configs/glue/sentiment.yaml --backends dense,flex,flex:32 --seeds 1 --output-dir runs/compare-cpu
 
-Backends: dense, flex, flex:W (FlexAttention + sliding window of W tokens), dense:W, triton, triton:W
-(CUDA only). On a CUDA GPU every
-backend is fine-tuned; on CPU FlexAttention cannot train, so the task is fine-tuned once with dense and
-that model is evaluated under each backend (the output says so).
+Backends: a backend's name, optionally :W for a sliding window of W tokens (flex:128). Where every
+backend trains on the device (a CUDA GPU) each is fine-tuned; where one cannot train (flex on CPU) the
+task is fine-tuned once with dense and that model is evaluated under each backend (the output says so);
+one that cannot even run there (triton without CUDA) is refused before any work.
 Writes OUTPUT/comparison.md, OUTPUT/comparison.png, OUTPUT/comparison.json and OUTPUT/runs/."""
 
 
 def build_parser():
+    from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES
+
     p = OneLineErrorParser(prog="compare-mpnet-backends", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
     p.add_argument("--tasks", required=True, type=text_list, help="comma-separated GLUE tasks, e.g. sst2,rte")
     p.add_argument("--data-dir", type=Path, required=True, help="folder holding the task folders (glue_data)")
     p.add_argument("--backends", default="dense,flex", type=text_list,
-                   help="comma-separated: dense, flex, triton, each optionally :W (default: dense,flex)")
+                   help=f"comma-separated: {', '.join(ATTENTION_BACKEND_NAMES)}, each optionally :W "
+                        "(default: dense,flex)")
     p.add_argument("--seeds", default=[1], type=int_list, help="comma-separated seeds (default: 1)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--config", type=Path, help="YAML recipe for every task: a file or a packaged name such as "

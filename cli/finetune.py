@@ -23,6 +23,8 @@ OUTPUT/tensorboard."""
 
 
 def build_parser():
+    from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES
+
     p = OneLineErrorParser(prog="finetune-mpnet", description=__doc__, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="MPNet checkpoint dir (ours or any HF MPNet dir)")
@@ -32,8 +34,9 @@ def build_parser():
     p.add_argument("--config", type=Path, help="YAML recipe: a file or a packaged name such as glue/sentiment "
                                                "(default: the packaged glue/TASK when there is one)")
     p.add_argument("--use-flex-attention", action="store_true", help="FlexAttention backend (training needs CUDA)")
-    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense",
-                   help="attention backend (flex and triton train on CUDA only; --use-flex-attention = flex)")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKEND_NAMES, default="dense",
+                   help="attention backend (one that cannot train on the device, e.g. flex or triton without CUDA, is "
+                        "refused before any data is read; --use-flex-attention = flex)")
     p.add_argument("--sliding-window-size", type=int, metavar="W", help="attend only within W tokens")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --output-dir")

@@ -30,6 +30,7 @@ def build_parser():
                                   "Austen corpus")
     p.add_argument("--text-field", metavar="F", help="the field holding the text in JSONL rows and saved HF datasets "
                                                      "(default: data.text_field of --config, built-in text)")
+    from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES
     from mpnet.training.config import LoggingConfig, OptimConfig, TrainingConfig
 
     training, logging_, optim = TrainingConfig(), LoggingConfig(), OptimConfig()
@@ -60,9 +61,10 @@ def build_parser():
                         "is used and conflicting settings are refused (docs/resume.md)")
     p.add_argument("--use-flex-attention", action="store_true",
                    help="use the FlexAttention backend (needs CUDA for training) instead of the dense one")
-    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"],
-                   help="attention backend (default: the config's, dense when unset; flex and triton train on CUDA "
-                        "only; --use-flex-attention = flex)")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKEND_NAMES,
+                   help="attention backend (default: the config's, dense when unset; one that cannot train on this "
+                        "machine, e.g. flex or triton without CUDA, is refused before any data is prepared; "
+                        "--use-flex-attention = flex)")
     p.add_argument("--sliding-window-size", type=int, metavar="N",
                    help="each token attends only to original positions within N of its own")
     p.add_argument("--attention-pattern", metavar="SPEC",

@@ -1,13 +1,9 @@
-"""The MPNet model: config, attention rules (masks.py) and patterns (patterns.py), backends + factory
-(attention.py), encoder and heads, packing for inference (packing.py)."""
-from .attention import (
-    FlexAttentionUnavailable,
-    FlexTwoStreamAttention,
-    RelativeMultiHeadAttention,
-    ATTENTION_BACKENDS,
-    make_flex_attention_mask,
-    two_stream_self_attention_factory,
-)
+"""The MPNet model: config, attention rules (masks.py) and patterns (patterns.py), backends (attention.py,
+triton_attention.py) and their registry + factory (backends.py), encoder and heads, packing for inference
+(packing.py)."""
+from .attention import (FlexAttentionUnavailable, FlexTwoStreamAttention, RelativeMultiHeadAttention,
+                        make_flex_attention_mask)
+from .backends import ATTENTION_BACKENDS, AttentionBackend, BackendUnavailable, two_stream_self_attention_factory
 from ..errors import UserError
 from .checkpoint import CheckpointError
 from .config import MPNetConfig
@@ -19,7 +15,7 @@ __all__ = [
     "UserError",
     "CheckpointError", "FlexAttentionUnavailable", "FlexTwoStreamAttention", "MPNetConfig", "MPNetForPretraining",
     "MPNetForSequenceClassification", "RelativeMultiHeadAttention", "SequenceTooLong",
-    "ATTENTION_BACKENDS", "make_flex_attention_mask",
+    "ATTENTION_BACKENDS", "AttentionBackend", "BackendUnavailable", "make_flex_attention_mask",
     "two_stream_self_attention_factory",
     "AttentionPattern", "BadAttentionPattern", "PackedBatch", "pack", "parse_attention_pattern",
 ]

@@ -4,7 +4,7 @@ Both modules own the same four projections (`q`, `k`, `v`, `o`, HF's names), tak
 states of one layer, shape (B, n + 2m, H) laid out as in `masks.py`, and return the same shape. Keys
 and values always come from the content stream (the first n + m rows). Per forward pass the encoder
 prepares one attention "state" (masks and relative bias) with the backend's state builder
-(`ATTENTION_BACKENDS`) and hands it to every layer:
+(its entry in backends.py) and hands it to every layer:
 
 - dense (`make_dense_attention_state`): a materialised (B, 1, n+2m, n+m) mask and (B, H, n+2m, n+m)
   bias, as the original implementation did;
@@ -213,7 +213,7 @@ class FlexTwoStreamAttention(AttentionProjections):
         return self.merge(torch.cat(outputs, dim=2))
 
 
-# ------------------------------------------------------------------------------ the backends by name
+# ------------------------------------------------------ the state builders of the registry (backends.py)
 
 
 def _bias_by_distance(table, max_distance):
@@ -221,40 +221,12 @@ def _bias_by_distance(table, max_distance):
 
 
 def dense_state(positions, n, m, relative_bias_table, max_distance, **rules):
-    """The encoder's entry point of the dense backend: one state per forward (and layer parity)."""
+    """The dense backend's state builder (backends.py): one state per forward (and layer parity)."""
     return make_dense_attention_state(positions, n, m, _bias_by_distance(relative_bias_table, max_distance),
                                       max_distance, **rules)
 
 
 def flex_state(positions, n, m, relative_bias_table, max_distance, **rules):
+    """The flex backend's state builder (backends.py), likewise."""
     return make_flex_attention_state(positions, n, m, _bias_by_distance(relative_bias_table, max_distance),
                                      max_distance, **rules)
-
-
-def _triton_backend():
-    from .triton_attention import TritonTwoStreamAttention, make_triton_attention_state
-
-    return TritonTwoStreamAttention, make_triton_attention_state
-
-
-# name -> (module class, state builder from the (buckets, heads) bias table). The triton backend is
-# imported on first use: it needs the triton package, which a CPU install may not have.
-ATTENTION_BACKENDS = {
-    "dense": lambda: (RelativeMultiHeadAttention, dense_state),
-    "flex": lambda: (FlexTwoStreamAttention, flex_state),
-    "triton": _triton_backend,
-}
-
-
-def attention_backend(name: str):
-    """(module class, state builder) of a backend named in `MPNetConfig.attention_backend`."""
-    if name not in ATTENTION_BACKENDS:
-        raise UserError(f"unknown attention backend '{name}'; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]()
-
-
-def two_stream_self_attention_factory(config) -> nn.Module:
-    """The attention module of one layer, by `config.attention_backend`: the dense reference, FlexAttention
-    or the Triton kernels. Every backend has the same parameters, so checkpoints move between them."""
-    module_class, _ = attention_backend(config.attention_backend)
-    return module_class(config)

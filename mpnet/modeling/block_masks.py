@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from .masks import STREAM_RULES, is_real_token, stream_lengths
-from .patterns import AttentionPattern, as_pattern, parse_attention_pattern
+from .patterns import AttentionPattern, as_pattern
 
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's sparse tile (its kernels' tiles divide it)
 
@@ -73,9 +73,6 @@ KEY_GROUPS = 3  # CTX, PRED, MASK keys (padding keys are in none)
 _PADDING_ROW_GROUP = 4
 _ABSENT = -1  # group of padding keys and of the entries past the end of the last tile
 _NONE = 2**60  # the min of an empty group (and minus its max): larger than any summarised number
-
-# Pattern specs whose mask is the window on original positions (patterns.within_window / within_radius).
-_WINDOW_NAMES = ("window", "neighbourhood", "neighborhood")
 
 
 def two_stream_mask_mods(positions, n, m, pattern: AttentionPattern, document_ids=None, layer=0, layout=None,
@@ -100,18 +97,9 @@ def two_stream_mask_mods(positions, n, m, pattern: AttentionPattern, document_id
 def summarised_window(pattern: AttentionPattern):
     """(covered, W): whether the pattern's masks are all windows (then W, the narrowest, or None when it
     has no mask) so that the tile summaries decide its blocks; covered False sends the build to
-    create_block_mask. Every mask of the pattern must be accounted for by a part of its spec."""
-    window, masks_seen = None, 0
-    for part in filter(None, (p.strip() for p in pattern.spec.split(","))):
-        name, *numbers = part.split(":")
-        if not parse_attention_pattern(part).masks:
-            continue  # a score modification: blocks unaffected
-        masks_seen += 1
-        if name.strip().lower() not in _WINDOW_NAMES:
-            return False, None
-        width = int(numbers[0])
-        window = width if window is None else min(window, width)
-    return masks_seen == len(pattern.masks), window
+    create_block_mask. Score modifications leave the blocks alone."""
+    covered = pattern.masks_are_windows
+    return covered, pattern.window if covered else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import transformers
 
 from ..errors import UserError
+from .backends import ATTENTION_BACKEND_NAMES
 from .patterns import as_pattern, parse_attention_pattern
 
 
-ATTENTION_BACKEND_NAMES = ("dense", "flex", "triton")  # attention.ATTENTION_BACKENDS, by name
 MPNET_MASK_TOKEN_ID = 30526  # <mask> in the MPNet WordPiece vocabulary (30527 entries)
 # transformers' MPNet saturates its relative buckets at this distance, whatever the config says
 # (relative_position_bucket's default max_distance)
@@ -32,8 +32,8 @@ class MPNetConfig(transformers.MPNetConfig):
     """Accepts every field of `transformers.MPNetConfig`, plus:
 
     use_flex_attention: pick `FlexTwoStreamAttention` instead of the dense `RelativeMultiHeadAttention`.
-    attention_backend: dense | flex | triton (the hand-written kernels of triton_attention.py); default
-        from use_flex_attention.
+    attention_backend: a name of backends.ATTENTION_BACKENDS (dense, flex, or triton: the hand-written
+        kernels of triton_attention.py); default from use_flex_attention.
     sliding_window_size: if set, a token sees only ORIGINAL positions p with |p - q| <= w (= window:w).
     attention_pattern: a spec from patterns.py, e.g. 'block:64,softcap:30'; with sliding_window_size
         also set, the two are intersected.

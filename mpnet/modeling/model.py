@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import attention_backend, two_stream_self_attention_factory
+from .backends import attention_backend, two_stream_self_attention_factory
 from ..errors import UserError
 from .config import MPNetConfig
 from .masks import natural_order, stream_lengths
@@ -107,7 +107,7 @@ class MPNetEncoder(nn.Module):
         streams="plm": (B, n + m, ...), the permuted-LM layout of masks.py); layout: each row's slot in
         that layout when the rows were put in natural order."""
         cfg = self.config
-        _, make_state = attention_backend(cfg.attention_backend)
+        make_state = attention_backend(cfg.attention_backend).make_state
         rules = dict(pattern=self.pattern, document_ids=document_ids, layout=layout)
         if streams != "mpnet":
             rules["streams"] = streams

@@ -112,22 +112,53 @@ def alibi(score, head, q_position, kv_position, num_heads: int):
 
 
 @dataclass(frozen=True)
+class PatternPart:
+    """One comma-separated piece of a spec, parsed once: what a backend asks of a pattern (which rules,
+    which window) is read from these, never from the spec text again."""
+
+    text: str  # as written, e.g. 'neighborhood:5'
+    name: str  # the rule's name, aliases resolved ('neighbourhood')
+    numbers: tuple = ()
+    is_mask: bool = True  # else a score modification
+    window: int | None = None  # W when the part's mask is exactly the sliding window |d| <= W
+
+
+@dataclass(frozen=True)
 class AttentionPattern:
     """A parsed spec: its masks (intersected) and score modifications (chained in order).
 
     masks: (q_position, kv_position, layer) -> bool; `layer` is the layer's parity (0 even, 1 odd).
     scores: (score, head, q_position, kv_position, num_heads) -> score.
+    parts: the spec's pieces, one per rule (a pattern built by hand from functions has none).
     """
 
     spec: str = ""
     masks: tuple[Callable, ...] = ()
     scores: tuple[Callable, ...] = ()
     alternates: bool = False  # a mask differs on odd layers (swin)
+    parts: tuple[PatternPart, ...] = ()
 
     @property
     def layer_variants(self) -> int:
         """How many attention states a forward pass needs: layer i uses state i % layer_variants."""
         return 2 if self.alternates else 1
+
+    @property
+    def window(self) -> int | None:
+        """The narrowest sliding window among the parts (windows intersect: the smallest one rules); None
+        when no part is a window."""
+        return min((part.window for part in self.parts if part.window is not None), default=None)
+
+    @property
+    def masks_are_windows(self) -> bool:
+        """Whether every mask is a sliding window (True without masks), so that `window` is the whole mask.
+        Each window part holds one mask; a mask no part accounts for (built by hand) is not a window."""
+        return len(self.masks) == sum(part.window is not None for part in self.parts)
+
+    def parts_outside(self, names) -> list[str]:
+        """The parts (as written) whose rule is not among `names`: what a backend supporting only those
+        rules cannot apply."""
+        return [part.text for part in self.parts if part.name not in names]
 
     def visible(self, q_position, kv_position, layer: int = 0, q_document=None, kv_document=None):
         """AND of the pattern's masks (and document isolation when documents are given). Python True
@@ -157,6 +188,11 @@ class _Entry:
     number: type = int
     valid: Callable = _positive
     requirement: str = "positive integers"
+    window: Callable | None = None  # numbers -> W, for the rules whose mask is the sliding window |d| <= W
+
+    @property
+    def name(self) -> str:
+        return self.usage.partition(":")[0]
 
 
 def _mask(rule, alternates=False):
@@ -202,8 +238,8 @@ def _alibi():
 
 
 PATTERNS: dict[str, _Entry] = {
-    "window": _Entry("window:W", _window, (1, 1)),
-    "neighbourhood": _Entry("neighbourhood:R", _radius, (1, 1)),
+    "window": _Entry("window:W", _window, (1, 1), window=lambda xs: xs[0]),
+    "neighbourhood": _Entry("neighbourhood:R", _radius, (1, 1), window=lambda xs: xs[0]),  # within_radius
     "dilated": _Entry("dilated:W:D", _dilated, (2, 2)),
     "global": _Entry("global:W[:P...]", _global, (1, None),
                      valid=lambda xs: xs[0] >= 1 and all(p >= 0 for p in xs[1:]),
@@ -217,6 +253,8 @@ PATTERNS: dict[str, _Entry] = {
     "alibi": _Entry("alibi", _alibi, (0, 0)),
 }
 PATTERNS["neighborhood"] = PATTERNS["neighbourhood"]
+PATTERN_NAMES = frozenset(entry.name for entry in PATTERNS.values())  # every rule, aliases resolved
+WINDOW_NAMES = frozenset(entry.name for entry in PATTERNS.values() if entry.window is not None)
 
 
 class BadAttentionPattern(UserError):
@@ -252,17 +290,20 @@ def parse_attention_pattern(spec: str | None) -> AttentionPattern:
     """'block:64,softcap:30' -> AttentionPattern. Cached: the same spec gives the same object (and the
     same rule functions), so FlexAttention's compiled kernels are reused from one batch to the next."""
     spec = (spec or "").strip()
-    masks, scores, alternates = [], [], False
+    masks, scores, alternates, parts = [], [], False, []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, *texts = part.split(":")
         entry = PATTERNS.get(name.strip().lower())
         if entry is None:
             raise _bad(spec, f"unknown name '{name}'")
-        piece = entry.build(*_parse_numbers(spec, part, entry, texts))
+        numbers = _parse_numbers(spec, part, entry, texts)
+        piece = entry.build(*numbers)
         masks += piece.masks
         scores += piece.scores
         alternates |= piece.alternates
-    return AttentionPattern(spec, tuple(masks), tuple(scores), alternates)
+        parts.append(PatternPart(part, entry.name, tuple(numbers), bool(piece.masks),
+                                 entry.window(numbers) if entry.window else None))
+    return AttentionPattern(spec, tuple(masks), tuple(scores), alternates, tuple(parts))
 
 
 def window_spec(size: int | None) -> str | None:

@@ -2,9 +2,9 @@
 
 For every task and seed, the same fine-tuning (same recipe, same seed, same data order) runs under each
 backend ("dense", "flex", "flex:W" = FlexAttention with a sliding window of W tokens). Where a backend
-cannot train on this device (FlexAttention has no backward pass on CPU), the comparison becomes
-evaluation-only: the task is fine-tuned once per seed with the dense backend and that model is
-evaluated under every backend; the output says so.
+cannot train on this device (modeling/backends.py says where each trains and runs: FlexAttention has no
+backward pass on CPU), the comparison becomes evaluation-only: the task is fine-tuned once per seed
+with the dense backend and that model is evaluated under every backend; the output says so.
 
 Writes OUTPUT/comparison.md (Markdown table), OUTPUT/comparison.png (score, train and eval examples/s,
 peak memory) and OUTPUT/comparison.json (every run and the summary); the runs themselves (results.json,
@@ -24,6 +24,7 @@ import numpy as np
 from ..data.classification import prepare_data
 from ..data.tokenizer import checkpoint_tokenizer
 from ..errors import UserError
+from ..modeling.patterns import window_spec
 from ..tasks import get_task
 from .config import FinetuneConfig, load_finetune_config
 from .finetune import Backend, evaluate_checkpoint, finetune, read_task_data
@@ -31,8 +32,8 @@ from .toolkit import check_output_dir, resolve_device, versions, write_json_atom
 
 log = logging.getLogger(__name__)
 
-CPU_NOTE = ("FlexAttention has no backward pass on {device} in PyTorch, so flex backends cannot be fine-tuned "
-            "here: this is an evaluation-only comparison. Each task was fine-tuned once per seed with the dense "
+EVAL_ONLY_NOTE = ("{limits}, so the {names} backend cannot be fine-tuned on {device}: this is an evaluation-only "
+                  "comparison. Each task was fine-tuned once per seed with the dense "
             "backend, and that same model was evaluated under every backend (scores differ only by numerics; "
             "train ex/s applies to the dense run). Run on a CUDA GPU to fine-tune under each backend.")
 
@@ -73,12 +74,13 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
     if not Path(data_dir).is_dir():
         raise UserError(f"data directory {data_dir} does not exist; pass the GLUE folder holding the task folders")
     device = resolve_device(device)
-    if device.type != "cuda" and any(b.name == "triton" for b in backends):
-        raise UserError("the triton backend runs on CUDA GPUs only, not even for evaluation; drop it from --backends "
-                        "on this machine")
-    can_train_flex = device.type == "cuda"
-    eval_only = not can_train_flex and any(b.name != "dense" for b in backends)
-    note = CPU_NOTE.format(device=device.type.upper()) if eval_only else None
+    for backend in backends:  # each must at least run here, with its window: one line before any work
+        backend.registry_entry.check(device, training=False, pattern=window_spec(backend.window))
+    untrainable = list(dict.fromkeys(b.registry_entry for b in backends if not b.registry_entry.trains_on(device)))
+    eval_only = bool(untrainable)
+    note = EVAL_ONLY_NOTE.format(limits="; ".join(entry.device_limits for entry in untrainable),
+                                 names=" and ".join(entry.name for entry in untrainable),
+                                 device=device.type.upper()) if eval_only else None
     if note:
         log.info("%s", note)
     from ..modeling.checkpoint import read_config
@@ -106,12 +108,13 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
                                     result["best"]["metrics"], result["train_examples_per_s"],
                                     result["eval_examples_per_s"], result["peak_memory_bytes"],
                                     result["peak_memory_kind"], str(run_dir)))
-    if not eval_only and any(b.flex for b in backends) and any(not b.flex for b in backends):
+    without_dropout = [b.label for b in backends if not b.registry_entry.capabilities.attention_dropout]
+    if not eval_only and without_dropout and len(without_dropout) < len(backends):
         dropout = base.training.attention_dropout
         dropout = model_config.attention_probs_dropout_prob if dropout is None else dropout
         if dropout:
-            extra = (f"FlexAttention applies no attention-probability dropout, the dense backend applies "
-                     f"{dropout}: pass training.attention_dropout=0 for identical regularisation.")
+            extra = (f"{', '.join(without_dropout)} apply no attention-probability dropout, the other backends "
+                     f"apply {dropout}: pass training.attention_dropout=0 for identical regularisation.")
             note = f"{note} {extra}" if note else extra
     summary = summarize(runs, [b.label for b in backends], tasks)
     report = {

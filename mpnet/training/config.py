@@ -499,7 +499,7 @@ class FinetuneTrainingConfig:
     # padding every example to the longest; batch_size and eval_batch_size still count examples.
     pack: bool = False
     # Packed batches get a multiple of this many rows (rows of padding only): fewer distinct shapes,
-    # fewer FlexAttention compiles. None: 4 with the flex backend, 1 (no extra rows) with dense.
+    # fewer FlexAttention compiles. None: the backend's packed_rows_multiple (modeling/backends.py).
     pack_rows_multiple: int | None = None
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     # torch.compile the training forward (evaluation stays eager). Each padded width is a shape; after

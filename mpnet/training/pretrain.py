@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..data import is_preprocessed
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
-from ..modeling.attention import CPU_TRAINING_MESSAGE
+from ..modeling.backends import attention_backend
 from ..modeling.checkpoint import CheckpointError, model_dir, read_config
 from . import distributed as dist_utils
 from . import toolkit
@@ -137,7 +137,7 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
     `training.init_from` (continued pretraining), else a fresh one of the config's shape (its LM-head bias
     from the token frequencies of `shard_dir` with training.lm_bias_init=unigram)."""
     torch.manual_seed(cfg.training.seed)
-    fixed = dict(use_flex_attention=_uses_flex(cfg), pad_token_id=meta["pad_token_id"],
+    fixed = dict(use_flex_attention=model_config(cfg.model).use_flex_attention, pad_token_id=meta["pad_token_id"],
                  mask_token_id=meta["mask_token_id"])
     source = _starting_weights(cfg, resume_from)
     if source:  # vocabulary first: the data's special ids must fit the checkpoint's table
@@ -190,9 +190,13 @@ def local_relative_bias(config) -> torch.Tensor:
     return -nearest[:, None] * slopes[None, :]
 
 
-def _uses_flex(cfg: PretrainConfig) -> bool:
-    return (cfg.model.get("attention_backend") == "flex"
-            or str(cfg.model.get("use_flex_attention", False)).lower() in ("true", "1", "yes"))
+def _check_backend(cfg: PretrainConfig, device: torch.device):
+    """One line, before any data is prepared, when the run's attention backend cannot train on `device` or cannot
+    compute its pattern, objective or document isolation (modeling/backends.py says what each backend can)."""
+    model = model_config(cfg.model)
+    attention_backend(model.attention_backend).check(device, training=True, pattern=model.pattern,
+                                                     objective=cfg.training.objective,
+                                                     documents=cfg.data.document_isolation)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what load_tokenizer reads
@@ -532,8 +536,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
                         f"training.objective={cfg.training.objective} has no appended corrupted entries")
     check_trackers(cfg.logging.report_to)
     env = dist_utils.setup()
-    if _uses_flex(cfg) and env.device.type != "cuda":
-        raise UserError(CPU_TRAINING_MESSAGE)
+    _check_backend(cfg, env.device)
     with OutputDirLock(output_dir) if env.is_main else contextlib.nullcontext():  # one run per directory
         checkpoint = _checkpoint_to_resume(output_dir, resume, resume_from)
         state = None

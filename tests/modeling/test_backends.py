@@ -5,12 +5,23 @@ Same weights, fp32, max abs diff <= 1e-5, for two-stream pretraining logits and 
 encodings, with and without a sliding window, with padding that differs per row, and at a length
 that is not a multiple of the 128 block size. Also: the factory picks the class the config names,
 and flex training on CPU fails fast with a message that says what to do.
+
+The registry (modeling/backends.py): every entry's claims hold. Each backend computes the dense
+backend's logits for every pattern rule, objective and document isolation it claims and refuses the
+rules it does not claim; it trains and runs on this machine's device exactly where its entry says;
+it applies attention dropout iff its entry says so; and the commands refuse a backend that cannot
+train here (triton without CUDA) in one line before any output or data directory exists.
 """
 from __future__ import annotations
+
+import copy
+import os
 
 import pytest
 import torch
 
+from cli_support import assert_one_line_error_text, call_main, cli_main
+from fixtures import make_checkpoint
 from helpers import (
     encoding_batch,
     generator,
@@ -30,7 +41,10 @@ from mpnet.modeling import (
     two_stream_self_attention_factory,
 )
 from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_state
-from mpnet.modeling.patterns import window_spec
+from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES, ATTENTION_BACKENDS
+from mpnet.modeling.config import MPNetConfig
+from mpnet.modeling.model import OBJECTIVES
+from mpnet.modeling.patterns import PATTERN_NAMES, window_spec
 from mpnet.modeling.masks import relative_bias_by_distance
 
 TOL = 1e-5
@@ -192,3 +206,151 @@ def test_dense_backend_trains_on_cpu():
     assert bias_grad is not None and bias_grad.abs().sum() > 0
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+# --------------------------------------------------------------------------------- the registry
+
+# This machine's CPU, and a GPU where there is one (the `gpu` tests): each entry's claims for each.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# On a GPU both sides run IEEE fp32 and differ by summation order only: test_gpu_backends.py's output
+# tolerance, 1e-4 x max|reference|.
+GPU_FP32_OUT = 1e-4
+# One spec per rule of patterns.py: a backend's claim to each rule is checked on it.
+SPEC_OF_RULE = {"window": "window:3", "neighbourhood": "neighbourhood:2", "dilated": "dilated:2:2",
+                "global": "global:2:5", "block": "block:8", "swin": "swin:8", "prefix": "prefix:6",
+                "softcap": "softcap:2", "alibi": "alibi"}
+# (pattern, objective, document isolation): each rule under mpnet, each objective and documents alone
+JOBS = ([(spec, "mpnet", False) for spec in SPEC_OF_RULE.values()]
+        + [(None, objective, False) for objective in OBJECTIVES] + [(None, "mpnet", True)])
+N, M = 24, 4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_model(seed=21, num_hidden_layers=1)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """TF32 off for the GPU cases (FlexAttention's and Triton's kernels read the same switch)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _under(model, backend: str, device, **fields) -> MPNetForPretraining:
+    """The same weights under another backend (and config fields), on `device`."""
+    config = copy.deepcopy(model.config)
+    config.attention_backend = backend
+    for key, value in fields.items():
+        setattr(config, key, value)
+    other = MPNetForPretraining(config)
+    other.load_state_dict(model.state_dict())
+    other.tie_weights()
+    return other.eval().to(device)
+
+
+def _logits(model, objective="mpnet", documents=False):
+    device = next(model.parameters()).device
+    ids, positions, mask = (t.to(device) for t in pretraining_batch(generator(7), N, M, (0, 5)))
+    document_ids = (positions >= N // 2).long() if documents else None  # two documents per row
+    return model(ids, positions, M, attention_mask=mask, objective=objective, document_ids=document_ids)
+
+
+def _interpreted(name, device) -> bool:
+    # TRITON_INTERPRET=1 lets Triton's interpreter run the triton backend on CPU tensors, for its tests only
+    return name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_the_registry_names_each_backend_once_and_claims_only_known_rules():
+    assert ATTENTION_BACKEND_NAMES == tuple(ATTENTION_BACKENDS) and set(SPEC_OF_RULE) == PATTERN_NAMES
+    for name, entry in ATTENTION_BACKENDS.items():
+        assert entry.name == name and MPNetConfig.tiny(attention_backend=name).attention_backend == name
+        assert type(two_stream_self_attention_factory(tiny_config(attention_backend=name))) is entry.module_class
+        assert entry.capabilities.patterns <= PATTERN_NAMES
+        assert entry.capabilities.objectives is None or entry.capabilities.objectives <= set(OBJECTIVES)
+        assert entry.capabilities.packed_rows_multiple >= 1
+    dense = ATTENTION_BACKENDS["dense"]  # the reference computes everything, everywhere
+    assert dense.trains_on("cpu") and all(not dense.unsupported(pattern, documents=documents, objective=objective)
+                                          for pattern, objective, documents in JOBS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", [n for n in ATTENTION_BACKEND_NAMES if n != "dense"])
+@pytest.mark.parametrize("pattern,objective,documents", JOBS,
+                         ids=[f"{p or 'no-pattern'}-{o}{'-documents' if d else ''}" for p, o, d in JOBS])
+def test_each_backend_computes_what_its_entry_claims_and_refuses_the_rest(reference, name, pattern, objective,
+                                                                          documents, device):
+    entry = ATTENTION_BACKENDS[name]
+    missing = entry.unsupported(pattern, documents=documents, objective=objective)
+    other = _under(reference, name, device, attention_pattern=pattern)
+    if missing:  # refused by name, never computed as something else
+        with pytest.raises(UserError) as info, torch.no_grad():
+            _logits(other, objective, documents)
+        assert any(part in str(info.value) for part in missing), (missing, str(info.value))
+        return
+    if not (entry.runs_on(device) or _interpreted(name, device)):
+        pytest.skip(f"{name} runs on {', '.join(sorted(entry.capabilities.runs_on))} only")
+    with torch.no_grad():
+        expected = _logits(_under(reference, "dense", device, attention_pattern=pattern), objective, documents)
+        got = _logits(other, objective, documents)
+    tolerance = TOL if device == "cpu" else GPU_FP32_OUT * expected.abs().max().item()
+    assert torch.isfinite(expected).all() and max_abs(got, expected) <= tolerance
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ATTENTION_BACKEND_NAMES)
+def test_each_backend_trains_and_runs_exactly_where_its_entry_says(reference, name, device):
+    entry = ATTENTION_BACKENDS[name]
+    if _interpreted(name, device):
+        pytest.skip("Triton's interpreter runs the triton backend on CPU for its tests")
+    model = _under(reference, name, device).train()
+    for training, claimed in ((True, entry.trains_on(device)), (False, entry.runs_on(device))):
+        assert (entry.refusal(device, training=training) is None) == claimed
+        with torch.set_grad_enabled(training):
+            if not claimed:
+                with pytest.raises(UserError):
+                    _logits(model)
+                continue
+            logits = _logits(model)
+            if training:  # a backward that reaches the relative bias, as training needs
+                logits.float().square().mean().backward()
+                assert model.mpnet.encoder.relative_attention_bias.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ATTENTION_BACKEND_NAMES)
+def test_attention_dropout_is_applied_exactly_where_the_entry_says(reference, name, device):
+    entry = ATTENTION_BACKENDS[name]
+    if not (entry.runs_on(device) or _interpreted(name, device)):
+        pytest.skip(f"{name} does not run on {device}")
+    model = _under(reference, name, device, attention_probs_dropout_prob=0.5)
+    with torch.no_grad():
+        evaluated = _logits(model)
+        trained = _logits(model.train())  # hidden dropout is 0: only attention dropout can differ
+    assert (max_abs(trained, evaluated) > 1e-3) == entry.capabilities.attention_dropout
+
+
+def test_a_refusal_names_the_backends_that_can_do_the_job():
+    line = ATTENTION_BACKENDS["triton"].refusal("cuda", training=True, pattern="window:8,block:16,softcap:30")
+    assert "block:16, softcap:30" in line and "dense or flex" in line and "window:8" not in line.split("(")[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal on a machine without CUDA")
+def test_the_commands_refuse_triton_without_cuda_in_one_line_before_any_data(tmp_path):
+    """pretrain-mpnet would preprocess the corpus into OUTPUT/data-cache, finetune-mpnet and compare-mpnet-backends
+    would read the task's data: each stops first, in one line, and creates no directory."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A sentence of the corpus that would be preprocessed.\n" * 20)
+    checkpoint = make_checkpoint(tmp_path / "checkpoint")
+    glue = tmp_path / "glue"
+    glue.mkdir()  # empty: reading the task's data would fail with another message
+    runs = {"pretrain": ["--data", corpus],
+            "finetune": ["--checkpoint", checkpoint, "--task", "sst2", "--data-dir", glue],
+            "compare": ["--checkpoint", checkpoint, "--tasks", "sst2", "--data-dir", glue]}
+    for command, arguments in runs.items():
+        out = tmp_path / f"out-{command}"
+        backend = ["--backends", "dense,triton"] if command == "compare" else ["--attention-backend", "triton"]
+        code, stderr = call_main(cli_main(command), *arguments, *backend, "--output-dir", out)
+        assert_one_line_error_text(code, stderr, "the triton attention backend cannot", "CUDA")
+        assert not out.exists(), command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "corpus.txt", "glue"]
