@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..modeling.backends import ATTENTION_BACKEND_NAMES, ATTENTION_BACKENDS
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
 from ..training.toolkit import COMPILE_MODES, adamw, autocast, compile_model, mark_step
@@ -39,10 +40,9 @@ from .harness import (
 from .problems import pred_size
 from .report import Section, Table, fmt, ok, tflops_text, time_text
 
-STEP_BACKENDS = ("dense", "flex", "triton")  # MPNetConfig.attention_backend
+STEP_BACKENDS = ATTENTION_BACKEND_NAMES  # MPNetConfig.attention_backend
 FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS
 STEP_MODELS = ("bert",) + STEP_BACKENDS  # what `also_compile` may name in the step section
-GPU_ONLY = ("flex", "triton")  # no backward on CPU (triton: only in Triton's interpreter)
 MODEL_SIZES = ("base", "tiny")
 # AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
 PRETRAINING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -114,10 +114,9 @@ def check_common(settings, device, chosen, choices, flag):
     if settings.seq_len > limit:
         raise UserError(f"--seq-len {settings.seq_len} is longer than mpnet-base's position table allows ({limit})")
     check_counts(settings, "peak_tflops")
-    gpu_only = [b for b in chosen if b in GPU_ONLY]
-    if device.type != "cuda" and gpu_only:
-        raise UserError(f"the {' and '.join(gpu_only)} step needs a CUDA GPU (FlexAttention has no backward on CPU, "
-                        f"Triton runs there only in its interpreter); leave {', '.join(gpu_only)} out of {flag} on CPU")
+    refusals = [ATTENTION_BACKENDS[b].refusal(device, training=True) for b in chosen if b in ATTENTION_BACKENDS]
+    if any(refusals):  # a step is forward and backward: each backend must train here
+        raise UserError(f"{flag}: " + "; ".join(filter(None, refusals)))
 
 
 def check_also_compile(chosen, choices, mode="default"):

@@ -40,7 +40,7 @@ work per call is kept small: the plan's vectors reach each kernel packed into on
 model fixes are compile-time constants (a Triton launch costs host time per argument: on the H200's
 host an empty kernel took 17 us with 2 arguments, 28-68 us with 36), and the state builds the kernels'
 view of the bias table once for all layers. `make_triton_attention_state` / `TritonTwoStreamAttention`
-mirror the dense and flex backends' interfaces (attention.ATTENTION_BACKENDS registers them as
+mirror the dense and flex backends' interfaces (backends.ATTENTION_BACKENDS registers them as
 "triton"), except that the state takes the (buckets, heads) table itself rather than
 `relative_bias_by_distance(table)`: the gradient is reduced per bucket, which the per-distance view
 cannot carry.
@@ -69,7 +69,7 @@ import torch
 
 from ..errors import UserError
 from .masks import stream_lengths
-from .patterns import AttentionPattern, as_pattern
+from .patterns import WINDOW_NAMES, AttentionPattern, as_pattern
 from .projections import AttentionProjections
 from .triton_launch import triton_two_stream_attention
 from .triton_plan import TritonAttentionPlan, bucket_tables, log2_bias_by_index, make_triton_attention_plan
@@ -82,16 +82,13 @@ class UnsupportedTritonPattern(UserError):
 def supported_window(pattern: str | AttentionPattern | None = None) -> int | None:
     """The sliding window a pattern asks for (None: none). Anything beyond windows raises: the kernels
     implement the MPNet rules, padding, one window on original positions and document isolation."""
-    spec = as_pattern(pattern).spec
-    sizes = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, *numbers = part.split(":")
-        if name.strip().lower() not in ("window", "neighbourhood", "neighborhood"):
-            raise UnsupportedTritonPattern(
-                f"the Triton attention backend supports sliding windows (window:W) and document isolation only, "
-                f"not '{part}'; use the flex or dense backend for attention pattern '{spec}'")
-        sizes.append(int(numbers[0]))
-    return min(sizes) if sizes else None  # windows intersect: the smallest one rules
+    pattern = as_pattern(pattern)
+    if pattern.scores or not pattern.masks_are_windows:
+        beyond = ", ".join(pattern.parts_outside(WINDOW_NAMES)) or "a mask outside a spec"
+        raise UnsupportedTritonPattern(
+            f"the Triton attention backend supports sliding windows (window:W) and document isolation only, "
+            f"not '{beyond}'; use the flex or dense backend for attention pattern '{pattern.spec}'")
+    return pattern.window
 
 
 # ---------------------------------------------------------------------- the backend's module interface

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from ..data.classification import Batching, Encoded, PreparedData, prepare_data
 from ..data.tokenizer import checkpoint_tokenizer
 from ..errors import UserError
-from ..modeling.config import ATTENTION_BACKEND_NAMES, check_window
+from ..modeling.backends import ATTENTION_BACKEND_NAMES, AttentionBackend, attention_backend
+from ..modeling.config import check_window
+from ..modeling.patterns import window_spec
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .metrics import ScalarLog
@@ -64,6 +66,11 @@ class Backend:
         return self.name == "flex"
 
     @property
+    def registry_entry(self) -> AttentionBackend:
+        """What the backend can do (modeling/backends.py)."""
+        return attention_backend(self.name)
+
+    @property
     def label(self) -> str:
         return f"{self.name}:{self.window}" if self.window else self.name
 
@@ -76,14 +83,10 @@ class Backend:
         return cls(name, int(window) if window else None)
 
 
-def check_backend_can_train(backend: Backend, device: torch.device):
-    """Only the dense backend trains on a CPU: FlexAttention has no CPU backward, the Triton kernels need CUDA."""
-    if backend.name != "dense" and device.type != "cuda":
-        from ..modeling.attention import CPU_TRAINING_MESSAGE, FlexAttentionUnavailable
-
-        if backend.flex:
-            raise FlexAttentionUnavailable(CPU_TRAINING_MESSAGE)
-        raise UserError(f"the {backend.name} backend needs a CUDA GPU; drop it to train with the dense backend")
+def check_backend_can_train(backend: Backend, device: torch.device, packed: bool = False):
+    """One line, before any data is read, when the backend cannot train on `device` with its window (and
+    the document isolation of packed batches): the registry (modeling/backends.py) says what each can."""
+    backend.registry_entry.check(device, training=True, pattern=window_spec(backend.window), documents=packed)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -262,7 +265,7 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
 def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, tokenizer) -> Run:
     """Device, tokenizer, data, model, optimizer and schedule; fails before reading data where it can."""
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    check_backend_can_train(backend, device)
+    check_backend_can_train(backend, device, config.training.pack)
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     if not checkpoint.is_dir():
         raise UserError(f"checkpoint {checkpoint} is not a directory; pass an MPNet checkpoint (HF layout)")
@@ -278,7 +281,7 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "config.json", to_dict(config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
-    rows_multiple = t.pack_rows_multiple or (1 if backend.name == "dense" else 4)
+    rows_multiple = t.pack_rows_multiple or backend.registry_entry.capabilities.packed_rows_multiple
     batching = Batching(pad_id, t.pad_to_multiple_of, model.config.max_sequence_length, t.pack, prepared.max_length,
                         rows_multiple)
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
