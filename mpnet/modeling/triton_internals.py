@@ -59,12 +59,12 @@ def _resolve(api: PrivateApi):
     return getattr(importlib.import_module(api.module), api.name)
 
 
-def missing_private_apis() -> list[PrivateApi]:
-    """The PRIVATE_APIS the installed triton lacks (none without triton: nothing to check)."""
+def missing_private_apis(apis=PRIVATE_APIS) -> list[PrivateApi]:
+    """The APIs the installed triton lacks (none without triton: nothing to check)."""
     if triton is None:
         return []
     missing = []
-    for api in PRIVATE_APIS:
+    for api in apis:
         try:
             _resolve(api)
         except (ImportError, AttributeError):

@@ -207,7 +207,7 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
     return db, far_left, far_right
 
 
-# The plan's vectors reach the kernels as ONE int32 tensor (triton_attention.pack_forward_order and
+# The plan's vectors reach the kernels as ONE int32 tensor (triton_plan.pack_forward_order and
 # pack_keys_order): a Triton launch costs host time per argument (on the H200's host an empty kernel: 17 us
 # with 2 arguments, 28-68 us with 36; scripts/triton_attention_timing.py --host).
 @kernel
