@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="mpnet",
     version="0.1.0",
-    description="MPNet pretraining (masked and permuted LM, two-stream attention) with dense and FlexAttention backends",
+    description="MPNet pretraining (masked and permuted LM, two-stream attention) with dense, FlexAttention and "
+                "Triton attention backends",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -28,11 +29,13 @@ setup(
         "matplotlib",
         "tabulate",
     ],
-    # "fairseq": what ve-fairseq needs besides torch; the fork itself goes in with --no-deps (docs/fairseq.md).
+    # "fairseq": what ve-fairseq declares besides torch and torchaudio; the fork itself goes in with --no-deps
+    # (docs/fairseq.md: no torchaudio release loads with torch 2.13, and the text tasks never import it).
     # "datasets": reading folders that Hugging Face datasets saved (pretrain-mpnet --data, finetune-mpnet --data-dir).
     extras_require={"test": ["pytest", "setuptools", "sentence-transformers", "datasets"], "data": ["rdata"],
                     "datasets": ["datasets"],
-                    "fairseq": ["hydra-core", "omegaconf", "bitarray", "sacrebleu"]},
+                    "fairseq": ["hydra-core>=1.3.2", "omegaconf", "bitarray", "sacrebleu>=1.4.12", "cffi", "cython",
+                                "regex", "packaging"]},
     entry_points={
         "console_scripts": [
             "pretrain-mpnet=mpnet_cli.pretrain:main",

@@ -1,4 +1,5 @@
-"""mpnet: MPNet pretraining (masked and permuted LM, two-stream attention) with dense and FlexAttention backends."""
+"""mpnet: MPNet pretraining (masked and permuted LM, two-stream attention) with dense, FlexAttention and Triton
+attention backends (mpnet/modeling/backends.py)."""
 from .modeling import *  # noqa: F401,F403
 from .modeling import __all__
 

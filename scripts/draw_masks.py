@@ -9,7 +9,7 @@ Writes into --out-dir:
 - blocks_window.png: which 128x128 tiles the BlockMask lets FlexAttention compute at n = 2048 with a
   256 window, in the permuted layout the collator produces (the block sparsity the benchmark reports).
 
-Each mask is the BlockMask's own mask_mod (from `make_flex_attention_mask`) evaluated densely with
+Each mask is the BlockMask's own mask_mod (from `make_two_stream_block_masks`) evaluated densely with
 `torch.nn.attention.flex_attention.create_mask`, and is checked against the dense backend's
 materialised mask (`make_dense_attention_state`) before it is drawn: one rule, two backends.
 """
@@ -28,15 +28,15 @@ if str(ROOT) not in sys.path:
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
 from mpnet.bench.problems import pred_size, two_stream_positions  # noqa: E402
-from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
+from mpnet.modeling.attention import make_dense_attention_state  # noqa: E402
+from mpnet.modeling.block_masks import make_two_stream_block_masks, tile_counts  # noqa: E402
 from mpnet.modeling.patterns import window_spec  # noqa: E402
-from mpnet.modeling.block_masks import tile_counts  # noqa: E402
 
 
 def masks(n, m, window, seed):
     """(content (n+m, n+m), query (m, n+m), positions (n+2m,)) as bool tensors, True = may attend."""
     positions = two_stream_positions(1, n, m, torch.Generator().manual_seed(seed))
-    content_bm, query_bm = make_flex_attention_mask(positions, n, m, window_spec(window))
+    content_bm, query_bm = make_two_stream_block_masks(positions, n, m, window_spec(window))
     content = create_mask(content_bm.mask_mod, 1, 1, n + m, n + m, device="cpu")[0, 0]
     query = create_mask(query_bm.mask_mod, 1, 1, m, n + m, device="cpu")[0, 0]
     dense = make_dense_attention_state(positions, n, m, torch.zeros(1, 257), 128, window_spec(window)).allowed[0, 0]
@@ -117,7 +117,7 @@ def draw_blocks(n, window, seed, path):
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=90)
     for ax, pos, name in ((axes[0], positions, "permuted order (as collated)"),
                           (axes[1], natural, "no permutation (tokens in original order):\nwhat a layout sorted by position allows")):
-        content, _ = make_flex_attention_mask(pos, n, m, window_spec(window))
+        content, _ = make_two_stream_block_masks(pos, n, m, window_spec(window))
         tiles = content.to_dense()[0, 0].int().numpy()
         ax.imshow(tiles, cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
         ax.set_title(f"{name}\ncontent-stream tiles computed: {100 * tile_share(content):.0f}%", fontsize=8)

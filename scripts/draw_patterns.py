@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Draw every attention pattern of mpnet/modeling/patterns.py and write docs/patterns.md.
+"""Draw every attention pattern of mpnet/modeling/patterns.py for docs/patterns.md, and write the page's
+generated block-sparsity table.
 
     python scripts/draw_patterns.py [--n 32] [--out-dir docs/patterns] [--doc docs/patterns.md]
 
@@ -8,8 +9,9 @@ Each mask picture is the FlexAttention BlockMask's own mask_mod evaluated densel
 drawn (as scripts/draw_masks.py does for the window): one rule, two backends. Single stream in
 natural order for every pattern, plus the two-stream content/query masks of one pattern in the
 permuted layout the collator produces (tick labels from draw_masks.labels). The score mods are drawn
-as what they do to a score. The block-sparsity table in the Markdown is computed here too (CPU,
-structure only: which 128x128 tiles the kernel would compute), no timing.
+as what they do to a score. The block-sparsity table is computed here too (CPU, structure only: which
+128x128 tiles the kernel would compute), no timing, and replaces the part of --doc between the
+GENERATED markers; the rest of the page is written by hand.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ for path in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(path))
 
 from draw_masks import labels as two_stream_labels  # noqa: E402
-from draw_masks import tile_share
+from draw_masks import tile_share  # noqa: E402
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
 from mpnet.bench.problems import pred_size, two_stream_positions  # noqa: E402
-from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask  # noqa: E402
+from mpnet.modeling.attention import make_dense_attention_state  # noqa: E402
+from mpnet.modeling.block_masks import make_two_stream_block_masks  # noqa: E402
 from mpnet.modeling.patterns import alibi_slope, as_pattern, soft_cap  # noqa: E402
 
 # (file stem, spec, document lengths or None, what the picture shows)
@@ -45,32 +48,14 @@ MASKS = [
 ]
 TWO_STREAM_SPEC = "block:8"
 
-DEFINITIONS = [
-    ("`window:W`", "\\|d\\| <= W", "`within_window` (masks.py)", "window"),
-    ("`neighbourhood:R`", "\\|d\\| <= R (in 1-D the window itself)", "`within_radius` = `within_window`",
-     "window"),
-    ("`dilated:W:D`", "\\|d\\| <= W·D and d mod D = 0", "`within_dilated_window`", "dilated"),
-    ("`global:W[:P...]`", "q or k in {P...} (default {0}, the `<s>` token), or \\|d\\| <= W",
-     "`global_or_within_window`", "global"),
-    ("`block:B`", "⌊q/B⌋ = ⌊k/B⌋", "`same_block`", "block"),
-    ("`swin:B`", "even layers `block:B`; odd layers ⌊(q-B/2)/B⌋ = ⌊(k-B/2)/B⌋", "`same_block`, "
-     "`same_shifted_block`", "swin"),
-    ("`prefix:P`", "k < P, or k <= q (P = 0: causal)", "`prefix_lm_visible`", "prefix"),
-    ("`document_ids`", "doc(q) = doc(k)", "`same_document`", "documents"),
-    ("`softcap:C`", "score -> C·tanh(score / C)", "`soft_cap`", "softcap"),
-    ("`alibi`", "score -> score - slope_h·\\|d\\|, slope_h = 2^(-8(h+1)/H) (H a power of 2)", "`alibi`, "
-     "`alibi_slope`", "alibi"),
-]
-
-
 def _documents(lengths):
     return torch.cat([torch.full((length,), doc) for doc, length in enumerate(lengths)])
 
 
 def checked_masks(positions, n, m, spec, documents=None, layer=0):
     """(content, query) bool masks from the BlockMasks' mask_mods, equal to the dense backend's or exit."""
-    content_bm, query_bm = make_flex_attention_mask(positions, n, m, pattern=spec, document_ids=documents,
-                                                    layer=layer)
+    content_bm, query_bm = make_two_stream_block_masks(positions, n, m, pattern=spec, document_ids=documents,
+                                                       layer=layer)
     content = create_mask(content_bm.mask_mod, 1, 1, n + m, n + m, device="cpu")[0, 0]
     query = create_mask(query_bm.mask_mod, 1, 1, m, n + m, device="cpu")[0, 0] if m else None
     dense = make_dense_attention_state(positions, n, m, torch.zeros(1, 257), 128, pattern=spec,
@@ -202,172 +187,35 @@ def sparsity_rows(n=2048, seed=0):
     rows = []
     for spec in SPARSITY_SPECS:
         pattern = as_pattern(spec)
-        natural = [tile_share(make_flex_attention_mask(torch.arange(n)[None], n, 0, pattern=spec,
-                                                           layer=layer)[0]) for layer in range(pattern.layer_variants)]
-        scattered = tile_share(make_flex_attention_mask(permuted, n, m, pattern=spec)[0])
+        natural = [tile_share(make_two_stream_block_masks(torch.arange(n)[None], n, 0, pattern=spec, layer=layer)[0])
+                   for layer in range(pattern.layer_variants)]
+        scattered = tile_share(make_two_stream_block_masks(permuted, n, m, pattern=spec)[0])
         rows.append((spec or "(none)", sum(natural) / len(natural), scattered))
     return n, m, rows
 
 
-def write_markdown(doc_path, out_dir):
-    rel = Path(out_dir).resolve().relative_to(Path(doc_path).resolve().parent)
-    sparsity_n, sparsity_m, sparsity = sparsity_rows()
-    lines = [
-        "# Attention patterns",
-        "",
-        "Sparse masks and score modifications for both attention backends, defined once in",
-        "`mpnet/modeling/patterns.py` as small elementwise functions: the dense backend evaluates them on",
-        "broadcast grids to materialise its mask, FlexAttention calls the same functions inside its",
-        "`mask_mod` / `score_mod`. Every rule reads **original positions** (the `positions` tensor, -1 for",
-        "padding), so a pattern means the same thing in the permuted two-stream layout as in natural order,",
-        "and it is AND-ed with the MPNet two-stream visibility and the padding rule: a pattern only ever",
-        "hides more. Pictures and this page: `python scripts/draw_patterns.py` (each picture is the",
-        "BlockMask's mask_mod, checked against the dense mask before drawing).",
-        "",
-        "```bash",
-        "pretrain-mpnet --config configs/mpnet-tiny.yaml --output-dir runs/swin --attention-pattern swin:64,softcap:30",
-        "pretrain-mpnet ... model.attention_pattern=global:128:0          # the same, as an override",
-        "```",
-        "",
-        "```python",
-        "model = MPNetForSequenceClassification.from_pretrained(ckpt, attention_pattern=\"block:64,alibi\")",
-        "```",
-        "",
-        "`sliding_window_size: N` (and `--sliding-window-size N`) keeps working and means `window:N`; with",
-        "both set, the two are intersected. A bad spec stops with one line naming the valid ones.",
-        "",
-        "## Definitions",
-        "",
-        "q, k: original positions of the query and the key; d = k - q.",
-        "",
-        "| spec | visible / score | function | picture |",
-        "|---|---|---|---|",
-    ]
-    for spec, rule, function, stem in DEFINITIONS:
-        lines.append(f"| {spec} | {rule} | {function} | [{stem}]({rel}/{stem}.png) |")
-    lines += [
-        "",
-        "Composition: `NAME[:args]` parts joined by commas, e.g. `block:64,softcap:30`. Masks are",
-        "intersected (so `global:128:0,block:64` confines even the global token to its block); score mods",
-        "are applied in the order written, after the relative-position bias (`alibi,softcap:30` caps the",
-        "ALiBi-penalised score; `softcap:30,alibi` penalises the capped one).",
-        "",
-    ]
-    for stem, spec, _, title in MASKS:
-        lines += [f"![{title}]({rel}/{stem}.png)", ""]
-    lines += [
-        f"The two-stream layout (n=24, m=4, permuted as the collator does) with `{TWO_STREAM_SPEC}`: blocks are",
-        "cut on original positions, so in the permuted order they are scattered, and the two-stream rules",
-        "still decide which predicted tokens a row sees.",
-        "",
-        f"![two-stream {TWO_STREAM_SPEC}]({rel}/two_stream_block.png)",
-        "",
-        f"![alibi]({rel}/alibi.png) ![softcap]({rel}/softcap.png)",
-        "",
-        "## Decisions",
-        "",
-        "- **neighbourhood = window.** A 1-D neighbourhood of radius r is |d| <= r, exactly `window:r`, so",
-        "  `within_radius` is the same function object, not a second definition. NATTEN's neighbourhood",
-        "  attention differs only at the sequence ends, where it shifts the window inward so that every",
-        "  query sees 2r + 1 keys; that needs each row's length and is not implemented.",
-        "- **dilated:W:D** counts W *dilated* steps: the span is W·D positions either side, every D-th one.",
-        "- **global** positions are original positions (0 = `<s>`). In two-stream pretraining a global",
-        "  position that is predicted is global in all three of its entries (PRED, MASK, QUERY), but the",
-        "  two-stream rules still apply: a global query never sees the predicted tokens of its rank or later.",
-        "- **swin** alternates by layer: even layers (0, 2, ...) use plain blocks, odd layers blocks",
-        "  shifted by B//2 (the first block is [0, B/2)); Swin's cyclic shift with its mask computes the same",
-        "  partition on a non-cyclic sequence. The encoder builds one attention state per layer parity, so",
-        "  at most two per forward pass (two pairs of BlockMasks on the flex backend), never one per layer.",
-        "- **prefix:P** for an encoder is prefix-LM: positions < P attend to each other bidirectionally and",
-        "  not past the prefix; a later position sees the prefix and every position up to its own (causal).",
-        "  `prefix:0` is a causal encoder. Under two-stream pretraining it is AND-ed with the MPNet rules.",
-        "- **document isolation** is not a spec: it belongs to the batch, not to the model. Pass",
-        "  `document_ids` (B, n) to `encode(...)` or `MPNetForPretraining.forward(...)` (permuted like",
-        "  `positions`; the appended two-stream entries take their predicted token's document). In `encode`",
-        "  positions then restart at each run of equal ids. `mpnet.modeling.packing.pack` builds such rows",
-        "  with a best-fit-decreasing packer; `PackedBatch.unpack` / `first_tokens` cut the outputs back.",
-        "  Packed rows give every example exactly the encoding it gets alone (tests/modeling/test_packing.py, <= 1e-5,",
-        "  both backends).",
-        "- **alibi** uses the published slopes (Press et al.): 2^(-8(h+1)/H) for H a power of two, otherwise",
-        "  the first 2^floor(log2 H) of those plus every other slope of the 2H series; computed from the head",
-        "  index inside the score_mod, so it captures no extra tensor. It adds to MPNet's own relative bias.",
-        "- **Lean mods.** The flex mask_mod captures `positions` and, only when given, `document_ids`; the",
-        "  score_mod captures `positions` and the bias table. Pattern arguments are Python numbers baked into",
-        "  the mod (a new value compiles a new kernel; the same spec reuses the cached one).",
-        "",
-        "## Checkpoints with a pattern, in transformers",
-        "",
-        "transformers' own MPNet computes full attention with buckets that saturate at 128. A checkpoint whose config",
-        "sets `sliding_window_size`, `attention_pattern` or another `relative_attention_max_distance` is therefore saved",
-        "with model_type `mpnet_pattern`, an `auto_map` and a small `modeling_mpnet_pattern.py` next to the weights",
-        "(mpnet/hub.py), so it never loads silently into a different function:",
-        "",
-        "```python",
-        "from transformers import AutoModelForMaskedLM",
-        "model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)  # needs this package installed",
-        "```",
-        "",
-        "computes exactly what ours does (the same for AutoModel and AutoModelForSequenceClassification;",
-        "tests/modeling/test_transformers_loading.py compares them bit for bit). Without `trust_remote_code=True` the",
-        "Auto classes refuse the directory and name the flag. Only the concrete `transformers.MPNetForMaskedLM` class",
-        "still loads it into full attention, with transformers' warning that the model types differ. Loading it here",
-        "with `sliding_window_size=None` (and no pattern) and saving writes a plain `mpnet` checkpoint again.",
-        "",
-        "## Block sparsity",
-        "",
-        f"Share of 128x128 tiles the content-stream kernel computes at n = {sparsity_n} (single stream in natural",
-        f"order; two-stream with m = {sparsity_m} in the permuted layout the collator produces; swin averaged",
-        "over its two layer parities). Computed from the BlockMasks on CPU (structure only, no timing).",
-        "",
-        "| pattern | natural order | permuted two-stream |",
-        "|---|---|---|",
-    ]
-    for spec, natural, scattered in sparsity:
-        lines.append(f"| `{spec}` | {100 * natural:.1f}% | {100 * scattered:.1f}% |")
-    lines += [
-        "",
-        "Position-local patterns are block-sparse only when tokens sit in (roughly) original order; in the",
-        "permuted two-stream layout every 128-tile holds tokens from all over the sentence, so the kernel",
-        "computes as many tiles as with no pattern and the pattern saves nothing (it still changes the",
-        "result). A layout",
-        "that keeps tokens in original order and expresses the permutation through rank lookups is the",
-        "way to make them pay during pretraining; for fine-tuning and inference (natural order) they pay",
-        "as is.",
-        "",
-        "## Linformer and Performer (FlexAttention-Examples): not added",
-        "",
-        "The FlexAttention-Examples repository lists Linformer and Performer next to Longformer, Swin and",
-        "neighbourhood attention. The last three are masks and are here. The first two are not masks or score",
-        "modifications; they change",
-        "what is computed:",
-        "",
-        "- **Linformer** projects keys and values along the sequence axis (n -> k rows, learned E, F of",
-        "  shape k x n). A projected key row mixes all tokens, so there is no (query, key-token) pair left",
-        "  to hide: the two-stream rules cannot be expressed. Concretely the query of rank i would see a",
-        "  mixture that contains the predicted tokens of rank >= i, which is the leak the no-leak test",
-        "  forbids, and padding and document isolation leak the same way. The projections also fix n at",
-        "  training time and have no counterpart in MPNet / HF checkpoints.",
-        "- **Performer** (FAVOR+) replaces exp(q·k) by a random-feature product phi(q)·phi(k) so that",
-        "  sum_k phi(k) v^T is computed once for all queries. That sharing is exactly what per-row",
-        "  visibility forbids: an arbitrary mask (the two-stream rules, per-rank) needs a separate sum per",
-        "  query row, i.e. O(n^2) again; only causal-style prefix sums stay linear. MPNet's relative bias",
-        "  multiplies the kernel by exp(b(k - q)) (a Toeplitz factor, FFT-able at best), and the result is",
-        "  an approximation, so parity with the dense oracle (<= 1e-5) and exact transfer of pretrained",
-        "  checkpoints are lost.",
-        "",
-        "FlexAttention cannot express either (it modifies scores and skips tiles; it does not change the",
-        "algorithm), so each would be a third, approximate backend with its own numerics rather than a",
-        "pattern. Decision: they do not belong in this library; the sub-quadratic patterns here",
-        "(window, dilated, global, block/swin, documents) are exact and skip tiles for real. This is a",
-        "reasoned decision, not a measurement: no GPU time was available when this was written. What to measure later,",
-        "on the GPU machine with `benchmark-mpnet`: single-stream forward+backward throughput and memory of",
-        "a Linformer (k = 256) and a Performer (256 features) layer against flex + `window:256` and",
-        "`block:256` at n = 4k-16k, and the GLUE dev score after a short continued pretraining; revisit",
-        "only if they win clearly on speed at equal accuracy for single-stream fine-tuning, the one place",
-        "where the two-stream objection does not apply.",
-        "",
-    ]
-    Path(doc_path).write_text("\n".join(lines))
+BEGIN = "<!-- GENERATED by scripts/draw_patterns.py: block sparsity -->"
+END = "<!-- end of GENERATED -->"
+
+
+def sparsity_block() -> str:
+    n, m, rows = sparsity_rows()
+    lines = [f"Share of 128x128 tiles the content-stream kernel computes at n = {n} (single stream in natural",
+             f"order; two-stream with m = {m} in the permuted layout the collator produces; swin averaged",
+             "over its two layer parities). Computed from the BlockMasks on CPU (structure only, no timing).",
+             "", "| pattern | natural order | permuted two-stream |", "|---|---|---|"]
+    lines += [f"| `{spec}` | {100 * natural:.1f}% | {100 * scattered:.1f}% |" for spec, natural, scattered in rows]
+    return "\n".join(lines)
+
+
+def write_generated(doc_path):
+    """Replace the part of the page between BEGIN and END with the block-sparsity table computed now."""
+    text = Path(doc_path).read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{doc_path}: expected one '{BEGIN}' ... '{END}' block to write the table into")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    Path(doc_path).write_text(f"{head}{BEGIN}\n{sparsity_block()}\n{END}{tail}")
 
 
 def main(argv=None):
@@ -381,7 +229,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = draw_single_stream(args.n, out) + draw_two_stream(out) + draw_score_mods(args.n, out)
-    write_markdown(args.doc, out)
+    write_generated(args.doc)
     for path in [*written, Path(args.doc)]:
         print(path)
 

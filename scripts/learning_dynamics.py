@@ -22,15 +22,13 @@ From the repository root, installed (`pip install -e .`) or not:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from command_runs import begin_run, failer, output_parser
 from quality_benchmark import REPO, git_commit, require_runtime, run_command, shown
 
 PROG = "learning_dynamics"
@@ -45,16 +43,11 @@ RUNS = {"mpnet": ("mpnet", []), "mpnet-original-init": ("mpnet", ORIGINAL_INIT),
         "plm": ("plm", []), "plm-original-init": ("plm", ORIGINAL_INIT)}
 BIAS_INITS = ("zero", "unigram")  # the reference's LM-head bias: transformers' init, or ours (training.lm_bias_init)
 REFERENCE = "reference-mlm"
-
-
-def fail(message: str):
-    sys.exit(f"{PROG}: error: {message}")
+fail = failer(PROG)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for every run and the report")
+    p = output_parser(PROG, __doc__)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-tiny.yaml",
                    help="model, corpus and block size of every run")
     p.add_argument("--runs", default="mpnet,mpnet-content,mlm",
@@ -294,12 +287,7 @@ def write_report(args, runs: list[dict], facts: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "PYTHONPATH=.:/tmp/shim python3 scripts/learning_dynamics.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    if args.out.exists() and any(args.out.iterdir()):
-        fail(f"--out {args.out} is not empty; choose a new folder (nothing was overwritten)")
+    command = begin_run("learning_dynamics.py", args, argv, fail)
     require_runtime(args.device, fail)
     import torch
     import transformers

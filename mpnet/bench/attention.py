@@ -276,6 +276,8 @@ def build_triton(settings, p: AttentionProblem, device, timer, window=None, tile
     once per forward like the BlockMasks) outside the timed region, the table's gradient from its kernels.
     With `tiles` the module's kernel call is made here, with those tiles."""
     module_class, make_state = ATTENTION_BACKENDS["triton"].load()
+    from ..modeling.triton_launch import triton_two_stream_attention  # the triton package is there: it loaded
+
     module = attention_module(module_class, settings, device)
     layout, positions = rows_for(p, window)
 
@@ -286,17 +288,15 @@ def build_triton(settings, p: AttentionProblem, device, timer, window=None, tile
     with phase("plan build"):
         state, facts["mask_first_s"] = timed_build(timer, build)
     facts["mask_ms"] = warm_median(timer, build, settings)
-    forward = lambda: module(p.hidden, state)  # noqa: E731
-    if tiles is not None:
-        from ..modeling.triton_launch import triton_two_stream_attention
+    kernel_tiles = None if tiles is None else tiles.kernel_tiles(DTYPES[settings.dtype], single_stream=not p.m)
 
-        kernel_tiles = tiles.kernel_tiles(DTYPES[settings.dtype], single_stream=not p.m)
-
-        def forward():  # TritonTwoStreamAttention.forward with other tiles
-            q, k, v = module.project(p.hidden, state.kv_len)
-            return module.merge(triton_two_stream_attention(
-                q, k, v, state.relative_bias_table, state.plan, max_distance=state.max_distance,
-                bias_by_index=state.bias_by_index, buckets=state.buckets, tiles=kernel_tiles))
+    def forward():
+        if kernel_tiles is None:
+            return module(p.hidden, state)
+        q, k, v = module.project(p.hidden, state.kv_len)  # TritonTwoStreamAttention.forward with other tiles
+        return module.merge(triton_two_stream_attention(
+            q, k, v, state.relative_bias_table, state.plan, max_distance=state.max_distance,
+            bias_by_index=state.bias_by_index, buckets=state.buckets, tiles=kernel_tiles))
     return Core(forward, [p.hidden, p.table, *module.parameters()], facts, check=lambda: check_gradient(p.table))
 
 

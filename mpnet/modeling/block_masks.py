@@ -9,7 +9,7 @@ tile: O(B x tiles^2) work, a few dozen small kernels, no host synchronisation, n
 the block tables are built differently: the kernel evaluates the same mask_mod (`two_stream_mask_mods`,
 the rules of masks.py and patterns.py) on the PARTIAL tiles.
 
-Measured on an H200 (torch 2.11, `scripts/block_mask_build_timing.py`: both masks, n = L, m = 15%,
+Measured on an H200 (torch 2.11, `benchmark-mpnet mask-build`: both masks, n = L, m = 15%,
 16k tokens per batch, L = 512 .. 32768, no window and window 256): 0.19-0.35 ms per build (0.09-0.19
 ms of host time), its kernels replayed as one CUDA graph; 1.0-1.4 ms launched one by one; first build
 of a shape 5-12 ms (the graph's capture), 206 ms for the first in the process; 3-44 MiB of memory.

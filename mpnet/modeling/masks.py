@@ -131,8 +131,8 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int =
 def relative_bias_by_distance(table: torch.Tensor, max_distance: int, num_buckets: int) -> torch.Tensor:
     """(buckets, heads) table -> (heads, 2*max_distance + 1) bias indexed by clamp(distance) + max_distance.
 
-    Buckets saturate at max_distance, so clamping the distance there changes nothing; both backends
-    then read the bias with one gather, and its gradient flows back to the table through autograd.
+    Buckets saturate at max_distance, so clamping the distance there changes nothing; the dense and flex
+    backends then read the bias with one gather, and its gradient flows back to the table through autograd.
     """
     distance = torch.arange(-max_distance, max_distance + 1, device=table.device)
     return table[relative_position_bucket(distance, num_buckets, max_distance)].t()

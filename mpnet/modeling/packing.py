@@ -6,7 +6,7 @@ goes into the fullest row it still fits in), writes a per-token document id, and
 document_ids=...)` then restarts positions per document and lets a token attend only within its
 own document. With the relative bias depending only on position differences and positions
 restarting, each example's encoding equals the one it gets alone (tests/modeling/test_packing.py proves it,
-both backends). `PackedBatch.unpack` / `first_tokens` cut the outputs back per example.
+for the dense and flex backends). `PackedBatch.unpack` / `first_tokens` cut the outputs back per example.
 
 Rows are as wide as the fullest row (at most `max_length`); padding only fills the ends of rows.
 Compiled kernels (FlexAttention) compile once per shape: `pad_width_to_multiple_of` and

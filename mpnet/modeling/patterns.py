@@ -1,4 +1,5 @@
-r"""Attention patterns: sparse masks and score modifications, each one small function used by both backends.
+r"""Attention patterns: sparse masks and score modifications, each one small function used by the dense and
+flex backends (the triton backend computes the windows; backends.py says which backend computes what).
 
 Like the rules in masks.py, every function here is elementwise torch: the dense backend calls it on
 broadcast grids of (query, key) pairs to materialise its mask, FlexAttention calls it on 0-d tensors

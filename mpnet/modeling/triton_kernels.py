@@ -174,7 +174,7 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
     tile); any other tile adds, for each bucket its distance range [distance_lo, distance_hi] touches,
     that bucket's masked row sums to db (BLOCK_N, BUCKETS), reduced over the key rows once after the
     loop: a row sum stays inside a warp, a whole-tile sum per bucket crossed warps through shared memory
-    (H200, scripts/triton_attention_timing.py: dK/dV kernel 1.007 -> 0.906 ms on the L = 512 pair,
+    (H200, per-kernel GPU time, docs/benchmarks.md: dK/dV kernel 1.007 -> 0.906 ms on the L = 512 pair,
     0.606 -> 0.526 ms on the L = 512 single stream). A tile in natural order (NATURAL: the kernel may
     meet one; `natural`: this one is) touching more than PREFIX_FROM buckets takes
     `_bias_gradient_in_natural_order` instead."""
@@ -193,7 +193,7 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
         last_right = tl.where(hi >= 1, tl.load(BUCKET + hi + MAX_DISTANCE), first_right - 1)
         by_prefix = False
         if NATURAL:  # the prefix sums cost about 11 masked passes (H200, L = 128 single stream: ~20 buckets
-            # per tile, dK/dV 0.277 -> 0.207 ms with them, 0.13 ms without any bias gradient)
+            # per tile, dK/dV 0.277 -> 0.201 ms with them, 0.13 ms without any bias gradient: docs/benchmarks.md)
             by_prefix = natural & (last_left - first_left + last_right - first_right + 2 > PREFIX_FROM)
         if by_prefix:
             db = _bias_gradient_in_natural_order(db, ds, offset, bucket_first, bucket_last, BLOCK_N, BLOCK_M)
@@ -209,7 +209,7 @@ def _bias_gradient(db, far_left, far_right, ds, q_pos, k_pos, distance_lo, dista
 
 # The plan's vectors reach the kernels as ONE int32 tensor (triton_plan.pack_forward_order and
 # pack_keys_order): a Triton launch costs host time per argument (on the H200's host an empty kernel: 17 us
-# with 2 arguments, 28-68 us with 36; scripts/triton_attention_timing.py --host).
+# with 2 arguments, 28-68 us with 36; docs/benchmarks.md, host time).
 @kernel
 def _forward_plan(PLAN, H: tl.constexpr, LQ, LK):
     """The forward order's vectors: six of B x LQ (rows, positions, thresholds, documents, key range),

@@ -54,13 +54,13 @@ def default_tiles(dtype: torch.dtype, single_stream: bool = False) -> KernelTile
         return KernelTiles(tiles, tiles, tiles)
     if dtype == torch.float32:  # IEEE fp32 dots (the parity tests) need many registers: small tiles
         return KernelTiles(Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1))
-    # bf16/fp16, head size 64, H200 (scripts/triton_attention_timing.py --sweep, one kernel's tiles
+    # bf16/fp16, head size 64, H200 (benchmark-mpnet attention --triton-tiles, one kernel's tiles
     # changed at a time): 4-warp tiles beat the largest spill-free 8-warp ones (128x64 / 32x128 /
     # 128x64) by 1.3x on the L=512 and 2048 pairs: more programs in flight, and the bias gather and the
     # masks are elementwise work that a larger tile does not amortise. Forward 64x128 was 0.48 / 1.30 ms
     # against 0.63 / 1.61 for 64x64 (L=512 / 2048); dQ with 3 stages 0.06 / 0.07 ms faster than 2.
     # The single stream's dK/dV (its NATURAL variant) gains from a third stage where the pair's loses
-    # (--sweep / --configs default,dkdv32x64s3: single 128 0.203 -> 0.193 ms, single 512 0.470 -> 0.439;
+    # (--triton-tiles dkdv=32x64s2,default: single 128 0.203 -> 0.193 ms, single 512 0.470 -> 0.439;
     # pair 512 0.80 -> 0.90, pair 2048 1.92 -> 2.33); its other kernels' best tiles are the pair's.
     return KernelTiles(Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 3 if single_stream else 2), Tiles(64, 32, 4, 3))
 

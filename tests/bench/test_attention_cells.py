@@ -203,3 +203,26 @@ def test_triton_tiles_give_each_triton_cell_once_per_entry():
     for bad, why in (("dkdv=32x", "cannot read"), ("fwd=48x64", "powers of two"), ("dq=64x32+dq=32x32", "twice")):
         with pytest.raises(UserError, match=why):
             parse_tile_variant(bad)
+
+
+@pytest.mark.gpu
+def test_other_triton_tiles_compute_what_the_default_tiles_compute():
+    """--triton-tiles times other tiles of the same kernels: the output and the table's gradient equal the
+    default tiles' (fp32, IEEE dots), so each such cell times the same attention."""
+    from mpnet.bench.attention import build_triton
+    from mpnet.bench.triton_tiles import parse_tile_variant
+
+    cuda = torch.device("cuda")
+    for streams in ("two", "one"):
+        s = AttentionSettings(streams=streams, lengths=[256], tokens_per_batch=512, heads=2, head_dim=64,
+                              dtype="fp32", device="cuda", backward=True, attention_dropout=0.0)
+        p = make_attention_problem(s, 256, cuda)
+        results = []
+        for tiles in (None, parse_tile_variant("fwd=16x32s1+dkdv=32x16s1+dq=16x32s1")):
+            p.table.grad = None
+            out = build_triton(s, p, cuda, Timer(cuda), tiles=tiles).forward()
+            out.backward(p.grad_out)
+            results.append((out.detach(), p.table.grad.clone()))
+        (out, grad), (default_out, default_grad) = results[1], results[0]
+        assert (out - default_out).abs().max().item() <= 1e-5, streams
+        torch.testing.assert_close(grad, default_grad, atol=1e-5, rtol=1e-4)
