@@ -95,7 +95,8 @@ def main(argv=None):
     }
     from mpnet.modeling.config import check_window
     from mpnet.training.config import PretrainConfig, build, load, merge, read_yaml
-    from mpnet.training.pretrain import pretrain, resume_target
+    from mpnet.training.pretrain import pretrain
+    from mpnet.training.resume import resume_target
 
     check_window(args.sliding_window_size, "--sliding-window-size")
     overrides = overrides_from(args, flags)

@@ -4,7 +4,7 @@ transformers' `MPNetModel` attends over the whole sequence and saturates the rel
 A model trained with a sliding window, an attention pattern or another bucket distance
 (`MPNetConfig.matches_transformers_mpnet` is False) used to load there without a word and compute
 something else. `save_pretrained` (modeling/checkpoint.py) therefore writes such a checkpoint with
-`model_type: "mpnet_pattern"`, an `auto_map` naming the classes below, and SHIM_FILE beside it: a
+`model_type: "mpnet_pattern"`, an `auto_map` naming the classes below, and its SHIM_FILE beside it: a
 few lines that subclass them, so the code lives in this package and the checkpoint holds only names.
 
 What transformers (5.24) does with such a directory:
@@ -39,7 +39,9 @@ import transformers
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
-from .modeling.config import PATTERN_MODEL_TYPE, MPNetConfig
+# The checkpoint format (SHIM_FILE, AUTO_MAP, the config class) is modeling/checkpoint.py's, which writes it;
+# the shim's classes subclass hub.MPNetPatternConfig and the classes below.
+from .modeling.checkpoint import PATTERN_CLASSES, MPNetPatternConfig
 from .modeling.model import (
     MPNetBackbone,
     MPNetClassificationHead,
@@ -47,19 +49,6 @@ from .modeling.model import (
     MPNetLMHead,
     _MPNetBase,
 )
-
-SHIM_MODULE = "modeling_mpnet_pattern"
-SHIM_FILE = SHIM_MODULE + ".py"
-
-
-# transformers turns every config class into a dataclass, and one that defines no __init__ of its own
-# gets a generated one that skips MPNetConfig's: transformers' MPNet defaults (layer_norm_eps 1e-12,
-# 512 positions), none of our checks. So each config subclass here and in the shim names ours.
-class MPNetPatternConfig(MPNetConfig):
-    """Our config under its own model_type, so that transformers' MPNet classes never claim it."""
-
-    model_type = PATTERN_MODEL_TYPE
-    __init__ = MPNetConfig.__init__
 
 
 class MPNetPatternPreTrainedModel(transformers.PreTrainedModel):
@@ -145,35 +134,4 @@ class MPNetPatternForSequenceClassification(MPNetPatternPreTrainedModel):
         return _returned(SequenceClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
-AUTO_CLASSES = {
-    "AutoConfig": MPNetPatternConfig,
-    "AutoModel": MPNetPatternModel,
-    "AutoModelForMaskedLM": MPNetPatternForMaskedLM,
-    "AutoModelForSequenceClassification": MPNetPatternForSequenceClassification,
-}
-AUTO_MAP = {auto: f"{SHIM_MODULE}.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()}
-
-
-_SHIM_DOCSTRING = '''"""MPNet whose attention transformers' own MPNet does not compute (mpnet/hub.py).
-
-A sliding window, an attention pattern, or relative buckets saturating at another distance than 128:
-transformers' MPNet would compute a different function from these weights. The classes below are the
-`mpnet` package's, which must be installed; load with trust_remote_code=True, e.g.
-AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True).
-"""
-'''
-
-
-def shim_source() -> str:
-    """SHIM_FILE's text. Its classes subclass ours under the same names rather than import them: then
-    transformers' own save_pretrained of a model loaded from it copies this file (the module its class
-    comes from), and every auto_map entry still points at a file in the new directory."""
-    classes = "".join(f"\n\nclass {cls.__name__}(hub.{cls.__name__}):\n    {_shim_body(cls)}\n"
-                      for cls in AUTO_CLASSES.values())
-    return _SHIM_DOCSTRING + "from mpnet import hub\n" + classes
-
-
-def _shim_body(cls) -> str:
-    if issubclass(cls, MPNetConfig):  # see MPNetPatternConfig
-        return f"__init__ = hub.{cls.__name__}.__init__  # not the dataclass __init__ transformers would generate"
-    return "pass"
+AUTO_CLASSES = {auto: globals()[name] for auto, name in PATTERN_CLASSES.items()}  # KeyError: a class is missing

@@ -19,7 +19,7 @@ import torch
 import torch._dynamo
 
 from ..errors import UserError
-from ..training.toolkit import versions, write_json_atomic
+from ..outputs import versions, write_json_atomic, write_text_atomic
 
 GiB = 2**30
 
@@ -263,9 +263,7 @@ class Report:
                     section.plotted = len(section.cells)
         data = {"environment": self.env, **{s.key: s.to_json() for s in self.sections}}
         write_json_atomic(self.json_path, data)
-        tmp = self.dir / f"{self.stem}.md.tmp"
-        tmp.write_text(self.markdown())
-        os.replace(tmp, self.dir / f"{self.stem}.md")
+        write_text_atomic(self.dir / f"{self.stem}.md", self.markdown())
 
     def markdown(self) -> str:
         title = "benchmark-mpnet" + ("" if self.stem == "benchmark" else f" {self.stem}")

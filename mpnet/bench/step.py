@@ -15,7 +15,6 @@ and by `bert_step_flops` for BERT; tests/bench/test_flops.py checks them against
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,8 @@ from ..errors import UserError
 from ..modeling.backends import ATTENTION_BACKEND_NAMES, ATTENTION_BACKENDS
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
-from ..training.toolkit import COMPILE_MODES, adamw, autocast, compile_model, mark_step
+from ..training.config import FinetuneTrainingConfig, OptimConfig
+from ..training.toolkit import COMPILE_MODES, OptimizerStep, adamw, compile_model
 from .harness import (
     check_counts,
     check_dtype,
@@ -47,6 +47,8 @@ MODEL_SIZES = ("base", "tiny")
 # AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
 PRETRAINING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
 FINETUNING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+# ... and their gradient clipping (the default of each config)
+PRETRAINING_CLIP, FINETUNING_CLIP = OptimConfig.clip_grad_norm, FinetuneTrainingConfig.clip_grad_norm
 
 
 @dataclass
@@ -242,27 +244,29 @@ def finetune_step(settings: FinetuneSettings, which: str, device, compiled: bool
 # ------------------------------------------------------------------------------------------ timing
 
 
-def time_training_step(settings, model, loss_fn, optimizer_args: dict, device, timer) -> dict:
-    """Time one optimizer step: forward in autocast, loss, backward, AdamW (toolkit: fused on CUDA),
-    zero_grad(set_to_none=True); the first step compiles and allocates the optimizer state."""
+def time_training_step(settings, model, loss_fn, optimizer_args: dict, clip_grad_norm: float, device, timer) -> dict:
+    """Time one optimizer step as the training loops take it (toolkit.OptimizerStep): forward in autocast, loss,
+    backward, gradient clipping, the non-finite guard, AdamW (toolkit: fused on CUDA), zero_grad; the first step
+    compiles and allocates the optimizer state. A skipped (non-finite) step fails the cell: it is not the step
+    measured."""
     optimizer = adamw(model, settings.lr, device=device, **optimizer_args)
+    stepper = OptimizerStep(model, optimizer, None, device, settings.dtype == "bf16", clip_grad_norm,
+                            max_nonfinite_steps=1, compile_mode=settings.compile_mode, lr_name="--lr", warmup_name=None)
     losses = []
 
     def step():
-        mark_step(settings.compile_mode)  # CUDA graphs: the previous replay's outputs may be overwritten
-        with phase("forward"), autocast(device, settings.dtype == "bf16"):
-            loss = loss_fn()
+        stepper.start()
+        with phase("forward"):
+            loss = stepper.forward(loss_fn)
         with phase("backward"):
-            loss.backward()
+            stepper.backward(loss)
         with phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.update(len(losses), loss.detach())
         losses.append(loss.detach().clone())  # a clone: a CUDA-graph output is overwritten by the next replay
 
     result = time_runs(timer, step, settings.warmup - 1, settings.repeats, settings.max_seconds)
+    stepper.poll(note=print)  # max_nonfinite_steps=1: the first skipped step raises NonFiniteError (the cell FAILs)
     last = float(losses[-1])
-    if not math.isfinite(last):
-        raise RuntimeError(f"loss is not finite ({last})")
     result.update(loss=last, optimizer="AdamW (fused)" if device.type == "cuda" else "AdamW",
                   params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     if settings.profile and device.type == "cuda":
@@ -324,7 +328,7 @@ def measure_pretraining(settings: StepSettings, which: str, compiled: bool, devi
     with phase("build"):
         model, loss_fn, flops, what = (bert_step(settings, device, compiled) if which == "bert"
                                        else pretraining_step(settings, which, device, compiled))
-    result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, device, timer)
+    result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, PRETRAINING_CLIP, device, timer)
     result["attention"] = what
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
 
@@ -332,7 +336,7 @@ def measure_pretraining(settings: StepSettings, which: str, compiled: bool, devi
 def measure_finetune(settings: FinetuneSettings, which: str, compiled: bool, device, timer) -> dict:
     with phase("build"):
         model, loss_fn, flops, what = finetune_step(settings, which, device, compiled)
-    result = time_training_step(settings, model, loss_fn, FINETUNING_ADAMW, device, timer)
+    result = time_training_step(settings, model, loss_fn, FINETUNING_ADAMW, FINETUNING_CLIP, device, timer)
     result["attention"] = what
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
 
@@ -460,7 +464,8 @@ def profile_tables(cells) -> list[Table]:
 
 def timing_line(settings) -> str:
     return (f"- One optimizer step per timed run: forward in {settings.dtype}"
-            + (" autocast" if settings.dtype == "bf16" else "") + ", loss, backward, AdamW (toolkit.adamw: "
+            + (" autocast" if settings.dtype == "bf16" else "") + ", loss, backward, gradient clipping and "
+            "the non-finite guard (toolkit.OptimizerStep, the step of the training loops), AdamW (toolkit.adamw: "
             "no decay on 1-d parameters, fused kernel on CUDA), zero_grad; median [p20, p80] of up to "
             f"{settings.repeats} steps ({timer_text(settings)}) after "
             f"{settings.warmup} warm-up steps (the first compiles and allocates the optimizer state); peak GiB = "
@@ -482,7 +487,8 @@ def compile_line(reference: str, mode: str) -> str:
 def step_method(section: Section) -> list:
     s = section.settings
     compiled = [compile_line("BERT", s.compile_mode)] if s.compile or s.also_compile else []
-    return [timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01.", *compiled,
+    return [timing_line(s) + f" AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01; gradient norm "
+            f"clipped at {PRETRAINING_CLIP:g}.", *compiled,
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
             f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
@@ -499,8 +505,8 @@ def step_method(section: Section) -> list:
 def finetune_method(section: Section) -> list:
     s = section.settings
     compiled = [compile_line("transformers", s.compile_mode)] if s.compile or s.also_compile else []
-    return [timing_line(s) + " AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1 (the "
-            "fine-tuning defaults).", *compiled,
+    return [timing_line(s) + f" AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1, gradient "
+            f"norm clipped at {FINETUNING_CLIP:g} (the fine-tuning defaults).", *compiled,
             f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "
             f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
             "path), and ours with each attention backend (flex and triton apply no attention dropout). Random "

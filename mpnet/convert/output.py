@@ -15,7 +15,7 @@ def check_conversion_output(output_dir, overwrite: bool) -> Path:
     """output_dir as a Path; refused in one line when it is a file, a non-empty directory without overwrite, or
     a training checkpoint (even with overwrite: its training state would be lost). Converters call it before
     any work, and conversion_output again right before writing."""
-    from ..training.toolkit import check_output_dir
+    from ..outputs import check_output_dir
 
     return check_output_dir(output_dir, overwrite, "the conversion")
 

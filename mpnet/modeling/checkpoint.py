@@ -6,14 +6,13 @@ loading accepts the prefixes transformers writes (`MPNetForMaskedLM`: "mpnet." +
 
 A model transformers' own MPNet does not compute (a sliding window, an attention pattern, another
 bucket distance: `MPNetConfig.matches_transformers_mpnet`) is written as model_type PATTERN_MODEL_TYPE with an auto_map
-and the shim file of mpnet/hub.py, so transformers loads it only with trust_remote_code=True, into our
-classes. Both model types read back here alike.
+and a shim file naming the classes of mpnet/hub.py (the pattern-checkpoint format below), so transformers
+loads it only with trust_remote_code=True, into our classes. Both model types read back here alike.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..outputs import write_file_atomic, write_text_atomic
 from .config import PATTERN_MODEL_TYPE, MPNetConfig
 
 log = logging.getLogger(__name__)
@@ -41,34 +41,73 @@ class CheckpointError(UserError):
     """A checkpoint directory that cannot be read (missing, truncated, or not an MPNet model)."""
 
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644 & ~_umask())  # safetensors creates its files 0600; give the weights the usual mode
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------ the pattern-checkpoint format
+# What save_pretrained writes beside a model transformers' own MPNet does not compute: the config under
+# PATTERN_MODEL_TYPE, an auto_map naming classes in SHIM_FILE, and SHIM_FILE itself, a few lines subclassing
+# the classes of mpnet/hub.py (which says what transformers does with such a directory). hub.py builds its
+# auto classes from PATTERN_CLASSES, so a class named here and missing there fails its import.
+
+SHIM_MODULE = "modeling_mpnet_pattern"
+SHIM_FILE = SHIM_MODULE + ".py"
+PATTERN_CLASSES = {  # transformers' auto class -> the class of mpnet/hub.py (and of the shim) it loads
+    "AutoConfig": "MPNetPatternConfig",
+    "AutoModel": "MPNetPatternModel",
+    "AutoModelForMaskedLM": "MPNetPatternForMaskedLM",
+    "AutoModelForSequenceClassification": "MPNetPatternForSequenceClassification",
+}
+AUTO_MAP = {auto: f"{SHIM_MODULE}.{name}" for auto, name in PATTERN_CLASSES.items()}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# transformers turns every config class into a dataclass, and one that defines no __init__ of its own
+# gets a generated one that skips MPNetConfig's: transformers' MPNet defaults (layer_norm_eps 1e-12,
+# 512 positions), none of our checks. So each config subclass here and in the shim names ours.
+class MPNetPatternConfig(MPNetConfig):
+    """Our config under its own model_type, so that transformers' MPNet classes never claim it."""
+
+    model_type = PATTERN_MODEL_TYPE
+    __init__ = MPNetConfig.__init__
+
+
+_SHIM_DOCSTRING = '''"""MPNet whose attention transformers' own MPNet does not compute (mpnet/hub.py).
+
+A sliding window, an attention pattern, or relative buckets saturating at another distance than 128:
+transformers' MPNet would compute a different function from these weights. The classes below are the
+`mpnet` package's, which must be installed; load with trust_remote_code=True, e.g.
+AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True).
+"""
+'''
+
+
+def shim_source() -> str:
+    """SHIM_FILE's text. Its classes subclass hub.py's under the same names rather than import them: then
+    transformers' own save_pretrained of a model loaded from it copies this file (the module its class
+    comes from), and every auto_map entry still points at a file in the new directory."""
+    def body(auto: str, name: str) -> str:
+        if auto == "AutoConfig":  # see MPNetPatternConfig
+            return f"__init__ = hub.{name}.__init__  # not the dataclass __init__ transformers would generate"
+        return "pass"
+
+    classes = "".join(f"\n\nclass {name}(hub.{name}):\n    {body(auto, name)}\n"
+                      for auto, name in PATTERN_CLASSES.items())
+    return _SHIM_DOCSTRING + "from mpnet import hub\n" + classes
+
+
+# ------------------------------------------------------------------------------------ saving, reading
 
 
 def save_pretrained(model, path, tokenizer=None):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in _TIED}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_file_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config = model.config
     config.architectures = [model.hf_architecture]
-    from .. import hub  # imports transformers' modeling code (seconds): here, not for every reader of checkpoints
-
-    shim = path / hub.SHIM_FILE
+    shim = path / SHIM_FILE
     plain = config.matches_transformers_mpnet
     if not plain:
-        _atomic_write(shim, lambda tmp: tmp.write_text(hub.shim_source()))  # before the config names it
-        config = hub.MPNetPatternConfig(**_model_fields(config.to_dict()), auto_map=hub.AUTO_MAP)
-    _atomic_write(path / CONFIG_NAME, lambda tmp: config.to_json_file(str(tmp)))
+        write_text_atomic(shim, shim_source())  # before the config names it
+        config = MPNetPatternConfig(**_model_fields(config.to_dict()), auto_map=AUTO_MAP)
+    write_file_atomic(path / CONFIG_NAME, lambda tmp: config.to_json_file(str(tmp)))
     if plain:
         shim.unlink(missing_ok=True)  # left by a pattern model saved here before; no longer named
     if tokenizer is not None:

@@ -22,14 +22,8 @@ from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..modeling.checkpoint import CheckpointError
-from .toolkit import write_directory_atomic
-
-STATE_FILE = Path("training_state") / "state.pt"
-PREFIX = "step-"
-
-
-def checkpoint_root(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
+# the run layout is named in outputs.py, whose output-directory rule must recognise a run
+from ..outputs import PREFIX, STATE_FILE, checkpoint_root, write_directory_atomic
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:

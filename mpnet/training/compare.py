@@ -28,7 +28,8 @@ from ..modeling.patterns import window_spec
 from ..tasks import get_task
 from .config import FinetuneConfig, load_finetune_config
 from .finetune import Backend, evaluate_checkpoint, finetune, read_task_data
-from .toolkit import check_output_dir, resolve_device, versions, write_json_atomic
+from ..outputs import check_output_dir, versions, write_json_atomic
+from .toolkit import resolve_device
 
 log = logging.getLogger(__name__)
 

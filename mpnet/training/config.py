@@ -490,6 +490,7 @@ class FinetuneTrainingConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad_norm: float = 1.0  # <= 0 disables clipping
+    max_nonfinite_steps: int = 20  # consecutive steps with a non-finite loss/grad norm (skipped) before stopping
     seed: int = 1
     max_train_examples: int | None = None  # a fixed random subset (seed `subset_seed`), for quick runs
     max_eval_examples: int | None = None
@@ -516,7 +517,7 @@ class FinetuneTrainingConfig:
 
     def __post_init__(self):
         positive("training", self, "lr", "batch_size", "eval_batch_size", "epochs", "pad_to_multiple_of",
-                 "log_every", "max_train_examples", "max_eval_examples", "pack_rows_multiple")
+                 "log_every", "max_train_examples", "max_eval_examples", "pack_rows_multiple", "max_nonfinite_steps")
         check_compile_mode(self.compile, self.compile_mode)
         check("training.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "a fraction in [0, 1)")
         if self.attention_dropout is not None:

@@ -35,12 +35,12 @@ from ..errors import UserError
 from ..modeling.backends import ATTENTION_BACKEND_NAMES, AttentionBackend, attention_backend
 from ..modeling.config import check_window
 from ..modeling.patterns import window_spec
+from ..outputs import check_output_dir, versions, write_directory_atomic, write_json_atomic
 from ..tasks import Task, TaskData, custom_task, get_task, load_task_data
 from .config import FinetuneConfig, TaskConfig, to_dict
 from .metrics import ScalarLog
-from .toolkit import (PeakMemory, adamw, autocast, check_output_dir, compile_model, compiles, lr_scheduler,
-                      mark_step, resolve_device, save_model_atomic, seed_everything, synchronize, to_device, versions,
-                      write_json_atomic)
+from .toolkit import (OptimizerStep, PeakMemory, adamw, autocast, compile_model, compiles, lr_scheduler, resolve_device,
+                      seed_everything, synchronize, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,10 @@ class Run:
     task: Task
     prepared: PreparedData
     batching: Batching
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    optimizer_step: OptimizerStep  # AdamW, the schedule, clipping and the non-finite policy
     device: torch.device
     output_dir: Path
     steps_per_epoch: int
-    compile_mode: str = "default"  # the mode the training steps run in ("default" when not compiled)
     step: int = 0
 
 
@@ -240,7 +238,8 @@ def finetune(checkpoint, data_dir, config: FinetuneConfig, output_dir, backend: 
         record.update(**evaluation, is_best=evaluation["score"] > best_score)
         if record["is_best"]:
             best_score = evaluation["score"]
-            save_model_atomic(run.model, run.tokenizer, run.output_dir / "best")
+            write_directory_atomic(run.output_dir / "best",
+                                   lambda tmp: run.model.save_pretrained(tmp, tokenizer=run.tokenizer))
             results["best"] = {"epoch": epoch, "score": evaluation["score"], "metrics": evaluation["metrics"],
                                "checkpoint": str(run.output_dir / "best")}
         results["epochs"].append(record)
@@ -294,8 +293,11 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
              f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "",
              f", compiled ({t.compile_mode} mode; the first steps of each new width compile)" if compiled else "")
     train_forward = compile_model(model, t.compile_mode) if compiled else model
-    return Run(model, train_forward, tokenizer, task, prepared, batching, optimizer, scheduler, device, output_dir,
-               steps_per_epoch, t.compile_mode if compiled else "default")
+    optimizer_step = OptimizerStep(model, optimizer, scheduler, device, t.bf16, t.clip_grad_norm, t.max_nonfinite_steps,
+                                   t.compile_mode if compiled else "default", lr_name="training.lr",
+                                   warmup_name="training.warmup_ratio")
+    return Run(model, train_forward, tokenizer, task, prepared, batching, optimizer_step, device, output_dir,
+               steps_per_epoch)
 
 
 def _results_header(run: Run, checkpoint, data_dir, config, backend) -> dict:
@@ -314,8 +316,9 @@ def _results_header(run: Run, checkpoint, data_dir, config, backend) -> dict:
 
 
 def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> dict:
-    """One pass over the training set; the loss is read every step (fine-tuning steps are short, and a
-    non-finite loss must stop the run at the step it happened)."""
+    """One pass over the training set; the loss is read and the non-finite guard polled every step (fine-tuning
+    steps are short, and a run whose steps keep failing must stop at the step it happened). The epoch's train
+    loss is the mean over the steps that were not skipped."""
     from tqdm.auto import tqdm
 
     run.model.train()
@@ -324,6 +327,7 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
     loss_sum, loss_count, real_tokens, positions = 0.0, 0, 0, 0
     bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step",
                disable=None if t.progress_bar else True, leave=False)  # None: only on a terminal
+    stepper = run.optimizer_step
     synchronize(run.device)
     start = time.perf_counter()
     for begin in range(0, len(order), t.batch_size):
@@ -331,33 +335,34 @@ def _train_epoch(run: Run, t, epoch: int, shuffle: torch.Generator, writer) -> d
         inputs, real, computed = run.batching.inputs(train, idx)
         labels = torch.from_numpy(train.labels[idx])
         real_tokens, positions = real_tokens + real, positions + computed
-        mark_step(run.compile_mode)  # CUDA graphs only
-        with autocast(run.device, t.bf16):
-            logits = run.train_forward(**to_device(inputs, run.device))
+        stepper.start()
+        logits = stepper.forward(lambda: run.train_forward(**to_device(inputs, run.device)))
         loss = _loss(logits, labels.to(run.device), run.task.is_regression)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
+        stepper.backward(loss)
+        stepper.update(run.step, loss.detach())
         run.step += 1
+        stepper.poll(log.warning, lambda: _kept_checkpoint(run))
         value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"the training loss became {value} at step {run.step}; lower the learning rate "
-                            f"(training.lr = {t.lr})")
-        loss_sum += value * len(idx)
-        loss_count += len(idx)
+        if math.isfinite(value):
+            loss_sum += value * len(idx)
+            loss_count += len(idx)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
         if run.step % t.log_every == 0:
-            writer.write({"step": run.step, "train/loss": value, "train/lr": run.scheduler.get_last_lr()[0]})
+            writer.write({"step": run.step, "train/loss": value, "train/lr": stepper.scheduler.get_last_lr()[0]})
     synchronize(run.device)
     seconds = time.perf_counter() - start
     bar.close()
-    return {"epoch": epoch, "step": run.step, "train_loss": loss_sum / max(1, loss_count), "train_seconds": seconds,
+    return {"epoch": epoch, "step": run.step, "train_loss": loss_sum / loss_count if loss_count else math.nan,
+            "skipped_steps": stepper.guard.skipped, "train_seconds": seconds,
             "train_examples_per_s": len(order) / seconds, "train_tokens_per_s": real_tokens / seconds,
             "train_padding_share": 1 - real_tokens / max(1, positions)}
+
+
+def _kept_checkpoint(run: Run) -> str:
+    """What a stopped run leaves, for the non-finite guard's message."""
+    best = run.output_dir / "best"
+    return f"the best dev checkpoint so far is {best}" if best.is_dir() else "no checkpoint has been written yet"
 
 
 def _log_epoch(writer, record: dict, step: int, epoch: int, epochs: int):

@@ -4,10 +4,10 @@
 plm (docs/objectives.md); the loss is the cross-entropy on the predicted tokens in every case.
 
 Read top to bottom: `prepare_data` (shards, blocks, collator), `build_model` (fresh, init_from or the
-checkpoint being resumed), then `Trainer`: `train_step` is one optimizer step (accumulated micro-batches,
-clipping, the non-finite guard, update) and `train` is the loop around it (log, validate, save).
-`pretrain` wires them together: the output-dir lock, the resume contract (resume.py), the one-line
-report of a full disk.
+checkpoint being resumed), then `Trainer`: `train_step` is one optimizer step (accumulated micro-batches
+through toolkit.OptimizerStep: clipping, the non-finite guard, update) and `train` is the loop around it
+(log, validate, save). `pretrain` wires them together: the output-dir lock, the resume contract (resume.py:
+which checkpoint, what may change), the one-line report of a full disk.
 
 Determinism is by construction: micro-batch j of optimizer step s is built from the examples at
 global offset (s * micro_batches_per_step + j) * batch_size of a seeded per-epoch shuffle, and the
@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,19 +35,18 @@ from ..data import is_preprocessed
 from ..errors import UserError
 from ..modeling import MPNetForPretraining
 from ..modeling.backends import attention_backend
-from ..modeling.checkpoint import CheckpointError, model_dir, read_config
+from ..modeling.checkpoint import model_dir, read_config
+from ..outputs import write_text_atomic
 from . import distributed as dist_utils
 from . import toolkit
-from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, STATE_FILE, check_space, checkpoint_health,
-                            checkpoint_problem, checkpoint_root, health_words, last_good_checkpoint,
-                            list_checkpoints, load_training_state, no_space_message, remove_partial_saves,
-                            save_checkpoint, tensor_bytes)
+from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoint_health, health_words,
+                            last_good_checkpoint, list_checkpoints, load_training_state, no_space_message,
+                            remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches
 from .metrics import MetricsLogger, check_trackers, estimate_flops_per_example, open_trackers, peak_tflops_for
-from .resume import config_before_first_checkpoint, resume_config
-from .safety import (NonFiniteError, NonFiniteGuard, OutputDirLock, StopRequest, all_finite,
-                     quiet_disk_errors_in_threads)
+from .resume import checkpoint_to_resume, config_before_first_checkpoint, resume_config
+from .safety import NonFiniteError, OutputDirLock, StopRequest, all_finite, quiet_disk_errors_in_threads
 
 log = logging.getLogger("mpnet.pretrain")
 
@@ -275,9 +272,6 @@ class Trainer:
         self.untrained_valid_loss = state.get("untrained_valid_loss") if state else None
         self.stop = StopRequest()  # entered by train(): SIGTERM / SIGUSR1 end the run at a step boundary, saved
         self.stopped_at = None
-        self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, env, opt.lr,
-                                    skipped=state.get("skipped_steps", 0) if state else 0,
-                                    on_device=bool(self.optimizer.defaults.get("fused")) and not env.fsdp)
         if state is not None:
             dist_utils.load_optimizer_state(self.optimizer, self.train_model, state["optimizer"], env)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -297,6 +291,9 @@ class Trainer:
             self.compile_mode = cfg.training.compile_mode
             self.train_model = toolkit.compile_model(self.train_model, self.compile_mode)
             log.info("torch.compile: the training model (mode %s; the first steps compile)", self.compile_mode)
+        self.optimizer_step = toolkit.OptimizerStep(
+            self.train_model, self.optimizer, self.scheduler, self.device, cfg.training.bf16, opt.clip_grad_norm,
+            cfg.training.max_nonfinite_steps, self.compile_mode, env, skipped=(state or {}).get("skipped_steps", 0))
         self.run_config = to_dict(cfg)
         if env.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -324,34 +321,29 @@ class Trainer:
             sampler=range(self.start_step * t.grad_accum, t.max_steps * t.grad_accum))
 
     def train_step(self, step: int):
-        """One optimizer step: grad_accum micro-batches (gradients synced on the last), clip, update.
-        A step whose loss or gradient norm is not finite makes no update (safety.py). Returns the gradient
-        norm before clipping and whether the step was finite (device tensors on CUDA: no host sync here)."""
-        cfg, env = self.cfg, self.env
+        """One optimizer step (toolkit.OptimizerStep, whose non-finite policy it follows): grad_accum
+        micro-batches (gradients synced on the last), clip, update. Returns the gradient norm before clipping and
+        whether the step was finite (device tensors on CUDA: no host sync here)."""
+        cfg, env, stepper = self.cfg, self.env, self.optimizer_step
         loss_sum = 0.0
-        toolkit.mark_step(self.compile_mode)  # CUDA graphs only
+        stepper.start()
         for accum in range(cfg.training.grad_accum):
             batch = toolkit.to_device(next(self.batches), self.device)
             # Dropout seeded per (seed, step, micro-batch): the same masks whatever the process count.
             torch.manual_seed(_micro_seed(cfg.training.seed, step, accum * env.world_size + env.rank))
-            last = accum == cfg.training.grad_accum - 1
-            with dist_utils.maybe_no_sync(self.train_model, env, sync=last), \
-                    toolkit.autocast(self.device, cfg.training.bf16):
-                logits = self.train_model(batch["input_ids"], batch["positions"], batch["pred_size"],
-                                          batch["attention_mask"], document_ids=batch.get("document_ids"),
-                                          objective=cfg.training.objective, appended_ids=batch.get("appended_ids"))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
-            (loss / cfg.training.grad_accum).backward()
+            with dist_utils.maybe_no_sync(self.train_model, env, sync=accum == cfg.training.grad_accum - 1):
+                logits, loss = stepper.forward(lambda: self._forward(batch))
+            stepper.backward(loss, cfg.training.grad_accum)
             loss_sum = loss_sum + loss.detach()
             self.metrics.accumulate(loss.detach(), logits.detach(), batch["targets"])
-        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
-        finite = self.guard.step(self.optimizer, step, loss_sum, grad_norm)
-        with warnings.catch_warnings():  # torch warns of a scheduler step after a skipped update: meant
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()  # a skipped step still advances the schedule and the data: step = position
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, finite
+        return stepper.update(step, loss_sum)
+
+    def _forward(self, batch: dict):
+        """(logits, cross-entropy loss on the predicted tokens) of one micro-batch."""
+        logits = self.train_model(batch["input_ids"], batch["positions"], batch["pred_size"], batch["attention_mask"],
+                                  document_ids=batch.get("document_ids"), objective=self.cfg.training.objective,
+                                  appended_ids=batch.get("appended_ids"))
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
 
     def train(self) -> dict:
         cfg, max_steps = self.cfg, self.cfg.training.max_steps
@@ -373,7 +365,7 @@ class Trainer:
         return summary
 
     def _loop(self, bar, max_steps: int):
-        cfg = self.cfg
+        cfg, guard = self.cfg, self.optimizer_step.guard
         for step in range(self.start_step, max_steps):
             grad_norm, finite = self.train_step(step)
             done = step + 1
@@ -381,11 +373,11 @@ class Trainer:
             self.metrics.after_step(self.examples_per_step, cfg.data.block_size, finite)
             log_now = done % cfg.logging.log_every == 0 or done == max_steps
             save_now = done % cfg.logging.save_every == 0 or done == max_steps
-            if log_now or save_now or not self.guard.on_device:  # raises after N non-finite steps in a row
-                self.guard.poll(lambda: last_good_checkpoint(self.output_dir), note=self.metrics.note)
+            if log_now or save_now or not guard.on_device:  # raises after N non-finite steps in a row
+                guard.poll(lambda: last_good_checkpoint(self.output_dir), note=self.metrics.note)
             if log_now:
                 row = self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
-                                             skipped=self.guard.skipped)
+                                             skipped=guard.skipped)
                 if row["train/loss"] is not None:
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}")
             if self.data.valid_batches and (done % cfg.logging.valid_every == 0 or done == max_steps):
@@ -395,7 +387,7 @@ class Trainer:
             if done < max_steps and self.stop.requested(self.env, log_step=log_now):  # preempted: save, end
                 if not log_now:  # the interval so far gets its row (the resumed run's next row starts after it)
                     self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
-                                           skipped=self.guard.skipped)
+                                           skipped=guard.skipped)
                 if not save_now:
                     self.save(done)
                 self.stopped_at = done
@@ -450,7 +442,7 @@ class Trainer:
                                      f"(likely cause: optim.lr={self.cfg.optim.lr!r} is too high for this model); "
                                      f"{last_good_checkpoint(self.output_dir)}")
             state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                     "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.guard.skipped,
+                     "tokenizer": self.data.meta["tokenizer"], "skipped_steps": self.optimizer_step.guard.skipped,
                      "valid_losses": self.valid_losses, "untrained_valid_loss": self.untrained_valid_loss}
             path = save_checkpoint(self.output_dir, step, model, self.data.tokenizer, state, self.run_config,
                                    self.cfg.logging.keep_last, needed_bytes=self.checkpoint_bytes, health=health)
@@ -488,39 +480,11 @@ def next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
-def write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _micro_seed(seed, step, micro) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------ entry
-
-
-def resume_target(output_dir: Path | None, resume) -> tuple[Path, Path | None]:
-    """(the run directory, the checkpoint to resume from or None for the newest) from --output-dir and --resume
-    [PATH]. PATH may be the run directory or one of its checkpoints; --output-dir, when given too, must be
-    that run."""
-    if resume in (None, False, True):
-        if output_dir is None:
-            raise UserError("--output-dir is required (or --resume RUN_DIR)")
-        return Path(output_dir), None
-    path = Path(resume).expanduser()
-    if (path / STATE_FILE).is_file():
-        run, checkpoint = path.parent.parent, path
-    elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-        run, checkpoint = path, None
-    else:
-        raise UserError(f"--resume {resume}: not a run directory (no checkpoints/ or config.yaml) nor a checkpoint "
-                        f"(no {STATE_FILE})")
-    if output_dir is not None and Path(output_dir).resolve() != run.resolve():
-        raise UserError(f"--resume {resume} belongs to the run {run}, not to --output-dir {output_dir}; a run "
-                        "continues in its own directory (to start a new one from its weights: training.init_from)")
-    return run, checkpoint
 
 
 def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: dict | None = None,
@@ -538,7 +502,7 @@ def pretrain(cfg: PretrainConfig, output_dir, resume: bool = False, requested: d
     env = dist_utils.setup()
     _check_backend(cfg, env.device)
     with OutputDirLock(output_dir) if env.is_main else contextlib.nullcontext():  # one run per directory
-        checkpoint = _checkpoint_to_resume(output_dir, resume, resume_from)
+        checkpoint = checkpoint_to_resume(output_dir, resume, resume_from)
         state = None
         if checkpoint:
             state = load_training_state(checkpoint)
@@ -596,34 +560,3 @@ def _record_data_tokenizer(cfg: PretrainConfig, requested: dict | None, data: Pr
                         f"({data.meta['tokenizer']}); leave data.tokenizer out (a preprocessed directory brings its "
                         f"own) or preprocess the corpus again with that tokenizer")
     return replace(cfg, data=replace(cfg.data, tokenizer=str(data.shard_dir / "tokenizer")))
-
-
-def _checkpoint_to_resume(output_dir: Path, resume: bool, chosen: Path | None = None) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    if chosen is not None:  # going back: the newer checkpoints would be overwritten or rotated away
-        chosen_step = next((step for step, path in checkpoints if path.resolve() == chosen.resolve()), None)
-        if chosen_step is None:
-            raise UserError(f"--resume {chosen} is not one of the checkpoints in {checkpoint_root(output_dir)}")
-        newer = [path for step, path in checkpoints if step > chosen_step]
-        if newer:
-            raise UserError(f"--resume {chosen}: {len(newer)} newer checkpoint(s) are in the run ({newer[-1].name} "
-                            f"the newest); move them out of {checkpoint_root(output_dir)} to go back to "
-                            f"{chosen.name} (nothing was changed)")
-        checkpoints = [(step, path) for step, path in checkpoints if step <= chosen_step]
-    if not resume:
-        if checkpoints:
-            raise UserError(f"{output_dir} already holds checkpoints; pass --resume to continue that run, "
-                            "or choose another --output-dir (nothing was overwritten)")
-        return None
-    if not checkpoints:
-        log.info("--resume: no checkpoint under %s yet, starting from scratch", output_dir)
-        return None
-    (step, newest), earlier = checkpoints[-1], checkpoints[:-1]
-    problem = checkpoint_problem(newest)
-    if problem is not None:  # a copy cut short, a disk error: the user decides; nothing is deleted here
-        previous = next(((s, p) for s, p in reversed(earlier) if checkpoint_problem(p) is None), None)
-        offer = (f"delete it (or move it away) to resume from step {previous[0]} ({previous[1]})" if previous
-                 else "no earlier checkpoint can be resumed from either")
-        raise CheckpointError(f"the newest checkpoint, step {step} ({newest}), is truncated or corrupt ({problem}); "
-                              f"{offer}")
-    return newest

@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..modeling.checkpoint import read_config
+from ..modeling.checkpoint import CheckpointError, read_config
 from . import toolkit
-from .checkpointing import STATE_FILE
+from .checkpointing import STATE_FILE, checkpoint_problem, checkpoint_root, list_checkpoints
 from .config import PretrainConfig, build, to_dict
 
 log = logging.getLogger("mpnet.pretrain")
@@ -142,3 +142,61 @@ def _note_schedule_change(saved: PretrainConfig, resumed: PretrainConfig, step: 
           for m in (before, after)]
     log.info("--resume: training.max_steps %d -> %d: the learning-rate schedule now ends at step %d "
              "(lr at step %d: %.3g -> %.3g)", before, after, after, step, lr[0], lr[1])
+
+
+# ------------------------------------------------------------------------------ which checkpoint
+
+
+def resume_target(output_dir: Path | None, resume) -> tuple[Path, Path | None]:
+    """(the run directory, the checkpoint to resume from or None for the newest) from --output-dir and --resume
+    [PATH]. PATH may be the run directory or one of its checkpoints; --output-dir, when given too, must be
+    that run."""
+    if resume in (None, False, True):
+        if output_dir is None:
+            raise UserError("--output-dir is required (or --resume RUN_DIR)")
+        return Path(output_dir), None
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file():
+        run, checkpoint = path.parent.parent, path
+    elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        run, checkpoint = path, None
+    else:
+        raise UserError(f"--resume {resume}: not a run directory (no checkpoints/ or config.yaml) nor a checkpoint "
+                        f"(no {STATE_FILE})")
+    if output_dir is not None and Path(output_dir).resolve() != run.resolve():
+        raise UserError(f"--resume {resume} belongs to the run {run}, not to --output-dir {output_dir}; a run "
+                        "continues in its own directory (to start a new one from its weights: training.init_from)")
+    return run, checkpoint
+
+
+def checkpoint_to_resume(output_dir: Path, resume: bool, chosen: Path | None = None) -> Path | None:
+    """The checkpoint a run in output_dir starts from: `chosen` (--resume PATH) or the newest with --resume, None
+    without (refused when the directory already holds checkpoints) or when there is none yet."""
+    checkpoints = list_checkpoints(output_dir)
+    if chosen is not None:  # going back: the newer checkpoints would be overwritten or rotated away
+        chosen_step = next((step for step, path in checkpoints if path.resolve() == chosen.resolve()), None)
+        if chosen_step is None:
+            raise UserError(f"--resume {chosen} is not one of the checkpoints in {checkpoint_root(output_dir)}")
+        newer = [path for step, path in checkpoints if step > chosen_step]
+        if newer:
+            raise UserError(f"--resume {chosen}: {len(newer)} newer checkpoint(s) are in the run ({newer[-1].name} "
+                            f"the newest); move them out of {checkpoint_root(output_dir)} to go back to "
+                            f"{chosen.name} (nothing was changed)")
+        checkpoints = [(step, path) for step, path in checkpoints if step <= chosen_step]
+    if not resume:
+        if checkpoints:
+            raise UserError(f"{output_dir} already holds checkpoints; pass --resume to continue that run, "
+                            "or choose another --output-dir (nothing was overwritten)")
+        return None
+    if not checkpoints:
+        log.info("--resume: no checkpoint under %s yet, starting from scratch", output_dir)
+        return None
+    (step, newest), earlier = checkpoints[-1], checkpoints[:-1]
+    problem = checkpoint_problem(newest)
+    if problem is not None:  # a copy cut short, a disk error: the user decides; nothing is deleted here
+        previous = next(((s, p) for s, p in reversed(earlier) if checkpoint_problem(p) is None), None)
+        offer = (f"delete it (or move it away) to resume from step {previous[0]} ({previous[1]})" if previous
+                 else "no earlier checkpoint can be resumed from either")
+        raise CheckpointError(f"the newest checkpoint, step {step} ({newest}), is truncated or corrupt ({problem}); "
+                              f"{offer}")
+    return newest

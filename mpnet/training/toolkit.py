@@ -1,23 +1,21 @@
 """What every training loop and benchmark shares, defined once: device, autocast, seeding and RNG state,
-the optimizer with its weight-decay rule, the learning-rate schedule, atomic file writes, peak memory,
-and the versions recorded beside every result.
+the optimizer with its weight-decay rule, the learning-rate schedule, the optimizer step with its non-finite
+policy, and peak memory.
 
 Pretraining (pretrain.py), fine-tuning (finetune.py), the backend comparison and the benchmarks
 (mpnet/bench/) all import from here, so a rule changed here changes everywhere at once.
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
 import random
-import shutil
-from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from .distributed import DistEnv
+from .safety import NonFiniteGuard
 
 
 # ------------------------------------------------------------------------------------------ device
@@ -143,116 +141,63 @@ def lr_scheduler(optimizer, warmup_steps: int, max_steps: int, schedule: str = "
         optimizer, lambda step: lr_multiplier(step, warmup_steps, max_steps, schedule, power, floor))
 
 
-# ------------------------------------------------------------------------------------------ files
+# --------------------------------------------------------------------------------- the optimizer step
 
 
-def write_json_atomic(path, data: dict):
-    """Write to PATH.tmp, then rename: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+class OptimizerStep:
+    """The one optimizer step of every loop: pretraining's Trainer, fine-tuning and the step benchmark
+    (mpnet/bench/step.py) run their steps through it, so a step does the same in all three:
 
+        start()                        once per step (CUDA graphs: the previous replay's outputs may be overwritten)
+        out = forward(compute)         compute() under `autocast` (bf16 on CUDA; float32 on CPU)
+        backward(loss, micro_batches)  gradients of loss / micro_batches, accumulated over a step's micro-batches
+        update(step, loss_sum)         clip the gradient norm (clip_grad_norm <= 0: measured, not clipped), the
+                                       non-finite guard around optimizer.step(), the schedule's step, zero_grad
 
-def check_output_dir(out_dir, overwrite: bool, what: str = "this output") -> Path:
-    """out_dir as a Path, refused in one line when it is a file, holds something and overwrite is not set,
-    or is or holds a training run or checkpoint anywhere below it (even with overwrite: its training state
-    would be lost). The one rule of every command that writes a directory; `what` names the output, e.g.
-    'the conversion'."""
-    out_dir = Path(out_dir).expanduser()
-    found = training_checkpoint_in(out_dir)
-    if found is not None:
-        raise UserError(f"{out_dir} holds a training checkpoint ({found}); write {what} to a new directory "
-                        "(nothing was changed)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} is a file; choose a directory")
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise UserError(f"output directory {out_dir} already exists and is not empty "
-                        f"(choose another one, or overwrite it with --overwrite)")
-    return out_dir
+    The non-finite policy, one for every loop: a step whose loss or gradient norm is NaN or infinite makes no
+    update (weights, AdamW moments and step count stay as they were) while the schedule still advances, so the
+    step number stays the data position. `poll` counts the skipped steps, passing a line on each to `note`,
+    and raises safety.NonFiniteError, naming the likely cause, once `max_nonfinite_steps` came in a row
+    (pretraining and fine-tuning: training.max_nonfinite_steps; the step benchmark: 1, since a skipped step
+    is not the step it measures). safety.NonFiniteGuard says how the check costs no host sync with fused AdamW.
+    """
 
+    def __init__(self, model, optimizer, scheduler, device: torch.device, bf16: bool, clip_grad_norm: float,
+                 max_nonfinite_steps: int, compile_mode: str = "default", env=None, skipped: int = 0,
+                 lr_name: str = "optim.lr", warmup_name: str | None = "optim.warmup_steps"):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device, self.bf16, self.compile_mode = device, bf16, compile_mode
+        self.max_norm = clip_grad_norm if clip_grad_norm > 0 else float("inf")
+        env = env or DistEnv(device=device)
+        self.guard = NonFiniteGuard(max_nonfinite_steps, env, optimizer.defaults["lr"], skipped=skipped,
+                                    on_device=bool(optimizer.defaults.get("fused")) and not env.fsdp,
+                                    lr_name=lr_name, warmup_name=warmup_name)
 
-def training_checkpoint_in(path) -> Path | None:
-    """The training checkpoint that `path` is, holds anywhere below it, or would pose as (None if none): a
-    directory with training_state/, a run directory with checkpoints/step-*, any folder below `path` that is
-    one of these (what --overwrite would delete), or a new checkpoints/step-* that --resume would take for the
-    newest step of that run. Nothing but pretraining ever writes there."""
-    from .checkpointing import PREFIX, STATE_FILE, checkpoint_root
+    def start(self):
+        mark_step(self.compile_mode)
 
-    def run_part(folder: Path) -> Path | None:
-        if (folder / STATE_FILE.parent).exists():
-            return folder / STATE_FILE.parent
-        root = checkpoint_root(folder)
-        if root.is_dir():
-            steps = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
-            if steps:
-                return steps[-1]
-        return None
+    def forward(self, compute):
+        with autocast(self.device, self.bf16):
+            return compute()
 
-    path = Path(path)
-    found = run_part(path)
-    if found is None and path.is_dir():
-        for root, folders, _ in os.walk(path):
-            found = next((f for f in (run_part(Path(root) / name) for name in folders) if f is not None), None)
-            if found is not None:
-                break
-    if found is None and path.parent.name == checkpoint_root(Path()).name and path.name.startswith(PREFIX):
-        found = path
-    return found
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1):
+        (loss / micro_batches).backward()
 
+    def update(self, step: int, loss_sum: torch.Tensor):
+        """Returns the gradient norm before clipping and whether the step was finite (device tensors with
+        fused AdamW: no host sync here)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        finite = self.guard.step(self.optimizer, step, loss_sum, grad_norm)
+        if self.scheduler is not None:
+            with warnings.catch_warnings():  # torch warns of a scheduler step after a skipped update: meant
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
 
-def fsync_tree(directory):
-    """Flush every file under `directory`, then the directory entries themselves, to the disk: after a
-    rename that follows, a power loss cannot leave the new name pointing at empty files."""
-    directory = Path(directory)
-    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fsync_directory(path)  # (a file's descriptor flushes the same way)
-    fsync_directory(directory)
-
-
-def fsync_directory(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_directory_atomic(target, write):
-    """The one way a directory is (re)written: `write(tmp)` fills .tmp-NAME beside TARGET, which is flushed
-    to the disk and renamed into place; a previous TARGET stays (as .old-NAME) until the new one is complete.
-    On any error the partial directory is removed and the previous TARGET is back under its name."""
-    target = Path(target)
-    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        fsync_tree(tmp)  # file contents and entries on the disk before the name says "complete"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_directory(target.parent)  # the rename itself
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_model_atomic(model, tokenizer, target):
-    """An HF model directory (weights, config, tokenizer) written by `write_directory_atomic`."""
-    write_directory_atomic(target, lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer))
-
-
-def versions() -> dict:
-    import transformers
-
-    from .. import __version__
-
-    return {"mpnet": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda,
-            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+    def poll(self, note, last_good_checkpoint=None):
+        """Count the skipped steps since the last poll (safety.NonFiniteGuard.poll)."""
+        self.guard.poll(last_good_checkpoint, note)
 
 
 # ----------------------------------------------------------------------------------- memory meter

@@ -26,8 +26,7 @@ import transformers.dynamic_module_utils
 
 from helpers import encoding_batch, generator, make_model, max_abs, randomize_, tiny_config
 from mpnet import MPNetForPretraining, MPNetForSequenceClassification, UserError
-from mpnet.hub import AUTO_MAP, SHIM_FILE
-from mpnet.modeling.checkpoint import read_config
+from mpnet.modeling.checkpoint import AUTO_MAP, SHIM_FILE, read_config
 
 N = 19  # longer than every window and block below, and past the bucket distance 16 ...
 LENGTHS = (19, 14, 6)  # ... with rows of other lengths, right-padded

@@ -1,5 +1,6 @@
 """Pretraining does not lose work: non-finite steps are skipped and stop the run, checkpoints are never
-NaN, a full disk or a busy output directory is one clear line. In-process runs of a tiny model (CPU)."""
+NaN, a full disk or a busy output directory is one clear line; fine-tuning follows the same non-finite policy.
+In-process runs of a tiny model (CPU)."""
 from __future__ import annotations
 
 import math
@@ -477,3 +478,66 @@ def init(dir, name, config):
         assert not (tmp_path / "other").exists()
     code, stderr = run(tmp_path / "third", prefix_shards, "logging.report_to=tensorboardX")
     assert "'logging.report_to' got 'tensorboardX'" in error_line(code, stderr)
+
+
+# ------------------------------------------------- fine-tuning: the same policy (toolkit.OptimizerStep)
+
+
+def _poison_classifier_steps(monkeypatch, bad_steps) -> list:
+    """NaN logits in the training forwards of the given 1-based fine-tuning steps; returns the weights each
+    training forward saw (a copy of the encoder's first weight), one entry per step."""
+    from mpnet import MPNetForSequenceClassification
+
+    original, seen = MPNetForSequenceClassification.forward, []
+
+    def forward(self, *args, **kwargs):
+        logits = original(self, *args, **kwargs)
+        if self.training:
+            seen.append(self.mpnet.embeddings.word_embeddings.weight.detach().clone())
+            if len(seen) in bad_steps:
+                logits = logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(MPNetForSequenceClassification, "forward", forward)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def glue_workspace(tmp_path_factory):
+    from fixtures import make_checkpoint, write_glue
+
+    root = tmp_path_factory.mktemp("finetune-nonfinite")
+    write_glue("sst2", root / "glue", n_train=32, n_dev=8)
+    return root / "glue", make_checkpoint(root / "ckpt")
+
+
+def _finetune(glue_workspace, out, **training):
+    from mpnet.training.config import load_finetune_config
+    from mpnet.training.finetune import finetune
+
+    data, checkpoint = glue_workspace
+    config = load_finetune_config("sst2", None, {"task": {"max_length": 32}, "training": {
+        "epochs": 1, "lr": 1e-3, "batch_size": 8, "progress_bar": False, **training}})
+    return finetune(checkpoint, data, config, out)
+
+
+def test_finetuning_skips_an_isolated_nonfinite_step_without_an_update(glue_workspace, tmp_path, monkeypatch):
+    seen = _poison_classifier_steps(monkeypatch, {2})
+    result = _finetune(glue_workspace, tmp_path / "run")  # 32 examples, 4 steps
+    assert len(seen) == 4 and result["epochs"][0]["skipped_steps"] == 1
+    assert not torch.equal(seen[0], seen[1])  # step 1 trained
+    assert torch.equal(seen[1], seen[2])  # step 2 changed nothing
+    assert not torch.equal(seen[2], seen[3])  # step 3 trained again
+    assert math.isfinite(result["epochs"][0]["train_loss"])  # the mean of the steps that updated
+
+
+def test_finetuning_stops_after_max_nonfinite_steps_in_a_row(glue_workspace, tmp_path, monkeypatch):
+    from mpnet.training.safety import NonFiniteError
+
+    _poison_classifier_steps(monkeypatch, {2, 3, 4})
+    with pytest.raises(NonFiniteError) as stop:
+        _finetune(glue_workspace, tmp_path / "run", max_nonfinite_steps=3)
+    line = str(stop.value)
+    assert "step 4: 3 optimizer steps in a row (since step 2)" in line, line
+    assert "training.lr=0.001" in line and "training.warmup_ratio" in line, line
+    assert "no checkpoint has been written yet" in line, line

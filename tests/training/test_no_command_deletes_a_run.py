@@ -1,5 +1,5 @@
 """No command deletes or overwrites a training run, with or without --overwrite: the run directory itself, its
-checkpoints/ folder, one checkpoint, or any folder above the run (toolkit.check_output_dir, the one rule every
+checkpoints/ folder, one checkpoint, or any folder above the run (outputs.check_output_dir, the one rule every
 writing command calls). Each command is refused in one line and every file of the run is left as it was."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli_support import assert_one_line_error_text, call_main, cli_main
-from mpnet.training.toolkit import training_checkpoint_in
+from mpnet.outputs import training_checkpoint_in
 
 
 def make_run(root: Path) -> Path:
