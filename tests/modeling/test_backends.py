@@ -14,7 +14,6 @@ train here (triton without CUDA) in one line before any output or data directory
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -238,15 +237,8 @@ def _ieee_fp32(monkeypatch):
 
 
 def _under(model, backend: str, device, **fields) -> MPNetForPretraining:
-    """The same weights under another backend (and config fields), on `device`."""
-    config = copy.deepcopy(model.config)
-    config.attention_backend = backend
-    for key, value in fields.items():
-        setattr(config, key, value)
-    other = MPNetForPretraining(config)
-    other.load_state_dict(model.state_dict())
-    other.tie_weights()
-    return other.eval().to(device)
+    """The same weights under another backend (and config fields), on `device`, in eval mode."""
+    return with_backend(model, False, attention_backend=backend, **fields).eval().to(device)
 
 
 def _logits(model, objective="mpnet", documents=False):
