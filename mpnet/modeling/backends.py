@@ -27,6 +27,7 @@ from .patterns import PATTERN_NAMES, PATTERNS, WINDOW_NAMES, AttentionPattern, a
 # -> the state every layer of one forward reads (masks.py describes the layout)
 StateBuilder = Callable[..., object]
 
+
 class BackendUnavailable(UserError):
     """A backend asked for what it cannot do here: a device, pattern, objective or documents it lacks."""
 
@@ -37,7 +38,9 @@ class Capabilities:
 
     trains_on: frozenset[str] | None  # devices with a backward pass
     runs_on: frozenset[str] | None  # devices with a forward pass (inference under torch.no_grad())
-    patterns: frozenset[str]  # rules of patterns.py it applies (masks and score mods), windows among them
+    # Rules of patterns.py it applies (masks and score mods); the sliding window (sliding_window_size,
+    # window:W, neighbourhood:R) is among them: WINDOW_NAMES.
+    patterns: frozenset[str]
     documents: bool  # document isolation (packed rows: `document_ids`)
     # Pretraining objectives (model.OBJECTIVES) it computes, None: every one (each is a layout of the same
     # rules, masks.STREAM_RULES); single-stream encoding is the "mlm" layout.
@@ -46,11 +49,6 @@ class Capabilities:
     # Packed fine-tuning batches get a multiple of this many rows (rows of padding only, which change no
     # result): a kernel compiled per input shape then meets fewer shapes.
     packed_rows_multiple: int = 1
-
-    @property
-    def windows(self) -> bool:
-        """Whether it applies a sliding window (sliding_window_size, window:W, neighbourhood:R)."""
-        return WINDOW_NAMES <= self.patterns
 
 
 @dataclass(frozen=True)
