@@ -219,8 +219,11 @@ def load_pretrained(cls, path, **config_overrides):
             raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, the config implies "
                                   f"{tuple(model.state_dict()[key].shape)}")
     model.load_state_dict({k: state[k] for k in expected & state.keys()}, strict=False)
+    # What the checkpoint lacks is newly initialised: untrained until training updates it (fill-mask refuses a
+    # model whose LM head is one of these: training/evaluation.py).
+    model.untrained_parts = tuple(sorted({k.split(".")[0] for k in missing}))
     if missing:
-        log.info("%s: newly initialised (not in the checkpoint): %s", path, ", ".join(sorted({k.split('.')[0] for k in missing})))
+        log.info("%s: newly initialised (not in the checkpoint): %s", path, ", ".join(model.untrained_parts))
     unused = sorted({k.split(".")[0] for k in state.keys() - expected})
     if unused:
         log.info("%s: weights not used by %s: %s", path, cls.__name__, ", ".join(unused))

@@ -14,7 +14,7 @@
   function), so it is the figure that compares runs (docs/bench/dynamics.md).
 
 `fill_mask` answers a few sentences with <mask> in them: the run summary prints the final checkpoint's
-answers.
+answers. It refuses a model whose LM head is untrained (`untrained_lm_head`), whose answers would be random.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from . import toolkit
 
 # Printed by the run summary (metrics.MetricsLogger.summary): everyday English, one <mask> each.
@@ -121,9 +122,20 @@ def evaluate(model, batches, device, bf16: bool = True, objective: str = "mpnet"
     return values
 
 
+def untrained_lm_head(model) -> bool:
+    """Whether the model's LM head came from neither its checkpoint nor training: a checkpoint without one (an
+    encoder-only model, e.g. `convert-mpnet hf` of a sentence-transformers model) loads with a new, random head
+    (modeling/checkpoint.py records it in `untrained_parts`; a training step clears it)."""
+    return "lm_head" in getattr(model, "untrained_parts", ())
+
+
 @torch.no_grad()
 def fill_mask(model, tokenizer, sentences=FILL_MASK_SENTENCES, top_k: int = 3) -> list[tuple[str, list[str]]]:
     """(sentence, its top_k answers for the first <mask>) for each sentence, with the model's own tokenizer."""
+    if untrained_lm_head(model):
+        raise UserError("this model's LM head is untrained: its checkpoint has none (an encoder-only model, e.g. "
+                        "converted from sentence-transformers), so fill-mask would answer with random weights; "
+                        "pretrain from it first (pretrain-mpnet training.init_from=CHECKPOINT)")
     model.eval()
     device = next(model.parameters()).device
     answers = []

@@ -43,7 +43,7 @@ from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoin
                             last_good_checkpoint, list_checkpoints, load_training_state, no_space_message,
                             remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
-from .evaluation import evaluate, fill_mask, fill_mask_batches
+from .evaluation import evaluate, fill_mask, fill_mask_batches, untrained_lm_head
 from .metrics import MetricsLogger, check_trackers, estimate_flops_per_example, open_trackers, peak_tflops_for
 from .resume import checkpoint_to_resume, config_before_first_checkpoint, resume_config
 from .safety import NonFiniteError, OutputDirLock, StopRequest, all_finite, quiet_disk_errors_in_threads
@@ -355,7 +355,9 @@ class Trainer:
             self._loop(bar, max_steps)
         bar.close()
         # FSDP shards the weights: a forward on one rank alone would wait for the others
-        answers = fill_mask(self.model, self.data.tokenizer) if self.env.is_main and not self.env.fsdp else []
+        # ... and a run stopped before its first update from a checkpoint without an LM head has no answers
+        answers = (fill_mask(self.model, self.data.tokenizer)
+                   if self.env.is_main and not self.env.fsdp and not untrained_lm_head(self.model) else [])
         summary = self.metrics.summary(self.output_dir, list_checkpoints(self.output_dir), fill_mask=answers)
         if self.stopped_at is not None:
             summary["stopped_by"] = self.stop.signal_name
@@ -368,6 +370,8 @@ class Trainer:
         cfg, guard = self.cfg, self.optimizer_step.guard
         for step in range(self.start_step, max_steps):
             grad_norm, finite = self.train_step(step)
+            if finite:
+                self.model.untrained_parts = ()  # an update has reached every part (a new LM head included)
             done = step + 1
             bar.update(1)
             self.metrics.after_step(self.examples_per_step, cfg.data.block_size, finite)
