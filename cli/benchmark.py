@@ -33,7 +33,7 @@ from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettin
 from mpnet.bench.problems import ATTENTION_CELLS, SINGLE_STREAM_LENGTHS, AttentionSettings
 from mpnet.bench.step import (COMPILE_MODES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
                               run_step)
-from mpnet.modeling.backends import ATTENTION_BACKENDS as BACKEND_REGISTRY
+from mpnet.modeling.backends import ATTENTION_BACKENDS
 
 from . import benchmark_packing
 from ._common import OneLineErrorParser, command, int_list, name_list, text_list
@@ -79,11 +79,13 @@ def _window_list(text):
         raise argparse.ArgumentTypeError(f"expected window sizes and 'none', comma-separated, got '{text}'") from None
 
 
-def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots"):
+def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots", dtype=True, flex=True):
+    """The options every subcommand takes; `dtype` and `flex` (--flex-kernel-options) where its cells use them."""
     g = parser.add_argument_group("common")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="bf16 autocast (default on CUDA) or fp32 (the only choice on CPU)")
+    if dtype:
+        g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                       help="bf16 autocast (default on CUDA) or fp32 (the only choice on CPU)")
     g.add_argument("--output-dir", default=None, metavar="DIR", help=f"write {report} here")
     g.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (any flag you give still wins)")
     g.add_argument("--seed", type=int, default=None, help="seed of the random inputs and weights (default 0)")
@@ -98,9 +100,10 @@ def common_args(parser, report="DIR/benchmark.md, benchmark.json and the plots")
                    help="timed runs per cell (default 20 attention, 10 step, 20 finetune; at least 3)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="stop repeating a cell after this much timing, once 3 runs are in (default 3 / 20 / 10)")
-    g.add_argument("--flex-kernel-options", type=_json_object, default=None, metavar="JSON",
-                   help="experiment: run the project's compiled flex_attention with these kernel_options in this "
-                        "process, e.g. '{\"num_stages\": 1}' (default: the project's own)")
+    if flex:
+        g.add_argument("--flex-kernel-options", type=_json_object, default=None, metavar="JSON",
+                       help="experiment: run the project's compiled flex_attention with these kernel_options in this "
+                            "process, e.g. '{\"num_stages\": 1}' (default: the project's own)")
 
 
 def attention_args(parser, streams=True, profile=True):
@@ -229,7 +232,7 @@ def build_parser():
     benchmark_packing.add_parser(sub, common_args)  # packed vs padded fine-tuning steps (cli/benchmark_packing.py)
     p = sub.add_parser("mask-build", help="BlockMask builders: tile summaries against create_block_mask")
     mask_build_args(p)
-    common_args(p, "DIR/mask_build.md, mask_build.json, mask_build.png")
+    common_args(p, "DIR/mask_build.md, mask_build.json, mask_build.png", dtype=False, flex=False)
     return parser
 
 
@@ -280,7 +283,7 @@ def also_compile(args, device, choices) -> list:
 
 
 def step_plan(args, device) -> list:
-    backends = args.step_backends or [name for name in STEP_BACKENDS if BACKEND_REGISTRY[name].trains_on(device)]
+    backends = args.step_backends or [name for name in STEP_BACKENDS if ATTENTION_BACKENDS[name].trains_on(device)]
     return [(run_step, settings_from(StepSettings, args, QUICK["step"], backends=backends, bert=not args.no_bert,
                                      also_compile=also_compile(args, device, STEP_MODELS),
                                      **device_fields(args, device)))]
@@ -289,7 +292,7 @@ def step_plan(args, device) -> list:
 def finetune_plan(args, device, owned=True) -> list:
     names = None if owned else COMMON | {"compile", "compile_mode", "peak_tflops", "model", "profile"}
     models = args.finetune_models or [name for name in FINETUNE_MODELS
-                                      if name not in BACKEND_REGISTRY or BACKEND_REGISTRY[name].trains_on(device)]
+                                      if name not in ATTENTION_BACKENDS or ATTENTION_BACKENDS[name].trains_on(device)]
     return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,
                                          also_compile=also_compile(args, device, FINETUNE_MODELS),
                                          **device_fields(args, device)))]

@@ -46,5 +46,5 @@ def add_parser(sub, common_args):
     g.add_argument("--num-labels", type=int, default=None, help=f"classes (default {d.num_labels})")
     g.add_argument("--attention-dropout", type=float, default=None,
                    help="attention-probability dropout (default 0: flex has none, so the dense and flex variants compute the same)")
-    common_args(p, "DIR/packing.md, packing.json, packing.png")
+    common_args(p, "DIR/packing.md, packing.json, packing.png", flex=False)  # its cells run the model's own flex
     return p

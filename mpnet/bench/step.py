@@ -484,11 +484,16 @@ def compile_line(reference: str, mode: str) -> str:
             f"cell when that ran, else the eager one; \"first step s\" includes the compile.")
 
 
+def step_lines(s, reference: str, optimizer: str) -> list:
+    """The method's first lines in both step sections: the timed step with its optimizer, the compiled cells."""
+    return [timing_line(s) + " " + optimizer] + ([compile_line(reference, s.compile_mode)]
+                                                  if s.compile or s.also_compile else [])
+
+
 def step_method(section: Section) -> list:
     s = section.settings
-    compiled = [compile_line("BERT", s.compile_mode)] if s.compile or s.also_compile else []
-    return [timing_line(s) + f" AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01; gradient norm "
-            f"clipped at {PRETRAINING_CLIP:g}.", *compiled,
+    return step_lines(s, "BERT", "AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01; gradient norm clipped at "
+                      f"{PRETRAINING_CLIP:g}.") + [
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
             f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
@@ -504,9 +509,8 @@ def step_method(section: Section) -> list:
 
 def finetune_method(section: Section) -> list:
     s = section.settings
-    compiled = [compile_line("transformers", s.compile_mode)] if s.compile or s.also_compile else []
-    return [timing_line(s) + f" AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1, gradient "
-            f"norm clipped at {FINETUNING_CLIP:g} (the fine-tuning defaults).", *compiled,
+    return step_lines(s, "transformers", "AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.1, gradient norm "
+                      f"clipped at {FINETUNING_CLIP:g} (the fine-tuning defaults).") + [
             f"- The same model: transformers' `MPNetForSequenceClassification` built from our config "
             f"({s.model}, {s.num_labels} labels, dropout 0.1, random weights; eager attention: it has no SDPA "
             "path), and ours with each attention backend (flex and triton apply no attention dropout). Random "

@@ -9,7 +9,7 @@ prepares one attention "state" (masks and relative bias) with the backend's stat
 - dense (`make_dense_attention_state`): a materialised (B, 1, n+2m, n+m) mask and (B, H, n+2m, n+m)
   bias, as the original implementation did;
 - flex (`make_flex_attention_state`): two BlockMasks (content n+m x n+m, query m x n+m) from
-  `make_flex_attention_mask` and score_mods that gather the bias in-kernel from position lookups.
+  `block_masks.make_two_stream_block_masks` and score_mods that gather the bias in-kernel from position lookups.
 
 The sizes are those of the MPNet layout; `streams="plm"` (the permuted-LM objective) drops the MASK
 section: content n x n, query m x n, rows n + m (`masks.stream_lengths`).
@@ -162,11 +162,6 @@ class FlexAttentionState:
     kv_len: int
 
 
-# The BlockMasks of the flex backend: built from per-tile summaries of the rules (block_masks.py), no
-# compile step and no L x L mask; the kernel evaluates the same mask_mods on the partial tiles.
-make_flex_attention_mask = make_two_stream_block_masks
-
-
 # Gradients into a score_mod's captured tensor are atomic adds from the kernel. With one bias row per
 # head, every score of a tile lands on a handful of addresses and the adds serialise (measured on an
 # H200, bf16, L=2048: 392 ms fwd+bwd). Giving each query row of a 128-row tile its own copy of the
@@ -177,8 +172,8 @@ BIAS_GRAD_REPLICAS = 128
 def make_flex_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
                               layout=None, streams="mpnet"):
     pattern = as_pattern(pattern)
-    content_mask, query_mask = make_flex_attention_mask(positions, n, m, pattern=pattern, document_ids=document_ids,
-                                                        layer=layer, layout=layout, streams=streams)
+    content_mask, query_mask = make_two_stream_block_masks(positions, n, m, pattern=pattern, document_ids=document_ids,
+                                                           layer=layer, layout=layout, streams=streams)
     query_offset, _ = stream_lengths(n, m, streams)
     num_heads = distance_bias.shape[0]
     replicas = BIAS_GRAD_REPLICAS if distance_bias.requires_grad else 1

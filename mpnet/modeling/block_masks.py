@@ -310,7 +310,7 @@ def make_two_stream_block_masks(positions, n, m, pattern=None, *, document_ids=N
                                 block_size=DEFAULT_BLOCK_SIZE, streams="mpnet"):
     """Content-stream ((n+m) x (n+m)) and query-stream (m x (n+m), None when m = 0) BlockMasks.
 
-    The flex backend's masks (attention.make_flex_attention_mask is this function): positions (B, n + 2m) original
+    The flex backend's masks (attention.make_flex_attention_state builds them here): positions (B, n + 2m) original
     positions (-1 padding), document_ids likewise or None, layout the rows' permuted-layout slots when
     the rows are in natural order (masks.natural_order), else None. block_size: an int or (q, kv).
     streams="plm": the permuted-LM layout (n x n and m x n, positions (B, n + m); masks.stream_lengths).

@@ -51,7 +51,9 @@ def _dir_name(backend: Backend) -> str:
 
 
 @dataclass
-class Run:
+class BackendRun:
+    """One fine-tuning (or evaluation) of the checkpoint under one backend and seed: its score and speed."""
+
     task: str
     backend: str
     seed: int
@@ -89,7 +91,7 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
     model_config = read_config(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
-    runs: list[Run] = []
+    runs: list[BackendRun] = []
     for spec in task_specs:
         base = load_finetune_config(spec.name, config_path, copy.deepcopy(overrides or {}))
         data = read_task_data(base, data_dir)
@@ -105,7 +107,7 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
                     run_dir = output_dir / "runs" / spec.name / _dir_name(backend) / f"seed{seed}"
                     result = finetune(checkpoint, data_dir, config, run_dir, backend=backend, device=device, overwrite=True,
                                       prepared=prepared, tokenizer=tokenizer)
-                    runs.append(Run(spec.name, backend.label, seed, "trained", result["best"]["score"],
+                    runs.append(BackendRun(spec.name, backend.label, seed, "trained", result["best"]["score"],
                                     result["best"]["metrics"], result["train_examples_per_s"],
                                     result["eval_examples_per_s"], result["peak_memory_bytes"],
                                     result["peak_memory_kind"], str(run_dir)))
@@ -135,7 +137,7 @@ def compare(checkpoint, tasks: list[str], data_dir, backends: list[Backend], see
 
 
 def _eval_only_runs(checkpoint, data_dir, config: FinetuneConfig, prepared, backends, seed, output_dir, device,
-                    tokenizer) -> list[Run]:
+                    tokenizer) -> list[BackendRun]:
     """Fine-tune once with dense, then evaluate the best checkpoint under every backend."""
     task = prepared.task.name
     train_dir = output_dir / "runs" / task / "dense-train" / f"seed{seed}"
@@ -150,7 +152,7 @@ def _eval_only_runs(checkpoint, data_dir, config: FinetuneConfig, prepared, back
         log.info("%s seed %d, %s (eval-only): score %.2f, %.1f eval ex/s", task, seed, backend.label,
                  100 * result["score"], result["eval_examples_per_s"] or 0.0)
         dense = backend.name == "dense" and backend.window is None
-        runs.append(Run(task, backend.label, seed, "trained (dense)" if dense else "eval-only", result["score"],
+        runs.append(BackendRun(task, backend.label, seed, "trained (dense)" if dense else "eval-only", result["score"],
                         result["metrics"], trained["train_examples_per_s"] if dense else None,
                         result["eval_examples_per_s"], result["peak_memory_bytes"], result["peak_memory_kind"],
                         str(train_dir)))
@@ -168,7 +170,7 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def summarize(runs: list[Run], backends: list[str], tasks: list[str]) -> list[dict]:
+def summarize(runs: list[BackendRun], backends: list[str], tasks: list[str]) -> list[dict]:
     """One row per (backend, task): score mean and std over seeds, difference to dense, throughput, memory."""
     rows = []
     for task in tasks:

@@ -26,8 +26,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from helpers import make_model, with_backend
-from mpnet.modeling import attention, block_masks
-from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask
+from mpnet.modeling import block_masks
+from mpnet.modeling.attention import make_dense_attention_state
 from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.block_masks import (make_two_stream_block_masks, summarised_window, tile_counts,
                                         two_stream_mask_mods)
@@ -191,18 +191,6 @@ def test_realistic_shapes_are_classified_exactly(case):
         assert extra == 0, f"{case}: {extra} empty tiles left partial"
 
 
-def test_same_mask_mods_as_the_attention_module():
-    """Our BlockMasks carry the rules attention.make_flex_attention_mask evaluates, entry for entry."""
-    for seed, window, documents, natural in [(1, None, 0, False), (2, 5, 0, True), (3, None, 3, True), (4, 9, 2, True)]:
-        n, m = 37, 9
-        positions, docs, layout = make_batch(seed, 2, n, m, pads=6, documents=documents, natural=natural)
-        ours = make_two_stream_block_masks(positions, n, m, window_spec(window), document_ids=docs, layout=layout)
-        theirs = make_flex_attention_mask(positions, n, m, window_spec(window), document_ids=docs, layout=layout)
-        for mine, old, q_len in zip(ours, theirs, (n + m, m)):
-            assert torch.equal(create_mask(mine.mask_mod, 2, 1, q_len, n + m, device="cpu"),
-                               create_mask(old.mask_mod, 2, 1, q_len, n + m, device="cpu"))
-
-
 def test_what_the_kernel_computes_equals_the_dense_mask():
     """Full tiles unmasked, partial tiles through the mask_mod, empty tiles skipped: that entry-level mask
     must be the dense backend's materialised mask."""
@@ -223,8 +211,7 @@ def test_what_the_kernel_computes_equals_the_dense_mask():
 
 
 @pytest.mark.parametrize("pattern,documents", [({}, 0), (dict(sliding_window_size=4, attention_pattern="alibi"), 2)])
-def test_flex_outputs_with_our_block_masks_equal_the_dense_backend(monkeypatch, pattern, documents):
-    monkeypatch.setattr(attention, "make_flex_attention_mask", make_two_stream_block_masks)
+def test_flex_outputs_with_our_block_masks_equal_the_dense_backend(pattern, documents):
     dense = make_model(seed=5, num_hidden_layers=1, **pattern)
     flex = with_backend(dense, True).eval()
     n, m = 30, 5
@@ -344,7 +331,6 @@ def test_graph_replays_give_the_eager_tables_and_leave_earlier_masks_alone(monke
 @pytest.mark.parametrize("window,documents", [(None, 0), (32, 3)])
 def test_compiled_kernel_with_our_block_masks_matches_dense_on_gpu(monkeypatch, window, documents, graphs):
     """The compiled kernel reads the tables: fp32 forward and gradients against the dense backend."""
-    monkeypatch.setattr(attention, "make_flex_attention_mask", make_two_stream_block_masks)
     monkeypatch.setattr(block_masks, "USE_CUDA_GRAPHS", graphs)
     device = torch.device("cuda")
     n, m = 300, 45

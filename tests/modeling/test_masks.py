@@ -17,7 +17,7 @@ import torch
 
 from helpers import (assert_mask_mod_matches, generator, kind_and_rank, pretraining_batch, rule_mask, rule_visible,
                      stacked_positions)
-from mpnet.modeling import make_flex_attention_mask
+from mpnet.modeling import make_two_stream_block_masks
 from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.attention import make_dense_attention_state
 from mpnet.modeling.masks import relative_bias_by_distance, relative_position_bucket, two_stream_visible
@@ -144,7 +144,7 @@ def _check_block_mask(block_mask, expected, label):
 @pytest.mark.parametrize("n,m,pads,window", CASES)
 def test_flex_block_masks_match_rules(n, m, pads, window):
     positions = _case(n, m, pads)
-    content, query = make_flex_attention_mask(positions, n, m, window_spec(window))
+    content, query = make_two_stream_block_masks(positions, n, m, window_spec(window))
     _check_block_mask(content, _expected(n, m, pads, window, range(n + m)), "content")
     if m == 0:
         assert query is None
@@ -156,7 +156,7 @@ def test_flex_window_is_block_sparse_in_natural_order():
     """Single stream in natural order, n=512, w=64: far-apart 128-blocks must be skipped for real."""
     n, window = 512, 64
     positions = torch.arange(n)[None]
-    content, _ = make_flex_attention_mask(positions, n, 0, window_spec(window))
+    content, _ = make_two_stream_block_masks(positions, n, 0, window_spec(window))
     blocks = content.to_dense()[0, 0].bool()
     qb, kb = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     assert torch.equal(blocks, (qb - kb).abs() <= 1)  # blocks two apart are >= 129 positions apart

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mpnet import MPNetConfig, MPNetForPretraining
-from mpnet.modeling.attention import make_flex_attention_mask
+from mpnet.modeling.block_masks import make_two_stream_block_masks
 from mpnet.modeling.patterns import window_spec
 from mpnet.modeling.masks import natural_order
 
@@ -48,9 +48,9 @@ def test_window_is_block_sparse_only_in_natural_order():
     n, m, window = 2048, 307, 64
     perm = torch.stack([torch.randperm(n) for _ in range(2)])
     positions = torch.cat([perm, perm[:, n - m:], perm[:, n - m:]], 1)
-    scattered = make_flex_attention_mask(positions, n, m, window_spec(window))[0]
+    scattered = make_two_stream_block_masks(positions, n, m, window_spec(window))[0]
     layout = natural_order(positions, n, m)
-    sorted_masks = make_flex_attention_mask(positions.gather(1, layout), n, m, window_spec(window), layout=layout)
+    sorted_masks = make_two_stream_block_masks(positions.gather(1, layout), n, m, window_spec(window), layout=layout)
     dense_share, sparse_share = computed_tile_share(scattered), computed_tile_share(sorted_masks[0])
     print(f"content-stream tiles computed: permuted {dense_share:.2f}, natural {sparse_share:.2f}")
     assert dense_share > 0.9

@@ -22,7 +22,8 @@ import torch
 
 from helpers import (assert_mask_mod_matches, generator, make_model, max_abs, original_rule_mask,
                      original_two_stream_masks, other_id, pretraining_batch, with_backend)
-from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask
+from mpnet.modeling.attention import make_dense_attention_state
+from mpnet.modeling.block_masks import make_two_stream_block_masks
 from mpnet.modeling.masks import natural_order, permuted_lm_visible, stream_lengths, two_stream_visible
 from mpnet.modeling.model import OBJECTIVES
 from mpnet.modeling.patterns import window_spec
@@ -183,7 +184,7 @@ def _check_block_mask(block_mask, expected, label, exact_empty):
 @pytest.mark.parametrize("objective,n,m,pads,window", CASES)
 def test_flex_block_masks_are_the_original(objective, n, m, pads, window, block_size):
     stacked, layout_m, streams = _stacked(objective, n, m, pads)
-    content, query = make_flex_attention_mask(stacked, n, layout_m, window_spec(window), streams=streams,
+    content, query = make_two_stream_block_masks(stacked, n, layout_m, window_spec(window), streams=streams,
                                               block_size=block_size)
     expected = _expected(objective, n, m, pads, window)
     kv_len, _ = stream_lengths(n, layout_m, streams)
@@ -207,7 +208,7 @@ def test_plm_natural_order_keeps_the_rules(window):
     permuted = _expected("plm", n, m, (0, 7), window)
     expected = torch.stack([permuted[b][layout[b]][:, layout[b, :n]] for b in range(2)])
     assert torch.equal(allowed, expected)
-    content, query = make_flex_attention_mask(natural, n, m, window_spec(window), layout=layout, streams="plm")
+    content, query = make_two_stream_block_masks(natural, n, m, window_spec(window), layout=layout, streams="plm")
     _check_block_mask(content, expected[:, :n], "content", exact_empty=False)
     _check_block_mask(query, expected[:, n:], "query", exact_empty=False)
 

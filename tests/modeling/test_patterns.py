@@ -32,7 +32,8 @@ from helpers import (
 from test_masks import _check_block_mask
 from mpnet import MPNetConfig
 from mpnet.errors import UserError
-from mpnet.modeling.attention import make_dense_attention_state, make_flex_attention_mask
+from mpnet.modeling.attention import make_dense_attention_state
+from mpnet.modeling.block_masks import make_two_stream_block_masks
 from mpnet.modeling.masks import relative_position_bucket, within_window
 from mpnet.modeling.patterns import (
     BadAttentionPattern,
@@ -130,7 +131,7 @@ def test_masks_match_definitions_both_backends(spec, documents):
                                                document_ids=docs, layer=layer)
             mismatch = (state.allowed[:, 0] != expected).nonzero().tolist()
             assert not mismatch, f"{name}, layer {layer}: dense differs at (b, q, k) {mismatch[:5]}"
-            content, query = make_flex_attention_mask(positions, n, m, pattern=spec, document_ids=docs, layer=layer)
+            content, query = make_two_stream_block_masks(positions, n, m, pattern=spec, document_ids=docs, layer=layer)
             _check_block_mask(content, expected[:, : n + m], f"{name} content, layer {layer}")
             if m:
                 _check_block_mask(query, expected[:, n + m:], f"{name} query, layer {layer}")
@@ -159,7 +160,7 @@ def test_sliding_window_size_means_window_and_intersects_a_pattern():
 
 def test_block_pattern_is_block_sparse_for_real():
     """block:128 in natural order: FlexAttention computes only the diagonal 128-blocks, all full."""
-    content, _ = make_flex_attention_mask(torch.arange(512)[None], 512, 0, pattern="block:128")
+    content, _ = make_two_stream_block_masks(torch.arange(512)[None], 512, 0, pattern="block:128")
     blocks = content.to_dense()[0, 0].bool()
     assert torch.equal(blocks, torch.eye(4, dtype=torch.bool))
     assert content.full_kv_num_blocks.sum() == 4 and content.kv_num_blocks.sum() == 0
