@@ -116,8 +116,9 @@ def preprocess_corpus(inputs, out_dir, tokenizer="default", valid_fraction=0.02,
                       progress=True):
     """Tokenize a corpus into out_dir (see the module docstring for the layout). Returns the metadata dict.
 
-    inputs: a file, a directory (searched recursively), a saved HF dataset folder or a list of them. tokenizer: see load_tokenizer; ignored
-    when sentencepiece_vocab_size is set (a unigram model of that size is trained on the training documents).
+    inputs: a file, a directory (searched recursively), a saved HF dataset folder or a list of them. tokenizer:
+    see load_tokenizer; ignored when sentencepiece_vocab_size is set (a unigram model of that size is trained on
+    the training documents).
     An existing out_dir is an error unless overwrite=True, and even then it is replaced only once the new output
     is complete. progress: a tqdm bar on stderr when it is a terminal."""
     if not 0 <= valid_fraction < 1:
