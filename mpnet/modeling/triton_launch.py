@@ -19,7 +19,6 @@ class TritonAttentionUnavailable(UserError):
     """The Triton backend cannot run here (no triton package, CPU tensors without the interpreter)."""
 
 
-
 # ------------------------------------------------------------------------------------- launching
 
 
