@@ -378,7 +378,7 @@ class Trainer:
             log_now = done % cfg.logging.log_every == 0 or done == max_steps
             save_now = done % cfg.logging.save_every == 0 or done == max_steps
             if log_now or save_now or not guard.on_device:  # raises after N non-finite steps in a row
-                guard.poll(lambda: last_good_checkpoint(self.output_dir), note=self.metrics.note)
+                self.optimizer_step.poll(self.metrics.note, lambda: last_good_checkpoint(self.output_dir))
             if log_now:
                 row = self.metrics.log_train(done, self.scheduler.get_last_lr()[0], grad_norm, self.env,
                                              skipped=guard.skipped)

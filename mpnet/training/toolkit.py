@@ -57,12 +57,6 @@ def compiles(setting: bool | str, device: torch.device, world_size: int = 1) -> 
     return bool(setting)
 
 
-def mark_step(mode: str):
-    """Start of a training step under CUDA graphs: the previous replay's outputs may be overwritten."""
-    if mode in CUDA_GRAPH_MODES:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,7 +168,8 @@ class OptimizerStep:
                                     lr_name=lr_name, warmup_name=warmup_name)
 
     def start(self):
-        mark_step(self.compile_mode)
+        if self.compile_mode in CUDA_GRAPH_MODES:  # a CUDA-graph replay overwrites the previous one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
 
     def forward(self, compute):
         with autocast(self.device, self.bf16):
