@@ -58,6 +58,8 @@ def fail(message: str):
 
 
 def parse_args(argv=None):
+    from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES
+
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for every run and the report")
@@ -77,7 +79,7 @@ def parse_args(argv=None):
                    help="score this checkpoint instead of pretraining (repeatable)")
     p.add_argument("--batch-size", type=int, help="pretraining examples per step (default: the config's)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--attention-backend", choices=["dense", "flex", "triton"], default="dense",
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKEND_NAMES, default="dense",
                    help="for pretraining and fine-tuning")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of the timed run behind --minutes-per-objective")
     p.add_argument("--task", action="append", default=[], metavar="TASK=DIR",
