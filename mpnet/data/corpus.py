@@ -5,7 +5,7 @@ Formats (by file name):
 - anything else (`.txt`, `.txt.gz`, ...): UTF-8 text, one document per blank-line-separated block (the block's
   lines are kept, joined by newlines), or one document per non-empty line with `line_per_document=True`.
 - a folder that Hugging Face `datasets` saved (`save_to_disk`): the document is the value of `text_field` in each
-  row (hf_datasets.py). A saved DatasetDict is read through its `train` split, and its validation split, when it
+  row (mpnet/hf_datasets.py). A saved DatasetDict is read through its `train` split, and its validation split, when it
   has one, is the validation split (the source fixes the split); otherwise the seeded hash decides, as for text.
 A `.gz` suffix means gzip. Directories are searched recursively for `.txt`, `.text`, `.jsonl`, `.ndjson` files
 (optionally `.gz`); hidden files are skipped. Documents that are only whitespace are skipped.
@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 from mpnet.errors import UserError
 
-from .hf_datasets import dataset_files, pretraining_splits, saved_dataset_kind, text_documents
+from ..hf_datasets import dataset_files, pretraining_splits, saved_dataset_kind, text_documents
 
 # Jane Austen's six novels, one document per chapter (see mpnet/resources/corpus/README.md). The input name
 # "embedded" stands for it wherever a corpus path is accepted.

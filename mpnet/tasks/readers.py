@@ -3,7 +3,7 @@
 - the standard GLUE TSV directory (what `download_glue_data.py` writes: CoLA headerless, SST-2 with a
   header, MRPC's `msr_paraphrase_*.txt` or `train.tsv`/`dev.tsv`, MNLI `dev_matched.tsv` and
   `dev_mismatched.tsv`, STS-B's score column, ...);
-- an HF `datasets` DatasetDict saved with `save_to_disk` (needs the `datasets` package; mpnet/data/hf_datasets.py);
+- an HF `datasets` DatasetDict saved with `save_to_disk` (needs the `datasets` package; mpnet/hf_datasets.py);
 - CSV (`train.csv`, `dev.csv`) or JSONL (`train.jsonl`, `dev.jsonl`) with named columns, for GLUE
   tasks and for any sentence / sentence-pair classification or regression set (task "custom").
 
@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.hf_datasets import describe, load_saved_dataset, saved_dataset_kind
+from ..hf_datasets import describe, load_saved_dataset, saved_dataset_kind
 from ..errors import UserError
 from .glue import DevSplit, Task, custom_task
 

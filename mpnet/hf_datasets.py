@@ -1,7 +1,7 @@
 """Datasets saved with Hugging Face `datasets` (`Dataset.save_to_disk`, `DatasetDict.save_to_disk`), read from
-their folder, never from the network. Pretraining reads one text field of them (corpus.py); fine-tuning reads
-labelled train and dev splits (mpnet/tasks/readers.py). Reading needs the `datasets` package
-(`pip install "mpnet[datasets]"`); recognising a folder does not.
+their folder, never from the network. Pretraining reads one text field of them (mpnet/data/corpus.py),
+fine-tuning labelled train and dev splits (mpnet/tasks/readers.py); both import it from here. Reading needs the
+`datasets` package (`pip install "mpnet[datasets]"`); recognising a folder does not.
 
     a saved DatasetDict   dataset_dict.json, and one folder per split (train/, validation/, ...)
     a saved Dataset       state.json, dataset_info.json and its data-*.arrow files
