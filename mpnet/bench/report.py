@@ -391,7 +391,7 @@ def _draw_bars(ax, panel: Panel):
     if panel.y_limits is not None:
         ax.set_ylim(*panel.y_limits)
     ax.set_xticks(range(len(panel.categories)))
-    tilted = any(len(str(c)) > 12 for c in panel.categories)
+    tilted = sum(len(str(c)) for c in panel.categories) > 12 * max(3, len(panel.categories))  # else they overlap
     ax.set_xticklabels(panel.categories, rotation=40 if tilted else 0, ha="right" if tilted else "center",
                        fontsize=7 if tilted else 8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
