@@ -148,7 +148,10 @@ class AttentionPattern:
     def window(self) -> int | None:
         """The narrowest sliding window among the parts (windows intersect: the smallest one rules); None
         when no part is a window."""
-        return min((part.window for part in self.parts if part.window is not None), default=None)
+        # A list, not min(generator, default=...): torch.compile traces this (the triton backend's
+        # supported_window) and cannot trace a generator with a default.
+        windows = [part.window for part in self.parts if part.window is not None]
+        return min(windows) if windows else None
 
     @property
     def masks_are_windows(self) -> bool:
