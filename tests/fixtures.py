@@ -63,6 +63,10 @@ def pair(rng: random.Random, same: bool) -> tuple[str, str]:
     return sentence(rng, first_positive), sentence(rng, first_positive if same else not first_positive)
 
 
+STSB_HEADER = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+               "score"]
+
+
 def _write_tsv(path: Path, rows, header=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:
@@ -101,7 +105,7 @@ def write_glue(task: str, root: Path, n_train: int = 48, n_dev: int = 16, seed: 
             rows.append(["999", "1", "2", "a question with no pair"])  # QQP has malformed lines: skipped
             _write_tsv(out / name, rows, header)
     elif task == "stsb":
-        header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+        header = STSB_HEADER
         for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
             rows = []
             for i, y in examples(n):
@@ -133,6 +137,24 @@ def write_glue(task: str, root: Path, n_train: int = 48, n_dev: int = 16, seed: 
             _write_tsv(out / name, rows, cols)
     # GLUE folders also hold an unlabelled test.tsv; the readers must ignore it.
     _write_tsv(out / "test.tsv", [["index", "sentence"], ["0", "unlabelled"]])
+    return out
+
+
+def write_sentiment_scores(root: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
+    """STS-B in the GLUE layout with a target that a tiny random-init model learns in a few steps: each sentence
+    is one sentiment word, and the score counts the positive ones (0, 1 or 2, plus up to 0.2 of noise, so ranks
+    are strict). Returns the STS-B folder under root."""
+    rng = random.Random(seed)
+    out = root / "STS-B"
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = []
+        for i in range(n):
+            positive = [rng.random() < 0.5, rng.random() < 0.5]
+            words = [rng.choice(POSITIVE if p else NEGATIVE) + "." for p in positive]
+            score = sum(positive) + 0.2 * rng.random()
+            rows.append([str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *words,
+                         f"{score:.3f}"])
+        _write_tsv(out / name, rows, STSB_HEADER)
     return out
 
 

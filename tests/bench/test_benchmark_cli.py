@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -73,9 +74,26 @@ def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
     code, err = call_main(benchmark_main, "finetune", "--device", "cpu", "--quick", "--models", "dense",
                           "--output-dir", tmp_path)
     assert code == 0, err
-    cells = json.loads((tmp_path / "benchmark.json").read_text())["finetune"]["cells"]
-    assert len(cells) == 1 and cells[0]["status"] == "ok" and cells[0]["examples_per_s"] > 0
-    assert cells[0]["batch"] == 2 and cells[0]["seq_len"] == 32  # --quick: tiny size on CPU
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.json", "benchmark.md"]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(report) == {"environment", "finetune"}
+    assert report["environment"]["torch"] == torch.__version__ and report["environment"]["device"].startswith("CPU")
+    settings = report["finetune"]["settings"]
+    assert settings["models"] == ["dense"] and settings["device"] == "cpu"
+    [cell] = report["finetune"]["cells"]
+    assert cell["status"] == "ok" and cell["model"] == "dense" and "(dense)" in cell["attention"]
+    assert cell["batch"] == settings["batch_size"] == 2 and cell["seq_len"] == settings["seq_len"] == 32  # --quick
+    # The rates are the counts over the median step: consistent with each other and with the batch.
+    seconds = cell["ms"] / 1e3
+    assert cell["tokens"] == 2 * 32 and cell["tokens_per_s"] == pytest.approx(cell["tokens"] / seconds)
+    assert cell["examples_per_s"] == pytest.approx(2 / seconds)
+    assert cell["tflops"] == pytest.approx(cell["flops"] / seconds / 1e12)
+    assert cell["gflop_per_token"] == pytest.approx(cell["flops"] / cell["tokens"] / 1e9)
+    assert cell["p20_ms"] <= cell["ms"] <= cell["p80_ms"] and 1 <= cell["runs"] <= settings["repeats"]
+    assert cell["mfu"] is None and math.isfinite(cell["loss"])  # no MFU on a CPU: its peak is not the GPU's
+    md = (tmp_path / "benchmark.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| dense "))
+    assert "## Fine-tuning step" in md and "2x32" in row and cell["attention"] in row
     assert "ours dense" in capsys.readouterr().out
 
 

@@ -62,15 +62,30 @@ def test_cli_quick_cpu_writes_the_report(benchmark_main, tmp_path, capsys):
     data = json.loads((out / "packing.json").read_text())["packing"]
     cells = data["cells"]
     assert [c["variant"] for c in cells] == ["padded-dense", "packed-flex", "padded-flex", "packed-dense"]
+    inputs = data["inputs"]
     for cell in cells:
         assert cell["status"] == "ok", cell
-        assert cell["examples_per_s"] > 0 and cell["real_tokens_per_s"] > 0 and 0 <= cell["padding_share"] < 1
-    # the same examples in every layout: the same real tokens per step
-    assert len({c["real_tokens_per_step"] for c in cells}) == 1
-    assert cells[0]["vs_padded_dense"] == pytest.approx(1.0)
-    assert data["inputs"]["source"].startswith("the embedded corpus") or "sentiment" in data["inputs"]["source"]
+        assert cell["examples"] == inputs["examples_drawn"] == 4
+        # the same 4 examples in every layout: their real tokens per step, whatever the padding
+        assert cell["real_tokens_per_step"] == pytest.approx(4 * inputs["mean_tokens"])
+        positions = sum(rows * width for rows, width in cell["shapes"])
+        assert cell["positions_per_step"] == positions >= cell["real_tokens_per_step"]
+        assert cell["padding_share"] == pytest.approx(1 - cell["real_tokens_per_step"] / positions)
+        # both rates are over the same timed steps: their ratio is the tokens per example
+        assert cell["real_tokens_per_s"] == pytest.approx(cell["examples_per_s"] * inputs["mean_tokens"])
+        assert cell["vs_padded_dense"] == pytest.approx(cell["examples_per_s"] / cells[0]["examples_per_s"])
+        assert all(width == 32 for _, width in cell["shapes"])  # --max-length 32: padded to it, packed rows of it
+        if cell["layout"] == "packed":
+            assert all(rows % data["settings"]["rows_multiple"] == 0 for rows, _ in cell["shapes"])
+        assert cell["backend"] == cell["variant"].split("-")[1] and cell["layout"] == cell["variant"].split("-")[0]
+    assert inputs["source"].startswith("the embedded corpus") or "sentiment" in inputs["source"]
     md = (out / "packing.md").read_text()
     assert "## Packed vs padded" in md and "![packing.png](packing.png)" in md and "x padded-dense" in md
+    for cell in cells:  # one results row per variant, with its shape (--batches 1: one)
+        [(rows, width)] = cell["shapes"]
+        assert any(line.startswith("| 4 ") and f"| {cell['variant']} " in line and f"| {rows}x{width} " in line
+                   for line in md.splitlines()), cell["variant"]
+    assert all(line in md for line in data["headline"])
     assert torch.__version__ in md
 
 

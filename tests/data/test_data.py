@@ -381,20 +381,52 @@ def test_collator_whole_word_units_and_special_tokens_held_back():
     assert (batch["targets"] >= 0).float().mean() > 0.9
 
 
-def test_collator_feeds_the_model_and_real_blocks(shards):
+def test_collator_on_real_blocks_feeds_the_model_what_it_predicts(shards):
+    """Real blocks, the real tokenizer's words: each row is its block permuted (context and content stream
+    uncorrupted), the targets are the block's tokens at the predicted positions, words stay whole, the appended
+    inputs follow the corruption rule, and the model's prediction for the first predicted token does not see
+    that token while the later ones do (the predicted part is where the model takes it to be)."""
     from mpnet import MPNetConfig, MPNetForPretraining
 
     out, meta = shards
+    tokenizer = load_tokenizer(out)
+    starts = word_starts(tokenizer)
     blocks = TokenBlocks(out, "train", block_size=32)
+    examples = [np.asarray(blocks[i], dtype=np.int64) for i in (0, 1, len(blocks) - 1)]  # the last one is short
+    assert len(examples[-1]) < 32
     collator = MPNetCollator(meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"],
-                             meta["special_token_ids"], whole_word_mask=True,
-                             word_starts=word_starts(load_tokenizer(out)))
-    batch = collator([blocks[i] for i in (0, 1, len(blocks) - 1)], step=0)
-    cfg = MPNetConfig(vocab_size=meta["vocab_size"], hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=66)
+                             meta["special_token_ids"], whole_word_mask=True, word_starts=starts)
+    batch = collator(examples, step=0)
+    n, m = 32, batch["pred_size"]
+    assert m == round(0.15 * n) and batch["targets"].shape == batch["appended_ids"].shape == (3, m)
+    special = set(meta["special_token_ids"]) | {meta["pad_token_id"], meta["mask_token_id"]}
+    for b, block in enumerate(examples):
+        pos, ids, real = batch["positions"][b], batch["input_ids"][b], batch["attention_mask"][b].bool()
+        padding = n - len(block)  # entries first, pad id, position -1, never attended
+        assert real.tolist() == [False] * padding + [True] * len(block)
+        assert (ids[:padding] == meta["pad_token_id"]).all() and (pos[:padding] == -1).all()
+        pos, ids = pos[padding:], ids[padding:]
+        assert sorted(pos.tolist()) == list(range(len(block)))
+        assert ids.tolist() == block[pos.numpy()].tolist()  # every entry is its block token, predicted ones too
+        assert batch["targets"][b].tolist() == block[pos[-m:].numpy()].tolist()
+        for k, p in enumerate(pos.tolist()):  # a word piece follows the piece before it, across the boundary too
+            if p > 0 and not starts[block[p]] and block[p] not in special:
+                assert pos[k - 1] == p - 1, (b, k, tokenizer.convert_ids_to_tokens([int(block[p - 1]), int(block[p])]))
+        for given, target in zip(batch["appended_ids"][b].tolist(), batch["targets"][b].tolist()):
+            assert given in (meta["mask_token_id"], target) or given not in special
+
+    config = MPNetConfig(vocab_size=meta["vocab_size"], hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    logits = MPNetForPretraining(cfg)(batch["input_ids"], batch["positions"], batch["pred_size"],
-                                      batch["attention_mask"])
-    assert logits.shape == (3, batch["pred_size"], meta["vocab_size"])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
-    assert torch.isfinite(loss) and abs(loss.item() - math.log(meta["vocab_size"])) < 2.0
+    model = MPNetForPretraining(config).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "positions", "pred_size", "attention_mask", "appended_ids")}
+    # Rewrite the content-stream entry of each row's first predicted token (rank 0).
+    edited = batch["input_ids"].clone()
+    edited[:, n - m] = (edited[:, n - m] + 1) % meta["vocab_size"]
+    with torch.no_grad():
+        logits = model(**inputs)
+        after = model(**{**inputs, "input_ids": edited})
+    assert logits.shape == (3, m, meta["vocab_size"])
+    torch.testing.assert_close(after[:, 0], logits[:, 0])        # rank 0 never reads its own token
+    assert (after[:, 1:] - logits[:, 1:]).abs().amax(dim=(1, 2)).min() > 1e-4  # later ranks read it

@@ -31,13 +31,37 @@ def test_compare_on_cpu_writes_table_plot_and_json(tmp_path):
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "comparison.json").read_text())
     assert report["mode"] == "evaluation-only" and report["seeds"] == [1, 2]
-    assert len(report["runs"]) == 6  # 3 backends x 2 seeds, from 2 dense trainings
+    assert report["backends"] == ["dense", "flex", "flex:8"] and report["tasks"] == ["sst2"]
+    # 3 backends x 2 seeds, from 2 dense trainings: each run names the training it evaluated.
+    trainings = {seed: json.loads((out / "runs" / "sst2" / "dense-train" / f"seed{seed}" / "results.json").read_text())
+                 for seed in (1, 2)}
+    assert sorted((r["backend"], r["seed"]) for r in report["runs"]) == sorted(
+        (b, s) for b in ("dense", "flex", "flex:8") for s in (1, 2))
+    for run in report["runs"]:
+        trained = trainings[run["seed"]]
+        assert run["run_dir"] == str(out / "runs" / "sst2" / "dense-train" / f"seed{run['seed']}")
+        assert run["metrics"].keys() == {"accuracy"} and run["score"] == run["metrics"]["accuracy"]
+        if run["backend"] == "dense":  # the saved best model, evaluated again, scores what training recorded
+            assert run["mode"] == "trained (dense)" and run["score"] == pytest.approx(trained["best"]["score"])
+            assert run["train_examples_per_s"] == trained["train_examples_per_s"]
+        else:
+            assert run["mode"] == "eval-only" and run["train_examples_per_s"] is None
     summary = {row["backend"]: row for row in report["summary"]}
+    for backend, row in summary.items():  # each row summarises its backend's runs
+        mine = [r for r in report["runs"] if r["backend"] == backend]
+        assert row["seeds"] == [1, 2] and row["task"] == "sst2"
+        assert row["score_mean"] == pytest.approx(sum(r["score"] for r in mine) / 2)
+        assert row["eval_examples_per_s"] == pytest.approx(sum(r["eval_examples_per_s"] for r in mine) / 2)
+    assert summary["dense"]["train_examples_per_s"] == pytest.approx(
+        sum(t["train_examples_per_s"] for t in trainings.values()) / 2)
+    assert summary["flex"]["train_examples_per_s"] is None and summary["flex:8"]["train_examples_per_s"] is None
     # Same weights under dense and flex (no window): the same predictions.
     assert summary["flex"]["score_mean"] == pytest.approx(summary["dense"]["score_mean"])
     assert summary["flex"]["score_diff_vs_dense"] == pytest.approx(0.0, abs=1e-9)
-    assert summary["dense"]["train_examples_per_s"] > 0 and summary["flex"]["train_examples_per_s"] is None
-    assert all(row["eval_examples_per_s"] > 0 for row in summary.values())
+    # The table shows the summary's numbers: dense's training rate, a dash where nothing trained.
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows[:3]]
+    assert cells[0][4] == f"{summary['dense']['train_examples_per_s']:.1f}" and cells[1][4] == cells[2][4] == "—"
+    assert [c[5] for c in cells] == [f"{summary[b]['eval_examples_per_s']:.1f}" for b in ("dense", "flex", "flex:8")]
     assert (out / "runs" / "sst2" / "dense-train" / "seed2" / "best" / "config.json").is_file()
 
 
