@@ -28,6 +28,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from corpus_readers import chapters_from_paragraphs  # scripts/corpus_readers.py
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "mpnet" / "resources" / "corpus" / "austen.txt.gz"
 PACKAGE = "r-cran-janeaustenr"
@@ -72,18 +74,13 @@ def paragraphs(lines: list[str]) -> list[str]:
     return out
 
 
+def is_chapter_heading(para: str) -> bool:
+    return bool(HEADING.match(para)) and len(para) < 60  # a heading line, not prose that starts with "Chapter"
+
+
 def chapters(lines: list[str]) -> list[str]:
     """One document per chapter: paragraphs between headings joined by newlines."""
-    docs, current = [], []
-    for para in paragraphs(lines):
-        if HEADING.match(para) and len(para) < 60:  # a heading line, not prose that starts with "Chapter"
-            if current:
-                docs.append(current)
-            current = []
-        else:
-            current.append(para)
-    if current:
-        docs.append(current)
+    docs = chapters_from_paragraphs(paragraphs(lines), heading=is_chapter_heading)
     # The title page (a few short lines) is not a document; a real preface (Northanger Abbey) is.
     if docs and sum(len(p) for p in docs[0]) < 300:
         docs = docs[1:]
