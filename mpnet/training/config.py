@@ -388,7 +388,7 @@ class TrainingConfig:
     grad_accum: int = 1
     seed: int = 0
     bf16: bool = True  # autocast on CUDA; ignored on CPU
-    # torch.compile the model: true, false, or auto (compiled when training on CUDA in one process:
+    # torch.compile the model: true, false, or auto (compiled when training on CUDA, under torchrun too:
     # toolkit.compiles; configs/mpnet-base.yaml says auto)
     compile: bool | str = False
     # its torch.compile mode: default, reduce-overhead / max-autotune (CUDA graphs; grad_accum 1, one

@@ -284,7 +284,7 @@ class Trainer:
             toolkit.set_rng_state(state["rng"][env.rank % len(state["rng"])], self.device)
         # The mode the steps run in: "default" when not compiled (training.compile=auto on a CPU)
         self.compile_mode = "default"
-        if toolkit.compiles(cfg.training.compile, self.device, env.world_size):
+        if toolkit.compiles(cfg.training.compile, self.device):
             if cfg.training.compile_mode in toolkit.CUDA_GRAPH_MODES and env.world_size > 1:
                 raise UserError(f"training.compile_mode={cfg.training.compile_mode} (CUDA graphs) runs in one "
                                 f"process; with {env.world_size} use compile_mode=default")

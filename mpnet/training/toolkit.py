@@ -48,12 +48,14 @@ def compile_model(model, mode: str = "default"):
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
-def compiles(setting: bool | str, device: torch.device, world_size: int = 1) -> bool:
-    """Whether training.compile = setting compiles here: "auto" compiles on CUDA in one process, the case
-    measured (H200, mpnet-base 32 x 512, triton backend, in the trainer: 19.9% MFU eager, 25.4% compiled,
-    25.6% with CUDA graphs; docs/benchmarks.md); several processes and the CPU stay eager unless asked."""
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """Whether training.compile = setting compiles here: "auto" compiles on CUDA, in one process or under torchrun
+    (one process measured: H200, mpnet-base 32 x 512, triton backend, in the trainer: 19.9% MFU eager, 25.4%
+    compiled, 25.6% with CUDA graphs; docs/benchmarks.md). Under torchrun the compiled DDP and FSDP2 runs equal
+    the eager one (tests/training/test_multinode.py, gloo on CPU). The CPU stays eager unless asked: compiling
+    takes longer than the short runs a CPU is used for."""
     if setting == "auto":
-        return device.type == "cuda" and world_size == 1
+        return device.type == "cuda"
     return bool(setting)
 
 
