@@ -352,8 +352,14 @@ class Trainer:
         with self.stop:
             self._loss_before_training()
             self.train_model.train()
+            skipped_before = self.optimizer_step.guard.skipped
             self._loop(bar, max_steps)
         bar.close()
+        # Counted after the loop, not per step (`finite` is a device tensor: reading it each step syncs the host).
+        self.optimizer_step.poll(self.metrics.note, lambda: last_good_checkpoint(self.output_dir))
+        updates = (self.stopped_at or max_steps) - self.start_step - (self.optimizer_step.guard.skipped - skipped_before)
+        if updates > 0:
+            self.model.untrained_parts = ()  # an update has reached every part (a new LM head included)
         # FSDP shards the weights: a forward on one rank alone would wait for the others
         # ... and a run stopped before its first update from a checkpoint without an LM head has no answers
         answers = (fill_mask(self.model, self.data.tokenizer)
@@ -370,8 +376,6 @@ class Trainer:
         cfg, guard = self.cfg, self.optimizer_step.guard
         for step in range(self.start_step, max_steps):
             grad_norm, finite = self.train_step(step)
-            if finite:
-                self.model.untrained_parts = ()  # an update has reached every part (a new LM head included)
             done = step + 1
             bar.update(1)
             self.metrics.after_step(self.examples_per_step, cfg.data.block_size, finite)
