@@ -30,17 +30,17 @@ own valid loss and accuracy are in the json; they measure different tasks and do
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from command_runs import begin_run, failer, output_parser
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("mpnet", "mlm", "plm")
@@ -53,16 +53,13 @@ PROG = "quality_benchmark"
 DEFAULT_TASK = "sst2=data/sentiment"
 
 
-def fail(message: str):
-    sys.exit(f"{PROG}: error: {message}")
+fail = failer(PROG)
 
 
 def parse_args(argv=None):
     from mpnet.modeling.backends import ATTENTION_BACKEND_NAMES
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for every run and the report")
+    p = output_parser(PROG, __doc__)
     p.add_argument("--data", help="pretraining corpus: text files or folders, or preprocessed shards "
                                   "(default: --config's data.path)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-small.yaml",
@@ -348,12 +345,7 @@ def write_report(args, rows: list[dict], facts: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "PYTHONPATH=.:/tmp/shim python3 scripts/quality_benchmark.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # pretrain-mpnet runs where CUDA is; hide it (before torch starts)
-    if args.out.exists() and any(args.out.iterdir()):
-        fail(f"--out {args.out} is not empty; choose a new folder (nothing was overwritten)")
+    command = begin_run("quality_benchmark.py", args, argv, fail)
     for task, folder in args.tasks.items():
         if not folder.is_dir():
             hint = f"; make it first: python scripts/make_sentiment_data.py {folder}" if task == "sst2" else ""
