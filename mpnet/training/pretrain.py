@@ -151,9 +151,10 @@ def build_model(cfg: PretrainConfig, meta: dict, device, resume_from: Path | Non
         if cfg.training.lm_bias_init == "unigram" and shard_dir is not None:
             with torch.no_grad():
                 model.lm_head.bias.copy_(unigram_log_prior(shard_dir, meta))
-        if cfg.training.relative_bias_init == "local":
+        if cfg.training.relative_bias_init in LOCALITY_SLOPES:
             with torch.no_grad():
-                model.mpnet.encoder.relative_attention_bias.weight.copy_(local_relative_bias(model.config))
+                model.mpnet.encoder.relative_attention_bias.weight.copy_(
+                    local_relative_bias(model.config, cfg.training.relative_bias_init))
     if cfg.data.block_size > model.config.max_sequence_length:
         raise UserError(f"data.block_size {cfg.data.block_size} is longer than the position table allows "
                         f"({model.config.max_sequence_length}); lower it or raise model.max_position_embeddings")
@@ -173,9 +174,23 @@ def unigram_log_prior(shard_dir: Path, meta: dict) -> torch.Tensor:
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
-def local_relative_bias(config) -> torch.Tensor:
-    """(buckets, heads) table with bias -slope_h x |distance| at each bucket's nearest distance; slopes
-    geometric from 1 to 1/16 across the heads."""
+def steep_slopes(heads: int) -> torch.Tensor:
+    """1 down to 1/16 across the heads: every head local (at distance 16 the flattest is already at -1)."""
+    return 16.0 ** (-torch.arange(heads) / max(heads - 1, 1))
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 h / H), h = 1..H (Press et al., 2022): the steepest head local, the
+    flattest nearly uniform over a 128-token block (-0.5 at the far end), so position 0 can read the whole input."""
+    return 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+
+
+LOCALITY_SLOPES = {"local": steep_slopes, "alibi": alibi_slopes}
+
+
+def local_relative_bias(config, kind: str = "local") -> torch.Tensor:
+    """(buckets, heads) table with bias -slope_h x |distance| at each bucket's nearest distance, the slopes of
+    `kind` (LOCALITY_SLOPES)."""
     from ..modeling.masks import relative_position_bucket
 
     buckets, heads = config.relative_attention_num_buckets, config.num_attention_heads
@@ -183,8 +198,7 @@ def local_relative_bias(config) -> torch.Tensor:
     bucket = relative_position_bucket(distance, buckets, config.relative_attention_max_distance)
     nearest = torch.full((buckets,), float(config.relative_attention_max_distance))
     nearest = nearest.scatter_reduce(0, bucket, distance.abs().float(), reduce="amin")
-    slopes = 16.0 ** (-torch.arange(heads) / max(heads - 1, 1))
-    return -nearest[:, None] * slopes[None, :]
+    return -nearest[:, None] * LOCALITY_SLOPES[kind](heads)[None, :]
 
 
 def _check_backend(cfg: PretrainConfig, device: torch.device):

@@ -3,7 +3,8 @@
 Checked by brute force: the unigram LM-head bias is the add-one-smoothed log-frequency of every id of the
 training shard (counted here with a Python Counter), so a fresh model's first predictions are the unigram
 distribution; the locality prior is, for every distance up to the saturation distance, -slope x (the nearest
-distance of its bucket), symmetric, zero at distance 0, never rising with distance, with slopes 1 .. 1/16
+distance of its bucket), symmetric, zero at distance 0, never rising with distance, with slopes 1 .. 1/16 (local) or
+ALiBi's 2^(-8h/H) (alibi)
 across the heads; a fresh run applies both (and neither with "zero"/"normal"), init_from keeps its checkpoint's
 weights.
 """
@@ -36,15 +37,16 @@ def test_the_unigram_prior_is_the_smoothed_log_frequency_of_every_id(prefix_shar
     assert prior.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_the_locality_prior_falls_with_distance_in_every_head():
+@pytest.mark.parametrize("kind,slopes", [("local", [16.0 ** (-h / 3) for h in range(4)]),
+                                         ("alibi", [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])])
+def test_the_locality_prior_falls_with_distance_in_every_head(kind, slopes):
     config = MPNetConfig.tiny()
-    table = local_relative_bias(config)
+    table = local_relative_bias(config, kind)
     assert table.shape == (config.relative_attention_num_buckets, config.num_attention_heads)
     top = config.relative_attention_max_distance
     distance = torch.arange(-top, top + 1)
     bias = table[relative_position_bucket(distance, config.relative_attention_num_buckets, top)]  # (2 top + 1, heads)
-    slopes = bias[top + 1] / -1.0  # distance +1: exact bucket
-    assert slopes.tolist() == pytest.approx([16.0 ** (-h / 3) for h in range(4)])
+    assert bias[top + 1].tolist() == pytest.approx([-s for s in slopes])
     assert (bias[top] == 0).all()  # distance 0
     assert torch.equal(bias, bias.flip(0))  # symmetric
     far = bias[top:]  # distances 0 .. top
@@ -53,7 +55,7 @@ def test_the_locality_prior_falls_with_distance_in_every_head():
         bucket = relative_position_bucket(torch.tensor(d), config.relative_attention_num_buckets, top)
         same = [e for e in range(0, top + 1)
                 if relative_position_bucket(torch.tensor(e), config.relative_attention_num_buckets, top) == bucket]
-        assert bias[top + d].tolist() == pytest.approx((-min(same) * slopes).tolist())
+        assert bias[top + d].tolist() == pytest.approx([-min(same) * s for s in slopes])
 
 
 @pytest.mark.parametrize("settings,local,unigram", [([], True, True),
