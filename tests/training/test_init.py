@@ -4,8 +4,8 @@ Checked by brute force: the unigram LM-head bias is the add-one-smoothed log-fre
 training shard (counted here with a Python Counter), so a fresh model's first predictions are the unigram
 distribution; the locality prior is, for every distance up to the saturation distance, -slope x (the nearest
 distance of its bucket), symmetric, zero at distance 0, never rising with distance, with slopes 1 .. 1/16
-(local) or ALiBi's 2^(-8h/H) (alibi) across the heads; a fresh run applies both (and neither with "zero"/"normal"), init_from keeps its checkpoint's
-weights.
+(local) or ALiBi's 2^(-8h/H) (alibi) across the heads; a fresh run applies both (and neither with
+"zero"/"normal"), init_from keeps its checkpoint's weights.
 """
 from __future__ import annotations
 
