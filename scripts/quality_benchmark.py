@@ -9,12 +9,13 @@ From the repository root, installed (`pip install -e .`) or not:
     python scripts/make_sentiment_data.py data/sentiment             # the default held-out task
     PYTHONPATH=.:/tmp/shim python3 scripts/quality_benchmark.py --out runs/quality --data data/corpus
 
-What it runs, in this process, through the commands' own entry points (the exact command lines are in the json):
+What it runs, through the commands' own entry points (in this process; with --jobs N, N at once, each in its own
+process), the exact command lines in the json:
 1. --data (default: the config's corpus) preprocessed once into OUT/data, so every objective reads the same shards;
 2. the pretraining budget: --steps N, or --minutes-per-objective M turned into N from a short timed mpnet run
    (mpnet is the most expensive objective, so none takes longer than M minutes): the same token budget for all;
 3. `pretrain-mpnet --objective X --max-steps N` for each of --objectives: --config's model and optimizer
-   (configs/mpnet-small.yaml: 4 layers, hidden 256), warmup 10% of the steps, validation ten times on the way;
+   (configs/mpnet-small-corpus.yaml: 4 layers, hidden 256, batches of 256 x 128), warmup 10% of the steps, validation ten times on the way;
 4. a fresh, untrained model of the same config (row "none": what fine-tuning alone reaches);
 5. `finetune-mpnet` of every checkpoint on every --task (default: the sentiment task of
    scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed;
@@ -36,6 +37,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,8 +47,10 @@ from command_runs import begin_run, failer, output_parser
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("mpnet", "mlm", "plm")
 # Rows beyond the three objectives: (objective, extra config overrides). mpnet is the original MPNet code's
-# inputs (data.corrupted_input=appended, the default); mpnet-content the other layout (docs/objectives.md).
-VARIANTS = {"mpnet-content": ("mpnet", ["data.corrupted_input=content"])}
+# inputs (data.corrupted_input=appended, the default); mpnet-content the other layout (docs/objectives.md);
+# mpnet-steep-bias the steeper locality prior (training.relative_bias_init=local, docs/bench/dynamics.md).
+VARIANTS = {"mpnet-content": ("mpnet", ["data.corrupted_input=content"]),
+            "mpnet-steep-bias": ("mpnet", ["training.relative_bias_init=local"])}
 ROWS = {**{name: (name, []) for name in OBJECTIVES}, **VARIANTS}
 BASELINE = "none"
 PROG = "quality_benchmark"
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     p = output_parser(PROG, __doc__)
     p.add_argument("--data", help="pretraining corpus: text files or folders, or preprocessed shards "
                                   "(default: --config's data.path)")
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-small.yaml",
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "mpnet-small-corpus.yaml",
                    help="pretraining config: model, optimizer, block size, batch")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="pretraining steps per objective (the token budget: steps x "
@@ -76,8 +80,8 @@ def parse_args(argv=None):
                    help="score this checkpoint instead of pretraining (repeatable)")
     p.add_argument("--batch-size", type=int, help="pretraining examples per step (default: the config's)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--attention-backend", choices=ATTENTION_BACKEND_NAMES, default="dense",
-                   help="for pretraining and fine-tuning")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKEND_NAMES,
+                   help="for pretraining and fine-tuning (default: triton on cuda, dense on cpu)")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of the timed run behind --minutes-per-objective")
     p.add_argument("--task", action="append", default=[], metavar="TASK=DIR",
                    help=f"a GLUE task and its folder in the GLUE layout, repeatable (default: {DEFAULT_TASK}); "
@@ -90,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--finetune-max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--finetune-max-train-examples", type=int, help="a fixed subset of each task's training set")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained-model row")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="commands run at once (each in its own process, its output in OUT/logs/): the pretraining "
+                        "rows side by side on the one GPU, then the fine-tuning runs. A small model leaves most of "
+                        "an H100 idle, so side by side each row trains nearly as fast as alone")
     args = p.parse_args(argv)
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in args.objectives if o not in ROWS]
@@ -105,10 +113,11 @@ def parse_args(argv=None):
         if not sep or not name or not folder:
             fail(f"--task takes TASK=DIR (e.g. {DEFAULT_TASK}), got {spec!r}")
         args.tasks[name.strip().lower()] = Path(folder)
-    for name in ("steps", "minutes_per_objective", "batch_size", "probe_steps", "finetune_epochs"):
+    for name in ("steps", "minutes_per_objective", "batch_size", "probe_steps", "finetune_epochs", "jobs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    args.attention_backend = args.attention_backend or ("triton" if args.device == "cuda" else "dense")
     if args.steps is None and args.minutes_per_objective is None:
         args.minutes_per_objective = 1.5
     return args
@@ -139,19 +148,51 @@ def require_runtime(device: str, fail):
 
 def run_command(program: str, module: str, argv: list, log: list, fail=fail) -> float:
     """Run a command's main() here; stop (through `fail`) on a non-zero exit. Returns its wall time in seconds."""
-    argv = [shown(a) for a in argv]
-    line = f"{program} " + " ".join(shlex.quote(a) for a in argv)
+    line = command_line(program, argv)
     print(f"\n$ {line}", flush=True)
     main = importlib.import_module(f"mpnet_cli.{module}").main
     start = time.perf_counter()
     try:
-        main(argv)
+        main([shown(a) for a in argv])
     except SystemExit as exit_:
         if exit_.code not in (None, 0):
             fail(f"`{line}` exited with {exit_.code} (its error is above)")
     seconds = time.perf_counter() - start
     log.append({"command": line, "seconds": round(seconds, 1)})
     return seconds
+
+
+def command_line(program: str, argv: list) -> str:
+    return f"{program} " + " ".join(shlex.quote(shown(a)) for a in argv)
+
+
+def run_commands(commands: list[tuple[str, str, list, str]], log: list, jobs: int, logs: Path) -> list[float]:
+    """(program, module, argv, name) commands, `jobs` at once; wall seconds of each. With jobs 1 each runs here
+    (run_command); else each in its own process, its output in logs/NAME.log, all finished before one that
+    failed stops the run (its log named)."""
+    if jobs == 1:
+        return [run_command(program, module, argv, log) for program, module, argv, _ in commands]
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def run(command):
+        program, module, argv, name = command
+        start = time.perf_counter()
+        with open(logs / f"{name}.log", "w") as out:
+            code = subprocess.run([sys.executable, "-m", f"mpnet_cli.{module}", *map(shown, argv)], stdout=out,
+                                  stderr=subprocess.STDOUT).returncode
+        return code, time.perf_counter() - start
+
+    for program, _, argv, name in commands:
+        print(f"$ {command_line(program, argv)}    > {shown(logs / name)}.log", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(run, commands))
+    for (program, _, argv, name), (code, seconds) in zip(commands, results):
+        if code != 0:
+            fail(f"`{command_line(program, argv)}` exited with {code}; its output: {shown(logs / name)}.log")
+        log.append({"command": command_line(program, argv), "seconds": round(seconds, 1), "at_once": jobs})
+    return [seconds for _, seconds in results]
 
 
 def git_commit() -> str:
@@ -189,9 +230,15 @@ def calibrate_steps(args, shards: Path, block_size: int, log: list) -> tuple[int
                    "seconds_per_step": seconds_per_step}
 
 
-def pretrain_row(args, shards: Path, row: str, steps: int, block_size: int, log: list) -> dict:
+def pretrain_rows(args, shards: Path, steps: int, block_size: int, log: list) -> list[dict]:
+    commands = [("pretrain-mpnet", "pretrain", pretrain_argv(args, shards, row, args.out / "pretrain" / row, steps),
+                 f"pretrain-{row}") for row in args.objectives]
+    seconds = run_commands(commands, log, args.jobs, args.out / "logs")
+    return [pretrain_result(args, row, steps, block_size, s) for row, s in zip(args.objectives, seconds)]
+
+
+def pretrain_result(args, row: str, steps: int, block_size: int, seconds: float) -> dict:
     out = args.out / "pretrain" / row
-    seconds = run_command("pretrain-mpnet", "pretrain", pretrain_argv(args, shards, row, out, steps), log)
     summary = json.loads((out / "summary.json").read_text())
     tokens_per_step = args.batch_size * block_size
     curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
@@ -228,25 +275,31 @@ def task_config(task: str) -> Path:
     return REPO / "configs" / "glue" / ("sentiment.yaml" if task == "sst2" else f"{task}.yaml")
 
 
-def finetune_scores(args, checkpoint: Path, name: str, log: list) -> dict:
-    """{task: [{seed, best, best_epoch, last, seconds}]}: dev score x100 of each seed."""
-    scores = {}
-    for task, folder in args.tasks.items():
-        scores[task] = []
-        for seed in args.finetune_seeds:
-            out = args.out / "finetune" / task / f"{name}-seed{seed}"
-            argv = ["--checkpoint", checkpoint, "--task", task, "--data-dir", folder, "--config", task_config(task),
-                    "--output-dir", out, "--device", args.device, "--seed", seed, "--lr", args.finetune_lr,
-                    "--epochs", args.finetune_epochs, "--max-length", args.finetune_max_length,
-                    "--attention-backend", args.attention_backend, "--no-progress"]
-            if args.finetune_max_train_examples:
-                argv += ["--max-train-examples", args.finetune_max_train_examples]
-            seconds = run_command("finetune-mpnet", "finetune", argv, log)
-            results = json.loads((out / "results.json").read_text())
-            scores[task].append({"seed": seed, "best": 100 * results["best"]["score"],
-                                 "best_epoch": results["best"]["epoch"], "last": 100 * results["epochs"][-1]["score"],
-                                 "seconds": round(seconds, 1)})
-    return scores
+def finetune_all(args, rows: list[dict], log: list):
+    """Every row's checkpoint fine-tuned on every task per seed: r["finetune"] = {task: [{seed, best, best_epoch,
+    last, seconds}]}, dev score x100."""
+    runs, commands = [], []
+    for r in rows:
+        name = r["row"].replace("/", "-")
+        for task, folder in args.tasks.items():
+            for seed in args.finetune_seeds:
+                out = args.out / "finetune" / task / f"{name}-seed{seed}"
+                argv = ["--checkpoint", r["checkpoint"], "--task", task, "--data-dir", folder, "--config",
+                        task_config(task), "--output-dir", out, "--device", args.device, "--seed", seed, "--lr",
+                        args.finetune_lr, "--epochs", args.finetune_epochs, "--max-length", args.finetune_max_length,
+                        "--attention-backend", args.attention_backend, "--no-progress"]
+                if args.finetune_max_train_examples:
+                    argv += ["--max-train-examples", args.finetune_max_train_examples]
+                runs.append((r, task, seed, out))
+                commands.append(("finetune-mpnet", "finetune", argv, f"finetune-{task}-{name}-seed{seed}"))
+    seconds = run_commands(commands, log, args.jobs, args.out / "logs")
+    for r in rows:
+        r["finetune"] = {task: [] for task in args.tasks}
+    for (r, task, seed, out), s in zip(runs, seconds):
+        results = json.loads((out / "results.json").read_text())
+        r["finetune"][task].append({"seed": seed, "best": 100 * results["best"]["score"],
+                                    "best_epoch": results["best"]["epoch"],
+                                    "last": 100 * results["epochs"][-1]["score"], "seconds": round(s, 1)})
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -311,7 +364,8 @@ def write_report(args, rows: list[dict], facts: dict):
              f"- fine-tuning: {', '.join(f'{t} (`{shown(d)}`)' for t, d in args.tasks.items())}; lr "
              f"{args.finetune_lr}, {args.finetune_epochs} epochs, <= {args.finetune_max_length} tokens, seeds "
              f"{','.join(map(str, args.finetune_seeds))}; dev score x100 at the best epoch, mean ± sample std",
-             f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min", "",
+             f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min"
+             + (f" ({facts['jobs']} commands at once: the minutes below overlap)" if facts["jobs"] > 1 else ""), "",
              "| row | pretraining tokens | minutes | fill-mask acc (held out) | "
              + " | ".join(f"{t} dev" for t in tasks) + " |",
              "|---|---|---|---|" + "---|" * len(tasks)]
@@ -380,19 +434,19 @@ def main(argv=None):
             steps, calibration = calibrate_steps(args, shards, block_size, log)
             print(f"\n{PROG}: mpnet ran {calibration['seconds_per_step'] * 1000:.1f} ms per step: {steps} steps per "
                   f"objective for {args.minutes_per_objective} min", flush=True)
-        rows = [pretrain_row(args, shards, row, steps, block_size, log) for row in args.objectives]
+        rows = pretrain_rows(args, shards, steps, block_size, log)
     if not args.no_baseline:
         rows.append({"row": BASELINE, "tokens": 0,
                      "checkpoint": str(untrained_checkpoint(args.config, shards, args.out / "untrained"))})
-    for r in rows:
-        r["finetune"] = finetune_scores(args, Path(r["checkpoint"]), r["row"].replace("/", "-"), log)
+    finetune_all(args, rows, log)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     facts = {"command": command, "device": device, "torch": torch.__version__, "commit": git_commit(),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": shown(args.config),
              "data": shown(Path(data)) if not isinstance(data, list) else data,
              "data_tokens": meta.get("num_tokens"), "block_size": block_size, "batch_size": args.batch_size,
              "steps": steps, "calibration": calibration, "finetune_lr": args.finetune_lr,
-             "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "commands": log,
+             "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "jobs": args.jobs,
+             "commands": log,
              "total_seconds": round(time.perf_counter() - started, 1)}
     write_report(args, rows, facts)
 

@@ -401,11 +401,14 @@ class TrainingConfig:
     # first steps need not push every hidden state towards the frequent words (the unigram plateau,
     # docs/bench/dynamics.md); "zero" is HF's and the original's init. Ignored with init_from and on resume.
     lm_bias_init: str = "unigram"
-    # A new model's relative-position bias table: "local" starts each head preferring nearby tokens, bias
-    # -slope x |distance| with slopes from 1 down to 1/16 across the heads (ALiBi's shape), so attention reads
-    # the neighbours from the first step; "normal" is N(0, initializer_range), HF's and the original's init,
-    # with which every objective sits at the unigram level for ~1,000 steps (docs/bench/dynamics.md).
-    relative_bias_init: str = "local"
+    # A new model's relative-position bias table: "alibi" starts head h with bias -slope_h x |distance|, ALiBi's
+    # slopes 2^(-8h/H) (Press et al., 2022), so attention reads the neighbours from the first step while the
+    # flattest heads still see the whole block; "local" has steeper slopes (1 down to 1/16: at 128 tokens the
+    # steepest head's bias is -128), which pretrains faster at first but leaves position 0 (<s>, what the
+    # classifier reads) seeing the first words only, and its checkpoints fine-tune worse than an untrained
+    # model (docs/bench/quality.md); "normal" is N(0, initializer_range), HF's and the original's init, with
+    # which every objective sits at the unigram level for ~1,000 steps (docs/bench/dynamics.md).
+    relative_bias_init: str = "alibi"
 
     def __post_init__(self):
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")

@@ -135,7 +135,7 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads((out / "quality.json").read_text())
 
-    report = benchmark(tmp_path / "q", "--steps", "4", "--finetune-seeds", "1,2")
+    report = benchmark(tmp_path / "q", "--steps", "4", "--finetune-seeds", "1,2", "--jobs", "2")  # side by side
     rows = {row["row"]: row for row in report["rows"]}
     assert list(rows) == ["mpnet", "mlm", "plm", "none"]
     for name in ("mpnet", "mlm", "plm"):
@@ -148,6 +148,8 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
     assert "| mpnet | 512 |" in markdown and "- plm: sst2 " in markdown
     assert (tmp_path / "q" / "quality_pretraining.png").stat().st_size > 0
     assert (tmp_path / "q" / "quality_finetune.png").stat().st_size > 0
+    assert (tmp_path / "q" / "logs" / "pretrain-plm.log").is_file()  # each side-by-side command's output
+    assert all(command["at_once"] == 2 for command in report["facts"]["commands"])
 
     scored = benchmark(tmp_path / "c", "--checkpoint", rows["mlm"]["checkpoint"], "--no-baseline",
                        "--finetune-seeds", "1")
