@@ -96,8 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained-model row")
     p.add_argument("--jobs", type=int, default=1,
                    help="commands run at once (each in its own process, its output in OUT/logs/): the pretraining "
-                        "rows side by side on the one GPU, then the fine-tuning runs. A small model leaves most of "
-                        "an H100 idle, so side by side each row trains nearly as fast as alone")
+                        "rows side by side on the one GPU (a small model leaves most of it idle), then the "
+                        "fine-tuning runs; --minutes-per-objective times one row alone")
     args = p.parse_args(argv)
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in args.objectives if o not in ROWS]
