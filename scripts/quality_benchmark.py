@@ -15,7 +15,8 @@ process), the exact command lines in the json:
 2. the pretraining budget: --steps N, or --minutes-per-objective M turned into N from a short timed mpnet run
    (mpnet is the most expensive objective, so none takes longer than M minutes): the same token budget for all;
 3. `pretrain-mpnet --objective X --max-steps N` for each of --objectives: --config's model and optimizer
-   (configs/mpnet-small-corpus.yaml: 4 layers, hidden 256, batches of 256 x 128), warmup 10% of the steps, validation ten times on the way;
+   (configs/mpnet-small-corpus.yaml: 4 layers, hidden 256, batches of 256 x 128), warmup 10% of the steps,
+   validation ten times on the way;
 4. a fresh, untrained model of the same config (row "none": what fine-tuning alone reaches);
 5. `finetune-mpnet` of every checkpoint on every --task (default: the sentiment task of
    scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed;

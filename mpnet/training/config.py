@@ -414,8 +414,8 @@ class TrainingConfig:
         positive("training", self, "max_steps", "batch_size", "grad_accum", "max_nonfinite_steps")
         check("training.objective", self.objective, self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
         check("training.lm_bias_init", self.lm_bias_init, self.lm_bias_init in ("unigram", "zero"), "unigram or zero")
-        check("training.relative_bias_init", self.relative_bias_init, self.relative_bias_init in ("normal", "local", "alibi"),
-              "normal, local or alibi")
+        check("training.relative_bias_init", self.relative_bias_init,
+              self.relative_bias_init in ("normal", "local", "alibi"), "normal, local or alibi")
         check_compile_mode(self.compile, self.compile_mode, self.grad_accum)
 
 

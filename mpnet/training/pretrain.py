@@ -188,7 +188,7 @@ def alibi_slopes(heads: int) -> torch.Tensor:
 LOCALITY_SLOPES = {"local": steep_slopes, "alibi": alibi_slopes}
 
 
-def local_relative_bias(config, kind: str = "local") -> torch.Tensor:
+def local_relative_bias(config, kind: str) -> torch.Tensor:
     """(buckets, heads) table with bias -slope_h x |distance| at each bucket's nearest distance, the slopes of
     `kind` (LOCALITY_SLOPES)."""
     from ..modeling.masks import relative_position_bucket
@@ -371,8 +371,8 @@ class Trainer:
         bar.close()
         # Counted after the loop, not per step (`finite` is a device tensor: reading it each step syncs the host).
         self.optimizer_step.poll(self.metrics.note, lambda: last_good_checkpoint(self.output_dir))
-        updates = (self.stopped_at or max_steps) - self.start_step - (self.optimizer_step.guard.skipped - skipped_before)
-        if updates > 0:
+        skipped = self.optimizer_step.guard.skipped - skipped_before
+        if (self.stopped_at or max_steps) - self.start_step - skipped > 0:
             self.model.untrained_parts = ()  # an update has reached every part (a new LM head included)
         # FSDP shards the weights: a forward on one rank alone would wait for the others
         # ... and a run stopped before its first update from a checkpoint without an LM head has no answers

@@ -57,11 +57,11 @@ def test_the_locality_prior_falls_with_distance_in_every_head(kind, slopes):
         assert bias[top + d].tolist() == pytest.approx([-min(same) * s for s in slopes])
 
 
-@pytest.mark.parametrize("settings,local,unigram", [([], "alibi", True),
+@pytest.mark.parametrize("settings,prior,unigram", [([], "alibi", True),
                                                     (["training.relative_bias_init=local"], "local", True),
                                                     (["training.relative_bias_init=normal",
                                                       "training.lm_bias_init=zero"], None, False)])
-def test_a_fresh_run_applies_its_init(prefix_shards, tmp_path, settings, local, unigram):
+def test_a_fresh_run_applies_its_init(prefix_shards, tmp_path, settings, prior, unigram):
     out = tmp_path / "run"
     code, stderr = pretrain("--output-dir", out, "--data", prefix_shards, "--max-steps", 1, "--save-every", 1,
                             *TINY_RUN, "optim.lr=1e-12", "optim.warmup_steps=1000", *settings)  # one step, ~no update
@@ -69,10 +69,11 @@ def test_a_fresh_run_applies_its_init(prefix_shards, tmp_path, settings, local, 
     weights = read_state_dict(next((out / "checkpoints").glob("step-*")))
     config = MPNetConfig.tiny(hidden_size=32, num_attention_heads=2, intermediate_size=64)
     relative = weights["mpnet.encoder.relative_attention_bias.weight"]
-    if local:
-        assert torch.allclose(relative, local_relative_bias(config, local), atol=1e-6)
+    if prior:
+        assert torch.allclose(relative, local_relative_bias(config, prior), atol=1e-6)
     else:  # N(0, 0.02)
-        assert relative.abs().max() < 0.2 and not torch.allclose(relative, local_relative_bias(config), atol=1e-2)
+        assert relative.abs().max() < 0.2 and not torch.allclose(relative, local_relative_bias(config, "local"),
+                                                                 atol=1e-2)
     bias = weights["lm_head.bias"]
     prior = unigram_log_prior(prefix_shards, read_metadata(prefix_shards))
     assert torch.allclose(bias, prior, atol=1e-5) == unigram
