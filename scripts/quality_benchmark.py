@@ -24,7 +24,9 @@ process), the exact command lines in the json:
    OUT/quality_finetune.png (dev score per row, each seed a dot, the mean a bar).
 
 With --checkpoint DIR (repeatable) it pretrains nothing and scores those checkpoints (any MPNet checkpoint: ours,
-an HF MPNet directory) the same way, beside an untrained model of --config unless --no-baseline.
+an HF MPNet directory) the same way, beside an untrained model of --config unless --no-baseline; a checkpoint of a
+pretrain-mpnet run (RUN/checkpoints/step-N) gets its tokens and fill-mask accuracy from the run's record, so
+several checkpoints of one run give a budget trend.
 
 The valid accuracy that ranks objectives is the fill-mask accuracy: one stream, a fixed 15% of the held-out
 tokens replaced by <mask>, the same batches for every objective (mpnet/training/evaluation.py). Each objective's
@@ -252,6 +254,30 @@ def pretrain_result(args, row: str, steps: int, block_size: int, seconds: float)
             "checkpoint": summary["checkpoint"]}
 
 
+def checkpoint_row(checkpoint: Path) -> dict:
+    """A --checkpoint row. A checkpoint of a pretrain-mpnet run (RUN/checkpoints/step-N) is named RUN/step-N and
+    reads its run's record: tokens up to step N (steps x batch x grad_accum x block of RUN/config.yaml, one
+    process), the fill-mask curve up to N and its value at N from RUN/metrics.jsonl; any other directory is
+    named by itself, its columns left empty."""
+    import yaml
+
+    run = checkpoint.parent.parent
+    if not (checkpoint.name.startswith("step-") and (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()):
+        return {"row": checkpoint.name, "checkpoint": str(checkpoint)}
+    step = int(checkpoint.name.removeprefix("step-"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    training = config["training"]
+    tokens_per_step = training["batch_size"] * training.get("grad_accum", 1) * config["data"]["block_size"]
+    curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
+              "fill_mask_accuracy": r.get("valid/fill_mask_accuracy"), "accuracy": r.get("valid/accuracy")}
+             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "valid/loss" in r and r["step"] <= step]
+    at_step = next((c for c in curve if c["step"] == step), {})
+    return {"row": f"{run.name}/{checkpoint.name}", "objective": training.get("objective"), "steps": step,
+            "tokens": step * tokens_per_step, "fill_mask_accuracy": at_step.get("fill_mask_accuracy"),
+            "valid_accuracy": at_step.get("accuracy"), "curve": curve, "checkpoint": str(checkpoint)}
+
+
 def untrained_checkpoint(config: Path, shards: Path, folder: Path) -> Path:
     """A fresh model of the config with the original MPNet initialisation, saved as a checkpoint."""
     import torch
@@ -319,13 +345,17 @@ def plot(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    curves = [r for r in rows if r.get("curve")]
+    # one curve per pretraining run: checkpoints of one run (RUN/step-N) share it, the longest drawn, named RUN
+    curves = {}
+    for r in rows:
+        run = r["row"].split("/")[0]
+        if r.get("curve") and len(r["curve"]) > len(curves.get(run, [])):
+            curves[run] = r["curve"]
     if curves:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for r in curves:
-            points = [(c["tokens"] / 1e6, c["fill_mask_accuracy"]) for c in r["curve"]
-                      if c["fill_mask_accuracy"] is not None]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=r["row"])
+        for run, curve in curves.items():
+            points = [(c["tokens"] / 1e6, c["fill_mask_accuracy"]) for c in curve if c["fill_mask_accuracy"] is not None]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=run)
         ax.set(xlabel="pretraining tokens (M)", ylabel="fill-mask accuracy (held out)",
                title="Pretraining: the same batches scored for every objective")
         ax.grid(alpha=0.3)
@@ -428,8 +458,7 @@ def main(argv=None):
     rows, calibration, steps = [], None, args.steps
     if args.checkpoint:
         # a training checkpoint is named by its run: runs/x/checkpoints/step-00004000 -> x/step-00004000
-        rows = [{"row": f"{c.parent.parent.name}/{c.name}" if c.name.startswith("step-") else c.name,
-                 "checkpoint": str(c)} for c in args.checkpoint]
+        rows = [checkpoint_row(c) for c in args.checkpoint]
     else:
         if steps is None:
             steps, calibration = calibrate_steps(args, shards, block_size, log)

@@ -155,3 +155,8 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
                        "--finetune-seeds", "1")
     assert [row["row"] for row in scored["rows"]] == ["mlm/step-00000004"]
     assert scored["rows"][0]["finetune"]["sst2"][0]["seed"] == 1
+    # a run's checkpoint reads the run's record: the same tokens, curve and fill-mask accuracy as when pretrained
+    for key in ("tokens", "fill_mask_accuracy", "curve"):
+        assert scored["rows"][0][key] == rows["mlm"][key], key
+    assert "| mlm/step-00000004 | 512 |" in (tmp_path / "c" / "quality.md").read_text()
+    assert (tmp_path / "c" / "quality_pretraining.png").stat().st_size > 0
