@@ -16,7 +16,8 @@ process), the exact command lines in the json:
    (mpnet is the most expensive objective, so none takes longer than M minutes): the same token budget for all;
 3. `pretrain-mpnet --objective X --max-steps N` for each of --objectives: --config's model and optimizer
    (configs/mpnet-small-corpus.yaml: 4 layers, hidden 256, batches of 256 x 128), warmup 10% of the steps,
-   validation ten times on the way;
+   validation ten times on the way (with --budget-points K, a checkpoint at each K-th of the steps, each scored
+   as its own row OBJECTIVE/step-N: the budget trend of one pretraining);
 4. a fresh, untrained model of the same config (row "none": what fine-tuning alone reaches);
 5. `finetune-mpnet` of every checkpoint on every --task (default: the sentiment task of
    scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed;
@@ -77,6 +78,9 @@ def parse_args(argv=None):
     budget.add_argument("--minutes-per-objective", type=float,
                         help="pretraining time of the mpnet objective, turned into steps from a short timed run "
                              "(1.5 when --steps is not given)")
+    p.add_argument("--budget-points", type=int, default=1,
+                   help="score each objective at this many evenly spaced budgets: checkpoints of the same run, "
+                        "rows OBJECTIVE/step-N (a budget trend from one pretraining per objective)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES),
                    help=f"comma-separated rows among {', '.join(ROWS)}")
     p.add_argument("--checkpoint", type=Path, action="append", default=[],
@@ -116,13 +120,16 @@ def parse_args(argv=None):
         if not sep or not name or not folder:
             fail(f"--task takes TASK=DIR (e.g. {DEFAULT_TASK}), got {spec!r}")
         args.tasks[name.strip().lower()] = Path(folder)
-    for name in ("steps", "minutes_per_objective", "batch_size", "probe_steps", "finetune_epochs", "jobs"):
+    for name in ("steps", "minutes_per_objective", "batch_size", "probe_steps", "finetune_epochs", "jobs",
+                 "budget_points"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     args.attention_backend = args.attention_backend or ("triton" if args.device == "cuda" else "dense")
     if args.steps is None and args.minutes_per_objective is None:
         args.minutes_per_objective = 1.5
+    if args.steps is not None and args.steps % args.budget_points:
+        fail(f"--steps must be a multiple of --budget-points ({args.budget_points}), got {args.steps}")
     return args
 
 
@@ -209,13 +216,18 @@ def git_commit() -> str:
 # ------------------------------------------------------------------------------------------- pretraining
 
 
-def pretrain_argv(args, shards: Path, row: str, out: Path, steps: int, log_every=None, valid_every=None) -> list:
+def pretrain_argv(args, shards: Path, row: str, out: Path, steps: int, log_every=None, valid_every=None,
+                  points: int = 1) -> list:
+    """The row's pretrain-mpnet command: a checkpoint at each of `points` evenly spaced budgets (the last at
+    `steps`), about ten validations in all, one at each checkpoint."""
     objective, overrides = ROWS[row]
+    save_every = steps // points
+    valid_every = valid_every or max(1, save_every // max(1, round(10 / points)))
     return [*overrides, "--config", args.config, "--output-dir", out, "--data", shards, "--objective", objective,
-            "--max-steps", steps, "--save-every", steps, "--log-every", log_every or max(1, steps // 20),
+            "--max-steps", steps, "--save-every", save_every, "--log-every", log_every or max(1, steps // 20),
             "--no-progress", "--attention-backend", args.attention_backend,
             f"training.batch_size={args.batch_size}", f"optim.warmup_steps={max(1, round(0.1 * steps))}",
-            f"logging.valid_every={valid_every or max(1, steps // 10)}", "logging.keep_last=1"]
+            f"logging.valid_every={valid_every}", f"logging.keep_last={0 if points > 1 else 1}"]
 
 
 def calibrate_steps(args, shards: Path, block_size: int, log: list) -> tuple[int, dict]:
@@ -228,16 +240,26 @@ def calibrate_steps(args, shards: Path, block_size: int, log: list) -> tuple[int
     run_command("pretrain-mpnet", "pretrain", argv, log)
     summary = json.loads((probe / "summary.json").read_text())
     seconds_per_step = args.batch_size * block_size / summary["tokens_per_s"]
-    steps = max(1, int(args.minutes_per_objective * 60 / seconds_per_step))
+    steps = max(1, int(args.minutes_per_objective * 60 / seconds_per_step) // args.budget_points) * args.budget_points
     return steps, {"probe_steps": args.probe_steps, "mpnet_tokens_per_s": summary["tokens_per_s"],
                    "seconds_per_step": seconds_per_step}
 
 
 def pretrain_rows(args, shards: Path, steps: int, block_size: int, log: list) -> list[dict]:
-    commands = [("pretrain-mpnet", "pretrain", pretrain_argv(args, shards, row, args.out / "pretrain" / row, steps),
+    commands = [("pretrain-mpnet", "pretrain", pretrain_argv(args, shards, row, args.out / "pretrain" / row, steps,
+                                                             points=args.budget_points),
                  f"pretrain-{row}") for row in args.objectives]
     seconds = run_commands(commands, log, args.jobs, args.out / "logs")
-    return [pretrain_result(args, row, steps, block_size, s) for row, s in zip(args.objectives, seconds)]
+    rows = []
+    for row, s in zip(args.objectives, seconds):
+        final = pretrain_result(args, row, steps, block_size, s)
+        if args.budget_points > 1:  # the earlier budgets: checkpoints of the same run, read from its record
+            checkpoints = args.out / "pretrain" / row / "checkpoints"
+            rows += [checkpoint_row(checkpoints / f"step-{n:08d}")
+                     for n in range(steps // args.budget_points, steps, steps // args.budget_points)]
+            final["row"] = f"{row}/step-{steps:08d}"
+        rows.append(final)
+    return rows
 
 
 def pretrain_result(args, row: str, steps: int, block_size: int, seconds: float) -> dict:

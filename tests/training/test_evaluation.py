@@ -160,3 +160,14 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
         assert scored["rows"][0][key] == rows["mlm"][key], key
     assert "| mlm/step-00000004 | 512 |" in (tmp_path / "c" / "quality.md").read_text()
     assert (tmp_path / "c" / "quality_pretraining.png").stat().st_size > 0
+
+    # a budget trend from one pretraining: each objective scored at every other step, the same run's checkpoints
+    trend = benchmark(tmp_path / "t", "--objectives", "mpnet", "--steps", "4", "--budget-points", "2",
+                      "--no-baseline", "--finetune-seeds", "1")
+    trend_rows = {row["row"]: row for row in trend["rows"]}
+    assert list(trend_rows) == ["mpnet/step-00000002", "mpnet/step-00000004"]
+    assert [row["tokens"] for row in trend_rows.values()] == [2 * 4 * 32, 4 * 4 * 32]
+    assert trend_rows["mpnet/step-00000002"]["curve"] == trend_rows["mpnet/step-00000004"]["curve"][:2]
+    assert trend_rows["mpnet/step-00000002"]["fill_mask_accuracy"] == trend_rows["mpnet/step-00000004"]["curve"][1][
+        "fill_mask_accuracy"]
+    assert all(row["finetune"]["sst2"][0]["seed"] == 1 for row in trend_rows.values())
