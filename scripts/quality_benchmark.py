@@ -266,14 +266,20 @@ def pretrain_result(args, row: str, steps: int, block_size: int, seconds: float)
     out = args.out / "pretrain" / row
     summary = json.loads((out / "summary.json").read_text())
     tokens_per_step = args.batch_size * block_size
-    curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
-              "fill_mask_accuracy": r.get("valid/fill_mask_accuracy"), "accuracy": r.get("valid/accuracy")}
-             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "valid/loss" in r]
+    curve = validation_curve(out, tokens_per_step)
     return {"row": row, "steps": steps, "tokens": steps * tokens_per_step, "pretrain_seconds": round(seconds, 1),
             "train_loss": summary["last_train_loss"], "valid_loss": summary["valid_loss"],
             "valid_accuracy": summary["valid_accuracy"], "fill_mask_accuracy": summary["valid_fill_mask_accuracy"],
             "tokens_per_s": summary["tokens_per_s"], "fill_mask": summary.get("fill_mask"), "curve": curve,
             "checkpoint": summary["checkpoint"]}
+
+
+def validation_curve(run: Path, tokens_per_step: int, last_step: float = float("inf")) -> list[dict]:
+    """A pretrain-mpnet run's validations up to last_step, from RUN/metrics.jsonl."""
+    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
+             "fill_mask_accuracy": r.get("valid/fill_mask_accuracy"), "accuracy": r.get("valid/accuracy")}
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "valid/loss" in r and r["step"] <= last_step]
 
 
 def checkpoint_row(checkpoint: Path) -> dict:
@@ -284,16 +290,14 @@ def checkpoint_row(checkpoint: Path) -> dict:
     import yaml
 
     run = checkpoint.parent.parent
-    if not (checkpoint.name.startswith("step-") and (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()):
+    recorded = (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    if not (checkpoint.name.startswith("step-") and recorded):
         return {"row": checkpoint.name, "checkpoint": str(checkpoint)}
     step = int(checkpoint.name.removeprefix("step-"))
     config = yaml.safe_load((run / "config.yaml").read_text())
     training = config["training"]
     tokens_per_step = training["batch_size"] * training.get("grad_accum", 1) * config["data"]["block_size"]
-    curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
-              "fill_mask_accuracy": r.get("valid/fill_mask_accuracy"), "accuracy": r.get("valid/accuracy")}
-             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-             if "valid/loss" in r and r["step"] <= step]
+    curve = validation_curve(run, tokens_per_step, last_step=step)
     at_step = next((c for c in curve if c["step"] == step), {})
     return {"row": f"{run.name}/{checkpoint.name}", "objective": training.get("objective"), "steps": step,
             "tokens": step * tokens_per_step, "fill_mask_accuracy": at_step.get("fill_mask_accuracy"),
@@ -376,7 +380,8 @@ def plot(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
     if curves:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run, curve in curves.items():
-            points = [(c["tokens"] / 1e6, c["fill_mask_accuracy"]) for c in curve if c["fill_mask_accuracy"] is not None]
+            points = [(c["tokens"] / 1e6, c["fill_mask_accuracy"]) for c in curve
+                      if c["fill_mask_accuracy"] is not None]
             ax.plot(*zip(*points), marker="o", markersize=3, label=run)
         ax.set(xlabel="pretraining tokens (M)", ylabel="fill-mask accuracy (held out)",
                title="Pretraining: the same batches scored for every objective")
@@ -479,7 +484,6 @@ def main(argv=None):
     log: list = []
     rows, calibration, steps = [], None, args.steps
     if args.checkpoint:
-        # a training checkpoint is named by its run: runs/x/checkpoints/step-00004000 -> x/step-00004000
         rows = [checkpoint_row(c) for c in args.checkpoint]
     else:
         if steps is None:

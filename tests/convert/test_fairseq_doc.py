@@ -24,7 +24,6 @@ INSTALL = "pip install"  # the one block that is not run: it changes the environ
 TORCHAUDIO_LINE = "ve-fairseq 0.12.3 requires torchaudio, which is not installed."
 
 
-
 def _installed_here() -> bool:
     return importlib.util.find_spec("fairseq") is not None and all(
         (Path(sys.executable).parent / tool).exists() or shutil.which(tool)
@@ -51,8 +50,8 @@ def fairseq_bin(tmp_path_factory) -> Path:
     bin_dir = venv / "bin"
     imported = subprocess.run([str(bin_dir / "python"), "-c", "import fairseq, mpnet.fairseq_plugin"], env=env,
                               capture_output=True, text=True, timeout=300)
-    assert imported.returncode == 0 and (bin_dir / "fairseq-train").exists() and (bin_dir / "pretrain-mpnet").exists(), \
-        result.stdout[-2000:] + result.stderr[-3000:] + imported.stderr[-2000:]
+    scripts = all((bin_dir / tool).exists() for tool in ("fairseq-train", "pretrain-mpnet"))
+    assert imported.returncode == 0 and scripts, result.stdout[-2000:] + result.stderr[-3000:] + imported.stderr[-2000:]
     return bin_dir
 
 
