@@ -56,7 +56,7 @@ QUICK = {
                        max_seconds=1.0),
 }
 # `all` on a GPU also runs the fastest backend compiled, beside its compiled reference (target 3 and 6).
-ALL_ALSO_COMPILE = ["bert", "transformers", "triton"]
+ALL_ALSO_COMPILE = ["bert-sparse", "bert", "transformers", "triton"]
 # What every section takes from the command line, whichever subcommand runs it.
 COMMON = {"device", "dtype", "seed", "warmup", "repeats", "max_seconds", "flex_kernel_options"}
 
@@ -148,7 +148,10 @@ def step_args(parser, flag, also_compile=STEP_MODELS):
     g.add_argument(flag, dest="step_backends", type=name_list(STEP_BACKENDS), default=None,
                    help=f"MPNet attention backend(s), a subset of {','.join(STEP_BACKENDS)} (default: each that "
                         "trains on the device, modeling/backends.py)")
-    g.add_argument("--no-bert", action="store_true", help="skip the BERT-base comparison")
+    g.add_argument("--batch-sizes", type=int_list, default=None, metavar="LIST",
+                   help="micro-batch sweep: every cell once per batch size, e.g. 32,64,128 (default: --batch-size)")
+    g.add_argument("--no-bert", action="store_true",
+                   help="skip the two BERT-base steps (MLM head on the masked rows, the reference; on every row)")
     model_args(g, also_compile)
 
 

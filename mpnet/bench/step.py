@@ -1,8 +1,10 @@
 """Training-step benchmarks: one optimizer step of a whole model (forward, loss, backward, AdamW).
 
 - `step`: mpnet-base pretraining (two streams, cross-entropy on the m = round(0.15 n) predicted
-  tokens) with each attention backend, beside a BERT-base MLM step (HF `BertForMaskedLM`, SDPA) of the
-  same batch and length: what a user would pick instead for pretraining.
+  tokens) with each attention backend, beside two BERT-base MLM steps (HF `BertForMaskedLM`, SDPA) of
+  the same batch and length: as the class runs (its MLM head on every row) and with the head on the
+  masked rows only (MosaicBERT / ModernBERT practice, the yardstick: what a careful user would run);
+  optionally at several micro-batch sizes (`batch_sizes`).
 - `finetune`: mpnet-base sequence classification at batch 32 x 128: transformers'
   `MPNetForSequenceClassification` (the same config, random weights; eager attention, it has no SDPA
   path) beside ours with each backend: what a user would pick instead for fine-tuning.
@@ -10,10 +12,12 @@
 Both optionally break the step's GPU time down by kernel family (`profile`, torch.profiler).
 Model FLOPs are matmul FLOPs, forward + backward = 3 x forward, counted by
 `mpnet.training.metrics.estimate_flops_per_example` for MPNet (the count training logs its MFU with)
-and by `bert_step_flops` for BERT; tests/bench/test_flops.py checks them against torch's FlopCounterMode.
+and by `bert_step_flops` for BERT; tests/bench/test_flops.py checks them against torch's FlopCounterMode,
+and every step cell also reports the MFU of torch's own count (`counted_step_flops`) beside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -42,7 +46,9 @@ from .report import Section, Table, fmt, ok, tflops_text, time_text
 
 STEP_BACKENDS = ATTENTION_BACKEND_NAMES  # MPNetConfig.attention_backend
 FINETUNE_MODELS = ("transformers",) + STEP_BACKENDS
-STEP_MODELS = ("bert",) + STEP_BACKENDS  # what `also_compile` may name in the step section
+BERT_MODELS = ("bert-sparse", "bert")  # MLM head on the masked rows only (the reference) / on every row
+REFERENCE_STEP = "sparse-head BERT step time"
+STEP_MODELS = BERT_MODELS + STEP_BACKENDS  # what `also_compile` may name in the step section
 MODEL_SIZES = ("base", "tiny")
 # AdamW as in the project's run configs: pretraining (optim section) and fine-tuning (its defaults).
 PRETRAINING_ADAMW = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -80,10 +86,14 @@ class TrainingStepSettings:
 class StepSettings(TrainingStepSettings):
     backends: list = field(default_factory=lambda: list(STEP_BACKENDS))
     bert: bool = True
+    # The micro-batch sweep: every cell once per batch size (empty: batch_size alone).
+    batch_sizes: list = field(default_factory=list)
 
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
         check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode)
+        if any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise UserError(f"--batch-sizes takes positive integers, got {self.batch_sizes}")
 
 
 @dataclass
@@ -138,13 +148,26 @@ def compile_plan(names, compiled_too, every: bool) -> list:
 # -------------------------------------------------------------------------------------------- FLOPs
 
 
-def bert_step_flops(config, batch, length) -> float:
+def bert_step_flops(config, batch, length, head_rows=None) -> float:
     """HF BertForMaskedLM, same convention: per layer q/k/v/o and the FFN on all L rows and 4 L^2 h of
-    attention; the MLM head (transform + decoder) runs on ALL rows."""
+    attention; the MLM head (transform + decoder) on `head_rows` rows (default all L: the class's own
+    loss; the masked ones for the sparse-head BERT)."""
     h, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     layer = 2 * length * (4 * h * h + 2 * h * f) + 4 * length * length * h
-    head = 2 * length * (h * h + h * v)
+    head = 2 * (length if head_rows is None else head_rows) * (h * h + h * v)
     return 3.0 * batch * (layers * layer + head)
+
+
+def counted_step_flops(build, batch: int) -> float:
+    """torch's own count (FlopCounterMode) of one forward + backward of the cell's model, built at batch 1
+    by `build(batch_size=1)` and scaled by `batch` (every count is linear in the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, loss_fn, _, _ = build(batch_size=1)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn().backward()
+    del model
+    return float(counter.get_total_flops()) * batch
 
 
 def finetune_flops_per_example(config, length) -> float:
@@ -190,9 +213,24 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
     return model, loss_fn, batch * estimate_flops_per_example(config, n, m), backend_name(model)
 
 
-def bert_step(settings: StepSettings, device, compiled: bool = False):
-    """HF BertForMaskedLM with SDPA, 15% of the tokens predicted, loss from the model (its MLM head runs
-    on every row: what a user of that class pays), no attention_mask (no padding: SDPA runs unmasked)."""
+class MaskedRowsBertMLM(torch.nn.Module):
+    """BertForMaskedLM's encoder and MLM head with the head on the masked rows only (MosaicBERT,
+    ModernBERT): what a careful user runs, the yardstick of the step section."""
+
+    def __init__(self, bert_for_mlm):
+        super().__init__()
+        self.bert, self.cls = bert_for_mlm.bert, bert_for_mlm.cls
+
+    def forward(self, input_ids, rows):
+        """(B, L) ids, (B, m) masked positions -> (B, m, vocab) logits."""
+        hidden = self.bert(input_ids=input_ids).last_hidden_state
+        return self.cls(hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1])))
+
+
+def bert_step(settings: StepSettings, device, compiled: bool = False, sparse_head: bool = False):
+    """HF BertForMaskedLM with SDPA, 15% of the tokens predicted, no attention_mask (no padding: SDPA runs
+    unmasked). Loss from the model (its MLM head runs on every row: what a user of that class pays), or
+    with `sparse_head` from `MaskedRowsBertMLM` (the head on the masked rows only)."""
     import transformers
 
     sizes = {} if settings.model == "base" else dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -207,9 +245,16 @@ def bert_step(settings: StepSettings, device, compiled: bool = False):
     chosen = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(batch)])
     labels.scatter_(1, chosen, ids.gather(1, chosen))
     ids.scatter_(1, chosen, 103)  # [MASK]
-    ids, labels = ids.to(device), labels.to(device)
-    forward = compile_model(model, settings.compile_mode) if compiled else model
+    ids = ids.to(device)
     what = f"HF BertForMaskedLM, attn_implementation={model.config._attn_implementation}"
+    if sparse_head:
+        targets, chosen = labels.gather(1, chosen).to(device), chosen.to(device)
+        model = MaskedRowsBertMLM(model)
+        forward = compile_model(model, settings.compile_mode) if compiled else model
+        loss_fn = lambda: F.cross_entropy(forward(ids, chosen).float().flatten(0, 1), targets.flatten())  # noqa: E731
+        return model, loss_fn, bert_step_flops(config, batch, n, head_rows=m), what + ", MLM head on masked rows"
+    labels = labels.to(device)
+    forward = compile_model(model, settings.compile_mode) if compiled else model
     return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
 
 
@@ -282,6 +327,9 @@ def rates(result: dict, flops: float, tokens: int, examples: int, settings, devi
     result.update(flops=flops, tokens=tokens, tokens_per_s=tokens / seconds, examples_per_s=examples / seconds,
                   gflop_per_token=flops / tokens / 1e9, tflops=flops / seconds / 1e12)
     result["mfu"] = result["tflops"] / settings.peak_tflops if device.type == "cuda" else None
+    if "counted_flops" in result:  # torch's FlopCounterMode count of the same step
+        result["mfu_counted"] = (result["counted_flops"] / seconds / 1e12 / settings.peak_tflops
+                                 if device.type == "cuda" else None)
     return result
 
 
@@ -324,12 +372,26 @@ def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
 # -------------------------------------------------------------------------------------------- cells
 
 
+def build_step(settings: StepSettings, which: str, device, compiled: bool = False, **overrides):
+    """(model, loss_fn, flops, what) of a step cell; `overrides` replace settings fields (batch_size=1 for
+    torch's count)."""
+    settings = dataclasses.replace(settings, **overrides)
+    if which in BERT_MODELS:
+        return bert_step(settings, device, compiled, sparse_head=which == "bert-sparse")
+    return pretraining_step(settings, which, device, compiled)
+
+
 def measure_pretraining(settings: StepSettings, which: str, compiled: bool, device, timer) -> dict:
     with phase("build"):
-        model, loss_fn, flops, what = (bert_step(settings, device, compiled) if which == "bert"
-                                       else pretraining_step(settings, which, device, compiled))
+        model, loss_fn, flops, what = build_step(settings, which, device, compiled)
     result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, PRETRAINING_CLIP, device, timer)
     result["attention"] = what
+    del model, loss_fn
+    with phase("count"):  # MPNet counted with the dense backend: the flex and triton kernels are opaque to
+        # the counter, and every backend computes the same function (the parity tests)
+        counted_as = which if which in BERT_MODELS else "dense"
+        result["counted_flops"] = counted_step_flops(functools.partial(build_step, settings, counted_as, device),
+                                                     settings.batch_size)
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
 
 
@@ -362,25 +424,30 @@ def references(reference: str, compiled: bool) -> list:
 
 
 def run_step(session, settings: StepSettings, deadline=None) -> Section:
-    """BERT first (the reference of every ratio), then MPNet with each backend, then the `also_compile` cells."""
+    """Per batch size of the sweep: the BERTs first (the sparse-head one is the reference of every ratio, the
+    all-rows one included), then MPNet with each backend, then the `also_compile` cells."""
     device = session.device
     settings.validate(device)
     section = Section("step", f"Pretraining step ({settings.model} models, {settings.dtype})", settings,
                       step_method, step_tables)
     session.open(section)
     configure_dynamo()
-    names = (["bert"] if settings.bert else []) + list(settings.backends)
+    names = (list(BERT_MODELS) if settings.bert else []) + list(settings.backends)
     with flex_kernel_options(settings.flex_kernel_options):
-        for which, compiled in compile_plan(names, settings.also_compile, settings.compile):
-            torch._dynamo.reset()
-            model, backend = ("BERT", "sdpa") if which == "bert" else ("MPNet", which)
-            key = (which if which == "bert" else f"mpnet-{which}") + ("+compile" if compiled else "")
-            cell = {"key": key, "name": f"{model}-{settings.model:<6} {backend:<6}" + (" +compile" if compiled else ""),
-                    "model": f"{model}-{settings.model}", "backend": backend, "batch": settings.batch_size,
-                    "seq_len": settings.seq_len, "m": pred_size(settings.seq_len), "compile": compiled}
-            measure = functools.partial(measure_pretraining, settings, which, compiled, device, session.timer)
-            session.measure(section, cell, relative_to(section, references("bert", compiled), "ms", "BERT step time",
-                                                       measure), deadline)
+        for batch in settings.batch_sizes or [settings.batch_size]:
+            at_batch = dataclasses.replace(settings, batch_size=batch)
+            for which, compiled in compile_plan(names, settings.also_compile, settings.compile):
+                torch._dynamo.reset()
+                model, backend = (("BERT", "sdpa" + which[4:]) if which in BERT_MODELS else ("MPNet", which))
+                name = which if which in BERT_MODELS else f"mpnet-{which}"
+                suffix = ("+compile" if compiled else "") + f"@{batch}"
+                cell = {"key": name + suffix, "name": f"{model + '-' + settings.model:<11} {backend:<11}"
+                        + (" +compile" if compiled else "") + f" B={batch}", "model": f"{model}-{settings.model}",
+                        "backend": backend, "batch": batch, "seq_len": settings.seq_len, "m": pred_size(settings.seq_len),
+                        "compile": compiled}
+                measure = functools.partial(measure_pretraining, at_batch, which, compiled, device, session.timer)
+                keys = [] if which == "bert-sparse" else [f"{ref}@{batch}" for ref in references("bert-sparse", compiled)]
+                session.measure(section, cell, relative_to(section, keys, "ms", REFERENCE_STEP, measure), deadline)
     session.finish(section)
     return section
 
@@ -431,10 +498,17 @@ def common_headers(settings, relative: str) -> list:
 
 def step_tables(section: Section) -> list:
     settings = section.settings
+
+    def counted_mfu(c):
+        return (fmt(100 * c["mfu_counted"], ".1f") if c.get("mfu_counted") is not None else "n/a") if ok(c) else ""
+
     rows = [[c["model"], c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
              fmt(c.get("params_m"), ".1f") if ok(c) else "", fmt(c.get("gflop_per_token"), ".2f") if ok(c) else ""]
-            + common_columns(c, settings) for c in section.cells]
-    headers = ["model", "attention", "batch x len", "params M", "GFLOP/token"] + common_headers(settings, "x BERT step time")
+            + common_columns(c, settings)[:5] + [counted_mfu(c)] + common_columns(c, settings)[5:]
+            for c in section.cells]
+    headers = common_headers(settings, "x " + REFERENCE_STEP)
+    headers = (["model", "attention", "batch x len", "params M", "GFLOP/token"] + headers[:5]
+               + ["MFU % counted (FlopCounterMode)"] + headers[5:])
     return [Table(headers, rows)] + profile_tables(section.cells)
 
 
@@ -492,19 +566,24 @@ def step_lines(s, reference: str, optimizer: str) -> list:
 
 def step_method(section: Section) -> list:
     s = section.settings
-    return step_lines(s, "BERT", "AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01; gradient norm clipped at "
+    return step_lines(s, "sparse-head BERT", "AdamW betas 0.9/0.98, eps 1e-6, weight decay 0.01; gradient norm clipped at "
                       f"{PRETRAINING_CLIP:g}.") + [
             f"- MPNet: `MPNetForPretraining` ({s.model} config), two streams (n + 2m rows, m = round(0.15 n)), "
             "cross-entropy on the m predicted tokens; random token ids, one random permutation per sequence, no padding.",
             f"- BERT: `transformers.BertForMaskedLM` ({s.model} config, attn_implementation=\"sdpa\"), the same batch "
-            "and length, 15% of the tokens predicted, loss from the model (its MLM head runs on every row, which "
-            "is what a user of that class pays), no attention_mask (no padding). It runs first: \"x BERT step time\" = "
-            "step time / BERT's step time (below 1 = faster than BERT).",
+            "and length, 15% of the tokens predicted, no attention_mask (no padding), twice: `sdpa-sparse` with the "
+            "MLM head on the masked rows only (`MaskedRowsBertMLM`: MosaicBERT / ModernBERT practice, the "
+            "reference), `sdpa` with the loss from the model (its MLM head on every row, what a user of that class "
+            f"pays). The sparse-head one runs first: \"x {REFERENCE_STEP}\" = step time / its step time at the "
+            "same batch (below 1 = faster).",
             flops_line(s, "per sequence and layer MPNet does q, o and the FFN on n + 2m rows, k and v on the n + m "
                           "content rows and 4 (n+2m)(n+m) h of attention, plus its LM head on the m query rows "
                           "(`estimate_flops_per_example`, the count training reports MFU with); BERT does "
-                          "2 L (4h^2 + 2hf) + 4 L^2 h per layer and its MLM head on all L rows. tokens/s counts "
-                          "the B x L input tokens.")]
+                          "2 L (4h^2 + 2hf) + 4 L^2 h per layer and its MLM head on all L rows (sdpa) or "
+                          "on the masked ones (sdpa-sparse). tokens/s counts the B x L input tokens. \"MFU % "
+                          "counted\": the same with torch's FlopCounterMode count of one forward + backward of the "
+                          "cell's model at batch 1 times the batch (`counted_step_flops`; MPNet counted with the "
+                          "dense backend, whose matmuls the counter sees).")]
 
 
 def finetune_method(section: Section) -> list:

@@ -59,8 +59,12 @@ def test_without_subcommand_runs_every_cell_on_cpu(tmp_path):
         assert data[key]["settings"]["streams"] == ("two" if key == "attention" else "one")
     assert {c["m"] for c in data["single"]["cells"]} == {0}
     step = data["step"]["cells"]
-    assert [c["model"] for c in step] == ["BERT-tiny", "MPNet-tiny"] and all(c["status"] == "ok" for c in step)
-    assert step[1]["relative"][1] == "BERT step time" and step[1]["flops"] > 0
+    assert [(c["model"], c["backend"]) for c in step] == [("BERT-tiny", "sdpa-sparse"), ("BERT-tiny", "sdpa"),
+                                                          ("MPNet-tiny", "dense")]
+    assert all(c["status"] == "ok" for c in step)
+    assert "relative" not in step[0] and step[2]["relative"][1] == "sparse-head BERT step time" and step[2]["flops"] > 0
+    # torch's FlopCounterMode count of each step equals the analytic one (MPNet's counted with the dense backend)
+    assert all(c["counted_flops"] == c["flops"] for c in step)
     finetune = data["finetune"]["cells"]
     assert [c["model"] for c in finetune] == ["transformers", "dense"] and all(c["status"] == "ok" for c in finetune)
     assert finetune[1]["relative"][0] == pytest.approx(finetune[1]["examples_per_s"] / finetune[0]["examples_per_s"])
@@ -68,6 +72,23 @@ def test_without_subcommand_runs_every_cell_on_cpu(tmp_path):
     for heading in ("## Attention: one two-stream call pair", "## Attention: single stream", "## Pretraining step",
                     "## Fine-tuning step", "![attention_time.png]", "x transformers examples/s", "tiles computed/total"):
         assert heading in md, heading
+
+
+def test_step_micro_batch_sweep_in_process(benchmark_main, tmp_path):
+    """--batch-sizes: every cell once per batch, each MPNet cell against the sparse-head BERT of its own batch."""
+    code, err = call_main(benchmark_main, "step", "--device", "cpu", "--quick", "--backend", "dense",
+                          "--batch-sizes", "1,2", "--output-dir", tmp_path)
+    assert code == 0, err
+    cells = json.loads((tmp_path / "benchmark.json").read_text())["step"]["cells"]
+    assert [(c["backend"], c["batch"]) for c in cells] == [(b, batch) for batch in (1, 2)
+                                                            for b in ("sdpa-sparse", "sdpa", "dense")]
+    for batch in (1, 2):
+        reference, *others = [c for c in cells if c["batch"] == batch]
+        for c in others:
+            assert c["relative"] == [pytest.approx(c["ms"] / reference["ms"]), "sparse-head BERT step time"]
+            assert c["tokens"] == batch * 32 and c["counted_flops"] == c["flops"]
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "MFU % counted (FlopCounterMode)" in md and "| 2x32 " in md
 
 
 def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):

@@ -13,7 +13,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpnet.bench.attention import attention_flops
-from mpnet.bench.step import bert_step_flops, finetune_flops_per_example
+from mpnet.bench.step import MaskedRowsBertMLM, bert_step_flops, finetune_flops_per_example
 from mpnet.modeling.config import MPNetConfig
 from mpnet.modeling.model import MPNetForPretraining, MPNetForSequenceClassification
 from mpnet.training.metrics import estimate_flops_per_example
@@ -68,6 +68,16 @@ def test_bert_count():
     model = transformers.BertForMaskedLM._from_config(config, attn_implementation="eager")
     ids = torch.randint(5, VOCAB, (2, 16))
     assert counted(lambda: model(input_ids=ids).logits) == bert_step_flops(config, 2, 16)
+
+
+def test_sparse_head_bert_count():
+    """The step section's reference: the MLM head on the masked rows only."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = MaskedRowsBertMLM(transformers.BertForMaskedLM._from_config(config, attn_implementation="eager"))
+    ids, rows = torch.randint(5, VOCAB, (2, 16)), torch.tensor([[0, 5, 9], [3, 4, 15]])
+    assert counted(lambda: model(ids, rows)) == bert_step_flops(config, 2, 16, head_rows=3)
 
 
 def test_attention_pair_convention():
