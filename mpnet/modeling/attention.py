@@ -133,19 +133,24 @@ def make_dense_attention_state(positions, n, m, distance_bias, max_distance, pat
 class RelativeMultiHeadAttention(AttentionProjections):
     """Dense reference: scores materialised, scaled, biased, masked and softmaxed in float32."""
 
+    computes_row_subset = True  # forward(..., first_row): the query rows from first_row on
+
     def __init__(self, config):
         super().__init__(config)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def forward(self, hidden, state: DenseAttentionState):
-        q, k, v = self.project(hidden, state.kv_len)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + state.bias
+    def forward(self, hidden, state: DenseAttentionState, first_row: int = 0):
+        if first_row and state.score_mod is not None:  # score mods see whole score matrices: every row
+            return self.forward(hidden, state)[:, first_row:]
+        q, k, v = self.project(hidden, state.kv_len, first_row)
+        allowed = state.allowed[:, :, first_row:]
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + state.bias[:, :, first_row:]
         if state.score_mod is not None:
             scores = state.score_mod(scores)
-        scores = scores.masked_fill(~state.allowed, float("-inf"))
+        scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # A row that may see nothing outputs zeros (as FlexAttention does) instead of NaN.
-        probs = torch.where(state.allowed.any(-1, keepdim=True), probs, 0.0)
+        probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)
         context = torch.matmul(self.dropout(probs).to(v.dtype), v)
         return self.merge(context)
 
@@ -197,15 +202,20 @@ class FlexTwoStreamAttention(AttentionProjections):
     by this backend (hidden-state dropout still is).
     """
 
-    def forward(self, hidden, state: FlexAttentionState):
+    computes_row_subset = True  # forward(..., first_row): the query stream alone when first_row = kv_len
+
+    def forward(self, hidden, state: FlexAttentionState, first_row: int = 0):
         if hidden.device.type == "cpu" and torch.is_grad_enabled() and hidden.requires_grad:
             raise FlexAttentionUnavailable(CPU_TRAINING_MESSAGE)
         kv_len = state.kv_len
+        if first_row == kv_len and state.query_mask is not None:  # the last layer of mpnet / plm: queries only
+            q, k, v = self.project(hidden, kv_len, first_row)
+            return self.merge(run_flex_attention(q, k, v, state.query_score_mod, state.query_mask))
         q, k, v = self.project(hidden, kv_len)
         outputs = [run_flex_attention(q[:, :, :kv_len], k, v, state.content_score_mod, state.content_mask)]
         if state.query_mask is not None:
             outputs.append(run_flex_attention(q[:, :, kv_len:], k, v, state.query_score_mod, state.query_mask))
-        return self.merge(torch.cat(outputs, dim=2))
+        return self.merge(torch.cat(outputs, dim=2))[:, first_row:]
 
 
 # ------------------------------------------------------ the state builders of the registry (backends.py)

@@ -54,8 +54,15 @@ class MPNetAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden, state):
-        return self.LayerNorm(self.dropout(self.attn(hidden, state)) + hidden)
+    def forward(self, hidden, state, first_row: int = 0):
+        """(B, L, H) -> (B, L - first_row, H): the rows from first_row on (the last layer computes only the
+        rows the loss reads). A backend module that can compute a subset of query rows says so with
+        `computes_row_subset`; any other computes every row and the subset is sliced off."""
+        if first_row and getattr(self.attn, "computes_row_subset", False):
+            attended = self.attn(hidden, state, first_row)
+        else:
+            attended = self.attn(hidden, state)[:, first_row:]
+        return self.LayerNorm(self.dropout(attended) + hidden[:, first_row:])
 
 
 class MPNetIntermediate(nn.Module):
@@ -88,8 +95,8 @@ class MPNetLayer(nn.Module):
         self.intermediate = MPNetIntermediate(config)
         self.output = MPNetOutput(config)
 
-    def forward(self, hidden, state):
-        hidden = self.attention(hidden, state)
+    def forward(self, hidden, state, first_row: int = 0):
+        hidden = self.attention(hidden, state, first_row)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -102,10 +109,12 @@ class MPNetEncoder(nn.Module):
         # One (buckets x heads) table shared by all layers.
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
 
-    def forward(self, hidden, positions, n: int, m: int, document_ids=None, layout=None, streams="mpnet"):
+    def forward(self, hidden, positions, n: int, m: int, document_ids=None, layout=None, streams="mpnet",
+                first_row: int = 0):
         """hidden/positions/document_ids: (B, n + 2m, ...) in the two-stream layout (m = 0: single stream;
         streams="plm": (B, n + m, ...), the permuted-LM layout of masks.py); layout: each row's slot in
-        that layout when the rows were put in natural order."""
+        that layout when the rows were put in natural order. first_row: the last layer computes and
+        returns only the rows from first_row on (B, L - first_row, H): the others feed no later layer."""
         cfg = self.config
         make_state = attention_backend(cfg.attention_backend).make_state
         rules = dict(pattern=self.pattern, document_ids=document_ids, layout=layout)
@@ -116,8 +125,9 @@ class MPNetEncoder(nn.Module):
         states = [make_state(positions, n, m, self.relative_attention_bias.weight, cfg.relative_attention_max_distance,
                              layer=parity, **rules)
                   for parity in range(self.pattern.layer_variants)]
+        last = len(self.layer) - 1
         for index, layer in enumerate(self.layer):
-            hidden = layer(hidden, states[index % len(states)])
+            hidden = layer(hidden, states[index % len(states)], first_row if index == last else 0)
         return hidden
 
 
@@ -293,11 +303,15 @@ class MPNetForPretraining(_MPNetBase):
             all_ids, all_positions = all_ids.gather(1, layout), all_positions.gather(1, layout)
             if document_ids is not None:
                 document_ids = document_ids.gather(1, layout)
-        hidden = self.mpnet.embeddings(all_ids, all_positions)
-        hidden = self.mpnet.encoder(hidden, all_positions, n, streams_m, document_ids, layout, streams)
         first = stream_lengths(n, streams_m, streams)[1] - m  # the predictions: the last m slots of the layout
+        hidden = self.mpnet.embeddings(all_ids, all_positions)
+        # The loss reads the m predicted rows only: in the two-stream layout they are the last m, so the last
+        # layer computes those alone (its content rows, (n + m) of n + 2m for mpnet, would feed nothing).
+        # In natural order (sparse patterns, documents) they are scattered: every row is computed.
+        hidden = self.mpnet.encoder(hidden, all_positions, n, streams_m, document_ids, layout, streams,
+                                    first_row=first if layout is None else 0)
         if layout is None:
-            predicted = hidden[:, first:]
+            predicted = hidden
         else:  # back to rank order: slot first + r sits in the natural row where layout == first + r
             rows = torch.argsort(layout, dim=1)[:, first:]
             predicted = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))

@@ -25,10 +25,11 @@ class AttentionProjections(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project(self, hidden, kv_len):
-        """Queries for every row; keys and values from the content stream (first kv_len rows)."""
+    def project(self, hidden, kv_len, first_row: int = 0):
+        """Queries for the rows from first_row on (default every row); keys and values from the content
+        stream (first kv_len rows)."""
         content = hidden[:, :kv_len]
-        return self._heads(self.q(hidden)), self._heads(self.k(content)), self._heads(self.v(content))
+        return self._heads(self.q(hidden[:, first_row:])), self._heads(self.k(content)), self._heads(self.v(content))
 
     def merge(self, context):
         b, _, length, _ = context.shape

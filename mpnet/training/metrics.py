@@ -26,20 +26,31 @@ def peak_tflops_for(device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def estimate_flops_per_example(config, n: int, m: int) -> float:
+def estimate_flops_per_example(config, n: int, m: int, last_layer_rows: int | None = None) -> float:
     """Matmul FLOPs of training on one two-stream example (forward + backward = 3x forward).
 
     Rows: n + 2m (content stream n + m, query stream m); keys and values: the n + m content rows. Per
     layer: q, o and the FFN on all n + 2m rows, k and v on the n + m content rows only, attention
     scores and their product with v (n + 2m) x (n + m) x H each; the LM head (dense + decoder) on the m
-    query rows. 2 FLOPs per multiply-add. m = 0 is single-stream encoding of n tokens (no LM head).
+    query rows. last_layer_rows: the rows the last layer computes (q, o, FFN, attention; default all):
+    pretraining's forward computes only the m it predicts there (`MPNetForPretraining.forward`). 2 FLOPs
+    per multiply-add. m = 0 is single-stream encoding of n tokens (no LM head).
     Checked against torch's FlopCounterMode on a real forward + backward (tests/bench/test_flops.py).
     """
-    h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     rows, keys = n + 2 * m, n + m
-    per_layer = 2 * rows * (2 * h * h + 2 * h * i) + 2 * keys * (2 * h * h) + 2 * 2 * rows * keys * h
-    lm_head = 2 * m * (h * h + h * vocab)
-    return 3.0 * (layers * per_layer + lm_head)
+
+    def layer(computed_rows):
+        return 2 * computed_rows * (2 * h * h + 2 * h * i) + 2 * keys * (2 * h * h) + 2 * 2 * computed_rows * keys * h
+
+    last = rows if last_layer_rows is None else last_layer_rows
+    return 3.0 * ((layers - 1) * layer(rows) + layer(last)) + lm_head_flops(config, m)
+
+
+def lm_head_flops(config, rows: int) -> float:
+    """Matmul FLOPs of the LM head (dense + tied decoder) on `rows` rows, forward + backward."""
+    h = config.hidden_size
+    return 3.0 * 2 * rows * (h * h + h * config.vocab_size)
 
 
 def _row(line: str) -> dict | None:

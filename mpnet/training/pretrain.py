@@ -23,7 +23,6 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,7 +43,8 @@ from .checkpointing import (NO_SPACE, RECENT_VALIDATIONS, check_space, checkpoin
                             remove_partial_saves, save_checkpoint, tensor_bytes)
 from .config import PretrainConfig, model_config, to_dict
 from .evaluation import evaluate, fill_mask, fill_mask_batches, untrained_lm_head
-from .metrics import MetricsLogger, check_trackers, estimate_flops_per_example, open_trackers, peak_tflops_for
+from .metrics import (MetricsLogger, check_trackers, estimate_flops_per_example, lm_head_flops, open_trackers,
+                      peak_tflops_for)
 from .resume import checkpoint_to_resume, config_before_first_checkpoint, resume_config
 from .safety import NonFiniteError, OutputDirLock, StopRequest, all_finite, quiet_disk_errors_in_threads
 
@@ -477,16 +477,15 @@ class Trainer:
 
 
 def flops_per_example(config, objective: str, n: int, m: int) -> float:
-    """metrics.estimate_flops_per_example for each objective: mpnet is its two-stream shape (rows n + 2m,
-    keys n + m); plm has rows n + m and keys n, the shape it counts for (n - m, m); mlm is single-stream
-    (n, 0) plus the LM head on the m predicted rows, which is that formula with no layers at (0, m)."""
+    """metrics.estimate_flops_per_example for each objective, its last layer on the m predicted rows only
+    (what the model computes): mpnet is its two-stream shape (rows n + 2m, keys n + m); plm has rows
+    n + m and keys n, the shape it counts for (n - m, m); mlm is single-stream (n, 0) plus the LM head on
+    the m predicted rows."""
     if objective == "mpnet":
-        return estimate_flops_per_example(config, n, m)
+        return estimate_flops_per_example(config, n, m, last_layer_rows=m)
     if objective == "plm":
-        return estimate_flops_per_example(config, n - m, m)
-    head_only = SimpleNamespace(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                num_hidden_layers=0, vocab_size=config.vocab_size)
-    return estimate_flops_per_example(config, n, 0) + estimate_flops_per_example(head_only, 0, m)
+        return estimate_flops_per_example(config, n - m, m, last_layer_rows=m)
+    return estimate_flops_per_example(config, n, 0, last_layer_rows=m) + lm_head_flops(config, m)
 
 
 def _checkpoint_bytes(model, tokenizer_dir: Path) -> int:

@@ -2,8 +2,9 @@
 backward (torch.utils.flop_counter.FlopCounterMode: every matmul the models run, as it runs them).
 
 One count for MPNet, `mpnet.training.metrics.estimate_flops_per_example`, used by training's MFU and by
-the benchmarks: q, o and the FFN on all n + 2m rows, k and v on the n + m content rows only,
-attention (n + 2m) x (n + m), the LM head on the m query rows; backward = 2 x forward.
+the benchmarks: q, o and the FFN on all n + 2m rows (in the last layer the m query rows only),
+k and v on the n + m content rows only, attention (n + 2m) x (n + m) (last layer m x (n + m)), the LM
+head on the m query rows; backward = 2 x forward.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def test_mpnet_two_stream_count_is_what_the_model_computes(n, m):
     batch = 2
     ids = torch.randint(5, VOCAB - 2, (batch, n))
     positions = torch.stack([torch.randperm(n) for _ in range(batch)])
-    if m:
-        flops = counted(lambda: model(ids, positions, m))
-    else:  # single-stream encoding: no LM head
-        flops = counted(lambda: model.encode(ids))
-    assert flops == batch * estimate_flops_per_example(config, n, m)
+    if m:  # the last layer computes the m query rows only: all the loss reads
+        assert counted(lambda: model(ids, positions, m)) == batch * estimate_flops_per_example(config, n, m,
+                                                                                               last_layer_rows=m)
+    else:  # single-stream encoding: every row, no LM head
+        assert counted(lambda: model.encode(ids)) == batch * estimate_flops_per_example(config, n, m)
 
 
 def test_finetune_count_for_ours_and_for_transformers():

@@ -27,12 +27,15 @@ from pretrain_support import embedded_prefix
 # so the first loss is ~7, the unigram entropy, instead of ln(30527) = 10.3); training.relative_bias_init
 # "local" (the relative-position bias starts with a locality prior). The config pins all three since (CPU,
 # torch 2.13, float32).
-GOLDEN_TRAIN_LOSS = {1: 6.861928939819336, 2: 6.8249831199646, 3: 7.117975234985352, 4: 6.718759536743164,
-                     5: 7.017082214355469}
-GOLDEN_GRAD_NORM = {1: 2.4000649452209473, 2: 2.3745276927948, 3: 2.2393319606781006, 4: 2.0122296810150146,
-                    5: 1.9791254997253418}
+# Recomputed again when the last layer began computing only the rows the loss reads (the m predicted rows, not
+# the n + m content rows: tests/modeling/test_last_layer_rows.py shows that equal with dropout off): with
+# dropout on, that layer's dropout draws fewer random numbers, so the draws and the losses move in the 4th digit.
+GOLDEN_TRAIN_LOSS = {1: 6.862368583679199, 2: 6.82588529586792, 3: 7.118487358093262, 4: 6.719282150268555,
+                     5: 7.018746376037598}
+GOLDEN_GRAD_NORM = {1: 2.4001755714416504, 2: 2.3709940910339355, 3: 2.2421443462371826, 4: 2.0018980503082275,
+                    5: 1.9778928756713867}
 GOLDEN_LR = {1: 0.003, 2: 0.003, 3: 0.0020000000000000005, 4: 0.0010000000000000002, 5: 0.0}
-GOLDEN_VALID_LOSS = 7.589909362792969
+GOLDEN_VALID_LOSS = 7.588768005371094
 
 
 def golden_config(corpus: Path) -> dict:
