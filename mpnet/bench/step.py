@@ -577,8 +577,7 @@ def step_method(section: Section) -> list:
             f"pays). The sparse-head one runs first: \"x {REFERENCE_STEP}\" = step time / its step time at the "
             "same batch (below 1 = faster).",
             flops_line(s, "per sequence and layer MPNet does q, o and the FFN on n + 2m rows (in the last layer on "
-                          "the m query rows only, all the loss reads; the triton backend still computes every row "
-                          "there, uncounted), k and v on the n + m content rows and 4 (n+2m)(n+m) h of attention "
+                          "the m query rows only, all the loss reads), k and v on the n + m content rows and 4 (n+2m)(n+m) h of attention "
                           "(the last layer 4 m (n+m) h), plus its LM head on the m query rows "
                           "(`estimate_flops_per_example`, the count training reports MFU with); BERT does "
                           "2 L (4h^2 + 2hf) + 4 L^2 h per layer and its MLM head on all L rows (sdpa) or "

@@ -63,7 +63,9 @@ CPU-only machine gets a one-line error instead).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -102,25 +104,30 @@ class TritonAttentionState:
     kv_len: int
     bias_by_index: torch.Tensor  # the table as the kernels read it, built once per forward for every layer
     buckets: torch.Tensor  # bucket_tables: the buckets by distance and their ranges, likewise
+    plan_for_rows: Callable[[slice], TritonAttentionPlan]  # the plan of a subset of query rows (the last layer's)
 
 
 def make_triton_attention_state(positions, n, m, relative_bias_table, max_distance, pattern=None, *, document_ids=None,
                                 layer=0, layout=None, streams="mpnet"):
     """Like make_dense/flex_attention_state, but given the (buckets, heads) table itself."""
-    plan = make_triton_attention_plan(positions, n, m, window=supported_window(pattern),
-                                      document_ids=document_ids, layout=layout, streams=streams)
-    return TritonAttentionState(plan, relative_bias_table, max_distance, stream_lengths(n, m, streams)[0],
+    make_plan = functools.partial(make_triton_attention_plan, positions, n, m, window=supported_window(pattern),
+                                  document_ids=document_ids, layout=layout, streams=streams)
+    return TritonAttentionState(make_plan(), relative_bias_table, max_distance, stream_lengths(n, m, streams)[0],
                                 log2_bias_by_index(relative_bias_table, max_distance),
-                                bucket_tables(relative_bias_table.shape[0], max_distance, positions.device))
+                                bucket_tables(relative_bias_table.shape[0], max_distance, positions.device),
+                                lambda rows: make_plan(query_rows=rows))
 
 
 class TritonTwoStreamAttention(AttentionProjections):
     """Triton backend: both streams in one kernel call per layer; no attention-probability dropout
     (`attention_probs_dropout_prob` is not applied, as with FlexAttention)."""
 
-    def forward(self, hidden, state: TritonAttentionState):
-        q, k, v = self.project(hidden, state.kv_len)
-        context = triton_two_stream_attention(q, k, v, state.relative_bias_table, state.plan,
+    computes_row_subset = True  # forward(..., first_row): a plan for the query rows from first_row on
+
+    def forward(self, hidden, state: TritonAttentionState, first_row: int = 0):
+        q, k, v = self.project(hidden, state.kv_len, first_row)
+        plan = state.plan_for_rows(slice(first_row, None)) if first_row else state.plan
+        context = triton_two_stream_attention(q, k, v, state.relative_bias_table, plan,
                                               max_distance=state.max_distance, bias_by_index=state.bias_by_index,
                                               buckets=state.buckets)
         return self.merge(context)
