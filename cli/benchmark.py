@@ -2,7 +2,8 @@
 
   benchmark-mpnet all         every cell of the performance targets in one run, one report:
                               attention (two-stream pair and single stream), step, finetune
-                              (--sections adds patterns, packing); DIR/benchmark.{md,json} and plots
+                              (--sections adds patterns, packing), then the targets table (each
+                              goal met or not, from those cells); DIR/benchmark.{md,json} and plots
   benchmark-mpnet attention   one layer's attention per backend and length (fwd + bwd): the two-stream
                               pair and single stream (--streams)
   benchmark-mpnet step        a full mpnet-base pretraining step beside a BERT-base MLM step
@@ -31,6 +32,7 @@ from mpnet.bench.mask_build import BUILDERS, MaskBuildSettings, run_mask_build
 from mpnet.bench.packing import PackingSettings, run_packing
 from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
 from mpnet.bench.problems import ATTENTION_CELLS, SINGLE_STREAM_LENGTHS, AttentionSettings
+from mpnet.bench.targets import TargetSettings, run_targets
 from mpnet.bench.step import (COMPILE_MODES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
                               run_step)
 from mpnet.modeling.backends import ATTENTION_BACKENDS
@@ -334,6 +336,8 @@ def plan_of(args, device) -> tuple[list, str]:
     plan += finetune_plan(args, device, owned=False) if "finetune" in chosen else []
     plan += pattern_plan(args, device, owned=False) if "patterns" in chosen else []
     plan += packing_plan(args, device, owned=False) if "packing" in chosen else []
+    if {"attention", "step"} & set(chosen):  # the targets table, from the cells above
+        plan.append((run_targets, TargetSettings(device=str(device))))
     return plan, "benchmark"
 
 

@@ -39,7 +39,9 @@ def test_without_subcommand_runs_every_cell_on_cpu(tmp_path):
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
     assert (out_dir / "attention_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out_dir / "benchmark.json").read_text())
-    assert set(data) == {"environment", "attention", "single", "step", "finetune"}
+    assert set(data) == {"environment", "attention", "single", "step", "finetune", "targets"}
+    targets = data["targets"]["cells"]  # a CPU measures none of them (no MFU, attention forward only)
+    assert len(targets) == 4 and all(row["verdict"] == "not measured" for row in targets)
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["device"].startswith("CPU") and env["date"] and env["transformers"]
     for key in ("attention", "single"):
@@ -70,7 +72,8 @@ def test_without_subcommand_runs_every_cell_on_cpu(tmp_path):
     assert finetune[1]["relative"][0] == pytest.approx(finetune[1]["examples_per_s"] / finetune[0]["examples_per_s"])
     md = (out_dir / "benchmark.md").read_text()
     for heading in ("## Attention: one two-stream call pair", "## Attention: single stream", "## Pretraining step",
-                    "## Fine-tuning step", "![attention_time.png]", "x transformers examples/s", "tiles computed/total"):
+                    "## Fine-tuning step", "![attention_time.png]", "x transformers examples/s", "tiles computed/total",
+                    "## Targets"):
         assert heading in md, heading
 
 
