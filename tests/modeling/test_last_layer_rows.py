@@ -17,6 +17,7 @@ import torch
 
 from helpers import generator, make_model, pretraining_batch
 from mpnet.modeling.attention import FlexTwoStreamAttention, RelativeMultiHeadAttention
+from mpnet.modeling.triton_internals import INTERPRET, triton
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -30,17 +31,38 @@ def _run(model, ids, positions, mask, m, objective):
     return logits.detach(), grads
 
 
+def _subset_and_every_row(model, module_class, objective, monkeypatch):
+    n, m = 40, 6
+    ids, positions, mask = pretraining_batch(generator(5), n, m, pad_counts=(0, 7))
+    subset = _run(model, ids, positions, mask, m, objective)
+    monkeypatch.setattr(module_class, "computes_row_subset", False)
+    return subset, _run(model, ids, positions, mask, m, objective), m
+
+
 @pytest.mark.parametrize("objective", ["mpnet", "mlm", "plm"])
 def test_dense_last_layer_rows_equal_every_row(objective, monkeypatch):
     model = make_model(seed=3, num_hidden_layers=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
-    n, m = 40, 6
-    ids, positions, mask = pretraining_batch(generator(5), n, m, pad_counts=(0, 7))
-    subset_logits, subset_grads = _run(model, ids, positions, mask, m, objective)
-    monkeypatch.setattr(RelativeMultiHeadAttention, "computes_row_subset", False)
-    full_logits, full_grads = _run(model, ids, positions, mask, m, objective)
+    (subset_logits, subset_grads), (full_logits, full_grads), m = _subset_and_every_row(
+        model, RelativeMultiHeadAttention, objective, monkeypatch)
     assert subset_logits.shape == (2, m, model.config.vocab_size)
     torch.testing.assert_close(subset_logits, full_logits, **TOL)
     assert subset_grads.keys() == full_grads.keys() and len(full_grads) == len(list(model.parameters()))
+    for name in full_grads:
+        torch.testing.assert_close(subset_grads[name], full_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.skipif(not (triton is not None and INTERPRET), reason="needs triton, run by its interpreter "
+                    "(TRITON_INTERPRET=1 on a machine with triton); the GPU tests run the compiled kernels")
+@pytest.mark.parametrize("objective", ["mpnet", "mlm", "plm"])
+def test_triton_last_layer_plan_equals_every_row(objective, monkeypatch):
+    """The triton backend's last layer runs a plan for the query rows it computes (its kernels' query_rows)."""
+    from mpnet.modeling.triton_attention import TritonTwoStreamAttention
+
+    model = make_model(seed=3, num_hidden_layers=3, hidden_size=32, num_attention_heads=2, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attention_backend="triton").train()
+    (subset_logits, subset_grads), (full_logits, full_grads), _ = _subset_and_every_row(
+        model, TritonTwoStreamAttention, objective, monkeypatch)
+    torch.testing.assert_close(subset_logits, full_logits, **TOL)
     for name in full_grads:
         torch.testing.assert_close(subset_grads[name], full_grads[name], **TOL, msg=name)
 
