@@ -144,7 +144,8 @@ class RelativeMultiHeadAttention(AttentionProjections):
             return self.forward(hidden, state)[:, first_row:]
         q, k, v = self.project(hidden, state.kv_len, first_row)
         allowed = state.allowed[:, :, first_row:]
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + state.bias[:, :, first_row:]
+        bias = state.bias[:, :, first_row:]
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5 + bias
         if state.score_mod is not None:
             scores = state.score_mod(scores)
         scores = scores.masked_fill(~allowed, float("-inf"))

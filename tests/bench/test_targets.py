@@ -22,10 +22,9 @@ STEP = section("step", [step_cell("bert-sparse", 32, 45.0, 0.30), step_cell("mpn
                         step_cell("mpnet-flex", 32, 90.0, 0.15), step_cell("mpnet-triton", 32, 80.0, 0.17, False),
                         step_cell("mpnet-flex", 32, 110.0, 0.12, False),
                         step_cell("bert-sparse", 64, 88.0, 0.31), step_cell("mpnet-triton", 64, 76.0, 0.36)])
-ATTENTION = section("attention", [{"L": 512, "backend": "sdpa", "ms": 1.0}, {"L": 512, "backend": "triton", "ms": 1.2},
-                                  {"L": 512, "backend": "flex", "ms": 5.0}, {"L": 2048, "backend": "sdpa", "ms": 2.0},
-                                  {"L": 2048, "backend": "triton", "ms": 2.8}, {"L": 2048, "backend": "flex", "ms": 7.0}],
-                    backward=True)
+ATTENTION = section("attention", [{"L": length, "backend": backend, "ms": ms} for length, backend, ms in (
+    (512, "sdpa", 1.0), (512, "triton", 1.2), (512, "flex", 5.0), (2048, "sdpa", 2.0), (2048, "triton", 2.8),
+    (2048, "flex", 7.0))], backward=True)
 GOALS = TargetSettings()
 
 
