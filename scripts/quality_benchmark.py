@@ -206,9 +206,15 @@ def run_commands(commands: list[tuple[str, str, list, str]], log: list, jobs: in
 
 
 def git_commit() -> str:
+    """The checkout's commit; "unknown" outside a git checkout of the project (a copy of it inside another
+    repository must not report that repository's commit)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != REPO.resolve():
+            return "unknown"
+        return git("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

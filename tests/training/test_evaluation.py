@@ -171,3 +171,24 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
     assert trend_rows["mpnet/step-00000002"]["fill_mask_accuracy"] == trend_rows["mpnet/step-00000004"]["curve"][1][
         "fill_mask_accuracy"]
     assert all(row["finetune"]["sst2"][0]["seed"] == 1 for row in trend_rows.values())
+
+
+def test_the_quality_benchmark_reports_its_own_checkout_commit_only(tmp_path, monkeypatch):
+    """The report's commit: the project's checkout's HEAD; "unknown" for a copy inside another repository (which
+    would otherwise report that repository's commit) or outside git."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import quality_benchmark
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f").write_text("x")
+    git("add", "f")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(quality_benchmark, "REPO", tmp_path)
+    assert quality_benchmark.git_commit() == git("rev-parse", "--short", "HEAD")
+    (tmp_path / "copy").mkdir()
+    monkeypatch.setattr(quality_benchmark, "REPO", tmp_path / "copy")
+    assert quality_benchmark.git_commit() == "unknown"
