@@ -101,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--finetune-max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--finetune-max-train-examples", type=int, help="a fixed subset of each task's training set")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained-model row")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override for every pretraining run, repeatable (e.g. training.compile=true); "
+                        "checked against --config before anything runs")
     p.add_argument("--jobs", type=int, default=1,
                    help="commands run at once (each in its own process, its output in OUT/logs/): the pretraining "
                         "rows side by side on the one GPU (a small model leaves most of it idle), then the "
@@ -229,7 +232,7 @@ def pretrain_argv(args, shards: Path, row: str, out: Path, steps: int, log_every
     objective, overrides = ROWS[row]
     save_every = steps // points
     valid_every = valid_every or max(1, save_every // max(1, round(10 / points)))
-    return [*overrides, "--config", args.config, "--output-dir", out, "--data", shards, "--objective", objective,
+    return [*overrides, *args.pretrain_set, "--config", args.config, "--output-dir", out, "--data", shards, "--objective", objective,
             "--max-steps", steps, "--save-every", save_every, "--log-every", log_every or max(1, steps // 20),
             "--no-progress", "--attention-backend", args.attention_backend,
             f"training.batch_size={args.batch_size}", f"optim.warmup_steps={max(1, round(0.1 * steps))}",
@@ -477,11 +480,15 @@ def main(argv=None):
     import torch
 
     from mpnet.data import read_metadata, resolve_data
-    from mpnet.training.config import PretrainConfig, load
+    from mpnet.errors import UserError
+    from mpnet.training.config import PretrainConfig, load, parse_overrides
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = load(PretrainConfig, args.config)
+    try:
+        cfg = load(PretrainConfig, args.config, parse_overrides(args.pretrain_set))
+    except UserError as err:
+        fail(f"--pretrain-set: {err}")
     block_size = cfg.data.block_size
     args.batch_size = args.batch_size or cfg.training.batch_size
     data = args.data or cfg.data.path

@@ -192,3 +192,16 @@ def test_the_quality_benchmark_reports_its_own_checkout_commit_only(tmp_path, mo
     (tmp_path / "copy").mkdir()
     monkeypatch.setattr(quality_benchmark, "REPO", tmp_path / "copy")
     assert quality_benchmark.git_commit() == "unknown"
+
+
+def test_the_quality_benchmark_passes_pretrain_overrides_and_refuses_bad_ones_first(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import quality_benchmark
+
+    base = ["--out", str(tmp_path / "out"), "--steps", "10", "--device", "cpu"]
+    args = quality_benchmark.parse_args(base + ["--pretrain-set", "training.compile=true"])
+    argv = quality_benchmark.pretrain_argv(args, tmp_path, "mpnet", tmp_path / "run", 10)
+    assert "training.compile=true" in argv
+    with pytest.raises(SystemExit, match="--pretrain-set: unknown config key 'training.nokey'"):
+        quality_benchmark.main(base + ["--pretrain-set", "training.nokey=1"])
+    assert not (tmp_path / "out" / "pretrain").exists()
