@@ -198,7 +198,10 @@ def test_the_quality_benchmark_passes_pretrain_overrides_and_refuses_bad_ones_fi
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import quality_benchmark
 
-    base = ["--out", str(tmp_path / "out"), "--steps", "10", "--device", "cpu"]
+    from fixtures import write_glue
+
+    glue = write_glue("sst2", tmp_path / "glue", n_train=16, n_dev=8)
+    base = ["--out", str(tmp_path / "out"), "--steps", "10", "--device", "cpu", "--task", f"sst2={glue}"]
     args = quality_benchmark.parse_args(base + ["--pretrain-set", "training.compile=true"])
     argv = quality_benchmark.pretrain_argv(args, tmp_path, "mpnet", tmp_path / "run", 10)
     assert "training.compile=true" in argv
