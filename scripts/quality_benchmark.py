@@ -59,6 +59,15 @@ ROWS = {**{name: (name, []) for name in OBJECTIVES}, **VARIANTS}
 BASELINE = "none"
 PROG = "quality_benchmark"
 DEFAULT_TASK = "sst2=data/sentiment"
+# The config keys every pretraining command sets itself (pretrain_argv), each with the flag that chooses it here:
+# --pretrain-set may not set them too.
+SET_BY_THE_BENCHMARK = {"training.max_steps": "--steps", "training.batch_size": "--batch-size",
+                        "training.objective": "--objectives", "optim.warmup_steps": "10% of --steps",
+                        "logging.save_every": "--budget-points", "logging.log_every": "--steps",
+                        "logging.valid_every": "--budget-points", "logging.keep_last": "--budget-points",
+                        "data.corrupted_input": "--objectives (mpnet-content)",
+                        "training.relative_bias_init": "--objectives (mpnet-steep-bias)",
+                        "model.attention_backend": "--attention-backend"}
 
 
 fail = failer(PROG)
@@ -128,6 +137,10 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for pair in args.pretrain_set:
+        key = pair.split("=", 1)[0].strip()
+        if key in SET_BY_THE_BENCHMARK:
+            fail(f"--pretrain-set {pair}: the benchmark sets {key} itself (choose it with {SET_BY_THE_BENCHMARK[key]})")
     args.attention_backend = args.attention_backend or ("triton" if args.device == "cuda" else "dense")
     if args.steps is None and args.minutes_per_objective is None:
         args.minutes_per_objective = 1.5
@@ -232,7 +245,8 @@ def pretrain_argv(args, shards: Path, row: str, out: Path, steps: int, log_every
     objective, overrides = ROWS[row]
     save_every = steps // points
     valid_every = valid_every or max(1, save_every // max(1, round(10 / points)))
-    return [*overrides, *args.pretrain_set, "--config", args.config, "--output-dir", out, "--data", shards, "--objective", objective,
+    return [*overrides, *args.pretrain_set, "--config", args.config, "--output-dir", out, "--data", shards,
+            "--objective", objective,
             "--max-steps", steps, "--save-every", save_every, "--log-every", log_every or max(1, steps // 20),
             "--no-progress", "--attention-backend", args.attention_backend,
             f"training.batch_size={args.batch_size}", f"optim.warmup_steps={max(1, round(0.1 * steps))}",

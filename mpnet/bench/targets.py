@@ -99,11 +99,11 @@ def flex_pair(sections: dict, goals: TargetSettings) -> list:
 def flex_step(sections: dict, goals: TargetSettings) -> list:
     """The flex step against the triton one, same batch and compile mode."""
     cells = _cells(sections, "step")
+    at = {c["key"]: c for c in cells}
     rows = []
     for batch in sorted({c["batch"] for c in cells}):
         for compiled in (False, True):
             suffix = ("+compile" if compiled else "") + f"@{batch}"
-            at = {c["key"]: c for c in cells}
             flex, triton = at.get("mpnet-flex" + suffix), at.get("mpnet-triton" + suffix)
             if flex and triton:
                 ratio = flex["ms"] / triton["ms"]

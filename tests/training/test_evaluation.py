@@ -208,3 +208,5 @@ def test_the_quality_benchmark_passes_pretrain_overrides_and_refuses_bad_ones_fi
     with pytest.raises(SystemExit, match="--pretrain-set: unknown config key 'training.nokey'"):
         quality_benchmark.main(base + ["--pretrain-set", "training.nokey=1"])
     assert not (tmp_path / "out" / "pretrain").exists()
+    with pytest.raises(SystemExit, match="sets training.max_steps itself .choose it with --steps"):
+        quality_benchmark.parse_args(base + ["--pretrain-set", "training.max_steps=5"])
