@@ -117,6 +117,10 @@ def parse_args(argv=None):
                    help="commands run at once (each in its own process, its output in OUT/logs/): the pretraining "
                         "rows side by side on the one GPU (a small model leaves most of it idle), then the "
                         "fine-tuning runs; --minutes-per-objective times one row alone")
+    p.add_argument("--redraw", type=Path, metavar="QUALITY_JSON",
+                   help="run nothing: write the report (quality.md, the plots, the json) into --out again from a "
+                        "run's quality.json, its options taken from the command recorded there (e.g. when only the "
+                        "json came back from the machine that ran it)")
     args = p.parse_args(argv)
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in args.objectives if o not in ROWS]
@@ -420,7 +424,12 @@ def plot(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
             values = [s["best"] for s in r["finetune"][task]]
             ax.bar(i, statistics.mean(values), color="#9ecae1" if r["row"] != BASELINE else "#d9d9d9")
             ax.plot([i] * len(values), values, "o", color="#08519c", markersize=4)
-        ax.set_xticks(range(len(rows)), [r["row"] for r in rows])
+        baseline = [statistics.mean(s["best"] for s in r["finetune"][task]) for r in rows if r["row"] == BASELINE]
+        if baseline:  # the line every pretrained bar has to clear
+            ax.axhline(baseline[0], color="#636363", linestyle="--", linewidth=1, label="untrained (mean)")
+            ax.legend(loc="lower right")
+        # RUN/step-N on two lines: checkpoints of a budget trend have long names
+        ax.set_xticks(range(len(rows)), [r["row"].replace("/", "\n") for r in rows])
         low = min(s["best"] for r in rows for s in r["finetune"][task])
         ax.set_ylim(max(0, low - 5), min(100, max(s["best"] for r in rows for s in r["finetune"][task]) + 2))
         ax.set(ylabel="dev score x100 (best epoch)", title=f"{task}: each seed a dot, the mean a bar")
@@ -478,9 +487,25 @@ def write_report(args, rows: list[dict], facts: dict):
     print(f"wrote {args.out / 'quality.md'}, quality.json and {', '.join(pictures)}")
 
 
+def redraw(args):
+    """The report of a finished run, from its quality.json alone."""
+    try:
+        recorded = json.loads(args.redraw.read_text())
+        facts, rows = recorded["facts"], recorded["rows"]
+        words = shlex.split(facts["command"].split("quality_benchmark.py", 1)[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        fail(f"--redraw {args.redraw}: not a quality.json of this benchmark ({err})")
+    original = parse_args(words)
+    original.out = args.out
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(original, rows, facts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = begin_run("quality_benchmark.py", args, argv, fail)
+    if args.redraw:
+        return redraw(args)
     for task, folder in args.tasks.items():
         if not folder.is_dir():
             hint = f"; make it first: python scripts/make_sentiment_data.py {folder}" if task == "sst2" else ""

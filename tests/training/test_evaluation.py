@@ -150,6 +150,14 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
     assert (tmp_path / "q" / "quality_finetune.png").stat().st_size > 0
     assert (tmp_path / "q" / "logs" / "pretrain-plm.log").is_file()  # each side-by-side command's output
     assert all(command["at_once"] == 2 for command in report["facts"]["commands"])
+    # the same report again from the json alone (all that may come back from the machine that ran it)
+    redrawn = subprocess.run([sys.executable, str(REPO / "scripts" / "quality_benchmark.py"), "--out",
+                              str(tmp_path / "r"), "--redraw", str(tmp_path / "q" / "quality.json")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert (tmp_path / "r" / "quality.md").read_text() == markdown
+    assert json.loads((tmp_path / "r" / "quality.json").read_text()) == report
+    assert (tmp_path / "r" / "quality_finetune.png").stat().st_size > 0
 
     scored = benchmark(tmp_path / "c", "--checkpoint", rows["mlm"]["checkpoint"], "--no-baseline",
                        "--finetune-seeds", "1")
