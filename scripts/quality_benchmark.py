@@ -20,7 +20,8 @@ process), the exact command lines in the json:
    as its own row OBJECTIVE/step-N: the budget trend of one pretraining);
 4. a fresh, untrained model of the same config (row "none": what fine-tuning alone reaches);
 5. `finetune-mpnet` of every checkpoint on every --task (default: the sentiment task of
-   scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed;
+   scripts/make_sentiment_data.py; any GLUE-layout folder as TASK=DIR), for each --finetune-seeds seed (and each
+   lr of a --finetune-lr grid, each row then scored at its best lr);
 6. OUT/quality.md, OUT/quality.json, OUT/quality_pretraining.png (fill-mask accuracy against tokens) and
    OUT/quality_finetune.png (dev score per row, each seed a dot, the mean a bar).
 
@@ -103,9 +104,11 @@ def parse_args(argv=None):
                    help=f"a GLUE task and its folder in the GLUE layout, repeatable (default: {DEFAULT_TASK}); "
                         "sst2 uses configs/glue/sentiment.yaml, other tasks configs/glue/TASK.yaml")
     p.add_argument("--finetune-seeds", default="1,2,3", help="comma-separated fine-tuning seeds")
-    p.add_argument("--finetune-lr", type=float, default=3e-4,
+    p.add_argument("--finetune-lr", default="3e-4",
                    help="peak fine-tuning lr (a 4-layer model needs more than the recipes' 1e-5 to 2e-5: "
-                        "docs/compare-sentiment-small/ measured 1e-4, 3e-4 and 1e-3)")
+                        "docs/compare-sentiment-small/ measured 1e-4, 3e-4 and 1e-3); a comma-separated list is a "
+                        "grid: every row fine-tuned at each, scored at the lr of its best mean (the published "
+                        "protocol of small BERTs), every lr's scores in the json")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--finetune-max-train-examples", type=int, help="a fixed subset of each task's training set")
@@ -130,6 +133,12 @@ def parse_args(argv=None):
         args.finetune_seeds = [int(s) for s in args.finetune_seeds.split(",") if s.strip()]
     except ValueError:
         fail(f"--finetune-seeds takes comma-separated integers, got {args.finetune_seeds!r}")
+    try:
+        args.finetune_lrs = [float(s) for s in str(args.finetune_lr).split(",") if s.strip()]
+    except ValueError:
+        fail(f"--finetune-lr takes a number or comma-separated numbers, got {args.finetune_lr!r}")
+    if not args.finetune_lrs or min(args.finetune_lrs) <= 0:
+        fail(f"--finetune-lr must be positive, got {args.finetune_lr!r}")
     args.tasks = {}
     for spec in args.task or [DEFAULT_TASK]:
         name, sep, folder = spec.partition("=")
@@ -356,30 +365,42 @@ def task_config(task: str) -> Path:
 
 
 def finetune_all(args, rows: list[dict], log: list):
-    """Every row's checkpoint fine-tuned on every task per seed: r["finetune"] = {task: [{seed, best, best_epoch,
-    last, seconds}]}, dev score x100."""
+    """Every row's checkpoint fine-tuned on every task per lr and seed: r["finetune"] = {task: [{seed, best,
+    best_epoch, last, seconds}]} at the lr of the best mean (r["finetune_lr"][task]), every lr's in
+    r["finetune_grid"] = {task: {lr: [...]}}; dev score x100."""
     runs, commands = [], []
+    grid = len(args.finetune_lrs) > 1
     for r in rows:
         name = r["row"].replace("/", "-")
         for task, folder in args.tasks.items():
-            for seed in args.finetune_seeds:
-                out = args.out / "finetune" / task / f"{name}-seed{seed}"
-                argv = ["--checkpoint", r["checkpoint"], "--task", task, "--data-dir", folder, "--config",
-                        task_config(task), "--output-dir", out, "--device", args.device, "--seed", seed, "--lr",
-                        args.finetune_lr, "--epochs", args.finetune_epochs, "--max-length", args.finetune_max_length,
-                        "--attention-backend", args.attention_backend, "--no-progress"]
-                if args.finetune_max_train_examples:
-                    argv += ["--max-train-examples", args.finetune_max_train_examples]
-                runs.append((r, task, seed, out))
-                commands.append(("finetune-mpnet", "finetune", argv, f"finetune-{task}-{name}-seed{seed}"))
+            for lr in args.finetune_lrs:
+                for seed in args.finetune_seeds:
+                    run = f"{name}-lr{lr:g}-seed{seed}" if grid else f"{name}-seed{seed}"
+                    out = args.out / "finetune" / task / run
+                    argv = ["--checkpoint", r["checkpoint"], "--task", task, "--data-dir", folder, "--config",
+                            task_config(task), "--output-dir", out, "--device", args.device, "--seed", seed, "--lr",
+                            lr, "--epochs", args.finetune_epochs, "--max-length", args.finetune_max_length,
+                            "--attention-backend", args.attention_backend, "--no-progress"]
+                    if args.finetune_max_train_examples:
+                        argv += ["--max-train-examples", args.finetune_max_train_examples]
+                    runs.append((r, task, lr, seed, out))
+                    commands.append(("finetune-mpnet", "finetune", argv, f"finetune-{task}-{run}"))
     seconds = run_commands(commands, log, args.jobs, args.out / "logs")
     for r in rows:
-        r["finetune"] = {task: [] for task in args.tasks}
-    for (r, task, seed, out), s in zip(runs, seconds):
+        r["finetune_grid"] = {task: {lr: [] for lr in args.finetune_lrs} for task in args.tasks}
+    for (r, task, lr, seed, out), s in zip(runs, seconds):
         results = json.loads((out / "results.json").read_text())
-        r["finetune"][task].append({"seed": seed, "best": 100 * results["best"]["score"],
-                                    "best_epoch": results["best"]["epoch"],
-                                    "last": 100 * results["epochs"][-1]["score"], "seconds": round(s, 1)})
+        r["finetune_grid"][task][lr].append({"seed": seed, "best": 100 * results["best"]["score"],
+                                             "best_epoch": results["best"]["epoch"],
+                                             "last": 100 * results["epochs"][-1]["score"], "seconds": round(s, 1)})
+    for r in rows:
+        r["finetune_lr"] = {task: best_lr(r["finetune_grid"][task]) for task in args.tasks}
+        r["finetune"] = {task: r["finetune_grid"][task][r["finetune_lr"][task]] for task in args.tasks}
+
+
+def best_lr(scores_by_lr: dict) -> float:
+    """The lr whose seeds' mean dev score is highest (the first such in grid order on a tie)."""
+    return max(scores_by_lr, key=lambda lr: statistics.mean(s["best"] for s in scores_by_lr[lr]))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -452,7 +473,9 @@ def write_report(args, rows: list[dict], facts: dict):
              + (f" ({facts['data_tokens']['train']:,} training tokens, {facts['data_tokens']['valid']:,} held out)"
                 if facts.get("data_tokens") else ""),
              f"- fine-tuning: {', '.join(f'{t} (`{shown(d)}`)' for t, d in args.tasks.items())}; lr "
-             f"{args.finetune_lr}, {args.finetune_epochs} epochs, <= {args.finetune_max_length} tokens, seeds "
+             + (f"{args.finetune_lrs[0]:g}" if len(args.finetune_lrs) == 1 else
+                f"the best mean of {', '.join(f'{lr:g}' for lr in args.finetune_lrs)} per row and task (the lr beside each score)")
+             + f", {args.finetune_epochs} epochs, <= {args.finetune_max_length} tokens, seeds "
              f"{','.join(map(str, args.finetune_seeds))}; dev score x100 at the best epoch, mean ± sample std",
              f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min"
              + (f" ({facts['jobs']} commands at once: the minutes below overlap)" if facts["jobs"] > 1 else ""), "",
@@ -461,7 +484,8 @@ def write_report(args, rows: list[dict], facts: dict):
              "|---|---|---|---|" + "---|" * len(tasks)]
     for r in rows:
         minutes = None if r.get("pretrain_seconds") is None else r["pretrain_seconds"] / 60
-        cells = [spread([s["best"] for s in r["finetune"][t]]) for t in tasks]
+        cells = [spread([s["best"] for s in r["finetune"][t]])
+                 + (f" (lr {r['finetune_lr'][t]:g})" if len(args.finetune_lrs) > 1 else "") for t in tasks]
         lines.append(f"| {r['row']} | {fmt(r.get('tokens'), ',')} | {fmt(minutes, '.1f')} "
                      f"| {fmt(r.get('fill_mask_accuracy'), '.3f')} | " + " | ".join(cells) + " |")
     baseline = next((r for r in rows if r["row"] == BASELINE), None)
@@ -552,7 +576,7 @@ def main(argv=None):
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": shown(args.config),
              "data": shown(Path(data)) if not isinstance(data, list) else data,
              "data_tokens": meta.get("num_tokens"), "block_size": block_size, "batch_size": args.batch_size,
-             "steps": steps, "calibration": calibration, "finetune_lr": args.finetune_lr,
+             "steps": steps, "calibration": calibration, "finetune_lr": args.finetune_lrs,
              "finetune_epochs": args.finetune_epochs, "finetune_seeds": args.finetune_seeds, "jobs": args.jobs,
              "commands": log,
              "total_seconds": round(time.perf_counter() - started, 1)}

@@ -159,10 +159,16 @@ def test_the_quality_benchmark_ranks_every_objective_against_the_untrained_model
     assert json.loads((tmp_path / "r" / "quality.json").read_text()) == report
     assert (tmp_path / "r" / "quality_finetune.png").stat().st_size > 0
 
+    # a checkpoint scored over an lr grid: every lr run, the row scored at the lr of its best mean
     scored = benchmark(tmp_path / "c", "--checkpoint", rows["mlm"]["checkpoint"], "--no-baseline",
-                       "--finetune-seeds", "1")
+                       "--finetune-seeds", "1", "--finetune-lr", "3e-4,1e-3")
     assert [row["row"] for row in scored["rows"]] == ["mlm/step-00000004"]
-    assert scored["rows"][0]["finetune"]["sst2"][0]["seed"] == 1
+    grid = scored["rows"][0]["finetune_grid"]["sst2"]
+    assert sorted(grid) == ["0.0003", "0.001"] and all(len(seeds) == 1 for seeds in grid.values())
+    chosen = scored["rows"][0]["finetune_lr"]["sst2"]
+    assert grid[str(chosen)][0]["best"] == max(seeds[0]["best"] for seeds in grid.values())
+    assert scored["rows"][0]["finetune"]["sst2"] == grid[str(chosen)]
+    assert f"(lr {chosen:g})" in (tmp_path / "c" / "quality.md").read_text()
     # a run's checkpoint reads the run's record: the same tokens, curve and fill-mask accuracy as when pretrained
     for key in ("tokens", "fill_mask_accuracy", "curve"):
         assert scored["rows"][0][key] == rows["mlm"][key], key
@@ -218,3 +224,7 @@ def test_the_quality_benchmark_passes_pretrain_overrides_and_refuses_bad_ones_fi
     assert not (tmp_path / "out" / "pretrain").exists()
     with pytest.raises(SystemExit, match="sets training.max_steps itself .choose it with --steps"):
         quality_benchmark.parse_args(base + ["--pretrain-set", "training.max_steps=5"])
+    assert quality_benchmark.parse_args(base + ["--finetune-lr", "1e-4, 3e-4"]).finetune_lrs == [1e-4, 3e-4]
+    for bad in ("fast", "0,1e-4"):
+        with pytest.raises(SystemExit, match="--finetune-lr"):
+            quality_benchmark.parse_args(base + ["--finetune-lr", bad])
