@@ -474,7 +474,8 @@ def write_report(args, rows: list[dict], facts: dict):
                 if facts.get("data_tokens") else ""),
              f"- fine-tuning: {', '.join(f'{t} (`{shown(d)}`)' for t, d in args.tasks.items())}; lr "
              + (f"{args.finetune_lrs[0]:g}" if len(args.finetune_lrs) == 1 else
-                f"the best mean of {', '.join(f'{lr:g}' for lr in args.finetune_lrs)} per row and task (the lr beside each score)")
+                f"the best mean of {', '.join(f'{lr:g}' for lr in args.finetune_lrs)} per row and task "
+                "(the lr beside each score)")
              + f", {args.finetune_epochs} epochs, <= {args.finetune_max_length} tokens, seeds "
              f"{','.join(map(str, args.finetune_seeds))}; dev score x100 at the best epoch, mean ± sample std",
              f"- wall time of the whole run: {facts['total_seconds'] / 60:.1f} min"
