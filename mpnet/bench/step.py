@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -298,18 +299,35 @@ def time_training_step(settings, model, loss_fn, optimizer_args: dict, clip_grad
     stepper = OptimizerStep(model, optimizer, None, device, settings.dtype == "bf16", clip_grad_norm,
                             max_nonfinite_steps=1, compile_mode=settings.compile_mode, lr_name="--lr", warmup_name=None)
     losses = []
+    # The first step's wall time by part, each ended by a device sync: where a compiled step's first-step time goes
+    # (the forward graph's compile, the backward's, the optimizer's first state).
+    first_parts: dict = {}
 
-    def step():
+    def step(parts: dict | None = None):
+        started = time.perf_counter()
+
+        def done(part):
+            nonlocal started
+            if parts is not None:
+                timer.sync()
+                parts[part] = time.perf_counter() - started
+                started = time.perf_counter()
+
         stepper.start()
         with phase("forward"):
             loss = stepper.forward(loss_fn)
+        done("forward")
         with phase("backward"):
             stepper.backward(loss)
+        done("backward")
         with phase("optimizer"):
             stepper.update(len(losses), loss.detach())
+        done("optimizer")
         losses.append(loss.detach().clone())  # a clone: a CUDA-graph output is overwritten by the next replay
 
-    result = time_runs(timer, step, settings.warmup - 1, settings.repeats, settings.max_seconds)
+    result = time_runs(timer, step, settings.warmup - 1, settings.repeats, settings.max_seconds,
+                       first=lambda: step(first_parts))
+    result["first_step_parts_s"] = first_parts
     stepper.poll(note=print)  # max_nonfinite_steps=1: the first skipped step raises NonFiniteError (the cell FAILs)
     last = float(losses[-1])
     result.update(loss=last, optimizer="AdamW (fused)" if device.type == "cuda" else "AdamW",
@@ -492,8 +510,16 @@ def common_columns(c: dict, settings) -> list:
         (fmt(100 * c["mfu"], ".1f") if c.get("mfu") is not None else "n/a") if good else "",
         fmt(c.get("peak_gib"), ".2f", "n/a") if good else "",
         f"{c['relative'][0]:.2f}x" if good and c.get("relative") else "",
-        fmt(c.get("first_call_s"), ".1f") if good else "",
+        first_step_text(c) if good else "",
     ]
+
+
+def first_step_text(c: dict) -> str:
+    """The first step's seconds, and for a compiled cell its forward / backward parts (the two graphs' compiles)."""
+    parts = c.get("first_step_parts_s") or {}
+    if not c.get("compile") or not parts:
+        return fmt(c.get("first_call_s"), ".1f")
+    return f"{c['first_call_s']:.1f} (fwd {parts['forward']:.1f}, bwd {parts['backward']:.1f})"
 
 
 def common_headers(settings, relative: str) -> list:
@@ -560,7 +586,8 @@ def flops_line(settings, rest: str) -> str:
 def compile_line(reference: str, mode: str) -> str:
     return (f"- \"+compile\": the same cell with the model under `torch.compile` (mode {mode}; the triton backend's "
             f"kernels are opaque torch.library ops in the graph), its ratio taken against the compiled {reference} "
-            f"cell when that ran, else the eager one; \"first step s\" includes the compile.")
+            f"cell when that ran, else the eager one; \"first step s\" includes the compile, and for a compiled cell "
+            f"its forward and backward parts (each ended by a device sync).")
 
 
 def step_lines(s, reference: str, optimizer: str) -> list:

@@ -90,8 +90,22 @@ def test_step_micro_batch_sweep_in_process(benchmark_main, tmp_path):
         for c in others:
             assert c["relative"] == [pytest.approx(c["ms"] / reference["ms"]), "sparse-head BERT step time"]
             assert c["tokens"] == batch * 32 and c["counted_flops"] == c["flops"]
+    for c in cells:  # the first step by part, each part ended by a sync: within the first step's wall time
+        parts = c["first_step_parts_s"]
+        assert sorted(parts) == ["backward", "forward", "optimizer"] and min(parts.values()) >= 0
+        assert sum(parts.values()) <= c["first_call_s"]
     md = (tmp_path / "benchmark.md").read_text()
     assert "MFU % counted (FlopCounterMode)" in md and "| 2x32 " in md
+
+
+def test_first_step_text_splits_a_compiled_cells_first_step():
+    from mpnet.bench.step import first_step_text
+
+    parts = {"forward": 90.04, "backward": 45.0, "optimizer": 0.2}
+    assert first_step_text({"compile": True, "first_call_s": 138.4, "first_step_parts_s": parts}) == \
+        "138.4 (fwd 90.0, bwd 45.0)"
+    assert first_step_text({"compile": False, "first_call_s": 0.14, "first_step_parts_s": parts}) == "0.1"
+    assert first_step_text({"compile": True, "first_call_s": 2.0}) == "2.0"  # a report written before the parts
 
 
 def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
