@@ -353,7 +353,8 @@ def measure_attention(settings: AttentionSettings, p: AttentionProblem, variant:
     result.update(time_runs(timer, run, settings.warmup - 1, settings.repeats, settings.max_seconds,
                             check=core.check if settings.backward else None))
     if settings.cuda_graphs and device.type == "cuda" and graphed(variant.key):
-        result.update(graph_timing(run, settings, timer))
+        result.update(graph_timing(lambda: make_run(builder(settings, p, device, timer), p, settings, device), settings,
+                                   timer))
     if settings.profile and device.type == "cuda" and backend in PROFILED_CELLS:
         kernels = kernel_ms_per_call(run)
         result["kernels"] = sorted(([name[:80], ms] for name, ms in kernels.items()), key=lambda item: -item[1])[:6]
@@ -368,20 +369,27 @@ def measure_attention(settings: AttentionSettings, p: AttentionProblem, variant:
     return result
 
 
-def graph_timing(run, settings: AttentionSettings, timer) -> dict:
+def graph_timing(build_run, settings: AttentionSettings, timer) -> dict:
     """The same run captured once as a CUDA graph and timed as replays: the GPU time of its kernels with no
     host work between them (what training gets with CUDA graphs, `--compile-mode reduce-overhead`). A
-    capture that fails is reported in the cell, which keeps its eager time."""
+    capture that fails is reported in the cell, which keeps its eager time.
+
+    The run is built afresh on the capturing stream, warmed up and captured there. Autograd runs a node's
+    backward on the stream its forward ran on: a cell built on the default stream (the flex one makes its
+    replicated bias table at build time, outside the run) sent that node's backward to the legacy stream in
+    the middle of the capture, which CUDA refuses (cudaErrorStreamCaptureImplicit, "operation failed due to
+    a previous error during capture": the flex cells' failure in every earlier report)."""
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # capture needs its warm-up on a side stream
+        with torch.cuda.stream(stream):
+            run = build_run()
             for _ in range(2):
                 run()
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             run()
+        torch.cuda.current_stream().wait_stream(stream)
         result = time_runs(timer, graph.replay, settings.warmup - 1, settings.repeats, settings.max_seconds)
         del graph
         return {"graph_ms": result["ms"], "graph_p20_ms": result["p20_ms"], "graph_p80_ms": result["p80_ms"]}
