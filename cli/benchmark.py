@@ -141,6 +141,12 @@ def attention_args(parser, streams=True, profile=True):
                         "fwd=, dkdv= or dq=MxN[wW][sS] (one kernel's tiles: block_m x block_n, warps, stages, e.g. "
                         "dkdv=32x64s3), or no-bias, no-bias-gradient, no-mask (that part left out: timing only, "
                         "wrong results); '+' joins changes of one entry")
+    g.add_argument("--flex-variants", type=text_list, default=None, metavar="LIST",
+                   help="time each flex cell once per entry (CUDA only): 'default' (the backend as it trains), "
+                        "no-bias-gradient, no-bias, no-mask (that part left out: timing only, wrong results), "
+                        "copies=QxK (the bias table copied per query row mod Q and key mod K, spreading its "
+                        "gradient's atomic adds; the backend's own 128x1), or OPTION=VALUE (a flex kernel option "
+                        "over the backend's, e.g. BLOCK_M1=64, bwd_num_warps=8); '+' joins changes of one entry")
 
 
 def step_args(parser, flag, also_compile=STEP_MODELS):
@@ -152,6 +158,9 @@ def step_args(parser, flag, also_compile=STEP_MODELS):
                         "trains on the device, modeling/backends.py)")
     g.add_argument("--batch-sizes", type=int_list, default=None, metavar="LIST",
                    help="micro-batch sweep: every cell once per batch size, e.g. 32,64,128 (default: --batch-size)")
+    g.add_argument("--also-all-rows", type=name_list(STEP_BACKENDS), default=None, metavar="NAMES",
+                   help="run these MPNet backends' cells once more with the last layer on every row (rows 'all "
+                        "rows'): what skipping the rows the loss never reads saves (default none)")
     g.add_argument("--no-bert", action="store_true",
                    help="skip the two BERT-base steps (MLM head on the masked rows, the reference; on every row)")
     model_args(g, also_compile)

@@ -25,7 +25,8 @@ through the real modules with precomputed inputs (q/k/v/o Linear layers replaced
   gradient, the cost of each further layer.
 - `flex`, `flex-window` (one cell per window W, |pos_q - pos_k| <= W on original positions):
   `FlexTwoStreamAttention` with the project's mask_mods and score_mods; the BlockMasks are built
-  outside the timed region and their build timed apart.
+  outside the timed region and their build timed apart; with `flex_variants` once per entry
+  (flex_variants.py: parts left out, bias-table copies, kernel options).
 - `triton`, `triton-window`: the Triton kernels, their plan built outside the timed region; with
   `triton_tiles` once per tile setting (triton_tiles.py).
 """
@@ -53,6 +54,7 @@ from .harness import (
     DTYPES,
     check_gradient,
     compiled_graphs,
+    flex_kernel_options,
     kernel_ms_per_call,
     on_cuda,
     phase,
@@ -72,6 +74,7 @@ from .problems import (
     make_attention_problem,
 )
 from .report import CELL_HEADERS, Figure, Panel, Section, Table, cell_columns, ok, ratio_text, short_status
+from .flex_variants import FlexVariant, parse_flex_variants
 from .triton_tiles import TileVariant, parse_tile_variants
 
 LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",
@@ -85,7 +88,7 @@ PROFILED_CELLS = ("sdpa", "triton")  # --profile: SDPA flash's kernels beside th
 
 
 def backend_of(key: str) -> str:
-    """The cell a key belongs to without its window and tiles: "triton-w256/dq=64x64" -> "triton"."""
+    """The cell a key belongs to without its window and variant: "triton-w256/dq=64x64" -> "triton"."""
     return key.split("/")[0].split("-w")[0]
 
 
@@ -96,18 +99,20 @@ def graphed(key: str) -> bool:
 
 @dataclass(frozen=True)
 class Variant:
-    """One cell of a length: its key (unique in the section), label, window and triton tiles."""
+    """One cell of a length: its key (unique in the section), label, window, and triton tiles or flex variant."""
 
     key: str
     label: str
     window: int | None = None
     tiles: TileVariant | None = None
+    flex: FlexVariant | None = None
 
 
 def attention_variants(settings: AttentionSettings) -> list[Variant]:
     """The cells of one length in report order: a windowed cell per --windows entry, a triton cell per
-    --triton-tiles entry."""
+    --triton-tiles entry, a flex cell per --flex-variants entry."""
     tile_variants = parse_tile_variants(settings.triton_tiles) or [None]
+    flex_variants = parse_flex_variants(settings.flex_variants) or [None]
     out = []
     for cell in ATTENTION_CELLS:
         if cell not in settings.backends:
@@ -118,8 +123,10 @@ def attention_variants(settings: AttentionSettings) -> list[Variant]:
             key = backend + ("" if window is None else f"-w{window}")
             label = LABELS[backend] + ("" if window is None else f" w={window}")
             for tiles in tile_variants if backend == "triton" else [None]:
-                out.append(Variant(key, label, window) if tiles is None
-                           else Variant(f"{key}/{tiles.name}", f"{label} {tiles.name}", window, tiles))
+                for flex in flex_variants if backend == "flex" else [None]:
+                    changed = tiles or flex
+                    out.append(Variant(key, label, window) if changed is None
+                               else Variant(f"{key}/{changed.name}", f"{label} {changed.name}", window, tiles, flex))
     return out
 
 
@@ -239,17 +246,23 @@ def time_bias_build(settings, p: AttentionProblem, shape, device, timer) -> dict
     return {"build_ms": result["ms"], "build_first_s": result["first_call_s"], "build_peak_gib": result["peak_gib"]}
 
 
-def build_flex(settings, p: AttentionProblem, device, timer, window=None) -> Core:
+def build_flex(settings, p: AttentionProblem, device, timer, window=None, variant: FlexVariant | None = None) -> Core:
+    """The flex backend's module and state; with a --flex-variants entry its module call is made here, with the
+    entry's bias-table copies, kernel options and parts left out."""
     module = attention_module(FlexTwoStreamAttention, settings, device)
+    left_out = variant.leave_out if variant is not None else frozenset()
     with torch.no_grad():
         distance_bias = distance_bias_of(settings, p.table)
-    distance_bias.requires_grad_(settings.backward)  # a leaf: its gradient is carried on to the table below
+    # a leaf: its gradient is carried on to the table below
+    distance_bias.requires_grad_(settings.backward and "no-bias-gradient" not in left_out)
     facts = {}
     graphs = compiled_graphs()
     layout, positions = rows_for(p, window)
+    copies = variant.copies if variant is not None else None
     with phase("BlockMask build"):
         state, facts["mask_first_s"] = timed_build(timer, lambda: make_flex_attention_state(
-            positions, p.n, p.m, distance_bias, settings.max_distance, window_spec(window), layout=layout))
+            positions, p.n, p.m, distance_bias, settings.max_distance, window_spec(window), layout=layout,
+            bias_copies=copies))
     facts.update(tile_facts(state))
     facts["mask_ms"] = warm_median(timer, lambda: make_two_stream_block_masks(positions, p.n, p.m, window_spec(window),
                                                                              layout=layout), settings)
@@ -260,8 +273,30 @@ def build_flex(settings, p: AttentionProblem, device, timer, window=None) -> Cor
             distance_bias_of(settings, p.table).backward(distance_bias.grad)
             distance_bias.grad = None
 
-    return Core(lambda: module(p.hidden, state), [p.hidden, p.table, *module.parameters()], facts,
-                after_backward, check=lambda: check_gradient(p.table))
+    forward = (lambda: module(p.hidden, state)) if variant is None else flex_variant_forward(module, p, state, variant,
+                                                                                             DTYPES[settings.dtype])
+    check = None if left_out & {"no-bias", "no-bias-gradient"} else (lambda: check_gradient(p.table))
+    return Core(forward, [p.hidden, p.table, *module.parameters()], facts, after_backward, check=check)
+
+
+def flex_variant_forward(module, p: AttentionProblem, state, variant: FlexVariant, dtype):
+    """FlexTwoStreamAttention.forward with the entry's changes: each stream's flex call without its BlockMask
+    (no-mask) or score_mod (no-bias), under the entry's kernel options."""
+    from ..modeling import attention as modeling_attention
+
+    no_mask, no_bias = "no-mask" in variant.leave_out, "no-bias" in variant.leave_out
+    streams = [(slice(None, state.kv_len), state.content_mask, state.content_score_mod)]
+    if state.query_mask is not None:
+        streams.append((slice(state.kv_len, None), state.query_mask, state.query_score_mod))
+
+    def forward():
+        with flex_kernel_options(variant.kernel_options(dtype)):
+            q, k, v = module.project(p.hidden, state.kv_len)
+            outputs = [modeling_attention.run_flex_attention(q[:, :, rows], k, v, None if no_bias else score_mod,
+                                                             None if no_mask else mask)
+                       for rows, mask, score_mod in streams]
+            return module.merge(torch.cat(outputs, dim=2))
+    return forward
 
 
 def rows_for(p: AttentionProblem, window):
@@ -341,7 +376,7 @@ def measure_attention(settings: AttentionSettings, p: AttentionProblem, variant:
     run compiles), time it; the FLOP rates. Raises on OOM / failure, labelled with the phase."""
     backend = backend_of(variant.key)
     if backend == "flex":
-        builder = functools.partial(build_flex, window=variant.window)
+        builder = functools.partial(build_flex, window=variant.window, variant=variant.flex)
     elif backend == "triton":
         builder = functools.partial(build_triton, window=variant.window, tiles=variant.tiles)
     else:
@@ -560,7 +595,13 @@ def method_lines(settings: AttentionSettings) -> list:
                [f"- Triton tiles (--triton-tiles {','.join(settings.triton_tiles)}): each triton cell once per "
                 "entry, the kernels' default tiles with the entry's changes (block_m x block_n, w warps, s stages); "
                 "no-bias, no-bias-gradient and no-mask leave that part out of the kernels: their times price it, "
-                "their results are wrong by construction."] if settings.triton_tiles else [])
+                "their results are wrong by construction."] if settings.triton_tiles else []) + (
+               [f"- Flex variants (--flex-variants {','.join(settings.flex_variants)}): each flex cell once per "
+                "entry, the backend with the entry's changes: copies=QxK (the bias table read as copy (q % Q) x K + "
+                "k % K, the copies' gradients summed back into the table; the backend's own 128x1), kernel options "
+                "over the backend's; no-bias-gradient (the table without a gradient), no-bias (no score_mod) and "
+                "no-mask (no BlockMask) leave that part out: their times price it, their results are wrong by "
+                "construction."] if settings.flex_variants else [])
 
 
 def attention_figures(section: Section) -> list[Figure]:

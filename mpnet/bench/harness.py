@@ -169,6 +169,25 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+@contextlib.contextmanager
+def compile_phases(into: dict, at_least_s: float = 0.5):
+    """Seconds per compile phase spent while the block runs, from torch's own records (its `dynamo_timed`
+    phases: dynamo's tracing, AOT autograd, inductor's lowering and code generation, the wait for its
+    parallel kernel compiles, ...), phases of at least `at_least_s`. They nest: an outer phase includes the
+    inner ones. Where a compiled step's first step goes; nothing is recorded where torch keeps no records."""
+    from torch._dynamo import utils
+
+    records = getattr(utils, "compilation_time_metrics", None)  # phase -> the list of its timings, appended to
+    before = {name: len(times) for name, times in records.items()} if isinstance(records, dict) else None
+    yield into
+    if before is None:
+        return
+    # the timings appended since; all of a list shorter than before (torch._dynamo.reset() clears them)
+    spent = {name: sum(times[before.get(name, 0):] if len(times) >= before.get(name, 0) else times)
+             for name, times in records.items()}
+    into.update({name: round(s, 2) for name, s in sorted(spent.items(), key=lambda item: -item[1]) if s >= at_least_s})
+
+
 def free_memory(device: torch.device):
     gc.collect()
     if device.type == "cuda":
@@ -252,11 +271,15 @@ def warm(timer: Timer, fn, runs: int, max_seconds: float):
 def time_runs(timer: Timer, run, warmup_runs: int, repeats: int, max_seconds: float, check=None,
               first=None) -> dict:
     """`first()` (default: one run; it compiles: "first call" s), `warmup_runs` more runs, `check()`
-    (e.g. that a gradient arrived; it may also reset counters), then the timed runs: first_call_s,
-    graphs (compiled while warming up), peak_gib, the time summary and a note if it recompiled."""
+    (e.g. that a gradient arrived; it may also reset counters), then the timed runs: first_call_s (and
+    compile_phases_s: where a compiling first call went), graphs (compiled while warming up), peak_gib, the
+    time summary and a note if it recompiled."""
     result = {}
     graphs = compiled_graphs()
-    result["first_call_s"] = timer.wall(first or run) / 1e3
+    with compile_phases({}) as phases:
+        result["first_call_s"] = timer.wall(first or run) / 1e3
+    if phases:
+        result["compile_phases_s"] = phases
     warm(timer, run, warmup_runs, max_seconds)
     result["graphs"] = compiled_graphs() - graphs
     if check is not None:

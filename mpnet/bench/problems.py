@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import UserError
 from ..modeling.config import MPNetConfig
 from .harness import DTYPES, check_attention_sweep
+from .flex_variants import parse_flex_variants
 from .triton_tiles import parse_tile_variants
 
 # The cells `--backends` may name. A cell is a way of computing one layer's attention: SDPA (the ceiling and
@@ -52,6 +53,8 @@ class AttentionSettings:
     # The triton cells once per entry (triton_tiles.py): the kernels' own tiles ("default"), other tiles for
     # one kernel ("dkdv=32x64s3"), or a part left out to price it ("no-bias"). Empty: the backend as it runs.
     triton_tiles: list = field(default_factory=list)
+    # The flex cells once per entry (flex_variants.py): "default", parts left out, bias-table copies, kernel options.
+    flex_variants: list = field(default_factory=list)
 
     def validate(self, device: torch.device):
         check_attention_sweep(self, device, "heads", "head_dim", "layers")
@@ -73,6 +76,13 @@ class AttentionSettings:
             if not {"triton", "triton-window"} & set(self.backends):
                 raise UserError("--triton-tiles varies the triton cells: add triton or triton-window to --backends")
             parse_tile_variants(self.triton_tiles)
+        if self.flex_variants:
+            if device.type != "cuda":
+                raise UserError("--flex-variants times flex's compiled kernels, which train on CUDA GPUs only: drop it "
+                                "on CPU")
+            if not {"flex", "flex-window"} & set(self.backends):
+                raise UserError("--flex-variants varies the flex cells: add flex or flex-window to --backends")
+            parse_flex_variants(self.flex_variants)
 
 
 def pred_size(length: int, ratio: float = 0.15) -> int:

@@ -89,10 +89,17 @@ class StepSettings(TrainingStepSettings):
     bert: bool = True
     # The micro-batch sweep: every cell once per batch size (empty: batch_size alone).
     batch_sizes: list = field(default_factory=list)
+    # These MPNet backends' cells once more with the last layer on every row (rows "all rows"): the price of
+    # the rows the loss never reads, which the model's last layer skips.
+    also_all_rows: list = field(default_factory=list)
 
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
         check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode)
+        unknown = [b for b in self.also_all_rows if b not in self.backends]
+        if unknown:
+            raise UserError(f"--also-all-rows {','.join(unknown)}: not among the MPNet backends run "
+                            f"({','.join(self.backends)})")
         if any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise UserError(f"--batch-sizes takes positive integers, got {self.batch_sizes}")
 
@@ -190,9 +197,22 @@ def backend_name(model) -> str:
     return f"{type(model.mpnet.encoder.layer[0].attention.attn).__name__} ({model.config.attention_backend})"
 
 
-def pretraining_step(settings: StepSettings, backend: str, device, compiled: bool = False):
+def every_row_in_last_layer(model):
+    """The model with its last layer computing all n + 2m rows, the m predicted ones sliced off after: what
+    the forward did before it computed those m alone (timing only; the loss is the same function)."""
+    encoder = model.mpnet.encoder
+    forward = encoder.forward
+
+    def all_rows(*args, first_row: int = 0, **kwargs):
+        return forward(*args, first_row=0, **kwargs)[:, first_row:]
+    encoder.forward = all_rows
+    return model
+
+
+def pretraining_step(settings: StepSettings, backend: str, device, compiled: bool = False, all_rows: bool = False):
     """(model, loss_fn, flops, what): mpnet two-stream pretraining on random tokens, one random
-    permutation per sequence, no padding, the m predicted tokens corrupted to <mask>."""
+    permutation per sequence, no padding, the m predicted tokens corrupted to <mask>; all_rows: the last
+    layer on every row (`every_row_in_last_layer`)."""
     from ..modeling.model import MPNetForPretraining
 
     config = mpnet_config(settings, attention_backend=backend)
@@ -200,6 +220,8 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
     batch, n = settings.batch_size, settings.seq_len
     m = pred_size(n)
     model = MPNetForPretraining(config).to(device).train()
+    if all_rows:
+        every_row_in_last_layer(model)
     ids = torch.randint(3, config.mask_token_id, (batch, n), generator=gen)  # no <s>, <pad>, </s>, <mask>
     targets = ids[:, n - m:].clone()
     ids[:, n - m:] = config.mask_token_id
@@ -211,7 +233,8 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
         logits = forward(ids, positions, m)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    return model, loss_fn, batch * estimate_flops_per_example(config, n, m, last_layer_rows=m), backend_name(model)
+    flops = estimate_flops_per_example(config, n, m, last_layer_rows=None if all_rows else m)
+    return model, loss_fn, batch * flops, backend_name(model)
 
 
 class MaskedRowsBertMLM(torch.nn.Module):
@@ -390,18 +413,19 @@ def kernel_breakdown(step, steps: int = 3, top: int = 8) -> dict:
 # -------------------------------------------------------------------------------------------- cells
 
 
-def build_step(settings: StepSettings, which: str, device, compiled: bool = False, **overrides):
+def build_step(settings: StepSettings, which: str, device, compiled: bool = False, all_rows: bool = False,
+               **overrides):
     """(model, loss_fn, flops, what) of a step cell; `overrides` replace settings fields (batch_size=1 for
     torch's count)."""
     settings = dataclasses.replace(settings, **overrides)
     if which in BERT_MODELS:
         return bert_step(settings, device, compiled, sparse_head=which == "bert-sparse")
-    return pretraining_step(settings, which, device, compiled)
+    return pretraining_step(settings, which, device, compiled, all_rows)
 
 
-def measure_pretraining(settings: StepSettings, which: str, compiled: bool, device, timer) -> dict:
+def measure_pretraining(settings: StepSettings, which: str, compiled: bool, device, timer, all_rows=False) -> dict:
     with phase("build"):
-        model, loss_fn, flops, what = build_step(settings, which, device, compiled)
+        model, loss_fn, flops, what = build_step(settings, which, device, compiled, all_rows)
     result = time_training_step(settings, model, loss_fn, PRETRAINING_ADAMW, PRETRAINING_CLIP, device, timer)
     result["attention"] = what
     del model, loss_fn
@@ -410,8 +434,8 @@ def measure_pretraining(settings: StepSettings, which: str, compiled: bool, devi
     counted_as = which if which in BERT_MODELS else "dense"
     try:
         with phase("count"):
-            result["counted_flops"] = counted_step_flops(functools.partial(build_step, settings, counted_as, device),
-                                                         settings.batch_size)
+            result["counted_flops"] = counted_step_flops(functools.partial(build_step, settings, counted_as, device,
+                                                                           all_rows=all_rows), settings.batch_size)
     except Exception as exc:  # noqa: BLE001 - the column says n/a, the note why
         result["counted_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return rates(result, flops, settings.batch_size * settings.seq_len, settings.batch_size, settings, device)
@@ -458,16 +482,21 @@ def run_step(session, settings: StepSettings, deadline=None) -> Section:
     with flex_kernel_options(settings.flex_kernel_options):
         for batch in settings.batch_sizes or [settings.batch_size]:
             at_batch = dataclasses.replace(settings, batch_size=batch)
-            for which, compiled in compile_plan(names, settings.also_compile, settings.compile):
+            plan = compile_plan(names, settings.also_compile, settings.compile)
+            plan = [(which, compiled, False) for which, compiled in plan] + [
+                (which, compiled, True) for which, compiled in plan if which in settings.also_all_rows]
+            for which, compiled, all_rows in plan:
                 torch._dynamo.reset()
                 model, backend = (("BERT", "sdpa" + which[4:]) if which in BERT_MODELS else ("MPNet", which))
                 name = which if which in BERT_MODELS else f"mpnet-{which}"
-                suffix = ("+compile" if compiled else "") + f"@{batch}"
-                cell = {"key": name + suffix, "name": f"{model + '-' + settings.model:<11} {backend:<11}"
-                        + (" +compile" if compiled else "") + f" B={batch}", "model": f"{model}-{settings.model}",
-                        "backend": backend, "batch": batch, "seq_len": settings.seq_len,
-                        "m": pred_size(settings.seq_len), "compile": compiled}
-                measure = functools.partial(measure_pretraining, at_batch, which, compiled, device, session.timer)
+                variant = ("+compile" if compiled else "") + ("+all-rows" if all_rows else "")
+                cell = {"key": f"{name}{variant}@{batch}", "name": f"{model + '-' + settings.model:<11} {backend:<11}"
+                        + (" +compile" if compiled else "") + (" all rows" if all_rows else "") + f" B={batch}",
+                        "model": f"{model}-{settings.model}", "backend": backend, "batch": batch,
+                        "seq_len": settings.seq_len, "m": pred_size(settings.seq_len), "compile": compiled,
+                        "all_rows": all_rows}
+                measure = functools.partial(measure_pretraining, at_batch, which, compiled, device, session.timer,
+                                            all_rows)
                 keys = ([] if which == "bert-sparse"
                         else [f"{ref}@{batch}" for ref in references("bert-sparse", compiled)])
                 session.measure(section, cell, relative_to(section, keys, "ms", REFERENCE_STEP, measure), deadline)
@@ -533,14 +562,41 @@ def step_tables(section: Section) -> list:
     def counted_mfu(c):
         return (fmt(100 * c["mfu_counted"], ".1f") if c.get("mfu_counted") is not None else "n/a") if ok(c) else ""
 
-    rows = [[c["model"], c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
+    rows = [[c["model"], c["backend"] + (" +compile" if c["compile"] else "") + (" all rows" if c.get("all_rows") else ""),
+             f"{c['batch']}x{c['seq_len']}",
              fmt(c.get("params_m"), ".1f") if ok(c) else "", fmt(c.get("gflop_per_token"), ".2f") if ok(c) else ""]
             + common_columns(c, settings)[:5] + [counted_mfu(c)] + common_columns(c, settings)[5:]
             for c in section.cells]
     headers = common_headers(settings, "x " + REFERENCE_STEP)
     headers = (["model", "attention", "batch x len", "params M", "GFLOP/token"] + headers[:5]
                + ["MFU % counted (FlopCounterMode)"] + headers[5:])
-    return [Table(headers, rows)] + profile_tables(section.cells)
+    return [Table(headers, rows)] + last_layer_tables(section.cells) + compile_phase_tables(section.cells) + \
+        profile_tables(section.cells)
+
+
+def compile_phase_tables(cells, top: int = 6) -> list[Table]:
+    """Where each compiled cell's first step went: torch's compile phases (harness.compile_phases), longest first."""
+    rows = [[c["name"].strip(), fmt(c.get("first_call_s"), ".1f"),
+             "; ".join(f"{name} {s:.1f}" for name, s in list(c["compile_phases_s"].items())[:top])]
+            for c in cells if ok(c) and c.get("compile") and c.get("compile_phases_s")]
+    notes = ["torch's own records of its compile phases during the first step (`torch._dynamo.utils` "
+             "dynamo_timed phases of 0.5 s or more), longest first; they nest (an outer phase includes the inner ones)."]
+    return [Table(["cell", "first step s", f"compile phases, s (top {top})"], rows, notes=notes,
+                  title="Where the compiled cells' first step went")] if rows else []
+
+
+def last_layer_tables(cells) -> list[Table]:
+    """--also-all-rows: each all-rows cell beside the same cell as the model runs (the last layer on the m
+    predicted rows): the step time saved by skipping the rows the loss never reads."""
+    rows = []
+    for c in cells:
+        same = next((o for o in cells if c.get("all_rows") and o["key"] == c["key"].replace("+all-rows", "")), None)
+        if same is not None and ok(c) and ok(same):
+            rows.append([c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
+                         fmt(c["ms"], ".1f"), fmt(same["ms"], ".1f"), f"{100 * (1 - same['ms'] / c['ms']):.1f}%"])
+    headers = ["attention", "batch x len", "last layer on all rows: step ms", "on the m predicted rows: step ms",
+               "saved"]
+    return [Table(headers, rows, title="The last layer's rows the loss never reads (--also-all-rows)")] if rows else []
 
 
 def finetune_tables(section: Section) -> list:
@@ -548,7 +604,21 @@ def finetune_tables(section: Section) -> list:
     rows = [[c["model"] + (" +compile" if c["compile"] else ""), c.get("attention", ""), f"{c['batch']}x{c['seq_len']}",
              fmt(c.get("params_m"), ".1f") if ok(c) else ""] + common_columns(c, settings) for c in section.cells]
     headers = ["model", "implementation", "batch x len", "params M"] + common_headers(settings, "x transformers examples/s")
-    return [Table(headers, rows)] + profile_tables(section.cells)
+    return [Table(headers, rows)] + compile_phase_tables(section.cells) + profile_tables(section.cells)
+
+
+def last_layer_tables(cells) -> list[Table]:
+    """--also-all-rows: each all-rows cell beside the same cell as the model runs (the last layer on the m
+    predicted rows): the step time saved by skipping the rows the loss never reads."""
+    rows = []
+    for c in cells:
+        same = next((o for o in cells if c.get("all_rows") and o["key"] == c["key"].replace("+all-rows", "")), None)
+        if same is not None and ok(c) and ok(same):
+            rows.append([c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
+                         fmt(c["ms"], ".1f"), fmt(same["ms"], ".1f"), f"{100 * (1 - same['ms'] / c['ms']):.1f}%"])
+    headers = ["attention", "batch x len", "last layer on all rows: step ms", "on the m predicted rows: step ms",
+               "saved"]
+    return [Table(headers, rows, title="The last layer's rows the loss never reads (--also-all-rows)")] if rows else []
 
 
 def profile_tables(cells) -> list[Table]:
@@ -608,6 +678,11 @@ def step_method(section: Section) -> list:
             "reference), `sdpa` with the loss from the model (its MLM head on every row, what a user of that class "
             f"pays). The sparse-head one runs first: \"x {REFERENCE_STEP}\" = step time / its step time at the "
             "same batch (below 1 = faster).",
+            *([f"- all rows (--also-all-rows {','.join(s.also_all_rows)}): those MPNet cells once more with the last "
+               "layer computing all n + 2m rows and the m predicted ones sliced off after (`every_row_in_last_layer`), "
+               "as the model did before it computed those m alone: their step time against the same cell's is "
+               "what skipping the rows the loss never reads saves (their FLOPs count that layer on all rows)."]
+              if s.also_all_rows else []),
             flops_line(s, "per sequence and layer MPNet does q, o and the FFN on n + 2m rows (in the last layer on "
                           "the m query rows only, all the loss reads), k and v on the n + m content rows and "
                           "4 (n+2m)(n+m) h of attention (the last layer 4 m (n+m) h), plus its LM head on the m query "

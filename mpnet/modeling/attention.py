@@ -176,18 +176,23 @@ BIAS_GRAD_REPLICAS = 128
 
 
 def make_flex_attention_state(positions, n, m, distance_bias, max_distance, pattern=None, *, document_ids=None, layer=0,
-                              layout=None, streams="mpnet"):
+                              layout=None, streams="mpnet", bias_copies=None):
+    """bias_copies (Q, K): the score of (query row q, key k) reads table copy (q % Q) * K + k % K (default
+    (BIAS_GRAD_REPLICAS, 1) when the table takes a gradient, else one copy); they change speed only."""
     pattern = as_pattern(pattern)
     content_mask, query_mask = make_two_stream_block_masks(positions, n, m, pattern=pattern, document_ids=document_ids,
                                                            layer=layer, layout=layout, streams=streams)
     query_offset, _ = stream_lengths(n, m, streams)
     num_heads = distance_bias.shape[0]
-    replicas = BIAS_GRAD_REPLICAS if distance_bias.requires_grad else 1
-    bias = distance_bias[:, None, :].expand(-1, replicas, -1).contiguous()
+    row_copies, key_copies = bias_copies or ((BIAS_GRAD_REPLICAS, 1) if distance_bias.requires_grad else (1, 1))
+    bias = distance_bias[:, None, :].expand(-1, row_copies * key_copies, -1).contiguous()
+
+    def copy_of(q_idx, kv_idx):
+        return q_idx % row_copies if key_copies == 1 else (q_idx % row_copies) * key_copies + kv_idx % key_copies
 
     def content_score_mod(score, b, h, q_idx, kv_idx):
         q_pos, kv_pos = positions[b, q_idx], positions[b, kv_idx]
-        score = score + bias[h, q_idx % replicas, distance_index(q_pos, kv_pos, max_distance)]
+        score = score + bias[h, copy_of(q_idx, kv_idx), distance_index(q_pos, kv_pos, max_distance)]
         return pattern.modify_score(score, h, q_pos, kv_pos, num_heads)
 
     def query_score_mod(score, b, h, q_idx, kv_idx):

@@ -207,6 +207,76 @@ def test_triton_tiles_give_each_triton_cell_once_per_entry():
             parse_tile_variant(bad)
 
 
+def test_flex_variants_give_each_flex_cell_once_per_entry():
+    """--flex-variants: the flex cells, with and without a window, once per entry (the others once), each entry
+    read into its bias-table copies, kernel options (over the backend's) and parts left out."""
+    from mpnet.bench.attention import attention_variants, graphed
+    from mpnet.bench.flex_variants import parse_flex_variant
+    from mpnet.modeling.attention import CUDA_KERNEL_OPTIONS
+
+    settings = AttentionSettings(windows=[256], backends=["sdpa", "flex", "flex-window", "triton"],
+                                 flex_variants=["default", "copies=16x16", "no-bias-gradient"])
+    keys = [v.key for v in attention_variants(settings)]
+    assert keys == ["sdpa", "flex/default", "flex/copies=16x16", "flex/no-bias-gradient", "flex-w256/default",
+                    "flex-w256/copies=16x16", "flex-w256/no-bias-gradient", "triton"]
+    assert all(graphed(key) for key in keys)
+    variant = parse_flex_variant("copies=1x128+BLOCK_M1=64+bwd_num_warps=8+PRESCALE_QK=true")
+    assert variant.copies == (1, 128) and not variant.leave_out
+    assert variant.kernel_options(torch.bfloat16) == {**CUDA_KERNEL_OPTIONS[torch.bfloat16], "BLOCK_M1": 64,
+                                                      "bwd_num_warps": 8, "PRESCALE_QK": True}
+    assert parse_flex_variant("default").kernel_options(torch.bfloat16) is None
+    assert parse_flex_variant("no-mask+no-bias").leave_out == {"no-mask", "no-bias"}
+    for bad, why in (("copies=16", "cannot read"), ("copies=256x256", "at most"), ("BLOCK_Q=64", "not a flex kernel"),
+                     ("num_stages=1+num_stages=2", "twice"), ("copies=2x2+no-bias", "cannot go with"),
+                     ("", "empty")):
+        with pytest.raises(UserError, match=why):
+            parse_flex_variant(bad)
+    with pytest.raises(UserError, match="CUDA"):
+        AttentionSettings(backends=["flex"], flex_variants=["default"]).validate(torch.device("cpu"))
+
+
+def test_flex_bias_copies_read_the_same_bias():
+    """copies=QxK changes which copy of the table a score reads, never its value: the flex cell's output with
+    other copies (and kernel options, unused on CPU) equals the backend's own, bit for bit."""
+    from mpnet.bench.attention import build_flex
+    from mpnet.bench.flex_variants import parse_flex_variant
+
+    cpu = torch.device("cpu")
+    s = AttentionSettings(streams="two", lengths=[128], tokens_per_batch=256, heads=2, head_dim=16, dtype="fp32",
+                          device="cpu", backward=False)
+    p = make_attention_problem(s, 128, cpu)
+    with torch.no_grad():
+        default = build_flex(s, p, cpu, Timer(cpu)).forward()
+        for entry in ("copies=16x16", "copies=1x128+BLOCK_M1=64", "copies=128x1"):
+            out = build_flex(s, p, cpu, Timer(cpu), variant=parse_flex_variant(entry)).forward()
+            assert torch.equal(out, default), entry
+
+
+@pytest.mark.gpu
+def test_flex_bias_copies_give_the_tables_gradient():
+    """The copies' gradients summed back into the table equal the backend's own (fp32; the kernel's atomic adds
+    and the sum over copies reorder float32 additions of |dS| terms: the bound is a few ulps of sum |dS|, checked
+    against sum |grad| over all the table's entries)."""
+    from mpnet.bench.attention import build_flex
+    from mpnet.bench.flex_variants import parse_flex_variant
+
+    cuda = torch.device("cuda")
+    s = AttentionSettings(streams="two", lengths=[256], tokens_per_batch=512, heads=2, head_dim=64, dtype="fp32",
+                          device="cuda", backward=True, attention_dropout=0.0)
+    p = make_attention_problem(s, 256, cuda)
+    grads = []
+    for entry in (None, "copies=16x16", "copies=1x128"):
+        p.table.grad = None
+        core = build_flex(s, p, cuda, Timer(cuda), variant=None if entry is None else parse_flex_variant(entry))
+        out = core.forward()
+        out.backward(p.grad_out)
+        core.after_backward()
+        grads.append(p.table.grad.clone())
+    for grad in grads[1:]:
+        scale = grads[0].abs().sum().item()
+        assert (grad - grads[0]).abs().max().item() <= 1e-5 * scale
+
+
 @pytest.mark.gpu
 def test_other_triton_tiles_compute_what_the_default_tiles_compute():
     """--triton-tiles times other tiles of the same kernels: the output and the table's gradient equal the

@@ -114,3 +114,30 @@ def test_device_and_dtype_checks():
         with pytest.raises(UserError) as info:
             harness.open_device("cuda:1")
         assert "pass --device cpu" in str(info.value) and "--quick" in str(info.value)
+
+
+def test_a_compiling_first_call_records_where_its_time_went():
+    """time_runs' first call records torch's compile phases (compile_phases_s) when it compiles, nothing when
+    it does not; the step report lists a compiled cell's phases, longest first."""
+    from mpnet.bench.step import compile_phase_tables
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x.sin() * 2 + 1).sum(), backend="aot_eager")
+    x = torch.randn(16)
+    timer = Timer(torch.device("cpu"))
+    first = harness.time_runs(timer, lambda: compiled(x), 0, 3, 1.0)
+    phases = first["compile_phases_s"] if "compile_phases_s" in first else {}
+    with harness.compile_phases({}, at_least_s=0.0) as recorded:
+        torch._dynamo.reset()
+        compiled(x)
+    assert recorded and all(s >= 0 for s in recorded.values())
+    assert list(recorded.values()) == sorted(recorded.values(), reverse=True)
+    assert all(s >= 0.5 for s in phases.values())  # the cell keeps phases of 0.5 s or more only
+    again = harness.time_runs(timer, lambda: compiled(x), 0, 3, 1.0)  # compiled already: nothing recorded
+    assert "compile_phases_s" not in again
+    cells = [{"name": "MPNet-base triton +compile B=32", "compile": True, "status": "ok", "first_call_s": 138.4,
+              "compile_phases_s": {"_compile.compile_inner": 130.0, "async_compile.wait": 90.5}},
+             {"name": "BERT-base sdpa B=32", "compile": False, "status": "ok", "first_call_s": 1.5}]
+    (table,) = compile_phase_tables(cells)
+    assert table.rows == [["MPNet-base triton +compile B=32", "138.4", "_compile.compile_inner 130.0; "
+                                                                       "async_compile.wait 90.5"]]

@@ -98,6 +98,46 @@ def test_step_micro_batch_sweep_in_process(benchmark_main, tmp_path):
     assert "MFU % counted (FlopCounterMode)" in md and "| 2x32 " in md
 
 
+def test_also_all_rows_prices_the_last_layers_unread_rows(benchmark_main, tmp_path):
+    """--also-all-rows: the named backend's cell once more with the last layer on every row, after the others;
+    the same loss function (the first step's loss equal to fp32 rounding: the m predicted rows are computed
+    the same way, with more rows beside them in the matmuls), more FLOPs (that layer on n + 2m rows), and a
+    table of the step time saved."""
+    from mpnet.modeling.config import MPNetConfig
+    from mpnet.training.metrics import estimate_flops_per_example
+
+    code, err = call_main(benchmark_main, "step", "--device", "cpu", "--quick", "--backend", "dense", "--no-bert",
+                          "--also-all-rows", "dense", "--output-dir", tmp_path)
+    assert code == 0, err
+    cells = json.loads((tmp_path / "benchmark.json").read_text())["step"]["cells"]
+    assert [(c["key"], c["all_rows"]) for c in cells] == [("mpnet-dense@2", False), ("mpnet-dense+all-rows@2", True)]
+    config, n = MPNetConfig.tiny(), cells[0]["seq_len"]
+    m = cells[0]["m"]
+    assert cells[0]["flops"] == 2 * estimate_flops_per_example(config, n, m, last_layer_rows=m)
+    assert cells[1]["flops"] == 2 * estimate_flops_per_example(config, n, m)
+    assert cells[1]["counted_flops"] == cells[1]["flops"]  # torch's count sees the extra rows too
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "The last layer's rows the loss never reads" in md and "dense all rows" in md
+
+
+def test_every_row_in_last_layer_is_the_same_loss():
+    """every_row_in_last_layer changes the work, never the function: the logits equal the model's own to
+    float32 rounding of the longer matmuls (dropout off)."""
+    from mpnet.bench.step import every_row_in_last_layer
+    from mpnet.modeling.config import MPNetConfig
+    from mpnet.modeling.model import MPNetForPretraining
+
+    torch.manual_seed(0)
+    model = MPNetForPretraining(MPNetConfig.tiny()).eval()
+    ids, positions = torch.randint(5, 100, (2, 16)), torch.stack([torch.randperm(16) for _ in range(2)])
+    expected = model(ids, positions, 3)
+    every_row_in_last_layer(model)
+    # The last layer's matmuls now run on more rows, which BLAS may block and sum in another order: a reordered
+    # float32 dot of k <= 512 terms (the FFN's) of sum |terms| ~ 8 (LayerNorm'd inputs, 0.02-std weights) moves
+    # by ~ sqrt(k) * 2^-24 * 8 ~ 1e-5 (seen: 2-5e-7 on 1 and 2 threads)
+    torch.testing.assert_close(model(ids, positions, 3), expected, rtol=0, atol=1e-5)
+
+
 def test_first_step_text_splits_a_compiled_cells_first_step():
     from mpnet.bench.step import first_step_text
 
@@ -145,6 +185,7 @@ def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
     (["--device", "gpu"], "unknown device"),
     (["--device", "cpu", "--resume"], "--resume needs --output-dir"),
     (["step", "--device", "cpu", "--also-compile", "transformers"], "--also-compile"),
+    (["step", "--device", "cpu", "--backend", "dense", "--also-all-rows", "triton"], "--also-all-rows"),
     (["attention", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
     (["attention", "--device", "cpu", "--triton-tiles", "dkdv=32x64s3"], "CUDA GPUs only"),
     (["mask-build", "--device", "cpu", "--builders", "summaries,nope"], "nope"),
