@@ -33,8 +33,8 @@ from mpnet.bench.packing import PackingSettings, run_packing
 from mpnet.bench.patterns import DEFAULT_PATTERNS, QUICK_PATTERNS, PatternSettings, run_patterns
 from mpnet.bench.problems import ATTENTION_CELLS, SINGLE_STREAM_LENGTHS, AttentionSettings
 from mpnet.bench.targets import TargetSettings, run_targets
-from mpnet.bench.step import (COMPILE_MODES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS, FinetuneSettings, StepSettings, run_finetune,
-                              run_step)
+from mpnet.bench.step import (COMPILE_MODES, COMPILE_SCOPES, FINETUNE_MODELS, STEP_BACKENDS, STEP_MODELS,
+                              FinetuneSettings, StepSettings, run_finetune, run_step)
 from mpnet.modeling.backends import ATTENTION_BACKENDS
 
 from . import benchmark_packing
@@ -173,6 +173,9 @@ def model_args(g, also_compile=STEP_MODELS):
                         f"{','.join(also_compile)}; default none, and {','.join(ALL_ALSO_COMPILE)} in `all` on a GPU)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile's mode for the compiled cells (default: default; reduce-overhead adds CUDA graphs)")
+    g.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=None,
+                   help="what the compiled cells compile: model (one graph, default) or layers (each repeated layer "
+                        "compiled in place, the rest eager: one compile serves every layer)")
     g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--model", choices=["base", "tiny"], default=None, help="model size (default base; tiny with --quick)")
     g.add_argument("--profile", action="store_true", default=None,
@@ -304,7 +307,7 @@ def step_plan(args, device) -> list:
 
 
 def finetune_plan(args, device, owned=True) -> list:
-    names = None if owned else COMMON | {"compile", "compile_mode", "peak_tflops", "model", "profile"}
+    names = None if owned else COMMON | {"compile", "compile_mode", "compile_scope", "peak_tflops", "model", "profile"}
     models = args.finetune_models or [name for name in FINETUNE_MODELS
                                       if name not in ATTENTION_BACKENDS or ATTENTION_BACKENDS[name].trains_on(device)]
     return [(run_finetune, settings_from(FinetuneSettings, args, QUICK["finetune"], names, models=models,

@@ -30,7 +30,7 @@ from ..modeling.backends import ATTENTION_BACKEND_NAMES, ATTENTION_BACKENDS
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
 from ..training.config import FinetuneTrainingConfig, OptimConfig
-from ..training.toolkit import COMPILE_MODES, OptimizerStep, adamw, compile_model
+from ..training.toolkit import COMPILE_MODES, COMPILE_SCOPES, OptimizerStep, adamw, compile_model
 from .harness import (
     check_counts,
     check_dtype,
@@ -70,6 +70,7 @@ class TrainingStepSettings:
     # compiled reference (BERT, transformers) when that ran.
     also_compile: list = field(default_factory=list)
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune...
+    compile_scope: str = "model"  # what it compiles: the whole model, or each repeated layer (toolkit.COMPILE_SCOPES)
     peak_tflops: float = 989.0  # H100/H200 SXM dense bf16 (datasheet)
     dtype: str = "bf16"
     device: str | None = None
@@ -95,7 +96,7 @@ class StepSettings(TrainingStepSettings):
 
     def validate(self, device: torch.device):
         check_common(self, device, self.backends, STEP_BACKENDS, "--backend")
-        check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode)
+        check_also_compile(self.also_compile, STEP_MODELS, self.compile_mode, self.compile_scope)
         unknown = [b for b in self.also_all_rows if b not in self.backends]
         if unknown:
             raise UserError(f"--also-all-rows {','.join(unknown)}: not among the MPNet backends run "
@@ -115,7 +116,7 @@ class FinetuneSettings(TrainingStepSettings):
 
     def validate(self, device: torch.device):
         check_common(self, device, self.models, FINETUNE_MODELS, "--models")
-        check_also_compile(self.also_compile, FINETUNE_MODELS, self.compile_mode)
+        check_also_compile(self.also_compile, FINETUNE_MODELS, self.compile_mode, self.compile_scope)
         if self.num_labels < 1:
             raise UserError("--num-labels must be >= 1")
 
@@ -139,9 +140,11 @@ def check_common(settings, device, chosen, choices, flag):
         raise UserError(f"{flag}: " + "; ".join(filter(None, refusals)))
 
 
-def check_also_compile(chosen, choices, mode="default"):
+def check_also_compile(chosen, choices, mode="default", scope="model"):
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown --compile-mode '{mode}'; pick from {', '.join(COMPILE_MODES)}")
+    if scope not in COMPILE_SCOPES:
+        raise UserError(f"unknown --compile-scope '{scope}'; pick from {', '.join(COMPILE_SCOPES)}")
     unknown = [name for name in chosen if name not in choices]
     if unknown:
         raise UserError(f"unknown --also-compile {unknown}; pick from {', '.join(choices)}")
@@ -227,7 +230,7 @@ def pretraining_step(settings: StepSettings, backend: str, device, compiled: boo
     ids[:, n - m:] = config.mask_token_id
     positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
     ids, targets, positions = ids.to(device), targets.to(device), positions.to(device)
-    forward = compile_model(model, settings.compile_mode) if compiled else model
+    forward = compile_model(model, settings.compile_mode, settings.compile_scope) if compiled else model
 
     def loss_fn():
         logits = forward(ids, positions, m)
@@ -274,11 +277,11 @@ def bert_step(settings: StepSettings, device, compiled: bool = False, sparse_hea
     if sparse_head:
         targets, chosen = labels.gather(1, chosen).to(device), chosen.to(device)
         model = MaskedRowsBertMLM(model)
-        forward = compile_model(model, settings.compile_mode) if compiled else model
+        forward = compile_model(model, settings.compile_mode, settings.compile_scope) if compiled else model
         loss_fn = lambda: F.cross_entropy(forward(ids, chosen).float().flatten(0, 1), targets.flatten())  # noqa: E731
         return model, loss_fn, bert_step_flops(config, batch, n, head_rows=m), what + ", MLM head on masked rows"
     labels = labels.to(device)
-    forward = compile_model(model, settings.compile_mode) if compiled else model
+    forward = compile_model(model, settings.compile_mode, settings.compile_scope) if compiled else model
     return model, lambda: forward(input_ids=ids, labels=labels).loss, bert_step_flops(config, batch, n), what
 
 
@@ -298,12 +301,12 @@ def finetune_step(settings: FinetuneSettings, which: str, device, compiled: bool
     torch.manual_seed(settings.seed)
     if which == "transformers":  # our config is a transformers.MPNetConfig: the same model, HF's code
         model = transformers.MPNetForSequenceClassification(config).to(device).train()
-        forward = compile_model(model, settings.compile_mode) if compiled else model
+        forward = compile_model(model, settings.compile_mode, settings.compile_scope) if compiled else model
         logits = lambda: forward(input_ids=ids, attention_mask=mask).logits  # noqa: E731
         what = f"transformers MPNetForSequenceClassification ({model.config._attn_implementation} attention)"
     else:
         model = MPNetForSequenceClassification(config).to(device).train()
-        forward = compile_model(model, settings.compile_mode) if compiled else model
+        forward = compile_model(model, settings.compile_mode, settings.compile_scope) if compiled else model
         logits = lambda: forward(ids, attention_mask=mask)  # noqa: E731
         what = f"ours, {backend_name(model)}"
     loss_fn = lambda: F.cross_entropy(logits().float(), labels)  # noqa: E731
@@ -653,8 +656,9 @@ def flops_line(settings, rest: str) -> str:
             "(--peak-tflops; 989 = H100/H200 SXM dense bf16).")
 
 
-def compile_line(reference: str, mode: str) -> str:
-    return (f"- \"+compile\": the same cell with the model under `torch.compile` (mode {mode}; the triton backend's "
+def compile_line(reference: str, mode: str, scope: str = "model") -> str:
+    what = "the model" if scope == "model" else "each of its repeated layers compiled in place (the rest eager)"
+    return (f"- \"+compile\": the same cell with {what} under `torch.compile` (mode {mode}; the triton backend's "
             f"kernels are opaque torch.library ops in the graph), its ratio taken against the compiled {reference} "
             f"cell when that ran, else the eager one; \"first step s\" includes the compile, and for a compiled cell "
             f"its forward and backward parts (each ended by a device sync).")
@@ -662,7 +666,7 @@ def compile_line(reference: str, mode: str) -> str:
 
 def step_lines(s, reference: str, optimizer: str) -> list:
     """The method's first lines in both step sections: the timed step with its optimizer, the compiled cells."""
-    return [timing_line(s) + " " + optimizer] + ([compile_line(reference, s.compile_mode)]
+    return [timing_line(s) + " " + optimizer] + ([compile_line(reference, s.compile_mode, s.compile_scope)]
                                                   if s.compile or s.also_compile else [])
 
 

@@ -43,9 +43,32 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def compile_model(model, mode: str = "default"):
-    """torch.compile in one of COMPILE_MODES ("default": torch's default, inductor without CUDA graphs)."""
-    return torch.compile(model, mode=None if mode == "default" else mode)
+# What torch.compile covers: "model" (one graph of the whole forward) or "layers" (regional compilation:
+# each repeated block compiled in place, the rest eager; one compile serves every layer of one shape). On a
+# 2-core CPU, mpnet-base's first compiled step (dense backend, 2 x 128): 110 s as one graph, 29 s by layers.
+COMPILE_SCOPES = ("model", "layers")
+
+
+def repeated_blocks(model) -> list:
+    """The model's repeated blocks: the members of its longest ModuleList whose members share one class (a
+    transformer's layers: MPNet's mpnet.encoder.layer, BERT's bert.encoder.layer)."""
+    lists = [m for m in model.modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
+
+
+def compile_model(model, mode: str = "default", scope: str = "model"):
+    """torch.compile in one of COMPILE_MODES ("default": torch's default, inductor without CUDA graphs) over
+    one of COMPILE_SCOPES; "layers" compiles the blocks in place and returns the model itself."""
+    mode = None if mode == "default" else mode
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise UserError(f"compile scope 'layers': {type(model).__name__} has no repeated layers to compile")
+    for block in blocks:
+        block.compile(mode=mode)
+    return model
 
 
 def compiles(setting: bool | str, device: torch.device) -> bool:

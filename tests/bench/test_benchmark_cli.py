@@ -9,6 +9,8 @@ import torch
 
 from cli_support import assert_one_line_error_text, call_main, run_cli
 
+from mpnet.errors import UserError
+
 
 def test_help(benchmark_main, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -252,3 +254,26 @@ def test_mask_build_labels_every_tile_as_torchs_own_builder(benchmark_main, tmp_
     assert eager["tiles_content"][1] == 9  # 256 + 38 content rows: 3 x 3 tiles of 128
     assert "FULL differs 0" in (tmp_path / "mask_build.md").read_text()
     assert (tmp_path / "mask_build.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_scope_layers_compiles_each_repeated_layer_in_place():
+    """--compile-scope layers (toolkit.compile_model): the transformer's layers, found as the longest ModuleList
+    of one class (MPNet's and BERT's, the sparse-head wrapper's too), each compiled in place; the model itself
+    comes back (its other modules stay eager). A model without repeated layers is refused in one line."""
+    import transformers
+
+    from mpnet.bench.step import MaskedRowsBertMLM
+    from mpnet.modeling.config import MPNetConfig
+    from mpnet.modeling.model import MPNetForPretraining
+    from mpnet.training.toolkit import compile_model, repeated_blocks
+
+    mpnet = MPNetForPretraining(MPNetConfig.tiny())
+    assert repeated_blocks(mpnet) == list(mpnet.mpnet.encoder.layer)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=64, num_hidden_layers=3,
+                                                                num_attention_heads=2, intermediate_size=128))
+    assert repeated_blocks(MaskedRowsBertMLM(bert)) == list(bert.bert.encoder.layer)
+    assert compile_model(mpnet, "default", "layers") is mpnet
+    assert all(layer._compiled_call_impl is not None for layer in mpnet.mpnet.encoder.layer)
+    assert mpnet.mpnet.embeddings._compiled_call_impl is None
+    with pytest.raises(UserError, match="no repeated layers"):
+        compile_model(torch.nn.Linear(2, 2), "default", "layers")
