@@ -233,6 +233,9 @@ def test_flex_variants_give_each_flex_cell_once_per_entry():
             parse_flex_variant(bad)
     with pytest.raises(UserError, match="CUDA"):
         AttentionSettings(backends=["flex"], flex_variants=["default"]).validate(torch.device("cpu"))
+    with pytest.raises(UserError, match="not both"):
+        AttentionSettings(backends=["flex"], flex_variants=["num_stages=2"],
+                          flex_kernel_options={"num_stages": 1}).validate(torch.device("cuda"))
 
 
 def test_flex_bias_copies_read_the_same_bias():
