@@ -57,7 +57,7 @@ def test_a_sentence_transformers_model_keeps_its_packaging_and_gets_no_invented_
     tokenizer.save_pretrained(str(tmp_path / "encoder"))
     encoder = modules.Transformer(str(tmp_path / "encoder"), max_seq_length=200)
     source = sentence_transformers.SentenceTransformer(
-        modules=[encoder, modules.Pooling(encoder.get_word_embedding_dimension(), "mean"), modules.Normalize()])
+        modules=[encoder, modules.Pooling(encoder.get_embedding_dimension(), "mean"), modules.Normalize()])
     source.save(str(tmp_path / "st"))
 
     out = tmp_path / "converted"
