@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..errors import UserError
-from .block_masks import make_two_stream_block_masks
+from .block_masks import kernel_ints, make_two_stream_block_masks
 from .masks import STREAM_RULES, distance_index, is_real_token, relative_bias_by_distance, stream_lengths
 from .patterns import as_pattern
 from .projections import AttentionProjections
@@ -186,6 +186,7 @@ def make_flex_attention_state(positions, n, m, distance_bias, max_distance, patt
     num_heads = distance_bias.shape[0]
     row_copies, key_copies = bias_copies or ((BIAS_GRAD_REPLICAS, 1) if distance_bias.requires_grad else (1, 1))
     bias = distance_bias[:, None, :].expand(-1, row_copies * key_copies, -1).contiguous()
+    positions = kernel_ints(positions)
 
     def copy_of(q_idx, kv_idx):
         return q_idx % row_copies if key_copies == 1 else (q_idx % row_copies) * key_copies + kv_idx % key_copies

@@ -75,11 +75,19 @@ _ABSENT = -1  # group of padding keys and of the entries past the end of the las
 _NONE = 2**60  # the min of an empty group (and minus its max): larger than any summarised number
 
 
+def kernel_ints(tensor: torch.Tensor) -> torch.Tensor:
+    """An integer table as the flex kernels read it: int32 (positions, slots and document ids all fit). A
+    mask_mod or score_mod over int64 tables makes every lookup an 8-byte load and every difference and
+    comparison on it two 32-bit instructions, per score."""
+    return tensor.to(torch.int32)
+
+
 def two_stream_mask_mods(positions, n, m, pattern: AttentionPattern, document_ids=None, layer=0, layout=None,
                          streams="mpnet"):
     """The content-stream and query-stream mask_mods: the rules of masks.py and the pattern, per entry."""
     query_offset, _ = stream_lengths(n, m, streams)  # query-stream row i is row n + m + i (plm: n + i)
     visible = STREAM_RULES[streams]
+    positions, document_ids, layout = (None if x is None else kernel_ints(x) for x in (positions, document_ids, layout))
 
     def content_mask_mod(b, h, q_idx, kv_idx):
         kv_pos = positions[b, kv_idx]
