@@ -257,9 +257,10 @@ def test_flex_bias_copies_read_the_same_bias():
 
 @pytest.mark.gpu
 def test_flex_bias_copies_give_the_tables_gradient():
-    """The copies' gradients summed back into the table equal the backend's own (fp32; the kernel's atomic adds
-    and the sum over copies reorder float32 additions of |dS| terms: the bound is a few ulps of sum |dS|, checked
-    against sum |grad| over all the table's entries)."""
+    """The copies' gradients summed back into the table equal the backend's own (fp32): only the order of the
+    float32 additions differs (the kernel's atomic adds, the sum over copies). The bound is the fp32 parity
+    tests' (tests/modeling/test_gpu_backends.py: 1e-4 relative by norm, against ~3e-6 measured for the
+    table's gradient there); a copy read at a wrong index moves the gradient by far more."""
     from mpnet.bench.attention import build_flex
     from mpnet.bench.flex_variants import parse_flex_variant
 
@@ -276,8 +277,7 @@ def test_flex_bias_copies_give_the_tables_gradient():
         core.after_backward()
         grads.append(p.table.grad.clone())
     for grad in grads[1:]:
-        scale = grads[0].abs().sum().item()
-        assert (grad - grads[0]).abs().max().item() <= 1e-5 * scale
+        assert ((grad - grads[0]).norm() / grads[0].norm()).item() <= 1e-4
 
 
 @pytest.mark.gpu
