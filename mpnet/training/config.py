@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..modeling import MPNetConfig
 from ..data.collator import CORRUPTED_INPUTS
 from ..modeling.model import OBJECTIVES
-from .toolkit import COMPILE_MODES, CUDA_GRAPH_MODES, SCHEDULES
+from .toolkit import COMPILE_MODES, COMPILE_SCOPES, CUDA_GRAPH_MODES, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +370,18 @@ class OptimConfig:
         check("optim.end_lr", self.end_lr, 0 <= self.end_lr <= self.lr, "between 0 and optim.lr")
 
 
-def check_compile_mode(compile: bool | str, mode: str, grad_accum: int = 1):
+def check_compile_mode(compile: bool | str, mode: str, grad_accum: int = 1, scope: str = "model"):
     check("training.compile", compile, isinstance(compile, bool) or compile == "auto", "true, false or auto")
     check("training.compile_mode", mode, mode in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}")
+    check("training.compile_scope", scope, scope in COMPILE_SCOPES, f"one of {', '.join(COMPILE_SCOPES)}")
     if mode != "default" and compile is False:
         raise UserError(f"training.compile_mode={mode} takes effect with training.compile=true; set both")
+    if scope != "model" and compile is False:
+        raise UserError(f"training.compile_scope={scope} takes effect with training.compile=true (or auto); set both")
+    if scope == "layers" and mode in CUDA_GRAPH_MODES:
+        raise UserError(f"training.compile_scope=layers compiles each layer on its own; CUDA graphs "
+                        f"(compile_mode={mode}) are replayed for the whole model only: use compile_scope=model, or "
+                        f"compile_mode=default")
     if mode in CUDA_GRAPH_MODES and grad_accum > 1:
         raise UserError(f"training.compile_mode={mode} replays CUDA graphs, whose outputs (the gradients too) "
                         f"the next micro-batch overwrites: it needs training.grad_accum=1 (got {grad_accum}); "
@@ -394,6 +401,9 @@ class TrainingConfig:
     # its torch.compile mode: default, reduce-overhead / max-autotune (CUDA graphs; grad_accum 1, one
     # process), max-autotune-no-cudagraphs (toolkit.COMPILE_MODES)
     compile_mode: str = "default"
+    # what it compiles: "model" (one graph of the training forward) or "layers" (each encoder layer compiled
+    # in place, the rest eager, evaluation included: one compile serves all layers; toolkit.COMPILE_SCOPES)
+    compile_scope: str = "model"
     init_from: str | None = None  # continue pretraining from this HF MPNet directory
     max_nonfinite_steps: int = 20  # consecutive steps with a non-finite loss/grad norm (skipped) before stopping
     objective: str = "mpnet"  # mpnet | mlm | plm: the original MPNet code's three objectives (docs/objectives.md)
@@ -416,7 +426,7 @@ class TrainingConfig:
         check("training.lm_bias_init", self.lm_bias_init, self.lm_bias_init in ("unigram", "zero"), "unigram or zero")
         check("training.relative_bias_init", self.relative_bias_init,
               self.relative_bias_init in ("normal", "local", "alibi"), "normal, local or alibi")
-        check_compile_mode(self.compile, self.compile_mode, self.grad_accum)
+        check_compile_mode(self.compile, self.compile_mode, self.grad_accum, self.compile_scope)
 
 
 @dataclass
@@ -512,6 +522,7 @@ class FinetuneTrainingConfig:
     # compiled ones launch far fewer kernels. true, false or auto (compiled on CUDA: toolkit.compiles).
     compile: bool | str = False
     compile_mode: str = "default"  # as training.compile_mode of pretraining (CUDA graphs: one per padded width)
+    compile_scope: str = "model"  # as training.compile_scope of pretraining ("layers": evaluation runs them too)
     # Attention-probability dropout (None: the checkpoint's). FlexAttention applies none, so backend
     # comparisons with identical regularisation set it to 0.
     attention_dropout: float | None = None
@@ -521,7 +532,7 @@ class FinetuneTrainingConfig:
     def __post_init__(self):
         positive("training", self, "lr", "batch_size", "eval_batch_size", "epochs", "pad_to_multiple_of",
                  "log_every", "max_train_examples", "max_eval_examples", "pack_rows_multiple", "max_nonfinite_steps")
-        check_compile_mode(self.compile, self.compile_mode)
+        check_compile_mode(self.compile, self.compile_mode, scope=self.compile_scope)
         check("training.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "a fraction in [0, 1)")
         if self.attention_dropout is not None:
             check("training.attention_dropout", self.attention_dropout, 0 <= self.attention_dropout < 1,

@@ -291,8 +291,9 @@ def _start(checkpoint, data_dir, config, output_dir, backend, device, prepared, 
     log.info("fine-tuning %s on %s (%d train examples, %d epochs, %d steps) with the %s backend on %s%s%s",
              checkpoint, task.name, len(prepared.train), t.epochs, total_steps, backend.label, device,
              f", packed into rows of <= {prepared.max_length} tokens" if t.pack else "",
-             f", compiled ({t.compile_mode} mode; the first steps of each new width compile)" if compiled else "")
-    train_forward = compile_model(model, t.compile_mode) if compiled else model
+             f", compiled ({t.compile_mode} mode{', by layers' if t.compile_scope == 'layers' else ''}; the first steps "
+             "of each new width compile)" if compiled else "")
+    train_forward = compile_model(model, t.compile_mode, t.compile_scope) if compiled else model
     optimizer_step = OptimizerStep(model, optimizer, scheduler, device, t.bf16, t.clip_grad_norm, t.max_nonfinite_steps,
                                    t.compile_mode if compiled else "default", lr_name="training.lr",
                                    warmup_name="training.warmup_ratio")

@@ -303,8 +303,10 @@ class Trainer:
                 raise UserError(f"training.compile_mode={cfg.training.compile_mode} (CUDA graphs) runs in one "
                                 f"process; with {env.world_size} use compile_mode=default")
             self.compile_mode = cfg.training.compile_mode
-            self.train_model = toolkit.compile_model(self.train_model, self.compile_mode)
-            log.info("torch.compile: the training model (mode %s; the first steps compile)", self.compile_mode)
+            scope = cfg.training.compile_scope
+            self.train_model = toolkit.compile_model(self.train_model, self.compile_mode, scope)
+            log.info("torch.compile: the training model%s (mode %s; the first steps compile)",
+                     "'s layers, each in place" if scope == "layers" else "", self.compile_mode)
         self.optimizer_step = toolkit.OptimizerStep(
             self.train_model, self.optimizer, self.scheduler, self.device, cfg.training.bf16, opt.clip_grad_norm,
             cfg.training.max_nonfinite_steps, self.compile_mode, env, skipped=(state or {}).get("skipped_steps", 0))

@@ -26,7 +26,7 @@ log = logging.getLogger("mpnet.pretrain")
 
 # May differ from the checkpoint's run: none of them changes what the next step computes from the data.
 CHANGEABLE = {
-    "training": {"max_steps", "bf16", "compile", "compile_mode", "max_nonfinite_steps"},
+    "training": {"max_steps", "bf16", "compile", "compile_mode", "compile_scope", "max_nonfinite_steps"},
     "logging": {"log_every", "valid_every", "valid_batches", "save_every", "keep_last", "progress_bar"},
     "data": {"num_workers"},
     "distributed": {"fsdp"},

@@ -59,7 +59,9 @@ def repeated_blocks(model) -> list:
 
 def compile_model(model, mode: str = "default", scope: str = "model"):
     """torch.compile in one of COMPILE_MODES ("default": torch's default, inductor without CUDA graphs) over
-    one of COMPILE_SCOPES; "layers" compiles the blocks in place and returns the model itself."""
+    one of COMPILE_SCOPES. "layers" compiles each block's forward in place and returns the model itself: the
+    parameter names stay the model's (checkpoints), and module hooks (FSDP2's gathers) run around the
+    compiled forward, outside the graph."""
     mode = None if mode == "default" else mode
     if scope == "model":
         return torch.compile(model, mode=mode)
@@ -67,7 +69,7 @@ def compile_model(model, mode: str = "default", scope: str = "model"):
     if not blocks:
         raise UserError(f"compile scope 'layers': {type(model).__name__} has no repeated layers to compile")
     for block in blocks:
-        block.compile(mode=mode)
+        block.forward = torch.compile(block.forward, mode=mode)
     return model
 
 

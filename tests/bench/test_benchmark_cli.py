@@ -258,8 +258,9 @@ def test_mask_build_labels_every_tile_as_torchs_own_builder(benchmark_main, tmp_
 
 def test_compile_scope_layers_compiles_each_repeated_layer_in_place():
     """--compile-scope layers (toolkit.compile_model): the transformer's layers, found as the longest ModuleList
-    of one class (MPNet's and BERT's, the sparse-head wrapper's too), each compiled in place; the model itself
-    comes back (its other modules stay eager). A model without repeated layers is refused in one line."""
+    of one class (MPNet's and BERT's, the sparse-head wrapper's too), each one's forward compiled in place; the
+    model itself comes back (its other modules stay eager). A model without repeated layers is refused in one
+    line."""
     import transformers
 
     from mpnet.bench.step import MaskedRowsBertMLM
@@ -273,7 +274,7 @@ def test_compile_scope_layers_compiles_each_repeated_layer_in_place():
                                                                 num_attention_heads=2, intermediate_size=128))
     assert repeated_blocks(MaskedRowsBertMLM(bert)) == list(bert.bert.encoder.layer)
     assert compile_model(mpnet, "default", "layers") is mpnet
-    assert all(layer._compiled_call_impl is not None for layer in mpnet.mpnet.encoder.layer)
-    assert mpnet.mpnet.embeddings._compiled_call_impl is None
+    assert all("forward" in vars(layer) for layer in mpnet.mpnet.encoder.layer)  # each layer's forward compiled
+    assert "forward" not in vars(mpnet.mpnet.embeddings) and "forward" not in vars(mpnet)
     with pytest.raises(UserError, match="no repeated layers"):
         compile_model(torch.nn.Linear(2, 2), "default", "layers")

@@ -230,7 +230,7 @@ def test_compiled_training_forward_trains_the_same_model(workspace, tmp_path, mo
     real_compile = torch.compile
 
     def compile_for_test(model, **kwargs):
-        calls.append(type(model).__name__)
+        calls.append(type(getattr(model, "__self__", model)).__name__)  # a layer's bound forward: its layer
         return real_compile(model, backend="aot_eager", **kwargs)
 
     root, ckpt = workspace
@@ -242,6 +242,15 @@ def test_compiled_training_forward_trains_the_same_model(workspace, tmp_path, mo
     assert compiled["config"]["training"]["compile"] is True
     assert compiled["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
     assert compiled["best"]["score"] == eager["best"]["score"]
+    # training.compile_scope=layers: each encoder layer's forward compiled in place (evaluation runs them too)
+    calls.clear()
+    torch._dynamo.reset()
+    layers = finetune(ckpt, root / "glue", quick_config("sst2", seed=4, compile=True, compile_scope="layers"),
+                      tmp_path / "layers")
+    num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    assert calls == ["MPNetLayer"] * num_layers
+    assert layers["epochs"][0]["train_loss"] == pytest.approx(eager["epochs"][0]["train_loss"], rel=1e-5)
+    assert layers["best"]["score"] == eager["best"]["score"]
 
 
 def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(workspace, tmp_path, monkeypatch):

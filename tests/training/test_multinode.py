@@ -212,12 +212,14 @@ NO_DROPOUT = ["model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob
 @pytest.mark.slow
 def test_compiled_ddp_and_fsdp2_runs_equal_the_eager_run(shards, tmp_path):
     """training.compile under torchrun (what `auto` does on CUDA): the compiled DDP and FSDP2 runs take the eager
-    DDP run's steps. Measured on CPU (torch 2.13): equal to the last bit; the bound allows inductor to reassociate
+    DDP run's steps, FSDP2 also with its layers compiled one by one (compile_scope=layers: FSDP2's per-layer
+    gathers run around each compiled forward). Measured on CPU (torch 2.13): equal to the last bit; the bound allows inductor to reassociate
     the fp32 sums (at most 64 terms here: ~1e-6 relative). With dropout on, the compiled DDP run's losses
     differed from eager ones by 2e-3 to 1e-2 (another random stream): the bound is far below that."""
     torchrun(tmp_path / "eager", shards)
     eager = train_losses(tmp_path / "eager")
-    for name, overrides in (("ddp", []), ("fsdp2", ["distributed.fsdp=true"])):
+    for name, overrides in (("ddp", []), ("fsdp2", ["distributed.fsdp=true"]),
+                            ("fsdp2-layers", ["distributed.fsdp=true", "training.compile_scope=layers"])):
         stderr = torchrun(tmp_path / name, shards, "training.compile=true", *overrides)
         assert stderr.count("torch.compile: the training model") == 2, stderr[-3000:]  # each rank compiled
         assert train_losses(tmp_path / name) == pytest.approx(eager, rel=1e-5), name

@@ -204,6 +204,30 @@ def test_compiled_training_follows_the_eager_run_and_resumes(prefix_shards, tmp_
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
+def test_compiled_layers_follow_the_eager_run(prefix_shards, tmp_path, monkeypatch):
+    """training.compile_scope=layers: each encoder layer's forward goes through torch.compile (one compile
+    serves them all), the rest stays eager, and the losses are the eager run's (aot_eager, as above)."""
+    import torch
+
+    real_compile = torch.compile
+    compiled = []
+
+    def compile_for_test(fn, **kwargs):
+        compiled.append(type(getattr(fn, "__self__", fn)).__name__)
+        return real_compile(fn, backend="aot_eager", **kwargs)
+
+    code, stderr = run(tmp_path / "eager", prefix_shards, "--max-steps", 3)
+    assert code == 0, stderr
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    torch._dynamo.reset()
+    code, stderr = run(tmp_path / "layers", prefix_shards, "--max-steps", 3, "training.compile=true",
+                       "training.compile_scope=layers")
+    assert code == 0, stderr
+    layers = yaml.safe_load((tmp_path / "layers" / "config.yaml").read_text())["model"]["num_hidden_layers"]
+    assert compiled == ["MPNetLayer"] * layers
+    assert train_losses(tmp_path / "layers") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
 def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(prefix_shards, tmp_path, monkeypatch):
     """training.compile_mode=reduce-overhead: torch.compile gets the mode, every optimizer step starts with
     torch.compiler.cudagraph_mark_step_begin (a CUDA-graph replay overwrites the previous one's outputs),
@@ -257,6 +281,10 @@ def test_compile_auto_compiles_on_cuda_only(prefix_shards, tmp_path, monkeypatch
     (["training.compile_mode=reduce-overhead"], "training.compile=true"),
     (["training.compile=true", "training.compile_mode=reduce-overhead", "training.grad_accum=2"],
      "needs training.grad_accum=1"),
+    (["training.compile_scope=layers"], "training.compile=true"),
+    (["training.compile=true", "training.compile_scope=rows"], "one of model, layers"),
+    (["training.compile=true", "training.compile_scope=layers", "training.compile_mode=reduce-overhead"],
+     "use compile_scope=model"),
 ])
 def test_compile_mode_mistakes_are_one_line(prefix_shards, tmp_path, settings, needle):
     line = error_line(*run(tmp_path / "run", prefix_shards, "--max-steps", 1, *settings))
