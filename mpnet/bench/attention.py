@@ -50,6 +50,7 @@ from ..modeling.block_masks import make_two_stream_block_masks, tile_counts
 from ..modeling.masks import natural_order, relative_bias_by_distance
 from ..modeling.patterns import window_spec
 from ..training.toolkit import autocast
+from .flex_variants import FlexVariant, parse_flex_variants
 from .harness import (
     DTYPES,
     check_gradient,
@@ -74,7 +75,6 @@ from .problems import (
     make_attention_problem,
 )
 from .report import CELL_HEADERS, Figure, Panel, Section, Table, cell_columns, ok, ratio_text, short_status
-from .flex_variants import FlexVariant, parse_flex_variants
 from .triton_tiles import TileVariant, parse_tile_variants
 
 LABELS = {"sdpa": "SDPA flash (no bias)", "sdpa-bias": "SDPA mem-eff + bias", "dense": "dense",

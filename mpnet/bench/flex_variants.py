@@ -16,7 +16,6 @@ Copies and kernel options change the speed, never the result (the forward is tes
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 

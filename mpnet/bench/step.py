@@ -610,20 +610,6 @@ def finetune_tables(section: Section) -> list:
     return [Table(headers, rows)] + compile_phase_tables(section.cells) + profile_tables(section.cells)
 
 
-def last_layer_tables(cells) -> list[Table]:
-    """--also-all-rows: each all-rows cell beside the same cell as the model runs (the last layer on the m
-    predicted rows): the step time saved by skipping the rows the loss never reads."""
-    rows = []
-    for c in cells:
-        same = next((o for o in cells if c.get("all_rows") and o["key"] == c["key"].replace("+all-rows", "")), None)
-        if same is not None and ok(c) and ok(same):
-            rows.append([c["backend"] + (" +compile" if c["compile"] else ""), f"{c['batch']}x{c['seq_len']}",
-                         fmt(c["ms"], ".1f"), fmt(same["ms"], ".1f"), f"{100 * (1 - same['ms'] / c['ms']):.1f}%"])
-    headers = ["attention", "batch x len", "last layer on all rows: step ms", "on the m predicted rows: step ms",
-               "saved"]
-    return [Table(headers, rows, title="The last layer's rows the loss never reads (--also-all-rows)")] if rows else []
-
-
 def profile_tables(cells) -> list[Table]:
     """Where each model's step time goes on the GPU: its kernel families, then its top kernels."""
     tables = []
