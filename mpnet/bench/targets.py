@@ -79,9 +79,10 @@ def _pair_ratio(sections: dict, backend: str, goal: float, name: str) -> list:
     rows = []
     for length in sorted({c["L"] for c in cells}):
         at = {c["backend"]: c for c in cells if c["L"] == length}
-        if backend in at and "sdpa" in at:
-            ratio = at[backend]["ms"] / at["sdpa"]["ms"]
-            rows.append(_row(f"{name} pair / SDPA flash, L={length}", f"{ratio:.2f}x ({at[backend]['ms']:.2f} / "
+        cell = at.get(backend) or at.get(f"{backend}/default")  # with --triton-tiles / --flex-variants: "default"
+        if cell is not None and "sdpa" in at:
+            ratio = cell["ms"] / at["sdpa"]["ms"]
+            rows.append(_row(f"{name} pair / SDPA flash, L={length}", f"{ratio:.2f}x ({cell['ms']:.2f} / "
                              f"{at['sdpa']['ms']:.2f} ms)", f"<= {goal:g}x", ratio <= goal))
     return rows or [_row(f"{name} pair / SDPA flash", "", f"<= {goal:g}x", None, f"no {backend} and sdpa cells")]
 

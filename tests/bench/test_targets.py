@@ -41,6 +41,11 @@ def test_attention_pairs_against_flash_at_every_length():
     assert [row["verdict"] for row in triton_pair({"attention": ATTENTION}, GOALS)] == ["met", "NOT met"]  # 1.2, 1.4
     flex = flex_pair({"attention": ATTENTION}, GOALS)
     assert [row["verdict"] for row in flex] == ["NOT met", "met"] and flex[0]["measured"].startswith("5.00x")
+    # a run with --flex-variants / --triton-tiles: the targets read each backend's "default" entry
+    variants = section("attention", [{"L": 512, "backend": backend, "ms": ms} for backend, ms in (
+        ("sdpa", 1.0), ("flex/copies=16x16", 3.0), ("flex/default", 5.0), ("triton/default", 1.2))], backward=True)
+    assert flex_pair({"attention": variants}, GOALS)[0]["measured"].startswith("5.00x")
+    assert triton_pair({"attention": variants}, GOALS)[0]["verdict"] == "met"
 
 
 def test_flex_step_against_triton_in_the_same_compile_mode():
