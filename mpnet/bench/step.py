@@ -577,13 +577,26 @@ def step_tables(section: Section) -> list:
         profile_tables(section.cells)
 
 
+# torch's compile phases that only wrap others (the whole of dynamo's, AOT autograd's or inductor's compile): left
+# out of the table, whose top rows would otherwise all be these; the json keeps every phase.
+WRAPPING_PHASES = {"_compile.compile_inner", "compile_attempt_0", "OutputGraph.call_user_compiler",
+                   "create_aot_dispatcher_function", "compile_fx_inner", "fx_codegen_and_compile",
+                   "GraphLowering.compile_to_fn", "GraphLowering.compile_to_module", "compile_file",
+                   "backward._backward_impl"}
+
+
 def compile_phase_tables(cells, top: int = 6) -> list[Table]:
     """Where each compiled cell's first step went: torch's compile phases (harness.compile_phases), longest first."""
-    rows = [[c["name"].strip(), fmt(c.get("first_call_s"), ".1f"),
-             "; ".join(f"{name} {s:.1f}" for name, s in list(c["compile_phases_s"].items())[:top])]
+    def phases(c):
+        inner = [(name, s) for name, s in c["compile_phases_s"].items() if name not in WRAPPING_PHASES]
+        return "; ".join(f"{name} {s:.1f}" for name, s in inner[:top])
+
+    rows = [[c["name"].strip(), fmt(c.get("first_call_s"), ".1f"), phases(c)]
             for c in cells if ok(c) and c.get("compile") and c.get("compile_phases_s")]
     notes = ["torch's own records of its compile phases during the first step (`torch._dynamo.utils` "
-             "dynamo_timed phases of 0.5 s or more), longest first; they nest (an outer phase includes the inner ones)."]
+             "dynamo_timed phases of 0.5 s or more), longest first, without those that only wrap others (the json "
+             "has them all); they still nest: e.g. the forward graph's compile (fw_compiler_base) includes its "
+             "code generation and the wait for its kernels' compiles (async_compile.wait)."]
     return [Table(["cell", "first step s", f"compile phases, s (top {top})"], rows, notes=notes,
                   title="Where the compiled cells' first step went")] if rows else []
 
