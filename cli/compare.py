@@ -42,6 +42,9 @@ def build_parser():
     p.add_argument("--compile-mode", metavar="MODE",
                    help="torch.compile mode, implies --compile (training.compile_mode; default: default; "
                         "reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-scope", choices=["model", "layers"],
+                   help="what torch.compile compiles, implies --compile (training.compile_scope; default: model; "
+                        "layers: each encoder layer in place, one compile for all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP + " (sections: task, training)")
@@ -57,8 +60,8 @@ def main(argv=None):
     flags = {"training": {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
                           "eval_batch_size": args.eval_batch_size, "max_train_examples": args.max_train_examples,
                           "max_eval_examples": args.max_eval_examples,
-                          "compile": True if args.compile or args.compile_mode else None,
-                          "compile_mode": args.compile_mode,
+                          "compile": True if args.compile or args.compile_mode or args.compile_scope else None,
+                          "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
                           "progress_bar": False if args.no_progress else None},
              "task": {"max_length": args.max_length}}
     compare(model_dir(args.checkpoint), [t.lower() for t in args.tasks], args.data_dir,

@@ -59,6 +59,10 @@ def build_parser():
                        help="torch.compile mode, implies --compile (training.compile_mode; default: default): "
                             "reduce-overhead replays CUDA graphs, no host launch time between kernels (one graph "
                             "per padded width; docs/finetune.md)")
+    train.add_argument("--compile-scope", choices=["model", "layers"],
+                       help="what torch.compile compiles, implies --compile (training.compile_scope; default: model): "
+                            "layers compiles each encoder layer in place, one compile for all of them (a shorter "
+                            "first step; evaluation runs them too)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     task = p.add_argument_group("task / data")
     task.add_argument("--max-length", type=int, help="tokens per example (truncate beyond)")
@@ -82,8 +86,9 @@ def config_from_args(args):
                      "max_eval_examples": args.max_eval_examples,
                      "pack": True if getattr(args, "pack", False) else None,
                      "compile": True if getattr(args, "compile", False) or getattr(args, "compile_mode", None)
-                     else None,
+                     or getattr(args, "compile_scope", None) else None,
                      "compile_mode": getattr(args, "compile_mode", None),
+                     "compile_scope": getattr(args, "compile_scope", None),
                      "progress_bar": False if args.no_progress else None},
         "task": {"max_length": args.max_length, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column,

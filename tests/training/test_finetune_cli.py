@@ -263,6 +263,10 @@ def test_cuda_graph_compile_mode_reaches_torch_compile_and_marks_each_step(works
                                       "--compile-mode", "reduce-overhead"])
     training = config_from_args(args).training
     assert (training.compile, training.compile_mode) == (True, "reduce-overhead")
+    args = build_parser().parse_args(["--checkpoint", "c", "--task", "sst2", "--data-dir", "d",
+                                      "--compile-scope", "layers"])  # it implies --compile too
+    training = config_from_args(args).training
+    assert (training.compile, training.compile_mode, training.compile_scope) == (True, "default", "layers")
     real_compile = torch.compile
     modes, marks = [], []
 
