@@ -42,9 +42,9 @@ def build_parser():
     p.add_argument("--compile-mode", metavar="MODE",
                    help="torch.compile mode, implies --compile (training.compile_mode; default: default; "
                         "reduce-overhead: CUDA graphs)")
-    p.add_argument("--compile-scope", choices=["model", "layers"],
+    p.add_argument("--compile-scope", metavar="SCOPE",
                    help="what torch.compile compiles, implies --compile (training.compile_scope; default: model; "
-                        "layers: each encoder layer in place, one compile for all)")
+                        "model, or layers: each encoder layer compiled in place, one compile for all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help=OVERRIDES_HELP + " (sections: task, training)")

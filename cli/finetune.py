@@ -59,10 +59,10 @@ def build_parser():
                        help="torch.compile mode, implies --compile (training.compile_mode; default: default): "
                             "reduce-overhead replays CUDA graphs, no host launch time between kernels (one graph "
                             "per padded width; docs/finetune.md)")
-    train.add_argument("--compile-scope", choices=["model", "layers"],
-                       help="what torch.compile compiles, implies --compile (training.compile_scope; default: model): "
-                            "layers compiles each encoder layer in place, one compile for all of them (a shorter "
-                            "first step; evaluation runs them too)")
+    train.add_argument("--compile-scope", metavar="SCOPE",
+                       help="what torch.compile compiles, implies --compile (training.compile_scope; default: "
+                            "model): model or layers, each encoder layer compiled in place, one compile for all of "
+                            "them (a shorter first step; evaluation runs them too)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     task = p.add_argument_group("task / data")
     task.add_argument("--max-length", type=int, help="tokens per example (truncate beyond)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .harness import parse_entries
 
 LEFT_OUT = ("no-bias-gradient", "no-bias", "no-mask")
 _COPIES = re.compile(r"copies=(\d+)x(\d+)")
@@ -100,8 +101,4 @@ def parse_flex_variant(entry: str) -> FlexVariant:
 
 
 def parse_flex_variants(entries) -> list[FlexVariant]:
-    variants = [parse_flex_variant(entry) for entry in entries]
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise UserError(f"--flex-variants names an entry twice: {','.join(names)}")
-    return variants
+    return parse_entries(entries, parse_flex_variant, "--flex-variants")

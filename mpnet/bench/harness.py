@@ -107,6 +107,15 @@ def timer_text(settings) -> str:
     return "CUDA events, L2 flushed before each" if on_cuda(settings) else "wall clock"
 
 
+def parse_entries(entries, parse, flag: str) -> list:
+    """A list flag's entries (--triton-tiles, --flex-variants), each read by `parse`; an entry named twice is refused."""
+    variants = [parse(entry) for entry in entries]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise UserError(f"{flag} names an entry twice: {','.join(names)}")
+    return variants
+
+
 def check_kernel_options(options):
     if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
         raise UserError('--flex-kernel-options must be a JSON object, e.g. \'{"num_stages": 1}\'')

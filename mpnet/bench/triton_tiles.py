@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .harness import parse_entries
 
 KERNELS = {"fwd": "forward", "dkdv": "key_gradients", "dq": "query_gradients"}  # entry name -> KernelTiles field
 LEFT_OUT = {"no-bias": "bias", "no-bias-gradient": "bias_gradient", "no-mask": "mask"}  # -> KernelTiles.leave_out
@@ -73,8 +74,4 @@ def parse_tile_variant(entry: str) -> TileVariant:
 
 
 def parse_tile_variants(entries) -> list[TileVariant]:
-    variants = [parse_tile_variant(entry) for entry in entries]
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise UserError(f"--triton-tiles names an entry twice: {','.join(names)}")
-    return variants
+    return parse_entries(entries, parse_tile_variant, "--triton-tiles")

@@ -161,6 +161,7 @@ def test_bad_input_is_one_line_on_stderr(workspace, tmp_path):
         (["--task", "sst2", "--data-dir", root / "glue", "training.nonsense=1"], "unknown config key 'training.nonsense'"),
         (["--task", "sst2", "--data-dir", root / "glue", "--config", tmp_path / "none.yaml"], "none.yaml does not exist"),
         (["--task", "sst2", "--data-dir", root / "glue", "--epochs", 0], "'training.epochs' got 0; it must be positive"),
+        (["--task", "sst2", "--data-dir", root / "glue", "--compile-scope", "rows"], "one of model, layers"),
         (["--task", "sst2"], "--data-dir"),
     ]
     for args, fragment in cases:
