@@ -373,8 +373,11 @@ def failure(exc: BaseException) -> tuple[str, str]:
     if "recompile" in text.lower() and "limit" in text.lower():
         return f"{where}: dynamo recompile limit hit", detail
     root = chain[-1]
-    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
-    return f"{where}: {type(root).__name__}: {first}"[:110], detail
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    # A message that opens with an announcement ("An exception occurred in a subprocess:", inductor's compile
+    # workers, then their traceback) has its reason on its last line.
+    reason = lines[-1] if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{where}: {type(root).__name__}: {reason}"[:110], detail
 
 
 # -------------------------------------------------------------------------------------------- runs

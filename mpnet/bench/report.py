@@ -105,6 +105,8 @@ PROGRESS_FIELDS = (
     ("peak_gib", lambda v: f"peak {v:6.2f} GiB"),
     ("first_call_s", lambda v: f"first call {v:.1f} s"),
     ("tiles", lambda v: f"tiles {tiles_text(v)}"),
+    ("graph_ms", lambda v: f"graph {v:.3f} ms"),  # --cuda-graphs: in the log too, where a cut run leaves only that
+    ("graph_status", str),
     ("relative", lambda v: f"{ratio_text(v[0])} {v[1]}"),
 )
 

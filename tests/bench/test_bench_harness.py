@@ -46,6 +46,14 @@ def test_failures_become_cells():
         raise_in("backward", RuntimeError("boom\nsecond line"))
     assert failure(info.value) == ("FAIL (backward): RuntimeError: boom", "RuntimeError: boom second line")
     assert failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))[0] == "OOM"
+    # inductor's compile workers: an announcement, the worker's traceback, its reason on the last line
+    from torch._inductor.compile_worker.subproc_pool import SubprocException
+    worker = SubprocException("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                              "triton.compiler.errors.CompilationError: at 12:4: out of registers\n")
+    with pytest.raises(SubprocException) as info:
+        raise_in("backward", worker)
+    assert failure(info.value)[0] == ("FAIL (backward): SubprocException: "
+                                      "triton.compiler.errors.CompilationError: at 12:4: out of registers")
     for message in ("out of resource: shared memory, Required: 242000, Hardware limit: 232448. Reducing block",
                     "out of resource: triton_tem_fused_0 Required: 242000 Hardware limit:232448 Reducing block"):
         try:
@@ -68,6 +76,10 @@ def test_session_measures_skips_and_records(tmp_path):
     assert [c["status"] for c in section.cells] == ["ok", "FAIL (forward): RuntimeError: no kernel", "n/a: not here",
                                                     "SKIP: time budget"]
     assert progress_line(section.cells[0]) == "cell a     2.000 ms     0.5 TFLOP/s"
+    graphed = {**section.cells[0], "graph_ms": 1.25}
+    assert progress_line(graphed) == "cell a     2.000 ms     0.5 TFLOP/s graph 1.250 ms"
+    failed = {**section.cells[0], "graph_status": "capture failed: RuntimeError: no"}
+    assert progress_line(failed).endswith("TFLOP/s capture failed: RuntimeError: no")
     data = json.loads((tmp_path / "toy.json").read_text())
     assert data["environment"]["device"] == "CPU" and data["toy"]["settings"] == {"size": 4, "device": "cpu"}
     assert [c["key"] for c in data["toy"]["cells"]] == ["a", "b", "c", "d"]
