@@ -54,6 +54,13 @@ def test_flex_step_against_triton_in_the_same_compile_mode():
     assert "(eager)" in rows[0]["target"] and "(compiled)" in rows[1]["target"]
 
 
+def test_rows_say_when_the_step_section_compiled_by_layers():
+    by_layers = section("step", STEP.cells, compile_scope="layers")
+    assert "(compiled by layers)" in flex_step({"step": by_layers}, GOALS)[1]["target"]
+    rows = step_mfu({"step": by_layers}, GOALS)
+    assert rows[0]["measured"].endswith("(eager)") and rows[1]["measured"].endswith("(compiled by layers)")
+
+
 def test_missing_or_cpu_sections_are_not_measured():
     cpu_attention = section("attention", ATTENTION.cells, backward=False)
     cpu_step = section("step", [{**c, "mfu": None} for c in STEP.cells])
