@@ -82,10 +82,10 @@ class AttentionSettings:
                                 "on CPU")
             if not {"flex", "flex-window"} & set(self.backends):
                 raise UserError("--flex-variants varies the flex cells: add flex or flex-window to --backends")
-            if self.flex_kernel_options and any(v.options for v in parse_flex_variants(self.flex_variants)):
+            variants = parse_flex_variants(self.flex_variants)  # a bad entry: one line
+            if self.flex_kernel_options and any(v.options for v in variants):
                 raise UserError("kernel options come from --flex-kernel-options or from --flex-variants entries "
                                 "(over the backend's own), not both")
-            parse_flex_variants(self.flex_variants)
 
 
 def pred_size(length: int, ratio: float = 0.15) -> int:

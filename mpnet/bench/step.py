@@ -30,7 +30,7 @@ from ..modeling.backends import ATTENTION_BACKEND_NAMES, ATTENTION_BACKENDS
 from ..modeling.config import MPNetConfig
 from ..training.metrics import estimate_flops_per_example
 from ..training.config import FinetuneTrainingConfig, OptimConfig
-from ..training.toolkit import COMPILE_MODES, COMPILE_SCOPES, OptimizerStep, adamw, compile_model
+from ..training.toolkit import COMPILE_MODES, COMPILE_SCOPES, OptimizerStep, adamw, compile_model, scope_fits_mode
 from .harness import (
     check_counts,
     check_dtype,
@@ -145,6 +145,9 @@ def check_also_compile(chosen, choices, mode="default", scope="model"):
         raise UserError(f"unknown --compile-mode '{mode}'; pick from {', '.join(COMPILE_MODES)}")
     if scope not in COMPILE_SCOPES:
         raise UserError(f"unknown --compile-scope '{scope}'; pick from {', '.join(COMPILE_SCOPES)}")
+    if not scope_fits_mode(scope, mode):
+        raise UserError(f"--compile-scope {scope} compiles each layer on its own; CUDA graphs (--compile-mode {mode}) "
+                        "are replayed for the whole model only: use --compile-scope model, or --compile-mode default")
     unknown = [name for name in chosen if name not in choices]
     if unknown:
         raise UserError(f"unknown --also-compile {unknown}; pick from {', '.join(choices)}")

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..modeling import MPNetConfig
 from ..data.collator import CORRUPTED_INPUTS
 from ..modeling.model import OBJECTIVES
-from .toolkit import COMPILE_MODES, COMPILE_SCOPES, CUDA_GRAPH_MODES, SCHEDULES
+from .toolkit import COMPILE_MODES, COMPILE_SCOPES, CUDA_GRAPH_MODES, SCHEDULES, scope_fits_mode
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def check_compile_mode(compile: bool | str, mode: str, grad_accum: int = 1, scop
         raise UserError(f"training.compile_mode={mode} takes effect with training.compile=true; set both")
     if scope != "model" and compile is False:
         raise UserError(f"training.compile_scope={scope} takes effect with training.compile=true (or auto); set both")
-    if scope == "layers" and mode in CUDA_GRAPH_MODES:
+    if not scope_fits_mode(scope, mode):
         raise UserError(f"training.compile_scope=layers compiles each layer on its own; CUDA graphs "
                         f"(compile_mode={mode}) are replayed for the whole model only: use compile_scope=model, or "
                         f"compile_mode=default")

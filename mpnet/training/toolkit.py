@@ -46,8 +46,15 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # What torch.compile covers: "model" (one graph of the whole forward) or "layers" (regional compilation:
 # each repeated block compiled in place, the rest eager; one compile serves every layer of one shape). On a
 # 2-core CPU, mpnet-base's first compiled step (dense backend, 2 x 128, fresh compile caches): 101 s as one
-# graph, 37 s by layers. Its GPU step time is not yet measured.
+# graph, 37 s by layers; on an H100 (triton backend, 32 x 512) 138 s and 15.2 s, for a step of 51.6 and 55.4 ms
+# (docs/benchmarks.md).
 COMPILE_SCOPES = ("model", "layers")
+
+
+def scope_fits_mode(scope: str, mode: str) -> bool:
+    """By layers, each layer is compiled on its own; CUDA graphs (CUDA_GRAPH_MODES) are replayed for the whole
+    model only."""
+    return not (scope == "layers" and mode in CUDA_GRAPH_MODES)
 
 
 def repeated_blocks(model) -> list:

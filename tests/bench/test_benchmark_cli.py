@@ -188,6 +188,8 @@ def test_finetune_cell_in_process(benchmark_main, tmp_path, capsys):
     (["--device", "cpu", "--resume"], "--resume needs --output-dir"),
     (["step", "--device", "cpu", "--also-compile", "transformers"], "--also-compile"),
     (["step", "--device", "cpu", "--backend", "dense", "--also-all-rows", "triton"], "--also-all-rows"),
+    (["step", "--device", "cpu", "--backend", "dense", "--compile-scope", "layers", "--compile-mode",
+      "reduce-overhead"], "--compile-scope model, or --compile-mode default"),
     (["attention", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
     (["attention", "--device", "cpu", "--triton-tiles", "dkdv=32x64s3"], "CUDA GPUs only"),
     (["mask-build", "--device", "cpu", "--builders", "summaries,nope"], "nope"),
