@@ -24,6 +24,7 @@ import gc
 import math
 import re
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -380,6 +381,27 @@ def failure(exc: BaseException) -> tuple[str, str]:
     return f"{where}: {type(root).__name__}: {reason}"[:110], detail
 
 
+def raised_at(exc: BaseException, frames: int = 4) -> str:
+    """Where the innermost exception of the chain was raised: its last `frames` stack frames, innermost first,
+    as `file:line function` with the file cut to its package path (torch/..., mpnet/...): a FAIL cell's message
+    alone ("shape '[616, 768]' is invalid ...") does not say which part of the step raised it."""
+    root = exc
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    stack = traceback.extract_tb(root.__traceback__)[-frames:]
+    return " <- ".join(f"{_package_path(frame.filename)}:{frame.lineno} {frame.name}" for frame in reversed(stack))
+
+
+def _package_path(filename: str) -> str:
+    """The file from its innermost package folder on (mpnet/..., torch/..., tests/...), else its name."""
+    parts = filename.replace("\\", "/").split("/")
+    packages = [i for i, part in enumerate(parts[:-1]) if part in _PACKAGES]
+    return "/".join(parts[packages[-1]:]) if packages else parts[-1]
+
+
+_PACKAGES = {"mpnet", "cli", "tests", "torch", "triton", "transformers"}
+
+
 # -------------------------------------------------------------------------------------------- runs
 
 
@@ -428,6 +450,7 @@ class Session:
             cell["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - every failure becomes a table cell
             status, cell["error"] = failure(exc)
+            cell["raised_at"] = raised_at(exc)
             cell["failed_after_s"] = time.perf_counter() - started
             del exc
         if status is not None:

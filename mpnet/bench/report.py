@@ -114,7 +114,7 @@ PROGRESS_FIELDS = (
 def progress_line(cell: dict) -> str:
     """One line per cell, for every benchmark: its name, then its status or its figures."""
     if not ok(cell):
-        text = f"{cell['name']} {cell['status']}"
+        text = f"{cell['name']} {cell['status']}" + (f" (at {cell['raised_at']})" if cell.get("raised_at") else "")
     else:
         parts = [show(cell[key]) for key, show in PROGRESS_FIELDS if cell.get(key) is not None]
         if "mask_ms" in cell:
@@ -162,7 +162,9 @@ def github_table(rows, headers) -> str:
 def failure_notes(cells) -> list:
     notes = [f"- {cell['name'].strip()}: {cell['status']}"
              + (f" (after {cell['failed_after_s']:.0f} s)" if cell.get("failed_after_s") else "")
-             + f"\n  `{cell['error']}`" for cell in cells if cell.get("error")]
+             + f"\n  `{cell['error']}`"
+             + (f"\n  raised at `{cell['raised_at']}`" if cell.get("raised_at") else "")
+             for cell in cells if cell.get("error")]
     return ["Failures (full messages):", ""] + notes + [""] if notes else []
 
 

@@ -152,3 +152,29 @@ def test_a_compiling_first_call_records_where_its_time_went():
              {"name": "BERT-base sdpa B=32", "compile": False, "status": "ok", "first_call_s": 1.5}]
     (table,) = compile_phase_tables(cells)
     assert table.rows == [["MPNet-base triton +compile B=32", "138.4", "async_compile.wait 90.5"]]  # the wrapper left out
+
+
+def test_a_failed_cell_says_where_it_was_raised(tmp_path):
+    """A FAIL cell keeps the innermost frames of the exception that failed it (`raised_at`, package paths, no
+    machine paths), in the progress line and in the report's failure notes: the message alone ("shape '[616,
+    768]' is invalid for input of size 0") does not say which part of the step raised it."""
+    def view_of_nothing():
+        return torch.empty(0).view(616, 768)
+
+    def measure():
+        with phase("backward"):
+            view_of_nothing()
+
+    s = session(tmp_path)
+    section = toy_section()
+    s.open(section)
+    lines = []
+    s.log = lines.append
+    cell = s.measure(section, {"key": "a", "name": "cell a"}, measure)
+    assert cell["status"].startswith("FAIL (backward): RuntimeError: shape '[616, 768]' is invalid")
+    innermost, caller = cell["raised_at"].split(" <- ")[:2]
+    assert innermost.startswith("tests/bench/test_bench_harness.py:") and innermost.endswith(" view_of_nothing")
+    assert caller.endswith(" measure") and "/work" not in cell["raised_at"] and "/root" not in cell["raised_at"]
+    assert f"(at {cell['raised_at']})" in lines[-1]
+    s.report.write()
+    assert f"raised at `{cell['raised_at']}`" in (tmp_path / "toy.md").read_text()
