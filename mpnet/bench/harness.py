@@ -354,12 +354,18 @@ def phase(name: str):
         raise
 
 
-def failure(exc: BaseException) -> tuple[str, str]:
-    """(short cell text, longer detail) for an exception: OOM, or FAIL (<phase>): <reason>."""
+def _chain(exc: BaseException) -> list:
+    """The exception and those it was raised from or while handling, outermost first (at most 9)."""
     chain, cause = [exc], exc
     while (cause.__cause__ or cause.__context__) is not None and len(chain) <= 8:
         cause = cause.__cause__ or cause.__context__
         chain.append(cause)
+    return chain
+
+
+def failure(exc: BaseException) -> tuple[str, str]:
+    """(short cell text, longer detail) for an exception: OOM, or FAIL (<phase>): <reason>."""
+    chain = _chain(exc)
     text = " | ".join(f"{type(item).__name__}: {item}" for item in chain)
     detail = " ".join(text.split())[:600]
     for item in chain:
@@ -385,10 +391,7 @@ def raised_at(exc: BaseException, frames: int = 4) -> str:
     """Where the innermost exception of the chain was raised: its last `frames` stack frames, innermost first,
     as `file:line function` with the file cut to its package path (torch/..., mpnet/...): a FAIL cell's message
     alone ("shape '[616, 768]' is invalid ...") does not say which part of the step raised it."""
-    root = exc
-    while (root.__cause__ or root.__context__) is not None:
-        root = root.__cause__ or root.__context__
-    stack = traceback.extract_tb(root.__traceback__)[-frames:]
+    stack = traceback.extract_tb(_chain(exc)[-1].__traceback__)[-frames:]
     return " <- ".join(f"{_package_path(frame.filename)}:{frame.lineno} {frame.name}" for frame in reversed(stack))
 
 
