@@ -402,7 +402,7 @@ def _package_path(filename: str) -> str:
     return "/".join(parts[packages[-1]:]) if packages else parts[-1]
 
 
-_PACKAGES = {"mpnet", "cli", "tests", "torch", "triton", "transformers"}
+_PACKAGES = {"mpnet", "cli", "mpnet_cli", "tests", "torch", "triton", "transformers"}
 
 
 # -------------------------------------------------------------------------------------------- runs
