@@ -280,3 +280,10 @@ def assert_mask_mod_matches(block_mask, expected, label, reference="the rules"):
     dense = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device="cpu")[:, 0]
     mismatch = (dense != expected).nonzero().tolist()
     assert not mismatch, f"{label}: mask_mod differs from {reference} at (b, q, kv) {mismatch[:5]}"
+
+
+def compiled_target(fn) -> str:
+    """What a torch.compile call compiles, by class name: a model, or a layer for its bound forward (the last
+    layer's reaches torch.compile behind a function of its own, toolkit.behind_own_code: its __wrapped__)."""
+    fn = getattr(fn, "__wrapped__", fn)
+    return type(getattr(fn, "__self__", fn)).__name__

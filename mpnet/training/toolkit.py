@@ -7,6 +7,7 @@ Pretraining (pretrain.py), fine-tuning (finetune.py), the backend comparison and
 """
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 
@@ -44,10 +45,10 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 # What torch.compile covers: "model" (one graph of the whole forward) or "layers" (regional compilation:
-# each repeated block compiled in place, the rest eager; one compile serves every layer of one shape). On a
-# 2-core CPU, mpnet-base's first compiled step (dense backend, 2 x 128, fresh compile caches): 101 s as one
-# graph, 37 s by layers; on an H100 (triton backend, 32 x 512) 138 s and 15.2 s, for a step of 51.6 and 55.4 ms
-# (docs/benchmarks.md).
+# each repeated block compiled in place, the rest eager; one compile serves every layer of one shape but the
+# last, which gets its own: `behind_own_code`). On a 2-core CPU, mpnet-base's first compiled step (dense
+# backend, 2 x 128, fresh compile caches): 101 s as one graph, 37 s by layers; on an H100 (triton backend,
+# 32 x 512) 138 s and 15.2 s, for a step of 51.6 and 55.4 ms (docs/benchmarks.md).
 COMPILE_SCOPES = ("model", "layers")
 
 
@@ -76,9 +77,25 @@ def compile_model(model, mode: str = "default", scope: str = "model"):
     blocks = repeated_blocks(model)
     if not blocks:
         raise UserError(f"compile scope 'layers': {type(model).__name__} has no repeated layers to compile")
-    for block in blocks:
+    *others, last = blocks
+    for block in others:
         block.forward = torch.compile(block.forward, mode=mode)
+    last.forward = torch.compile(behind_own_code(last.forward), mode=mode)
     return model
+
+
+def behind_own_code(forward):
+    """`forward` called through a function of its own. Dynamo keeps its compiled graphs, and the argument
+    values it has seen, per code object: a last block called with an argument the others never get (MPNet's
+    last layer computes only the rows the loss reads, from `first_row` on; every other layer gets 0) would
+    fail the others' guard, and its recompile would make that argument a symbol (automatic dynamic shapes),
+    tracing the row slices and the triton backend's row plan over symbolic sizes. Behind its own code the last
+    block compiles with the value it gets, a constant in its graph. One more compile than a shared cache: one
+    layer's."""
+    @functools.wraps(forward)
+    def last_block_forward(*args, **kwargs):
+        return forward(*args, **kwargs)
+    return last_block_forward
 
 
 def compiles(setting: bool | str, device: torch.device) -> bool:

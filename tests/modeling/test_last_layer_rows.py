@@ -84,3 +84,34 @@ def test_flex_last_layer_runs_the_query_stream_alone(objective, monkeypatch):
         monkeypatch.setattr(FlexTwoStreamAttention, "computes_row_subset", False)
         full, _ = _run(model, ids, positions, mask, m, objective)
     torch.testing.assert_close(subset, full, **TOL)
+
+
+@pytest.mark.parametrize("objective", ["mpnet", "mlm"])
+def test_compiled_by_layers_the_last_layer_rows_stay_a_constant(objective, monkeypatch):
+    """compile_scope=layers (toolkit.compile_model): the last layer, called with first_row = the first predicted
+    row where every other layer gets 0, compiles a graph of its own with that row a constant: no graph takes a
+    symbolic int. Sharing the other layers' compiled code, dynamo's automatic dynamic shapes would make
+    first_row a symbol on the last layer's recompile, and the triton backend would build its row plan over
+    symbolic sizes (the H100's by-layers step at 128 x 512 failed in its first backward with such a graph).
+    Dynamo's graphs are recorded and run as traced (no inductor): what is checked is what dynamo hands on."""
+    from mpnet.training.toolkit import compile_model
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=record))
+    torch._dynamo.reset()
+    model = make_model(seed=3, num_hidden_layers=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    n, m = 40, 6
+    ids, positions, mask = pretraining_batch(generator(5), n, m, pad_counts=(0, 7))
+    eager = _run(model, ids, positions, mask, m, objective)
+    compile_model(model, "default", "layers")
+    for _ in range(2):
+        compiled = _run(model, ids, positions, mask, m, objective)
+    torch._dynamo.reset()
+    assert graphs == [[], []]  # the first two layers' graph and the last layer's; no SymInt input in either
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)  # the same ops, run as traced

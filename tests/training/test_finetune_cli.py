@@ -10,6 +10,7 @@ import torch
 from mpnet.training.config import load_finetune_config as load_config
 from mpnet.training.finetune import Backend, finetune
 from fixtures import RESOURCE_TOKENIZER, make_checkpoint, make_tokenizer, write_glue, write_sentiment_scores
+from helpers import compiled_target
 from cli_support import assert_one_line_error, assert_one_line_error_text, call_main, cli_env, cli_main, run_cli
 
 QUICK = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "eval_batch_size": 16, "progress_bar": False, "warmup_ratio": 0.1}
@@ -231,7 +232,7 @@ def test_compiled_training_forward_trains_the_same_model(workspace, tmp_path, mo
     real_compile = torch.compile
 
     def compile_for_test(model, **kwargs):
-        calls.append(type(getattr(model, "__self__", model)).__name__)  # a layer's bound forward: its layer
+        calls.append(compiled_target(model))
         return real_compile(model, backend="aot_eager", **kwargs)
 
     root, ckpt = workspace
