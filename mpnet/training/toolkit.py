@@ -90,8 +90,9 @@ def behind_own_code(forward):
     last layer computes only the rows the loss reads, from `first_row` on; every other layer gets 0) would
     fail the others' guard, and its recompile would make that argument a symbol (automatic dynamic shapes),
     tracing the row slices and the triton backend's row plan over symbolic sizes. Behind its own code the last
-    block compiles with the value it gets, a constant in its graph. One more compile than a shared cache: one
-    layer's."""
+    block compiles with the value it gets, a constant in its graph. MPNet compiles two layer graphs either way
+    (its last layer was a recompile); a model whose layers all get the same arguments (BERT) compiles one
+    layer's graph more."""
     @functools.wraps(forward)
     def last_block_forward(*args, **kwargs):
         return forward(*args, **kwargs)
